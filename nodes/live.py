@@ -1,0 +1,322 @@
+"""Live training state for the web panel: progress/preview/status messages, the state store and two routes.
+
+The TrainDreamBooth node creates one `LiveReporter(node_id, run_dir)` per run and hands its `.control` (a
+`training.control.TrainingControl`) to the trainer. The reporter
+  * keeps the latest full state of the run (loss history, downsampled when long; lr, step/total, it/s, ETA,
+    latest previews, state) in a module-level store, so a page reloaded mid-run can fetch it
+    (GET /dreambooth/state), and
+  * sends ComfyUI messages ("dreambooth.progress", "dreambooth.preview", "dreambooth.status", each carrying
+    "node" and "run") that web/dreambooth.js draws. Progress messages are throttled (at most one per
+    `min_interval_s`) but the points skipped in between travel with the next one, and the last step is always
+    sent.
+POST /dreambooth/control {node, action} turns the panel's buttons into TrainingControl requests.
+
+Outside ComfyUI the messages go nowhere and `register_routes()` does nothing, so the headless runner and the
+tests use the same code. Cheap to import: no torch, no aiohttp at module level.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import threading
+import time
+import uuid
+from typing import Callable
+
+from ..training.control import ACTIONS, find_control, new_control, release_control
+from . import comfy_compat
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVENT = "dreambooth.progress"
+PREVIEW_EVENT = "dreambooth.preview"
+STATUS_EVENT = "dreambooth.status"
+
+STATES = ("starting", "running", "saving", "sampling", "stopping", "done", "stopped", "error", "interrupted")
+TERMINAL_STATES = frozenset({"done", "stopped", "error", "interrupted"})
+
+MAX_HISTORY_POINTS = 1000      # loss points kept per run (older ones are merged pairwise when exceeded)
+MAX_PREVIEWS = 8               # latest preview images kept per run
+MIN_PROGRESS_INTERVAL_S = 0.25  # <= 4 progress messages per second
+
+_ACTION_MESSAGES = {
+    "save_now": "Save requested: a checkpoint is written at the next step.",
+    "stop_after_epoch": "Stop requested: training stops at the end of this epoch and saves a resumable state.",
+    "stop_now": "Stop requested: training stops at the next step and saves a resumable state.",
+}
+
+
+# --- message transport ---------------------------------------------------------------------------------------
+def _send_ui_message(event: str, data: dict) -> None:
+    """Send one message to every browser tab; never lets a UI problem break a training run."""
+    try:
+        comfy_compat.send_ui_message(event, data)
+    except Exception:  # noqa: BLE001 - a dead websocket must not kill hours of training
+        log.debug("could not send %s to the browser", event, exc_info=True)
+
+
+# --- JSON hygiene --------------------------------------------------------------------------------------------
+def _json_number(value):
+    """Finite numbers as float, NaN/inf as a short string ("nan", "inf"), missing as None.
+
+    The browser's JSON.parse rejects NaN/Infinity, and a NaN loss is exactly what the user must see.
+    """
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else str(number)
+
+
+def _json_int(value):
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+# --- loss history --------------------------------------------------------------------------------------------
+class LossHistory:
+    """[step, loss] points, kept under `max_points` by merging neighbours (mean loss, later step).
+
+    After each merge the bucket size (`stride`) doubles, so old and new points keep the same density.
+    """
+
+    def __init__(self, max_points: int = MAX_HISTORY_POINTS) -> None:
+        # even, so a full list merges into exact pairs and every point covers the same number of steps
+        self.max_points = max(2, int(max_points) + int(max_points) % 2)
+        self.stride = 1
+        self._points: list[list[float]] = []
+        self._bucket: list[tuple[int, float]] = []
+
+    @staticmethod
+    def _merge(points) -> list:
+        return [points[-1][0], sum(p[1] for p in points) / len(points)]
+
+    def add(self, step: int, loss: float) -> None:
+        self._bucket.append((step, loss))
+        if len(self._bucket) >= self.stride:
+            self._points.append(self._merge(self._bucket))
+            self._bucket = []
+            if len(self._points) >= self.max_points:
+                self._points = [self._merge(self._points[i:i + 2]) for i in range(0, len(self._points), 2)]
+                self.stride *= 2
+
+    def points(self) -> list[list[float]]:
+        tail = [self._merge(self._bucket)] if self._bucket else []
+        return [list(p) for p in self._points] + tail
+
+    def __len__(self) -> int:
+        return len(self._points) + (1 if self._bucket else 0)
+
+
+# --- state store ---------------------------------------------------------------------------------------------
+_states: dict[str, dict] = {}
+_states_lock = threading.Lock()
+
+
+def _with_control(state: dict) -> dict:
+    control = find_control(state["node"])
+    state["control"] = control.snapshot() if control is not None else None
+    return state
+
+
+def get_state(node=None) -> dict | None:
+    """A copy of the latest state of `node`'s run (None if unknown), or {node id: state} for all nodes."""
+    with _states_lock:
+        if node is None:
+            return {key: _with_control(copy.deepcopy(state)) for key, state in _states.items()}
+        state = _states.get(str(node))
+        return _with_control(copy.deepcopy(state)) if state is not None else None
+
+
+def clear_states() -> None:
+    """Forget every stored state (tests; a fresh server starts empty anyway)."""
+    with _states_lock:
+        _states.clear()
+
+
+class LiveReporter:
+    """Reports one training run of one node to the browser and to the state store.
+
+    All numbers may be None when unknown (e.g. ETA before the first steps); the panel shows "-" for them.
+    """
+
+    def __init__(self, node_id, run_dir: str = "", *, min_interval_s: float = MIN_PROGRESS_INTERVAL_S,
+                 max_history_points: int = MAX_HISTORY_POINTS, clock: Callable[[], float] = time.monotonic,
+                 send: Callable[[str, dict], None] | None = None, run_id: str | None = None) -> None:
+        self.node = str(node_id)
+        self.run_dir = str(run_dir or "")
+        # a new id per reporter: the panel starts a fresh chart when it changes (also for a resumed run)
+        self.run = str(run_id) if run_id else uuid.uuid4().hex[:12]
+        self.min_interval_s = float(min_interval_s)
+        self._clock = clock
+        self._send = send or _send_ui_message
+        self._history = LossHistory(max_history_points)
+        self._unsent_points: list[list[float]] = []
+        self._progress_unsent = False
+        self._last_progress_sent: float | None = None
+        self.control = new_control(self.node)   # fresh: requests aimed at an earlier run must not stop this one
+        self._state = {
+            "node": self.node, "run": self.run, "run_dir": self.run_dir,
+            "state": "starting", "message": "",
+            "step": 0, "total": None, "epoch": None,
+            "loss": None, "lr": None, "it_per_s": None, "eta_s": None,
+            "loss_history": [], "history_stride": 1,
+            "previews": [], "preview_step": None,
+            "updated": time.time(),
+        }
+        self._store()
+        self._send(STATUS_EVENT, self._status_payload())
+
+    # --- public API used by the node / trainer -----------------------------------------------------------
+    def progress(self, step, total=None, epoch=None, loss=None, lr=None, it_per_s=None, eta_s=None) -> None:
+        """One training step finished. Sends at most one message per `min_interval_s`, always the last step."""
+        step = _json_int(step) or 0
+        loss_value = _json_number(loss)
+        if isinstance(loss_value, float):
+            self._history.add(step, loss_value)
+            self._unsent_points.append([step, loss_value])
+        self._state.update({
+            "step": step, "total": _json_int(total), "epoch": _json_int(epoch), "loss": loss_value,
+            "lr": _json_number(lr), "it_per_s": _json_number(it_per_s), "eta_s": _json_number(eta_s),
+            "loss_history": self._history.points(), "history_stride": self._history.stride,
+        })
+        if self._state["state"] == "starting":
+            self._state["state"] = "running"
+        self._progress_unsent = True
+        self._store()
+        total_steps = self._state["total"]
+        last_step = total_steps is not None and step >= total_steps
+        now = self._clock()
+        if last_step or self._last_progress_sent is None or now - self._last_progress_sent >= self.min_interval_s:
+            self.flush()
+
+    def preview(self, images: list[dict], step=None) -> None:
+        """New preview images, as ComfyUI image refs {filename, subfolder, type} (what /view serves)."""
+        refs = [_image_ref(image) for image in images or []]
+        refs = [ref for ref in refs if ref is not None][-MAX_PREVIEWS:]
+        preview_step = _json_int(step) if step is not None else self._state["step"]
+        self._state.update({"previews": refs, "preview_step": preview_step})
+        self._store()
+        self._send(PREVIEW_EVENT, {"node": self.node, "run": self.run, "step": preview_step, "images": refs})
+
+    def status(self, state: str, message: str = "") -> None:
+        """Run state change ("running", "saving", "done", "error", ... see STATES) with a human message."""
+        if state not in STATES:
+            raise ValueError(f"unknown live state {state!r}; expected one of {', '.join(STATES)}")
+        self.flush()   # the chart must show every step before the final state
+        self._state.update({"state": state, "message": str(message or "")})
+        self._store()
+        if state in TERMINAL_STATES:
+            release_control(self.node)   # a finished run takes no more requests; the route answers 404
+        self._send(STATUS_EVENT, self._status_payload())
+
+    def flush(self) -> None:
+        """Send the pending progress now (if any)."""
+        if not self._progress_unsent:
+            return
+        payload = {key: self._state[key] for key in
+                   ("node", "run", "state", "step", "total", "epoch", "loss", "lr", "it_per_s", "eta_s")}
+        payload["points"] = self._unsent_points
+        self._unsent_points = []
+        self._progress_unsent = False
+        self._last_progress_sent = self._clock()
+        self._send(PROGRESS_EVENT, payload)
+
+    @property
+    def state(self) -> dict:
+        """A copy of this run's current state (what GET /dreambooth/state returns for the node)."""
+        return get_state(self.node)
+
+    # --- internals ---------------------------------------------------------------------------------------
+    def _status_payload(self) -> dict:
+        control = find_control(self.node)
+        return {"node": self.node, "run": self.run, "state": self._state["state"],
+                "message": self._state["message"], "control": control.snapshot() if control else None}
+
+    def _store(self) -> None:
+        self._state["updated"] = time.time()
+        with _states_lock:
+            _states[self.node] = copy.deepcopy(self._state)
+
+
+def _image_ref(image) -> dict | None:
+    if not isinstance(image, dict) or not image.get("filename"):
+        return None
+    return {"filename": str(image["filename"]), "subfolder": str(image.get("subfolder") or ""),
+            "type": str(image.get("type") or "output")}
+
+
+# --- routes --------------------------------------------------------------------------------------------------
+def state_response(node=None) -> tuple[int, dict]:
+    """(HTTP status, JSON body) for GET /dreambooth/state[?node=ID]."""
+    if node in (None, ""):
+        return 200, {"nodes": get_state()}
+    state = get_state(node)
+    if state is None:
+        return 404, {"error": f"no DreamBooth training state for node {node!r}: "
+                              "it has not trained since the server started"}
+    return 200, state
+
+
+def control_response(payload) -> tuple[int, dict]:
+    """(HTTP status, JSON body) for POST /dreambooth/control {node, action}."""
+    if not isinstance(payload, dict):
+        return 400, {"error": 'the body must be a JSON object like {"node": "5", "action": "save_now"}'}
+    node, action = payload.get("node"), payload.get("action")
+    if node in (None, ""):
+        return 400, {"error": "missing 'node': the id of the TrainDreamBooth node to control"}
+    if action not in ACTIONS:
+        return 400, {"error": f"unknown action {action!r}; expected one of {', '.join(ACTIONS)}"}
+    control = find_control(node)
+    if control is None:
+        return 404, {"error": f"no training run is active for node {str(node)!r}; queue the workflow first"}
+    control.apply(action)
+    message = _ACTION_MESSAGES[action]
+    state = get_state(node)
+    if state is not None:
+        # tell every open tab, not only the one that clicked
+        _send_ui_message(STATUS_EVENT, {"node": str(node), "run": state["run"], "state": state["state"],
+                                        "message": message, "control": control.snapshot()})
+    return 200, {"ok": True, "node": str(node), "action": action, "message": message,
+                 "control": control.snapshot()}
+
+
+_routes_registered = False
+
+
+def _add_routes(routes) -> None:
+    """Add our handlers to an aiohttp RouteTableDef (ComfyUI's PromptServer.instance.routes)."""
+    from aiohttp import web   # ComfyUI's server dependency; only needed inside ComfyUI
+
+    @routes.get("/dreambooth/state")
+    async def dreambooth_state(request):
+        status, body = state_response(request.rel_url.query.get("node"))
+        return web.json_response(body, status=status)
+
+    @routes.post("/dreambooth/control")
+    async def dreambooth_control(request):
+        try:
+            payload = await request.json()
+        except Exception:  # noqa: BLE001 - any unparsable body is the client's error
+            payload = None
+        status, body = control_response(payload)
+        return web.json_response(body, status=status)
+
+
+def register_routes() -> bool:
+    """Add GET /dreambooth/state and POST /dreambooth/control to ComfyUI's server (also served under /api).
+
+    Call at pack import time (ComfyUI copies its route table after loading custom nodes). Returns False and
+    does nothing outside ComfyUI; idempotent inside.
+    """
+    global _routes_registered
+    if not _routes_registered:
+        _routes_registered = comfy_compat.register_routes(_add_routes)
+    return _routes_registered

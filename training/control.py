@@ -1,0 +1,116 @@
+"""Requests from outside the training loop (the web panel's buttons, a CLI signal) to the trainer.
+
+The trainer runs in ComfyUI's executor thread; the requests arrive on the server's event-loop thread. So the
+requests are plain flags behind a lock: the outside sets them, the trainer polls them at step boundaries and
+acts where it is safe (saving between optimizer steps, stopping after an epoch with a resumable state).
+
+Usage in the trainer:
+    if control.take_save_request(): save_checkpoint(...)
+    if control.should_stop(epoch_end=end_of_epoch): save_resumable_state(...); break
+
+No ComfyUI imports here: the node layer owns the registry keys (node ids) and the route that sets the flags.
+"""
+from __future__ import annotations
+
+import threading
+
+ACTIONS = ("save_now", "stop_after_epoch", "stop_now")
+
+
+class TrainingControl:
+    """Thread-safe request flags for one training run."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._save_requested = False
+        self._stop_after_epoch = False
+        self._stop_now = False
+
+    # --- requests (any thread) ---------------------------------------------------------------------------
+    def request_save(self) -> None:
+        """Ask for a checkpoint at the next step boundary (training goes on afterwards)."""
+        with self._lock:
+            self._save_requested = True
+
+    def request_stop(self, after_epoch: bool = True) -> None:
+        """Ask the trainer to stop: at the end of the current epoch (default) or at the next step boundary."""
+        with self._lock:
+            if after_epoch:
+                self._stop_after_epoch = True
+            else:
+                self._stop_now = True
+
+    def stop_now(self) -> None:
+        """Stop at the next step boundary."""
+        self.request_stop(after_epoch=False)
+
+    def apply(self, action: str) -> None:
+        """Apply one of ACTIONS by name (what the web route receives)."""
+        if action == "save_now":
+            self.request_save()
+        elif action == "stop_after_epoch":
+            self.request_stop(after_epoch=True)
+        elif action == "stop_now":
+            self.stop_now()
+        else:
+            raise ValueError(f"unknown training control action {action!r}; expected one of {', '.join(ACTIONS)}")
+
+    # --- polling (trainer thread) ------------------------------------------------------------------------
+    def take_save_request(self) -> bool:
+        """True once per request_save(): the flag is cleared so one click means one checkpoint."""
+        with self._lock:
+            requested, self._save_requested = self._save_requested, False
+            return requested
+
+    def should_stop(self, epoch_end: bool) -> bool:
+        """True when the trainer must stop now. `epoch_end`: the step just finished closes an epoch."""
+        with self._lock:
+            return self._stop_now or (self._stop_after_epoch and epoch_end)
+
+    @property
+    def stop_requested(self) -> bool:
+        """Any stop pending (lets the trainer report "stopping after this epoch")."""
+        with self._lock:
+            return self._stop_now or self._stop_after_epoch
+
+    def snapshot(self) -> dict:
+        """The pending requests as a JSON-ready dict (shown by the panel)."""
+        with self._lock:
+            return {"save_requested": self._save_requested,
+                    "stop_after_epoch": self._stop_after_epoch,
+                    "stop_now": self._stop_now}
+
+
+# Registry keyed by run id / node id, shared by the node layer (creates one per run) and the web route.
+controls: dict[str, TrainingControl] = {}
+_registry_lock = threading.Lock()
+
+
+def get_control(key) -> TrainingControl:
+    """The control registered under `key` (str()-ed, so node id 5 and "5" agree), created if missing."""
+    key = str(key)
+    with _registry_lock:
+        control = controls.get(key)
+        if control is None:
+            control = controls[key] = TrainingControl()
+        return control
+
+
+def new_control(key) -> TrainingControl:
+    """A fresh control for a new run under `key`: requests left over from an earlier run must not stop it."""
+    key = str(key)
+    with _registry_lock:
+        control = controls[key] = TrainingControl()
+        return control
+
+
+def find_control(key) -> TrainingControl | None:
+    """The control under `key`, or None when no run registered one (the route answers 404 then)."""
+    with _registry_lock:
+        return controls.get(str(key))
+
+
+def release_control(key) -> None:
+    """Forget the control under `key` (after a run ends; later requests then find no run)."""
+    with _registry_lock:
+        controls.pop(str(key), None)
