@@ -1,0 +1,553 @@
+"""Training settings: `DreamBoothSettings`, the object on the `DB_CONFIG` socket.
+
+Every field name is a ComfyUI widget name and a key of a run's config.json, so names are a stable contract.
+Each field carries its own description, allowed range or choices and (for "auto" fields) the widget value that
+means "auto" in its `dataclasses.field` metadata: validation and the node widgets read the same table, so the
+two cannot drift apart.
+
+Three fields may be left `None` ("auto") and are filled by `resolved(concepts)` before training:
+`learning_rate` (recommended for LoRA / full fine-tune / the optimizer), `steps_per_image` and
+`text_encoder_ratio` (the concept types' presets, see `training.data.settings.concept_type_defaults`).
+A run stores and hashes the resolved settings.
+
+Step counting follows the A1111 sd_dreambooth_extension: `steps_per_image` is the number of epochs (one epoch
+shows every example once), and a "step" is one optimizer step (`batch_size * gradient_accumulation_steps`
+examples). `max_train_steps > 0` caps the total; `steps_per_image = 0` leaves `max_train_steps` alone in charge.
+
+This module imports no torch: node modules import it at ComfyUI start-up.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any, Iterable
+
+from .data.settings import DataSettings, concept_type_defaults
+
+LORA_TYPES = ("lora", "dora", "loha", "lokr")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "linear_with_warmup", "cosine",
+                 "cosine_with_restarts", "polynomial")
+# "constant" and "linear" are the warm-up-free variants; every other schedule starts with lr_warmup_steps.
+WARMUP_SCHEDULERS = ("constant_with_warmup", "linear_with_warmup", "cosine", "cosine_with_restarts", "polynomial")
+DECAYING_SCHEDULERS = ("linear", "linear_with_warmup", "cosine", "cosine_with_restarts", "polynomial")
+OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit", "Prodigy", "Adafactor", "SGD")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+VAE_DTYPES = ("fp32", "fp16", "bf16")
+ATTENTIONS = ("sdpa", "xformers", "sliced")
+NOISE_SCHEDULERS = ("DDPM",)
+PRIOR_MODES = ("class_images", "base_model")
+# Names of training.sampling.SCHEDULERS (kept here so this module stays torch-free; a test checks they agree).
+PREVIEW_SCHEDULERS = ("pndm", "lms", "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc")
+
+MAX_SEED = 2 ** 64 - 1
+CONFIG_SCHEMA = 1
+_RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,99}$")
+
+# Recommended learning rates (A1111 extension guide: ~1e-6..2e-6 full fine-tune, 1e-4 LoRA). Prodigy estimates
+# the step size itself and wants lr = 1.0; Lion takes steps of size lr on every weight (sign update), so it needs
+# about a third of AdamW's rate (Lion paper: 3-10x smaller). SGD has no per-weight scaling and needs much more.
+_RECOMMENDED_LR = {  # optimizer -> (LoRA, full fine-tune)
+    "AdamW": (1e-4, 2e-6), "AdamW8bit": (1e-4, 2e-6), "Adafactor": (1e-4, 2e-6),
+    "Lion": (3e-5, 7e-7), "Lion8bit": (3e-5, 7e-7),
+    "Prodigy": (1.0, 1.0),
+    "SGD": (1e-2, 1e-4),
+}
+
+
+class SettingsError(ValueError):
+    """Settings with one or more problems; `problems` lists each as a sentence naming setting, value and fix."""
+
+    def __init__(self, problems: list[str], what: str = "DreamBooth settings"):
+        self.problems = list(problems)
+        super().__init__(f"{what}: {len(self.problems)} problem(s):\n- " + "\n- ".join(self.problems))
+
+
+def recommended_learning_rate(use_lora: bool, optimizer: str = "AdamW") -> float:
+    """A good starting UNet learning rate for LoRA or full fine-tuning with `optimizer`."""
+    lora_lr, full_lr = _RECOMMENDED_LR.get(optimizer, _RECOMMENDED_LR["AdamW"])
+    return lora_lr if use_lora else full_lr
+
+
+def _setting(default: Any, help: str, *, range: tuple | None = None, choices: tuple | None = None,
+             kind: type | None = None, auto: Any = None, affects_result: bool = True):
+    """A dataclass field plus the facts validation and widgets need.
+
+    kind: the value type (needed when the default is None); auto: the widget value meaning None ("auto");
+    affects_result: False for settings that cannot change the trained weights (they stay out of config_hash).
+    """
+    meta = {"help": help, "range": range, "choices": choices, "kind": kind or type(default),
+            "optional": default is None or auto is not None, "auto": auto, "affects_result": affects_result}
+    if isinstance(default, (list, dict, DataSettings)):
+        return field(default_factory=lambda: dataclasses.replace(default) if dataclasses.is_dataclass(default)
+                     else type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DreamBoothSettings:
+    """Every training setting. Build with defaults and `replace(...)`, or from JSON with `from_dict`."""
+
+    # --- general: full fine-tune or adapters -------------------------------------------------------------
+    use_lora: bool = _setting(True, "Train a LoRA-style adapter (small file, little VRAM) instead of fine-tuning "
+                              "all weights (full checkpoint).")
+    lora_type: str = _setting("lora", "Adapter kind (peft): lora, dora (weight-decomposed LoRA), loha (Hadamard "
+                              "product), lokr (Kronecker product).", choices=LORA_TYPES)
+    lora_rank: int = _setting(16, "Adapter rank (dim): capacity and file size. 4-32 for a subject, up to 128 "
+                              "for styles.", range=(1, 1024))
+    lora_alpha: float = _setting(16.0, "Adapter alpha: the update is scaled by alpha / rank. Stored in the saved "
+                                 "LoRA exactly as trained.", range=(0.0001, 4096.0))
+    lora_dropout: float = _setting(0.0, "Dropout on the adapter input during training (0 = off).",
+                                   range=(0.0, 0.9))
+    # --- intervals ---------------------------------------------------------------------------------------------
+    steps_per_image: int | None = _setting(None, "Epochs: how many times every training image is seen "
+                                           "(A1111 'Training Steps Per Image'; 100-175 is typical). "
+                                           "Auto (-1) = the concept type's preset; 0 = no epoch limit, "
+                                           "max_train_steps decides.", range=(0, 100000), kind=int, auto=-1)
+    max_train_steps: int = _setting(0, "Cap on the total optimizer steps (0 = no cap).", range=(0, 10_000_000))
+    pause_after_epochs: int = _setting(0, "Pause every N epochs to let the GPU cool down (0 = never).",
+                                       range=(0, 100000), affects_result=False)
+    pause_seconds: float = _setting(0.0, "Length of each pause in seconds.", range=(0.0, 3600.0),
+                                    affects_result=False)
+    save_every_epochs: int = _setting(25, "Save a resumable checkpoint every N epochs (0 = only at the end and "
+                                      "on interrupt).", range=(0, 100000), affects_result=False)
+    preview_every_epochs: int = _setting(5, "Generate preview images every N epochs (0 = never).",
+                                         range=(0, 100000), affects_result=False)
+    # --- batching ------------------------------------------------------------------------------------------------
+    batch_size: int = _setting(1, "Images per forward pass. Higher needs more VRAM.", range=(1, 256))
+    gradient_accumulation_steps: int = _setting(1, "Forward passes whose gradients add up to one optimizer step "
+                                                "(effective batch = batch_size x this).", range=(1, 1024))
+    set_grads_to_none: bool = _setting(True, "Free gradients between steps instead of zero-filling them (saves "
+                                       "memory, same result).", affects_result=False)
+    gradient_checkpointing: bool = _setting(True, "Recompute activations in the backward pass: much less VRAM, "
+                                            "about 20% slower, same result.", affects_result=False)
+    # --- learning rate -----------------------------------------------------------------------------------------
+    learning_rate: float | None = _setting(None, "UNet learning rate. Auto (0) = recommended: 1e-4 LoRA, 2e-6 "
+                                           "full fine-tune (AdamW), 1.0 for Prodigy.", range=(1e-10, 10.0),
+                                           kind=float, auto=0.0)
+    text_encoder_lr: float | None = _setting(None, "Text encoder learning rate. Auto (0) = same as "
+                                             "learning_rate.", range=(1e-10, 10.0), kind=float, auto=0.0)
+    lr_scheduler: str = _setting("constant_with_warmup", "How the learning rate changes over training. "
+                                 "'constant' and 'linear' have no warm-up; the others ramp up over "
+                                 "lr_warmup_steps first.", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = _setting(0, "Optimizer steps during which the learning rate ramps linearly from 0.",
+                                    range=(0, 1_000_000))
+    lr_power: float = _setting(1.0, "Exponent of the 'polynomial' decay (1 = linear).", range=(0.01, 10.0))
+    lr_cycles: int = _setting(1, "Number of cosine cycles (hard restarts) of 'cosine_with_restarts'.",
+                              range=(1, 1000))
+    lr_min: float = _setting(0.0, "Floor of the decaying schedules: the UNet rate ends here instead of 0 (the "
+                             "text encoder's floor keeps the same ratio to its rate).", range=(0.0, 10.0))
+    max_grad_norm: float = _setting(1.0, "Clip the gradient norm to this value (0 = no clipping).",
+                                    range=(0.0, 1000.0))
+    weight_decay: float = _setting(0.01, "Decoupled weight decay (AdamW-style).", range=(0.0, 10.0))
+    # --- optimizer ---------------------------------------------------------------------------------------------
+    optimizer: str = _setting("AdamW", "AdamW (torch); AdamW8bit / Lion8bit (bitsandbytes, 8-bit state: less "
+                              "VRAM); Lion (lion-pytorch); Prodigy (prodigyopt; set learning_rate 1.0); "
+                              "Adafactor (transformers); SGD (with momentum).", choices=OPTIMIZERS)
+    adam_beta1: float = _setting(0.9, "First-moment decay of AdamW / AdamW8bit / Prodigy.",
+                                 range=(0.0, 0.9999))
+    adam_beta2: float = _setting(0.999, "Second-moment decay of AdamW / AdamW8bit / Prodigy.",
+                                 range=(0.0, 0.99999))
+    adam_epsilon: float = _setting(1e-8, "Epsilon of AdamW / AdamW8bit / Prodigy.", range=(1e-12, 1e-2))
+    sgd_momentum: float = _setting(0.9, "Momentum of SGD.", range=(0.0, 0.9999))
+    use_ema: bool = _setting(False, "Keep an exponential moving average of the trained weights (smoother "
+                             "results; costs a copy of the trained weights).")
+    ema_decay: float = _setting(0.9999, "EMA decay per optimizer step (ramps up from 0.1 over the first steps).",
+                                range=(0.5, 0.999999))
+    ema_on_cpu: bool = _setting(False, "Keep the EMA copy in CPU RAM instead of VRAM (slower steps).",
+                                affects_result=False)
+    # --- precision / speed -----------------------------------------------------------------------------------
+    mixed_precision: str = _setting("fp16", "Compute precision: no (fp32), fp16, bf16 (Ampere or newer).",
+                                    choices=MIXED_PRECISIONS)
+    vae_dtype: str = _setting("fp32", "VAE precision. fp32 is safe; fp16 VAEs can produce NaN / black images.",
+                              choices=VAE_DTYPES)
+    attention: str = _setting("sdpa", "Attention kernel: sdpa (PyTorch, default), xformers (if installed), "
+                              "sliced (lowest memory, slowest).", choices=ATTENTIONS)
+    # --- what trains --------------------------------------------------------------------------------------------
+    train_unet: bool = _setting(True, "Train the UNet (or its adapter).")
+    text_encoder_ratio: float | None = _setting(None, "Fraction of the steps during which the text encoder(s) "
+                                                "train, then they freeze (0 = frozen). Auto (-1) = the concept "
+                                                "type's preset (person 0.7, style 0.2).", range=(0.0, 1.0),
+                                                kind=float, auto=-1.0)
+    freeze_clip_norm: bool = _setting(True, "Keep the text encoder's LayerNorm weights frozen while it trains.")
+    clip_skip: int = _setting(0, "Text encoder layer to condition on: 1 = last, 2 = penultimate. 0 = the "
+                              "model's own default (SD1: 1, SD2/SDXL: 2).", range=(0, 12))
+    # --- noise and loss ---------------------------------------------------------------------------------------
+    noise_scheduler: str = _setting("DDPM", "Noise schedule used to noise the training latents.",
+                                    choices=NOISE_SCHEDULERS)
+    zero_terminal_snr: bool = _setting(False, "Rescale the noise schedule to zero terminal SNR (needs a "
+                                       "v-prediction model; lets it learn pure black/white images).")
+    offset_noise: float = _setting(0.0, "Offset noise strength: adds a per-channel constant to the noise so the "
+                                   "model learns overall brightness (0.05-0.1 typical, 0 = off).",
+                                   range=(0.0, 1.0))
+    min_snr_gamma: float = _setting(0.0, "Min-SNR loss weighting gamma (5 is typical; 0 = off).",
+                                    range=(0.0, 100.0))
+    prior_loss_weight: float | None = _setting(None, "Weight of the prior-preservation loss for every concept. "
+                                               "Auto (-1) = each concept's own prior_loss_weight.",
+                                               range=(0.0, 100.0), kind=float, auto=-1.0)
+    prior_mode: str = _setting("class_images", "Prior preservation from class images, or from the frozen base "
+                               "model's own prediction for the class prompt on the same noisy latents "
+                               "(base_model: no class images needed).", choices=PRIOR_MODES)
+    seed: int = _setting(0, "Seed for noise, timesteps, data order and adapter init.", range=(0, MAX_SEED))
+    # --- saving and previews ------------------------------------------------------------------------------------
+    keep_last_checkpoints: int = _setting(2, "Resumable checkpoints kept in the run folder (0 = keep all).",
+                                          range=(0, 1000), affects_result=False)
+    run_name: str = _setting("dreambooth", "Run folder name (a timestamp is appended): letters, digits, "
+                             "'.', '_', '-', space.", affects_result=False)
+    preview_scheduler: str = _setting("ddim", "Sampler for preview images.", choices=PREVIEW_SCHEDULERS,
+                                      affects_result=False)
+    preview_steps: int = _setting(20, "Sampler steps for preview images.", range=(1, 500), affects_result=False)
+    preview_cfg: float = _setting(7.0, "CFG scale for preview images.", range=(1.0, 30.0), affects_result=False)
+    # --- data ------------------------------------------------------------------------------------------------------
+    data: DataSettings = _setting(DataSettings(), "Dataset-wide image, caption and cache settings.",
+                                  kind=DataSettings)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def __post_init__(self):
+        # Widgets and JSON may give 5 for a float setting; store 5.0 so to_dict and config_hash do not depend on it.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["kind"] is float and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, f.name, float(value))
+
+    def replace(self, **changes) -> "DreamBoothSettings":
+        return dataclasses.replace(self, **changes)
+
+    # ---- auto values ------------------------------------------------------------------------------------
+    def resolved(self, concepts: Iterable = ()) -> "DreamBoothSettings":
+        """A copy with every auto (None) field filled in.
+
+        `concepts`: ConceptSettings (anything with `concept_type`). Several concepts: the largest preset wins
+        (a face trained beside a style still needs the face's text-encoder share and epochs). No concepts:
+        the "person" preset, as ConceptSettings defaults to it.
+        """
+        types = [getattr(c, "concept_type", "person") for c in concepts] or ["person"]
+        presets = [concept_type_defaults(t) for t in types]
+        changes = {}
+        if self.learning_rate is None:
+            changes["learning_rate"] = recommended_learning_rate(self.use_lora, self.optimizer)
+        if self.steps_per_image is None:
+            changes["steps_per_image"] = max(p["steps_per_image"] for p in presets)
+        if self.text_encoder_ratio is None:
+            changes["text_encoder_ratio"] = max(p["text_encoder_ratio"] for p in presets)
+        return self.replace(**changes)
+
+    @property
+    def is_resolved(self) -> bool:
+        return None not in (self.learning_rate, self.steps_per_image, self.text_encoder_ratio)
+
+    def _need(self, name: str):
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(f"{name} is auto (None); call settings.resolved(concepts) first")
+        return value
+
+    @property
+    def unet_lr(self) -> float:
+        return self._need("learning_rate")
+
+    @property
+    def text_encoder_learning_rate(self) -> float:
+        """The text encoder's rate: text_encoder_lr, or the UNet's when that is auto."""
+        return self.text_encoder_lr if self.text_encoder_lr is not None else self.unet_lr
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return self._need("text_encoder_ratio") > 0
+
+    @property
+    def clip_skip_or_none(self) -> int | None:
+        """For encode_prompts(clip_skip=...): None means the model's default."""
+        return self.clip_skip or None
+
+    # ---- step arithmetic --------------------------------------------------------------------------------
+    def steps_per_epoch(self, num_examples: int, *, batches_per_epoch: int | None = None) -> int:
+        """Optimizer steps per epoch: ceil(examples / (batch * accumulation)).
+
+        Pass `batches_per_epoch` when batches cannot mix aspect buckets (then an epoch has more, smaller
+        batches than examples / batch_size); the count is ceil(batches / accumulation) in that case.
+        """
+        if batches_per_epoch is None:
+            batches_per_epoch = math.ceil(num_examples / self.batch_size)
+        return max(1, math.ceil(batches_per_epoch / self.gradient_accumulation_steps))
+
+    def total_steps(self, num_examples: int, *, batches_per_epoch: int | None = None) -> int:
+        """Total optimizer steps: steps_per_image epochs, capped by max_train_steps when that is > 0.
+
+        With steps_per_image = 0 the run is max_train_steps long.
+        """
+        epochs = self._need("steps_per_image")
+        if epochs == 0:
+            if self.max_train_steps <= 0:
+                raise ValueError("steps_per_image = 0 and max_train_steps = 0: the run has no length")
+            return self.max_train_steps
+        total = epochs * self.steps_per_epoch(num_examples, batches_per_epoch=batches_per_epoch)
+        return min(total, self.max_train_steps) if self.max_train_steps > 0 else total
+
+    def num_epochs(self, num_examples: int, *, batches_per_epoch: int | None = None) -> int:
+        """Epochs the run starts (the last one may end early when max_train_steps caps it)."""
+        per_epoch = self.steps_per_epoch(num_examples, batches_per_epoch=batches_per_epoch)
+        return math.ceil(self.total_steps(num_examples, batches_per_epoch=batches_per_epoch) / per_epoch)
+
+    def text_encoder_train_steps(self, total_steps: int) -> int:
+        """Optimizer steps during which the text encoder trains (the first ones); it is frozen after."""
+        return int(math.floor(self._need("text_encoder_ratio") * total_steps + 1e-9))
+
+    # ---- validation -------------------------------------------------------------------------------------
+    def validate(self, *, num_examples: int | None = None, check_environment: bool = True) -> list[str]:
+        """Every problem at once, each naming the setting, the value and the allowed range or fix.
+
+        num_examples: also check what depends on the run length (warm-up shorter than the run).
+        check_environment: also check that optional packages the settings need are installed.
+        """
+        problems: list[str] = []
+        for f in fields(self):
+            if f.name != "data":
+                problems += _field_problems(f, getattr(self, f.name))
+        if not isinstance(self.data, DataSettings):
+            problems.append(f"data = {self.data!r} is not a DataSettings; build it with DataSettings(...)")
+        else:
+            problems += [f"data.{p}" for p in self.data.validate()]
+        if problems:  # cross-field checks below assume well-typed values
+            return problems
+        problems += self._cross_field_problems()
+        if num_examples is not None and self.steps_per_image is not None and not problems:
+            problems += self._length_problems(num_examples)
+        if check_environment:
+            problems += self._environment_problems()
+        return problems
+
+    def check(self, **kwargs) -> "DreamBoothSettings":
+        """Raise SettingsError listing every problem; return self when there are none."""
+        problems = self.validate(**kwargs)
+        if problems:
+            raise SettingsError(problems)
+        return self
+
+    def _cross_field_problems(self) -> list[str]:
+        p: list[str] = []
+        if not self.train_unet and self.text_encoder_ratio == 0:
+            p.append("train_unet = False and text_encoder_ratio = 0: nothing would train; enable train_unet or "
+                     "set text_encoder_ratio above 0")
+        if self.steps_per_image == 0 and self.max_train_steps == 0:
+            p.append("steps_per_image = 0 and max_train_steps = 0: the run has no length; set steps_per_image "
+                     "(epochs, e.g. 100) or max_train_steps")
+        if self.lr_warmup_steps > 0 and self.lr_scheduler not in WARMUP_SCHEDULERS:
+            p.append(f"lr_warmup_steps = {self.lr_warmup_steps} has no effect with lr_scheduler = "
+                     f"{self.lr_scheduler!r}; use {self.lr_scheduler}_with_warmup or set lr_warmup_steps = 0")
+        if self.lr_power != 1.0 and self.lr_scheduler != "polynomial":
+            p.append(f"lr_power = {self.lr_power} only affects lr_scheduler 'polynomial' (now "
+                     f"{self.lr_scheduler!r}); set lr_power = 1 or choose 'polynomial'")
+        if self.lr_cycles != 1 and self.lr_scheduler != "cosine_with_restarts":
+            p.append(f"lr_cycles = {self.lr_cycles} only affects lr_scheduler 'cosine_with_restarts' (now "
+                     f"{self.lr_scheduler!r}); set lr_cycles = 1 or choose 'cosine_with_restarts'")
+        if self.lr_min > 0:
+            if self.lr_scheduler not in DECAYING_SCHEDULERS:
+                p.append(f"lr_min = {self.lr_min} only affects decaying schedules ({', '.join(DECAYING_SCHEDULERS)}),"
+                         f" not {self.lr_scheduler!r}; set lr_min = 0 or choose one of them")
+            elif self.learning_rate is not None and self.lr_min >= self.learning_rate:
+                p.append(f"lr_min = {self.lr_min} is not below learning_rate = {self.learning_rate}; the floor must "
+                         "be lower than the starting rate")
+        if self.optimizer == "Prodigy":
+            for name in ("learning_rate", "text_encoder_lr"):
+                value = getattr(self, name)
+                if value is not None and not (0.1 <= value <= 10.0):
+                    p.append(f"{name} = {value} with optimizer Prodigy: Prodigy estimates the step size itself "
+                             f"and {name} multiplies it; use 0.1 to 10 (1.0 is standard), or auto")
+        if self.pause_after_epochs > 0 and self.pause_seconds == 0:
+            p.append(f"pause_after_epochs = {self.pause_after_epochs} with pause_seconds = 0 pauses for nothing; "
+                     "set pause_seconds (e.g. 60) or pause_after_epochs = 0")
+        if self.pause_seconds > 0 and self.pause_after_epochs == 0:
+            p.append(f"pause_seconds = {self.pause_seconds} has no effect with pause_after_epochs = 0; set "
+                     "pause_after_epochs (e.g. 10) or pause_seconds = 0")
+        if not _RUN_NAME_RE.match(self.run_name) or self.run_name.strip() != self.run_name:
+            p.append(f"run_name = {self.run_name!r} is not a plain folder name; use 1-100 letters, digits, '.', "
+                     "'_', '-' or spaces, starting with a letter or digit, e.g. 'my_dog'")
+        return p
+
+    def _length_problems(self, num_examples: int) -> list[str]:
+        if num_examples <= 0:
+            return [f"the dataset has {num_examples} examples; add images to the concept folders"]
+        total = self.total_steps(num_examples)
+        if self.lr_scheduler in WARMUP_SCHEDULERS and self.lr_warmup_steps >= total:
+            return [f"lr_warmup_steps = {self.lr_warmup_steps} is not shorter than the run ({total} steps for "
+                    f"{num_examples} examples); lower it, e.g. to {max(0, total // 10)}"]
+        return []
+
+    def _environment_problems(self) -> list[str]:
+        from .setup.optimizers import missing_optimizer_package
+
+        p: list[str] = []
+        missing = missing_optimizer_package(self.optimizer)
+        if missing:
+            p.append(f"optimizer = {self.optimizer!r}: {missing}")
+        if self.attention == "xformers" and not _installed("xformers"):
+            p.append("attention = 'xformers' but xformers is not installed; `pip install xformers` (matching your "
+                     "torch build) or use attention 'sdpa'")
+        return p
+
+    # ---- serialisation ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """JSON-safe dict of every setting (data nested under "data")."""
+        return dataclasses.asdict(self)
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), indent=kwargs.pop("indent", 2), sort_keys=True, **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DreamBoothSettings":
+        """Build from a dict such as a run's config.json. Missing keys take their defaults (older configs load);
+        unknown keys and values of the wrong type raise SettingsError naming every one of them."""
+        if not isinstance(data, dict):
+            raise SettingsError([f"expected a JSON object of settings, got {type(data).__name__}"])
+        known = {f.name: f for f in fields(cls)}
+        problems: list[str] = []
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            problems.append(f"unknown setting(s) {', '.join(unknown)}; known settings are "
+                            f"{', '.join(sorted(known))}")
+        kwargs: dict[str, Any] = {}
+        for name, value in data.items():
+            if name not in known:
+                continue
+            if name == "data":
+                data_problems, data_value = _data_from_dict(value)
+                problems += data_problems
+                if data_value is not None:
+                    kwargs["data"] = data_value
+                continue
+            ok, converted = _convert(known[name], value)
+            if ok:
+                kwargs[name] = converted
+            else:
+                problems.append(converted)
+        if problems:
+            raise SettingsError(problems, "DreamBooth settings from dict")
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> "DreamBoothSettings":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SettingsError([f"not valid JSON: {e}"]) from None
+        return cls.from_dict(data)
+
+    # ---- identity ---------------------------------------------------------------------------------------
+    def result_dict(self) -> dict:
+        """The settings that can change the trained weights (what config_hash covers)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name != "data" and f.metadata["affects_result"]}
+        data_defaults = DataSettings()
+        out["data"] = {k: (float(v) if isinstance(getattr(data_defaults, k), float) and isinstance(v, int)
+                           and not isinstance(v, bool) else v)
+                       for k, v in dataclasses.asdict(self.data).items() if k not in _DATA_COSMETIC}
+        return out
+
+    def config_hash(self) -> str:
+        """Stable 16-hex-digit hash of the result-relevant settings.
+
+        Left out (they cannot change the weights): run_name, save/preview/pause cadence and preview sampler,
+        keep_last_checkpoints, ema_on_cpu, gradient_checkpointing, set_grads_to_none, data.cache_mode.
+        Hash resolved settings (`resolved(concepts)`), so that auto and its explicit value name the same run.
+        The run identity also needs the data hash and the base model hash (the trainer combines them).
+        """
+        payload = json.dumps({"schema": CONFIG_SCHEMA, "settings": self.result_dict()}, sort_keys=True,
+                             separators=(",", ":"), allow_nan=False)
+        return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+    def summary(self) -> str:
+        """One short human-readable paragraph (shown on nodes and in logs)."""
+        mode = (f"{self.lora_type} rank {self.lora_rank} alpha {self.lora_alpha:g}" if self.use_lora
+                else "full fine-tune")
+        lr = "auto" if self.learning_rate is None else f"{self.learning_rate:g}"
+        epochs = "auto" if self.steps_per_image is None else str(self.steps_per_image)
+        ratio = "auto" if self.text_encoder_ratio is None else f"{self.text_encoder_ratio:g}"
+        return (f"{mode}; {epochs} steps/image, max {self.max_train_steps or 'no cap'}; batch {self.batch_size} x "
+                f"{self.gradient_accumulation_steps}; {self.optimizer} lr {lr} ({self.lr_scheduler}); "
+                f"{self.mixed_precision}; unet {'on' if self.train_unet else 'off'}, text encoder ratio {ratio}; "
+                f"seed {self.seed}")
+
+
+_DATA_COSMETIC = frozenset({"cache_mode"})
+
+
+def settings_fields() -> dict[str, dataclasses.Field]:
+    """name -> dataclass field (with metadata: help, range, choices, kind, optional, auto, affects_result)."""
+    return {f.name: f for f in fields(DreamBoothSettings)}
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _field_problems(f: dataclasses.Field, value: Any) -> list[str]:
+    meta = f.metadata
+    if value is None:
+        return [] if meta["optional"] else [f"{f.name} is None; set a value"]
+    kind = meta["kind"]
+    if kind is bool and not isinstance(value, bool):
+        return [f"{f.name} = {value!r} is not true/false"]
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        return [f"{f.name} = {value!r} is not a whole number"]
+    if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        return [f"{f.name} = {value!r} is not a number"]
+    if kind is float and not math.isfinite(value):
+        return [f"{f.name} = {value!r} is not a finite number"]
+    if kind is str and not isinstance(value, str):
+        return [f"{f.name} = {value!r} is not text"]
+    if meta["choices"] is not None and value not in meta["choices"]:
+        return [f"{f.name} = {value!r} is not allowed; use one of: {', '.join(meta['choices'])}"]
+    if meta["range"] is not None:
+        lo, hi = meta["range"]
+        if not (lo <= value <= hi):
+            auto = (f", or {meta['auto']} for auto" if meta["auto"] is not None else "")
+            return [f"{f.name} = {value!r} is out of range; use {lo:g} to {hi:g}{auto}"]
+    return []
+
+
+def _convert(f: dataclasses.Field, value: Any) -> tuple[bool, Any]:
+    """JSON value -> field value. (True, value) or (False, problem sentence)."""
+    kind, optional = f.metadata["kind"], f.metadata["optional"]
+    if value is None:
+        return (True, None) if optional else (False, f"{f.name} = null is not allowed; give a value")
+    if kind is bool:
+        return (True, value) if isinstance(value, bool) else (False, f"{f.name} = {value!r} is not true/false")
+    if kind is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return True, value
+        return False, f"{f.name} = {value!r} is not a whole number"
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, f"{f.name} = {value!r} is not a number"
+    if kind is str:
+        return (True, value) if isinstance(value, str) else (False, f"{f.name} = {value!r} is not text")
+    return True, value
+
+
+def _data_from_dict(value: Any) -> tuple[list[str], DataSettings | None]:
+    if isinstance(value, DataSettings):
+        return [], value
+    if not isinstance(value, dict):
+        return [f"data = {value!r} is not an object of data settings"], None
+    try:
+        return [], DataSettings.from_dict(value, strict=True)
+    except ValueError as e:
+        return [f"data: {e}"], None
+
+
+__all__ = ["DreamBoothSettings", "SettingsError", "recommended_learning_rate", "settings_fields",
+           "LORA_TYPES", "LR_SCHEDULERS", "WARMUP_SCHEDULERS", "DECAYING_SCHEDULERS", "OPTIMIZERS",
+           "MIXED_PRECISIONS", "VAE_DTYPES", "ATTENTIONS", "NOISE_SCHEDULERS", "PRIOR_MODES",
+           "PREVIEW_SCHEDULERS"]
