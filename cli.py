@@ -1,0 +1,329 @@
+"""`comfyui-dreambooth` (also `python -m comfyui_dreambooth`): the pack's tools outside ComfyUI.
+
+    comfyui-dreambooth info MODEL
+    comfyui-dreambooth convert IN OUT [--dtype fp16|bf16|fp32]
+    comfyui-dreambooth sample MODEL --prompt "a photo of sks dog" --out dog.png [--steps 20 --seed 0 ...]
+    comfyui-dreambooth run WORKFLOW.json [--set "Title.input=value" ...] [--output-dir DIR]
+
+Every failure ends with ONE line on stderr naming the file and the problem, and a non-zero exit
+(1 = error, 130 = interrupted); `--debug` prints the traceback instead.
+
+Adding a subcommand: write `def _my_arguments(parser)` and register the handler with
+`@command("name", "one-line help", arguments=_my_arguments)`; the handler gets the argparse namespace and returns
+an exit code (None = 0). Heavy imports (torch, diffusers, the training code) go inside handlers: `--help` and
+argument errors must stay instant.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Callable
+
+PROG = "comfyui-dreambooth"
+EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
+IMAGE_EXTENSIONS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+SINGLE_FILE_EXTENSIONS = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
+PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
+DTYPE_CHOICES = ("fp16", "bf16", "fp32")
+
+
+class CliError(Exception):
+    """A problem to report as one line (no traceback)."""
+
+
+@dataclass
+class Command:
+    name: str
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None] | None
+    handler: Callable[[argparse.Namespace], int | None]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, help: str, *, arguments: Callable[[argparse.ArgumentParser], None] | None = None):
+    """Register a subcommand (see the module docstring)."""
+    def register(handler):
+        COMMANDS[name] = Command(name, help, arguments, handler)
+        return handler
+    return register
+
+
+@contextlib.contextmanager
+def about(path: str):
+    """Errors raised inside are reported as `error: <path>: <message>` (unless the message already names it)."""
+    try:
+        yield
+    except BaseException as exc:
+        if getattr(exc, "cli_path", None) is None:
+            with contextlib.suppress(AttributeError, TypeError):
+                exc.cli_path = path
+        raise
+
+
+def _require_exists(path: str, what: str = "file") -> None:
+    if not os.path.exists(path):
+        raise CliError(f"{what} not found")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# info
+# ------------------------------------------------------------------------------------------------------------------
+def _info_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="single-file checkpoint (.safetensors/.ckpt) or diffusers folder")
+
+
+@command("info", "print a model's family, prediction type, parameter counts and dtype as JSON",
+         arguments=_info_arguments)
+def cmd_info(args: argparse.Namespace) -> int:
+    with about(args.model):
+        _require_exists(args.model, "model")
+        from .training.models import inspect_model
+        report = inspect_model(args.model)
+    print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# convert
+# ------------------------------------------------------------------------------------------------------------------
+def _convert_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="single-file checkpoint or diffusers folder")
+    p.add_argument("output", help="OUT.safetensors / .ckpt = single file; anything else = diffusers folder")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp16", help="weights precision of the output")
+    p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default="auto",
+                   help="override what the input says (auto: file metadata, else the family's default)")
+    p.add_argument("--vae", help="replace the VAE with this file or folder")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+
+def output_is_single_file(path: str) -> bool:
+    return path.lower().endswith(SINGLE_FILE_EXTENSIONS)
+
+
+@command("convert", "convert single-file <-> diffusers (by OUT's extension / folder)", arguments=_convert_arguments)
+def cmd_convert(args: argparse.Namespace) -> int:
+    with about(args.input):
+        _require_exists(args.input, "input model")
+    single = output_is_single_file(args.output)
+    with about(args.output):
+        if os.path.abspath(args.output) == os.path.abspath(args.input):
+            raise CliError("output is the input; choose another path")
+        if os.path.exists(args.output) and not args.overwrite:
+            raise CliError("already exists; pass --overwrite to replace it")
+        if not single and os.path.isfile(args.output):
+            raise CliError("is a file, but a diffusers output must be a folder (or give OUT a .safetensors/.ckpt name)")
+    from .training.models import load_model, save_diffusers, save_single_file
+    with about(args.input):
+        model = load_model(args.input, prediction_type=args.prediction_type, vae_path=args.vae)
+    with about(args.output):
+        if single:
+            save_single_file(model, args.output, dtype=args.dtype)
+        else:
+            save_diffusers(model, args.output, dtype=args.dtype)
+    kind = "single file" if single else "diffusers folder"
+    print(f"wrote {args.output} ({kind}, {model.family}, {model.prediction_type}, {args.dtype})")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# sample
+# ------------------------------------------------------------------------------------------------------------------
+def _sample_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="single-file checkpoint or diffusers folder")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="the prompt; repeat for several prompts (one image each)")
+    p.add_argument("--out", required=True, help="image file (.png/.jpg/.webp); several images: OUT_0.png, OUT_1.png ...")
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale")
+    p.add_argument("--scheduler", default="euler", help="pndm, lms, ddim, euler, euler_a, dpmpp_2m, "
+                                                         "dpmpp_2m_karras, unipc")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--width", type=int, help="default: 1024 for SDXL, 768 for SD2 v-prediction, else 512")
+    p.add_argument("--height", type=int, help="default: as --width")
+    p.add_argument("--batch", type=int, default=1, help="images for a single prompt")
+    p.add_argument("--clip-skip", type=int, help="1 = last CLIP layer (default: the family's own)")
+    p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default="auto")
+    p.add_argument("--vae", help="use this VAE file or folder")
+    p.add_argument("--dtype", choices=("auto",) + DTYPE_CHOICES, default="auto",
+                   help="compute precision (auto: fp32 on CPU, bf16/fp16 on GPU)")
+
+
+def default_size(model) -> int:
+    if model.family == "sdxl":
+        return 1024
+    if model.family == "sd2" and model.prediction_type == "v_prediction":
+        return 768
+    return 512
+
+
+def image_paths(out: str, count: int) -> list[str]:
+    """OUT for one image; OUT_0.ext, OUT_1.ext ... for several."""
+    if count == 1:
+        return [out]
+    stem, ext = os.path.splitext(out)
+    return [f"{stem}_{i}{ext}" for i in range(count)]
+
+
+def save_image(image, path: str, parameters: str = "") -> None:
+    """Write one PIL image atomically; PNGs carry the generation parameters as a text chunk."""
+    from .training.fsutil import atomic_path
+
+    kind = IMAGE_EXTENSIONS[os.path.splitext(path)[1].lower()]
+    options = {}
+    if kind == "PNG" and parameters:
+        from PIL.PngImagePlugin import PngInfo
+        info = PngInfo()
+        info.add_text("parameters", parameters)
+        options["pnginfo"] = info
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=kind, **options)
+
+
+def _compute_dtype(choice: str, device) -> str:
+    if choice != "auto":
+        return choice
+    if device.type != "cuda":
+        return "fp32"
+    import torch
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+@command("sample", "generate images from a model", arguments=_sample_arguments)
+def cmd_sample(args: argparse.Namespace) -> int:
+    with about(args.out):
+        if os.path.splitext(args.out)[1].lower() not in IMAGE_EXTENSIONS:
+            raise CliError(f"--out must end in {', '.join(IMAGE_EXTENSIONS)}")
+    if args.batch < 1:
+        raise CliError(f"--batch {args.batch}: must be at least 1")
+    if len(args.prompt) > 1 and args.batch > 1:
+        raise CliError("--batch works with a single --prompt (several prompts give one image each)")
+    with about(args.model):
+        _require_exists(args.model, "model")
+    from .nodes.comfy_compat import TerminalProgress, comfy_torch_device
+    from .training.models import load_model
+    from .training.sampling import SCHEDULER_NAMES, generate, to_pil
+
+    if args.scheduler not in SCHEDULER_NAMES:
+        raise CliError(f"--scheduler {args.scheduler!r}: choose one of {', '.join(SCHEDULER_NAMES)}")
+    device = comfy_torch_device()
+    dtype = _compute_dtype(args.dtype, device)
+    with about(args.model):
+        model = load_model(args.model, prediction_type=args.prediction_type, vae_path=args.vae, dtype=dtype)
+    for module in [model.unet, model.vae, *model.text_encoders]:
+        module.to(device)
+    width = args.width or default_size(model)
+    height = args.height or args.width or default_size(model)
+    prompts = args.prompt[0] if len(args.prompt) == 1 else list(args.prompt)
+    bar = TerminalProgress(args.steps, label="sampling")
+    try:
+        images = generate(model, prompts, negative_prompt=args.negative, steps=args.steps, cfg=args.cfg,
+                          seed=args.seed, width=width, height=height, batch_size=args.batch,
+                          scheduler=args.scheduler, clip_skip=args.clip_skip,
+                          progress=lambda done, total: bar.update_absolute(done, total))
+    finally:
+        bar.close()
+    pil_images = to_pil(images)
+    paths = image_paths(args.out, len(pil_images))
+    all_prompts = [prompts] * len(pil_images) if isinstance(prompts, str) else prompts
+    with about(args.out):
+        for i, (image, path) in enumerate(zip(pil_images, paths)):
+            parameters = (f"{all_prompts[i]}\nNegative prompt: {args.negative}\nSteps: {args.steps}, "
+                          f"Sampler: {args.scheduler}, CFG scale: {args.cfg}, Seed: {args.seed + i}, "
+                          f"Size: {width}x{height}, Model: {os.path.basename(os.path.normpath(args.model))}")
+            save_image(image, path, parameters)
+    for path in paths:
+        print(path)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# run
+# ------------------------------------------------------------------------------------------------------------------
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("workflow", help="workflow JSON: API format (/prompt) or a saved canvas workflow")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.INPUT=VALUE",
+                   help='override an input of the node with that title or id, e.g. --set "Train.steps=50"; '
+                        "VALUE is JSON when it parses, else text (repeatable)")
+    p.add_argument("--output-dir", default="output", help="folder used in place of ComfyUI's output folder")
+    p.add_argument("--quiet", action="store_true", help="no per-node progress lines")
+    p.add_argument("--json", action="store_true", help="print the result (outputs, timings) as JSON")
+
+
+@command("run", "execute a workflow of this pack's nodes headless", arguments=_run_arguments)
+def cmd_run(args: argparse.Namespace) -> int:
+    from .runner import run_workflow, saved_files
+
+    with about(args.workflow):
+        result = run_workflow(args.workflow, overrides=args.overrides, output_dir=args.output_dir,
+                              show_progress=not args.quiet)
+    if args.json:
+        summary = {k: result[k] for k in ("status", "format", "output_dir", "executed", "outputs", "timings")}
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        total = sum(result["timings"].values())
+        print(f"ran {len(result['executed'])} node(s) in {total:.1f}s; output folder {result['output_dir']}")
+        for path in saved_files(result):
+            print(path)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# main
+# ------------------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="DreamBooth for ComfyUI: tools outside ComfyUI.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for cmd in COMMANDS.values():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback on errors")
+        if cmd.arguments is not None:
+            cmd.arguments(p)
+        p.set_defaults(handler=cmd.handler)
+    return parser
+
+
+def _known_error_types() -> tuple:
+    from .runner import WorkflowError
+    return (CliError, WorkflowError, ValueError, OSError, ImportError, MemoryError)
+
+
+def error_line(exc: BaseException) -> str:
+    """`error: <file>: <problem>` — one line, no traceback."""
+    if isinstance(exc, OSError) and exc.strerror:
+        other_file = exc.filename and os.fspath(exc.filename) != getattr(exc, "cli_path", None)
+        message = exc.strerror + (f": {exc.filename}" if other_file else "")
+    else:
+        message = str(exc) or type(exc).__name__
+    if not isinstance(exc, _known_error_types()):
+        message = f"unexpected {type(exc).__name__}: {message} (re-run with --debug for the traceback)"
+    path = getattr(exc, "cli_path", None)
+    if path and path not in message:
+        message = f"{path}: {message}"
+    return "error: " + " ".join(message.split())        # newlines inside messages would break the one-line rule
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if args.debug:
+            traceback.print_exc()
+        from .runner import WorkflowInterrupted
+        print(error_line(exc), file=sys.stderr)
+        return EXIT_INTERRUPTED if isinstance(exc, WorkflowInterrupted) else EXIT_ERROR
