@@ -16,7 +16,6 @@ tests use the same code. Cheap to import: no torch, no aiohttp at module level.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import threading
@@ -116,35 +115,35 @@ class LossHistory:
 
 
 # --- state store ---------------------------------------------------------------------------------------------
-_states: dict[str, dict] = {}
-_states_lock = threading.Lock()
-
-
-def _with_control(state: dict) -> dict:
-    control = find_control(state["node"])
-    state["control"] = control.snapshot() if control is not None else None
-    return state
+# The latest reporter of each node. States are built when asked for (a page load), not on every training step:
+# copying a long loss history per step would cost the trainer milliseconds each time.
+_reporters: dict[str, "LiveReporter"] = {}
+_reporters_lock = threading.Lock()
 
 
 def get_state(node=None) -> dict | None:
     """A copy of the latest state of `node`'s run (None if unknown), or {node id: state} for all nodes."""
-    with _states_lock:
+    with _reporters_lock:
         if node is None:
-            return {key: _with_control(copy.deepcopy(state)) for key, state in _states.items()}
-        state = _states.get(str(node))
-        return _with_control(copy.deepcopy(state)) if state is not None else None
+            reporters = dict(_reporters)
+        else:
+            reporter = _reporters.get(str(node))
+    if node is None:
+        return {key: reporter.snapshot() for key, reporter in reporters.items()}
+    return reporter.snapshot() if reporter is not None else None
 
 
 def clear_states() -> None:
     """Forget every stored state (tests; a fresh server starts empty anyway)."""
-    with _states_lock:
-        _states.clear()
+    with _reporters_lock:
+        _reporters.clear()
 
 
 class LiveReporter:
     """Reports one training run of one node to the browser and to the state store.
 
     All numbers may be None when unknown (e.g. ETA before the first steps); the panel shows "-" for them.
+    Its methods are called from the training thread; snapshot() from the server's thread.
     """
 
     def __init__(self, node_id, run_dir: str = "", *, min_interval_s: float = MIN_PROGRESS_INTERVAL_S,
@@ -157,6 +156,7 @@ class LiveReporter:
         self.min_interval_s = float(min_interval_s)
         self._clock = clock
         self._send = send or _send_ui_message
+        self._lock = threading.Lock()
         self._history = LossHistory(max_history_points)
         self._unsent_points: list[list[float]] = []
         self._progress_unsent = False
@@ -167,11 +167,11 @@ class LiveReporter:
             "state": "starting", "message": "",
             "step": 0, "total": None, "epoch": None,
             "loss": None, "lr": None, "it_per_s": None, "eta_s": None,
-            "loss_history": [], "history_stride": 1,
             "previews": [], "preview_step": None,
             "updated": time.time(),
         }
-        self._store()
+        with _reporters_lock:
+            _reporters[self.node] = self
         self._send(STATUS_EVENT, self._status_payload())
 
     # --- public API used by the node / trainer -----------------------------------------------------------
@@ -179,18 +179,18 @@ class LiveReporter:
         """One training step finished. Sends at most one message per `min_interval_s`, always the last step."""
         step = _json_int(step) or 0
         loss_value = _json_number(loss)
-        if isinstance(loss_value, float):
-            self._history.add(step, loss_value)
-            self._unsent_points.append([step, loss_value])
-        self._state.update({
-            "step": step, "total": _json_int(total), "epoch": _json_int(epoch), "loss": loss_value,
-            "lr": _json_number(lr), "it_per_s": _json_number(it_per_s), "eta_s": _json_number(eta_s),
-            "loss_history": self._history.points(), "history_stride": self._history.stride,
-        })
-        if self._state["state"] == "starting":
-            self._state["state"] = "running"
-        self._progress_unsent = True
-        self._store()
+        with self._lock:
+            if isinstance(loss_value, float):
+                self._history.add(step, loss_value)
+                self._unsent_points.append([step, loss_value])
+            self._state.update({
+                "step": step, "total": _json_int(total), "epoch": _json_int(epoch), "loss": loss_value,
+                "lr": _json_number(lr), "it_per_s": _json_number(it_per_s), "eta_s": _json_number(eta_s),
+                "updated": time.time(),
+            })
+            if self._state["state"] == "starting":
+                self._state["state"] = "running"
+            self._progress_unsent = True
         total_steps = self._state["total"]
         last_step = total_steps is not None and step >= total_steps
         now = self._clock()
@@ -201,49 +201,58 @@ class LiveReporter:
         """New preview images, as ComfyUI image refs {filename, subfolder, type} (what /view serves)."""
         refs = [_image_ref(image) for image in images or []]
         refs = [ref for ref in refs if ref is not None][-MAX_PREVIEWS:]
-        preview_step = _json_int(step) if step is not None else self._state["step"]
-        self._state.update({"previews": refs, "preview_step": preview_step})
-        self._store()
-        self._send(PREVIEW_EVENT, {"node": self.node, "run": self.run, "step": preview_step, "images": refs})
+        with self._lock:
+            preview_step = _json_int(step) if step is not None else self._state["step"]
+            self._state.update({"previews": refs, "preview_step": preview_step, "updated": time.time()})
+        self._send(PREVIEW_EVENT, {"node": self.node, "run": self.run, "step": preview_step,
+                                   "images": [dict(ref) for ref in refs]})
 
     def status(self, state: str, message: str = "") -> None:
         """Run state change ("running", "saving", "done", "error", ... see STATES) with a human message."""
         if state not in STATES:
             raise ValueError(f"unknown live state {state!r}; expected one of {', '.join(STATES)}")
         self.flush()   # the chart must show every step before the final state
-        self._state.update({"state": state, "message": str(message or "")})
-        self._store()
+        with self._lock:
+            self._state.update({"state": state, "message": str(message or ""), "updated": time.time()})
         if state in TERMINAL_STATES:
             release_control(self.node)   # a finished run takes no more requests; the route answers 404
         self._send(STATUS_EVENT, self._status_payload())
 
     def flush(self) -> None:
         """Send the pending progress now (if any)."""
-        if not self._progress_unsent:
-            return
-        payload = {key: self._state[key] for key in
-                   ("node", "run", "state", "step", "total", "epoch", "loss", "lr", "it_per_s", "eta_s")}
-        payload["points"] = self._unsent_points
-        self._unsent_points = []
-        self._progress_unsent = False
-        self._last_progress_sent = self._clock()
+        with self._lock:
+            if not self._progress_unsent:
+                return
+            payload = {key: self._state[key] for key in
+                       ("node", "run", "state", "step", "total", "epoch", "loss", "lr", "it_per_s", "eta_s")}
+            payload["points"] = self._unsent_points
+            self._unsent_points = []
+            self._progress_unsent = False
+            self._last_progress_sent = self._clock()
         self._send(PROGRESS_EVENT, payload)
+
+    def snapshot(self) -> dict:
+        """The full current state: what GET /dreambooth/state returns for this node (a fresh copy)."""
+        with self._lock:
+            state = dict(self._state)
+            state["previews"] = [dict(ref) for ref in self._state["previews"]]
+            state["loss_history"] = self._history.points()
+            state["history_stride"] = self._history.stride
+        control = find_control(self.node) if _reporters.get(self.node) is self else None
+        state["control"] = control.snapshot() if control is not None else None
+        return state
 
     @property
     def state(self) -> dict:
-        """A copy of this run's current state (what GET /dreambooth/state returns for the node)."""
-        return get_state(self.node)
+        """Same as snapshot()."""
+        return self.snapshot()
 
     # --- internals ---------------------------------------------------------------------------------------
     def _status_payload(self) -> dict:
         control = find_control(self.node)
-        return {"node": self.node, "run": self.run, "state": self._state["state"],
-                "message": self._state["message"], "control": control.snapshot() if control else None}
-
-    def _store(self) -> None:
-        self._state["updated"] = time.time()
-        with _states_lock:
-            _states[self.node] = copy.deepcopy(self._state)
+        with self._lock:
+            return {"node": self.node, "run": self.run, "state": self._state["state"],
+                    "message": self._state["message"], "control": control.snapshot() if control else None}
 
 
 def _image_ref(image) -> dict | None:
