@@ -353,3 +353,28 @@ def test_module_is_cheap_to_import():
             "print(sorted(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_snapshots_while_training_are_consistent():
+    """The server thread reads states while the training thread reports; every snapshot must be coherent."""
+    import threading
+
+    reporter = live.LiveReporter("12", "", send=lambda e, d: None, max_history_points=64)
+    done = threading.Event()
+    problems = []
+
+    def read():
+        while not done.is_set():
+            state = live.get_state("12")
+            steps = [p[0] for p in state["loss_history"]]
+            if steps != sorted(steps) or (steps and steps[-1] > state["step"]):
+                problems.append((steps[-3:], state["step"]))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    for step in range(1, 5001):
+        reporter.progress(step, 5000, loss=1.0)
+    done.set()
+    reader.join()
+    assert problems == []
+    assert live.get_state("12")["loss_history"][-1][0] == 5000
