@@ -2,7 +2,7 @@
 
 Prompts are encoded by `models.text` (so clip skip and long-prompt handling are identical to training), then
 handed to diffusers' pipelines as embeddings. Each image gets its own CPU generator seeded `seed + i`, which
-makes an image depend only on its prompt and seed, not on batch size or device.
+makes an image depend only on its prompt and seed, not on its batch (up to float rounding of batched kernels).
 """
 from __future__ import annotations
 

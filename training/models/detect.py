@@ -91,8 +91,18 @@ def infer_unet_config(shapes: dict, family: str) -> dict:
     heads = 8 if family == "sd1" else tuple(max(1, c // 64) for c in channels)
     down_types = tuple("CrossAttnDownBlock2D" if lvl["attn"] else "DownBlock2D" for lvl in levels)
     up_types = tuple("CrossAttnUpBlock2D" if lvl["attn"] else "UpBlock2D" for lvl in reversed(levels))
-    depths = tuple(max(lvl["depth"], 1) for lvl in levels)
+    depths = [max(lvl["depth"], 1) for lvl in levels]
+    # diffusers' mid block reads the last level's depth; that value is unused by a level without attention
+    mid_depth = len(_indices(shapes, re.escape(p) + r"middle_block\.1\.transformer_blocks\.(\d+)\."))
+    if mid_depth and mid_depth != depths[-1]:
+        if levels[-1]["attn"]:
+            raise NotStableDiffusionError(f"UNet mid block has {mid_depth} transformer layers but the last level "
+                                          f"{depths[-1]}; no diffusers layout expresses that")
+        depths[-1] = mid_depth
+    depths = tuple(depths)
     up_depths = _up_transformer_depths(shapes, len(levels), layers_per_block)
+    expected_up = tuple(reversed(depths))
+    up_differs = any(u is not None and u != e for u, e in zip(up_depths, expected_up))
     cfg = dict(
         sample_size={"sd1": 64, "sd2": 96, "sdxl": 128}[family],
         in_channels=in_channels, out_channels=shapes[p + "out.2.weight"][0],
@@ -103,8 +113,9 @@ def infer_unet_config(shapes: dict, family: str) -> dict:
         transformer_layers_per_block=depths if any(d != 1 for d in depths) else 1,
         norm_num_groups=32,
     )
-    if up_depths and up_depths != tuple(reversed(depths)):
-        cfg["reverse_transformer_layers_per_block"] = tuple(tuple([d] * (layers_per_block + 1)) for d in up_depths)
+    if up_differs:
+        cfg["reverse_transformer_layers_per_block"] = tuple(
+            tuple([u or e] * (layers_per_block + 1)) for u, e in zip(up_depths, expected_up))
     if family == "sd2":
         cfg["upcast_attention"] = True
     if p + "label_emb.0.0.weight" in shapes:
@@ -118,7 +129,7 @@ def _up_transformer_depths(shapes, num_levels, layers_per_block) -> tuple:
     out = []
     for i in range(num_levels):
         bp = f"{p}output_blocks.{i * (layers_per_block + 1)}.1."
-        out.append(max(len(_indices(shapes, re.escape(bp) + r"transformer_blocks\.(\d+)\.")), 1))
+        out.append(len(_indices(shapes, re.escape(bp) + r"transformer_blocks\.(\d+)\.")) or None)
     return tuple(out)
 
 
