@@ -60,6 +60,15 @@ class SDModel:
     def device(self):
         return next(self.unet.parameters()).device
 
+    def modules(self) -> list:
+        return [m for m in (self.unet, self.vae, *self.text_encoders, self.ema_unet) if m is not None]
+
+    def to(self, device) -> "SDModel":
+        """Move every module to `device` (in place: placement, not content; returns self)."""
+        for m in self.modules():
+            m.to(device)
+        return self
+
     def replace(self, **changes) -> "SDModel":
         return dataclasses.replace(self, **changes)
 

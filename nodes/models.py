@@ -1,0 +1,173 @@
+"""Model nodes: LoadBaseModel (checkpoint / diffusers folder → DB_MODEL) and SampleTrained (DB_MODEL → IMAGE).
+
+Thin adapters: loading and sampling live in training/models and training/sampling.
+"""
+from __future__ import annotations
+
+import os
+
+from . import comfy_compat as compat
+
+CATEGORY = "DreamBooth"
+MODEL_TYPE = "DB_MODEL"
+FROM_CHECKPOINT = "(from checkpoint)"
+PATH_BELOW = "(use model_path)"
+DIFFUSERS_PREFIX = "diffusers/"
+SCHEDULER_NAMES = ("pndm", "lms", "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc")  # = sampling.SCHEDULERS
+MAX_SEED = 2**63 - 1024
+
+
+def model_choices() -> list[str]:
+    """Checkpoint files, then diffusers folders (as "diffusers/<name>"), then the free-path option."""
+    return [*compat.list_models("checkpoints"), *(DIFFUSERS_PREFIX + n for n in compat.list_diffusers_folders()),
+            PATH_BELOW]
+
+
+def resolve_model_path(model_name: str, model_path: str = "") -> str:
+    """The path LoadBaseModel loads: a free path wins when given, else the chosen entry of the list."""
+    if model_path.strip():
+        path = os.path.expanduser(model_path.strip())
+        if not os.path.isabs(path):
+            path = os.path.join(compat.input_directory(), path) if not os.path.exists(path) else path
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"model_path {model_path!r}: no such file or folder")
+        return os.path.abspath(path)
+    if model_name == PATH_BELOW:
+        raise ValueError("model is set to '(use model_path)' but model_path is empty: type a checkpoint file or "
+                         "diffusers folder path")
+    if model_name.startswith(DIFFUSERS_PREFIX):
+        return compat.full_model_path("diffusers", model_name[len(DIFFUSERS_PREFIX):])
+    return compat.full_model_path("checkpoints", model_name)
+
+
+class LoadBaseModel:
+    """Load a Stable Diffusion 1.x / 2.x / XL checkpoint or diffusers folder for DreamBooth training."""
+
+    DESCRIPTION = __doc__
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (MODEL_TYPE, "STRING")
+    RETURN_NAMES = ("model", "info")
+    OUTPUT_TOOLTIPS = ("The loaded model (UNet, VAE, text encoders) for ConceptDataset/TrainDreamBooth/SampleTrained.",
+                       "Family, prediction type and source of the model.")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (model_choices(), {"tooltip": "A checkpoint from models/checkpoints or a diffusers folder "
+                                                       "from models/diffusers. Choose '(use model_path)' to type a path."}),
+                "prediction_type": (["auto", "epsilon", "v_prediction"], {
+                    "default": "auto",
+                    "tooltip": "auto: read from the file (v_pred marker, metadata), else the family default "
+                               "(SD2 768 models: v_prediction; '...base...' SD2 files and SD1/SDXL: epsilon)."}),
+                "dtype": (["fp32", "fp16", "bf16"], {
+                    "default": "fp32",
+                    "tooltip": "Weight precision in memory. fp32 for training (mixed precision is a training "
+                               "setting); fp16/bf16 halve memory for sampling-only use."}),
+            },
+            "optional": {
+                "model_path": ("STRING", {"default": "", "tooltip": "Optional: a checkpoint file or diffusers folder "
+                                                                    "path; overrides the list when not empty."}),
+                "vae": ([FROM_CHECKPOINT, *compat.list_models("vae")], {
+                    "default": FROM_CHECKPOINT,
+                    "tooltip": "Replace the checkpoint's VAE with a VAE file from models/vae."}),
+            },
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, model, prediction_type="auto", dtype="fp32", model_path="", vae=FROM_CHECKPOINT):
+        # re-load when the file changes on disk, not only when the widgets change
+        from ..training.models import file_hash
+
+        try:
+            return file_hash(resolve_model_path(model, model_path or ""))
+        except (OSError, ValueError):
+            return ""
+
+    def load(self, model, prediction_type="auto", dtype="fp32", model_path="", vae=FROM_CHECKPOINT):
+        from ..training.models import load_model
+
+        path = resolve_model_path(model, model_path or "")
+        vae_path = None if vae in (FROM_CHECKPOINT, "", None) else compat.full_model_path("vae", vae)
+        loaded = load_model(path, prediction_type=prediction_type, vae_path=vae_path, dtype=dtype)
+        loaded.to(compat.comfy_torch_device())
+        return (loaded, loaded.describe())
+
+
+def save_images(images, filename_prefix: str) -> list[dict]:
+    """Save a (B,H,W,C) batch as PNGs under the output folder; ComfyUI's ui "images" entries."""
+    from ..training.export.naming import clean_relative_name
+    from ..training.fsutil import atomic_path
+    from ..training.sampling import to_pil
+
+    out_root = compat.output_directory()
+    rel = clean_relative_name(filename_prefix, default="dreambooth/sample")
+    subfolder, stem = os.path.split(rel)
+    folder = os.path.join(out_root, subfolder)
+    os.makedirs(folder, exist_ok=True)
+    existing = [f for f in os.listdir(folder) if f.startswith(stem + "_") and f.endswith(".png")]
+    counter = 1 + max([int(f[len(stem) + 1:-4].split("_")[0]) for f in existing
+                       if f[len(stem) + 1:-4].split("_")[0].isdigit()] or [0])
+    results = []
+    for i, image in enumerate(to_pil(images)):
+        name = f"{stem}_{counter + i:05d}_.png"
+        with atomic_path(os.path.join(folder, name)) as tmp:
+            image.save(tmp, format="PNG")
+        results.append({"filename": name, "subfolder": subfolder.replace(os.sep, "/"), "type": "output"})
+    return results
+
+
+class SampleTrained:
+    """Generate images from a DB_MODEL (a base model or a freshly trained one); shows and saves them."""
+
+    DESCRIPTION = __doc__
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("images",)
+    OUTPUT_TOOLTIPS = ("The generated images (B,H,W,C, 0..1), usable by any ComfyUI image node.",)
+    OUTPUT_NODE = True
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (MODEL_TYPE, {"tooltip": "The model to sample from (LoadBaseModel or TrainDreamBooth)."}),
+                "prompt": ("STRING", {"multiline": True, "default": "a photo of sks dog",
+                                      "tooltip": "What to generate; use your instance token to see the trained subject."}),
+                "negative_prompt": ("STRING", {"multiline": True, "default": "",
+                                               "tooltip": "What to steer away from."}),
+                "steps": ("INT", {"default": 25, "min": 1, "max": 500, "tooltip": "Denoising steps."}),
+                "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 30.0, "step": 0.1,
+                                  "tooltip": "Classifier-free guidance scale (how strongly to follow the prompt)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED,
+                                 "tooltip": "Image i of the batch uses seed + i: the same seed gives the same image."}),
+                "width": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 64, "tooltip": "Image width."}),
+                "height": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 64, "tooltip": "Image height."}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images to generate."}),
+                "scheduler": (list(SCHEDULER_NAMES), {"default": "dpmpp_2m_karras", "tooltip": "The sampler."}),
+                "clip_skip": ("INT", {"default": 0, "min": 0, "max": 12,
+                                      "tooltip": "0 = the model's default (SD1: 1, SD2/SDXL: 2); 2 = penultimate "
+                                                 "CLIP layer (A1111 convention)."}),
+                "filename_prefix": ("STRING", {"default": "dreambooth/sample",
+                                               "tooltip": "Saved as <output>/<prefix>_00001_.png; subfolders allowed, "
+                                                          "nothing outside the output folder."}),
+            },
+        }
+
+    def sample(self, model, prompt, negative_prompt, steps, cfg, seed, width, height, batch_size, scheduler,
+               clip_skip, filename_prefix):
+        from ..training.sampling import SamplingInterrupted, generate
+
+        with compat.Progress(steps, label="sampling") as bar:
+            try:
+                images = generate(model, prompt, negative_prompt, steps=steps, cfg=cfg, seed=seed, width=width,
+                                  height=height, batch_size=batch_size, scheduler=scheduler,
+                                  clip_skip=clip_skip or None, progress=lambda d, t: bar.update_absolute(d, t),
+                                  should_stop=compat.interrupt_requested)
+            except SamplingInterrupted:
+                compat.check_interrupt()
+                raise
+        ui_images = save_images(images, filename_prefix)
+        return {"ui": {"images": ui_images}, "result": (images,)}
