@@ -1,0 +1,132 @@
+"""Prior-preservation class images: generate what is missing with the base model, reuse what exists.
+
+Each instance image asks for `num_class_images_per_image` class images of its class prompt, at its own
+bucket size (see `scan.match_class_images`). Generation is batched: one `generate()` call per batch of
+prompts of one size, so it runs as fast as plain sampling (the A1111 extension's one-image-at-a-time
+generation is what made it slow). Each image is saved as `NNNNN-<prompt words>.png` with its prompt in
+`NNNNN-<prompt words>.txt`; the text file is written first, so a PNG never exists without its caption.
+A re-run finds the existing files and generates only the shortfall.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Callable
+
+from .scan import ConceptScan, match_class_images, scan_concept
+from .settings import ConceptSettings, DataSettings
+
+_NUMBERED = re.compile(r"^(\d+)-")
+
+
+def _slug(prompt: str, limit: int = 48) -> str:
+    words = re.sub(r"[^a-z0-9]+", " ", prompt.lower()).split()
+    return "_".join(words)[:limit].strip("_") or "class"
+
+
+def _next_index(folder: str) -> int:
+    highest = -1
+    for name in os.listdir(folder):
+        m = _NUMBERED.match(name)
+        if m:
+            highest = max(highest, int(m.group(1)))
+    return highest + 1
+
+
+def _save_png(image, path: str, prompt: str, info: str) -> None:
+    from PIL import PngImagePlugin
+
+    from ..fsutil import atomic_path, atomic_write_text
+
+    atomic_write_text(os.path.splitext(path)[0] + ".txt", prompt + "\n")
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("parameters", f"{prompt}\n{info}")
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=meta)
+
+
+def _tensor_to_pils(images) -> list:
+    import numpy as np
+    from PIL import Image
+
+    arr = (images.detach().float().clamp(0, 1).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
+    return [Image.fromarray(a) for a in arr]
+
+
+def plan_class_generation(concept: ConceptSettings, data_settings: DataSettings,
+                          scan: ConceptScan | None = None) -> list[tuple[str, tuple[int, int]]]:
+    """The (prompt, (width, height)) of every class image still to generate, grouped by size."""
+    if not concept.uses_prior_preservation:
+        return []
+    scan = scan or scan_concept(concept)
+    _, missing = match_class_images(scan, data_settings)
+    return sorted(missing, key=lambda pb: (pb[1], pb[0]))   # stable: same-size prompts become one batch
+
+
+def ensure_class_images(model, concept: ConceptSettings, data_settings: DataSettings, *, batch_size: int = 4,
+                        scheduler: str = "euler", progress: Callable[[int, int], None] | None = None,
+                        should_stop: Callable[[], bool] | None = None, generate_fn=None) -> list[str]:
+    """Make sure `concept.class_dir` holds the class images the concept needs; return the paths to train on.
+
+    Missing images are generated with `model` in batches of `batch_size` (same size per batch) using
+    `scheduler`, `concept.class_steps`, `concept.class_guidance_scale` and `concept.class_negative_prompt`;
+    seeds are the file numbers, so a re-generated set is reproducible. `progress(done, total)` counts
+    images; when `should_stop()` turns true, generation stops after the current batch and the paths made so
+    far are returned (the caller sees fewer than required). `generate_fn` replaces
+    `training.sampling.generate` (tests, benchmarks).
+    """
+    if not concept.uses_prior_preservation:
+        return []
+    if batch_size < 1:
+        raise ValueError(f"class image batch_size = {batch_size}; use 1 or more")
+    os.makedirs(concept.class_dir, exist_ok=True)
+    scan = scan_concept(concept)
+    existing, _ = match_class_images(scan, data_settings)
+    todo = plan_class_generation(concept, data_settings, scan)
+    paths = [img.path for img in existing]
+    if not todo:
+        return paths
+    if generate_fn is None:
+        from ..sampling import generate as generate_fn
+
+    total, done = len(todo), 0
+    index = _next_index(concept.class_dir)
+    if progress:
+        progress(0, total)
+    start = 0
+    while start < total:
+        if should_stop is not None and should_stop():
+            break
+        size = todo[start][1]
+        batch = [todo[start]]
+        while start + len(batch) < total and len(batch) < batch_size and todo[start + len(batch)][1] == size:
+            batch.append(todo[start + len(batch)])
+        prompts = [p for p, _ in batch]
+        try:
+            images = generate_fn(model, prompts, negative_prompt=concept.class_negative_prompt,
+                                 steps=concept.class_steps, cfg=concept.class_guidance_scale, seed=index,
+                                 width=size[0], height=size[1], batch_size=len(prompts), scheduler=scheduler,
+                                 should_stop=should_stop)
+        except Exception as e:
+            if type(e).__name__ == "SamplingInterrupted":   # should_stop() fired inside the sampler
+                break
+            raise
+        pils = _tensor_to_pils(images)
+        for k, (prompt, pil) in enumerate(zip(prompts, pils)):
+            path = os.path.join(concept.class_dir, f"{index + k:05d}-{_slug(prompt)}.png")
+            info = (f"Negative prompt: {concept.class_negative_prompt}\nSteps: {concept.class_steps}, "
+                    f"Sampler: {scheduler}, CFG scale: {concept.class_guidance_scale}, Seed: {index + k}, "
+                    f"Size: {size[0]}x{size[1]}")
+            _save_png(pil, path, prompt, info)
+            paths.append(path)
+        index += len(prompts)
+        start += len(prompts)
+        done += len(pils)
+        if progress:
+            progress(done, total)
+        if len(pils) < len(prompts):   # generate() stopped early
+            break
+    return paths
+
+
+__all__ = ["plan_class_generation", "ensure_class_images"]
