@@ -848,16 +848,17 @@ def run_workflow(workflow: dict | str | os.PathLike, *, overrides: Iterable[str]
     """
     node_classes = pack_node_classes() if node_classes is None else node_classes
     stream = (stream if stream is not None else sys.stderr) if show_progress else None
-    prepared = prepare_workflow(workflow, node_classes, display_names, overrides)
-    order = validate_workflow(prepared, node_classes)
-
     output_dir = os.path.abspath(os.fspath(output_dir))
-    os.makedirs(output_dir, exist_ok=True)
+    # set before reading the graph: INPUT_TYPES lists models from <output>/checkpoints etc., and validation checks
+    # combo values against those lists
     previous_output = comfy_compat._headless_output_dir
     comfy_compat.set_output_directory(output_dir)
     comfy_compat.clear_interrupt()
-    guard = _ctrl_c_interrupts(stream) if handle_ctrl_c else contextlib.nullcontext()
     try:
+        prepared = prepare_workflow(workflow, node_classes, display_names, overrides)
+        order = validate_workflow(prepared, node_classes)
+        os.makedirs(output_dir, exist_ok=True)
+        guard = _ctrl_c_interrupts(stream) if handle_ctrl_c else contextlib.nullcontext()
         with guard:
             result = execute_workflow(prepared, node_classes, order, stream=stream, inference_mode=inference_mode)
     except WorkflowInterrupted as exc:

@@ -13,7 +13,6 @@ Cheap to import: no torch here (torch is imported inside the two functions that 
 """
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 import threading
@@ -40,16 +39,14 @@ def in_comfyui() -> bool:
 
 
 def _comfy(module_name: str):
-    """ComfyUI module `module_name`, or None when headless or when that module cannot be imported."""
+    """ComfyUI's module `module_name` when it is loaded, else None (headless, or a ComfyUI without it).
+
+    Only already-loaded modules are used: ComfyUI imports folder_paths, comfy.utils, comfy.model_management and
+    server before it loads custom nodes, and importing e.g. `server` ourselves would start ComfyUI's machinery.
+    """
     if not in_comfyui():
         return None
-    module = sys.modules.get(module_name)
-    if module is not None:
-        return module
-    try:
-        return importlib.import_module(module_name)
-    except Exception:       # a ComfyUI version without it: behave as headless for this helper
-        return None
+    return sys.modules.get(module_name)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -251,3 +251,65 @@ def test_import_is_cheap():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+# --- opt-in: against ComfyUI's real modules (COMFYUI_DIR = a ComfyUI source tree importable by this Python) --------
+REAL_COMFY_SCRIPT = r'''
+import os, sys, tempfile
+sys.path.insert(0, os.environ["COMFYUI_DIR"])
+import comfy.options
+import comfy.cli_args
+import torch
+if not torch.cuda.is_available():
+    comfy.cli_args.args.cpu = True
+import folder_paths, comfy.utils, comfy.model_management as mm
+from comfyui_dreambooth.nodes import comfy_compat as cc
+
+assert cc.in_comfyui()
+tmp = tempfile.mkdtemp()
+folder_paths.set_output_directory(os.path.join(tmp, "out"))
+assert cc.output_directory() == os.path.join(tmp, "out")
+assert cc.input_directory() == folder_paths.get_input_directory()
+ckpts = os.path.join(tmp, "ckpts")
+os.makedirs(os.path.join(ckpts, "sub"))
+open(os.path.join(ckpts, "sub", "a.safetensors"), "wb").write(b"x")
+folder_paths.add_model_folder_path("checkpoints", ckpts, is_default=True)
+assert cc.models_folder("checkpoints") == ckpts, cc.models_folder("checkpoints")
+assert "sub/a.safetensors" in cc.list_models("checkpoints"), cc.list_models("checkpoints")
+assert cc.full_model_path("checkpoints", "sub/a.safetensors") == os.path.join(ckpts, "sub", "a.safetensors")
+diffusers_root = os.path.join(tmp, "diffusers")
+os.makedirs(os.path.join(diffusers_root, "m1"))
+open(os.path.join(diffusers_root, "m1", "model_index.json"), "w").write("{}")
+folder_paths.add_model_folder_path("diffusers", diffusers_root)
+assert "m1" in cc.list_diffusers_folders()
+assert cc.full_model_path("diffusers", "m1") == os.path.join(diffusers_root, "m1")
+assert cc.models_folder("loras") == folder_paths.get_folder_paths("loras")[0]
+
+seen = []
+comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append((value, total)))
+with cc.Progress(3) as progress:
+    progress.update(1)
+    progress.update_absolute(3)
+assert seen == [(1, 3), (3, 3)], seen
+
+cc.request_interrupt()
+assert mm.processing_interrupted() and cc.interrupt_requested()
+try:
+    cc.check_interrupt()
+    raise SystemExit("no interrupt raised")
+except mm.InterruptProcessingException as exc:
+    assert cc.is_interrupt(exc)
+assert not cc.interrupt_requested()
+cc.free_comfy_memory()
+assert cc.comfy_torch_device() == mm.get_torch_device()
+cc.send_ui_message("db.test", {})          # no server loaded: a no-op, not an import of ComfyUI's server
+assert "server" not in sys.modules
+print("REAL COMFY OK")
+'''
+
+
+@pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="set COMFYUI_DIR to a ComfyUI source tree")
+def test_against_real_comfyui_modules():
+    done = subprocess.run([sys.executable, "-c", REAL_COMFY_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "REAL COMFY OK" in done.stdout

@@ -613,3 +613,62 @@ def test_missing_workflow_file(tmp_path):
 
 def test_pack_mapping_is_the_default():
     assert isinstance(runner.pack_node_classes(), dict)
+
+
+# --- the pack's own nodes, end to end on a tiny checkpoint --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_output_dir(tmp_path_factory):
+    """An output dir whose checkpoints/ holds a tiny SD1 model (what --output-dir DIR gives LoadBaseModel)."""
+    from comfyui_dreambooth.training.models import build_tiny_model, save_single_file
+
+    out = tmp_path_factory.mktemp("pack_run") / "out"
+    save_single_file(build_tiny_model("sd1", seed=0), str(out / "checkpoints" / "tiny.safetensors"), dtype="fp32")
+    return out
+
+
+def sample_api_graph():
+    return {
+        "1": {"class_type": "LoadBaseModel", "inputs": {"model": "tiny.safetensors", "prediction_type": "auto",
+                                                        "dtype": "fp32"}},
+        "2": {"class_type": "SampleTrained", "_meta": {"title": "Preview"},
+              "inputs": {"model": ["1", 0], "prompt": "a photo of sks dog", "negative_prompt": "", "steps": 2,
+                         "cfg": 5.0, "seed": 1, "width": 64, "height": 64, "batch_size": 2, "scheduler": "euler",
+                         "clip_skip": 0, "filename_prefix": "db/test"}},
+    }
+
+
+def test_pack_nodes_run_headless(tiny_output_dir):
+    from PIL import Image
+
+    result = runner.run_workflow(sample_api_graph(), output_dir=tiny_output_dir, show_progress=False,
+                                 overrides=["Preview.seed=4"])
+    assert result["executed"] == ["1", "2"]
+    images = result["results"]["2"][0][0]
+    assert tuple(images.shape) == (2, 64, 64, 3) and 0.0 <= float(images.min()) and float(images.max()) <= 1.0
+    files = runner.saved_files(result)
+    assert [os.path.relpath(f, tiny_output_dir) for f in files] == ["db/test_00001_.png", "db/test_00002_.png"]
+    assert Image.open(files[0]).size == (64, 64)
+
+
+def test_pack_nodes_canvas_and_validation(tiny_output_dir):
+    canvas = {
+        "nodes": [
+            {"id": 1, "type": "LoadBaseModel", "mode": 0, "outputs": [{"name": "model", "type": "DB_MODEL", "links": [1]}],
+             "widgets_values": ["tiny.safetensors", "auto", "fp32", "", "(from checkpoint)"]},
+            {"id": 2, "type": "SampleTrained", "mode": 0, "inputs": [{"name": "model", "type": "DB_MODEL", "link": 1}],
+             "widgets_values": ["a photo", "", 1, 7.0, 0, "fixed", 64, 64, 1, "ddim", 0, "db/canvas"]},
+        ],
+        "links": [[1, 1, 0, 2, 0, "DB_MODEL"]],
+    }
+    result = runner.run_workflow(canvas, output_dir=tiny_output_dir, show_progress=False)
+    assert [os.path.basename(f) for f in runner.saved_files(result)] == ["canvas_00001_.png"]
+
+    with pytest.raises(WorkflowValidationError) as info:
+        runner.run_workflow(sample_api_graph(), output_dir=tiny_output_dir, show_progress=False,
+                            overrides=["LoadBaseModel.model=other.safetensors", "Preview.steps=0",
+                                       "Preview.scheduler=heun"])
+    text = str(info.value)
+    assert text.startswith("3 validation errors")
+    assert "input 'model': 'other.safetensors' is not a valid choice; expected one of 'tiny.safetensors'" in text
+    assert "input 'steps': value 0 is smaller than the minimum 1" in text
+    assert "input 'scheduler': 'heun' is not a valid choice" in text
