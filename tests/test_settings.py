@@ -103,6 +103,7 @@ def test_type_errors_are_problems_not_crashes():
     (dict(lr_scheduler="cosine", learning_rate=1e-5, lr_min=1e-5), "not below learning_rate"),
     (dict(optimizer="Prodigy", learning_rate=1e-4), "Prodigy"),
     (dict(optimizer="Prodigy", text_encoder_lr=1e-5), "Prodigy"),
+    (dict(optimizer="Prodigy", learning_rate=1.0, text_encoder_lr=0.5), "one step size"),
     (dict(pause_after_epochs=5), "pause_seconds"),
     (dict(pause_seconds=30.0), "pause_after_epochs"),
     (dict(run_name="../escape"), "run_name"),
@@ -119,6 +120,7 @@ def test_cross_field_combinations_that_are_fine():
     assert problems_of(lr_scheduler="polynomial", lr_power=2.0, lr_warmup_steps=5) == []
     assert problems_of(lr_scheduler="cosine_with_restarts", lr_cycles=4) == []
     assert problems_of(optimizer="Prodigy") == []                       # auto lr -> 1.0
+    assert problems_of(optimizer="Prodigy", learning_rate=0.5, text_encoder_lr=0.5) == []
     assert problems_of(pause_after_epochs=2, pause_seconds=1.5) == []
     assert problems_of(train_unet=False, text_encoder_ratio=0.5) == []
     assert problems_of(steps_per_image=0, max_train_steps=500) == []

@@ -352,11 +352,13 @@ class DreamBoothSettings:
                 p.append(f"lr_min = {self.lr_min} is not below learning_rate = {self.learning_rate}; the floor must "
                          "be lower than the starting rate")
         if self.optimizer == "Prodigy":
-            for name in ("learning_rate", "text_encoder_lr"):
-                value = getattr(self, name)
-                if value is not None and not (0.1 <= value <= 10.0):
-                    p.append(f"{name} = {value} with optimizer Prodigy: Prodigy estimates the step size itself "
-                             f"and {name} multiplies it; use 0.1 to 10 (1.0 is standard), or auto")
+            if self.learning_rate is not None and not (0.1 <= self.learning_rate <= 10.0):
+                p.append(f"learning_rate = {self.learning_rate} with optimizer Prodigy: Prodigy estimates the step "
+                         "size itself and learning_rate multiplies it; use 0.1 to 10 (1.0 is standard), or auto")
+            if self.text_encoder_lr is not None and self.text_encoder_lr != self.learning_rate:
+                p.append(f"text_encoder_lr = {self.text_encoder_lr} with optimizer Prodigy: Prodigy shares one step "
+                         "size across all weights and refuses a different text encoder rate; set text_encoder_lr "
+                         "to auto (0)")
         if self.pause_after_epochs > 0 and self.pause_seconds == 0:
             p.append(f"pause_after_epochs = {self.pause_after_epochs} with pause_seconds = 0 pauses for nothing; "
                      "set pause_seconds (e.g. 60) or pause_after_epochs = 0")
