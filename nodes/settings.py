@@ -122,9 +122,10 @@ class DreamBoothOptimizerNode(_FieldsNode):
 
 
 class DreamBoothAdvancedNode(_FieldsNode):
-    DESCRIPTION = ("Advanced training settings: memory savers, attention, VAE precision, noise and loss extras, "
-                   "text encoder details, prior preservation mode, pauses, preview sampler.")
-    FIELDS = ("gradient_checkpointing", "set_grads_to_none", "attention", "vae_dtype", "noise_scheduler",
+    DESCRIPTION = ("Advanced training settings: LoRA target layers, memory savers, attention, VAE precision, noise "
+                   "and loss extras, text encoder details, prior preservation mode, pauses, preview sampler.")
+    FIELDS = ("lora_unet_targets", "lora_text_encoder_targets",
+              "gradient_checkpointing", "set_grads_to_none", "attention", "vae_dtype", "noise_scheduler",
               "zero_terminal_snr", "offset_noise", "min_snr_gamma", "freeze_clip_norm", "clip_skip",
               "prior_mode", "prior_loss_weight", "pause_after_epochs", "pause_seconds", "preview_scheduler",
               "preview_steps", "preview_cfg")

@@ -292,9 +292,17 @@ def test_config_hash_cosmetic_choices():
     assert base.replace(data=DataSettings(resolution=768)).config_hash() != base.config_hash()
 
 
-def test_preview_schedulers_match_sampling():
-    sampling = pytest.importorskip("comfyui_dreambooth.training.sampling")
+def test_choice_lists_match_the_modules_that_use_them():
+    from comfyui_dreambooth.training import sampling
+    from comfyui_dreambooth.training.settings import LORA_TEXT_ENCODER_TARGETS, LORA_TYPES, LORA_UNET_TARGETS
+    from comfyui_dreambooth.training.setup import adapters
+
     assert set(PREVIEW_SCHEDULERS) == set(sampling.SCHEDULERS)
+    assert set(LORA_UNET_TARGETS) == set(adapters.UNET_TARGET_PRESETS)
+    assert set(LORA_TEXT_ENCODER_TARGETS) == set(adapters.TEXT_ENCODER_TARGET_PRESETS)
+    assert set(LORA_TYPES) == set(adapters.LORA_TYPES)
+    assert DreamBoothSettings().lora_unet_targets == adapters.DEFAULT_UNET_TARGETS
+    assert DreamBoothSettings().lora_text_encoder_targets == adapters.DEFAULT_TEXT_ENCODER_TARGETS
 
 
 # ---------------------------------------------------------------------------------------------- nodes

@@ -29,6 +29,9 @@ from typing import Any, Iterable
 from .data.settings import DataSettings, concept_type_defaults
 
 LORA_TYPES = ("lora", "dora", "loha", "lokr")
+# Names of training.setup.adapters' target presets (duplicated to keep this module light; a test compares).
+LORA_UNET_TARGETS = ("attention", "transformer")
+LORA_TEXT_ENCODER_TARGETS = ("attention", "attention+mlp")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "linear_with_warmup", "cosine",
                  "cosine_with_restarts", "polynomial")
 # "constant" and "linear" are the warm-up-free variants; every other schedule starts with lr_warmup_steps.
@@ -102,6 +105,12 @@ class DreamBoothSettings:
                                  "LoRA exactly as trained.", range=(0.0001, 4096.0))
     lora_dropout: float = _setting(0.0, "Dropout on the adapter input during training (0 = off).",
                                    range=(0.0, 0.9))
+    lora_unet_targets: str = _setting("transformer", "UNet layers that get adapters: 'attention' (q/k/v/out of "
+                                      "every attention) or 'transformer' (also proj_in/proj_out and the "
+                                      "feed-forward layers: more capacity).", choices=LORA_UNET_TARGETS)
+    lora_text_encoder_targets: str = _setting("attention+mlp", "Text encoder layers that get adapters (when it "
+                                              "trains): 'attention' (q/k/v/out) or 'attention+mlp' (also fc1/fc2).",
+                                              choices=LORA_TEXT_ENCODER_TARGETS)
     # --- intervals ---------------------------------------------------------------------------------------------
     steps_per_image: int | None = _setting(None, "Epochs: how many times every training image is seen "
                                            "(A1111 'Training Steps Per Image'; 100-175 is typical). "
@@ -550,6 +559,6 @@ def _data_from_dict(value: Any) -> tuple[list[str], DataSettings | None]:
 
 
 __all__ = ["DreamBoothSettings", "SettingsError", "recommended_learning_rate", "settings_fields",
-           "LORA_TYPES", "LR_SCHEDULERS", "WARMUP_SCHEDULERS", "DECAYING_SCHEDULERS", "OPTIMIZERS",
+           "LORA_TYPES", "LORA_UNET_TARGETS", "LORA_TEXT_ENCODER_TARGETS", "LR_SCHEDULERS", "WARMUP_SCHEDULERS", "DECAYING_SCHEDULERS", "OPTIMIZERS",
            "MIXED_PRECISIONS", "VAE_DTYPES", "ATTENTIONS", "NOISE_SCHEDULERS", "PRIOR_MODES",
            "PREVIEW_SCHEDULERS"]
