@@ -122,3 +122,18 @@ def test_no_trainable_parameters():
     te.weight.requires_grad_(True)
     (group,) = training_param_groups(unet.parameters(), te.parameters(), s)
     assert group["name"] == "text_encoder" and group["params"] == [te.weight]
+
+
+def test_lion_prefers_lion_pytorch_and_falls_back_to_bitsandbytes(monkeypatch):
+    unet, _ = _two_modules()
+    s = DreamBoothSettings(optimizer="Lion", learning_rate=1e-4, weight_decay=0.1)
+    if optimizers._installed("lion_pytorch"):
+        assert type(build_optimizer(unet.parameters(), s)).__module__.startswith("lion_pytorch")
+    pytest.importorskip("bitsandbytes")
+    real = optimizers._installed
+    monkeypatch.setattr(optimizers, "_installed", lambda module: module != "lion_pytorch" and real(module))
+    opt = build_optimizer(unet.parameters(), s)
+    assert type(opt).__module__.startswith("bitsandbytes") and opt.param_groups[0]["weight_decay"] == 0.1
+    unet(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    assert opt.state[unet.weight]["state1"].dtype == torch.float32          # the 32-bit Lion
