@@ -1,7 +1,6 @@
 """ComfyUI node classes (thin adapters over `training/`), collected into one mapping."""
-from . import concepts, models, save, settings
-
-_MODULES = (models, concepts, settings, save)
+from . import concepts, models, save, settings, train
+from .live import register_routes
 
 NODE_CLASS_MAPPINGS = {
     "LoadBaseModel": models.LoadBaseModel,
@@ -11,6 +10,10 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LoadBaseModel": "DreamBooth Load Base Model",
     "SampleTrained": "DreamBooth Sample",
 }
-for _module in _MODULES[1:]:
+for _module in (concepts, settings, train, save):
     NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
+
+# the live panel's /dreambooth/state and /dreambooth/control routes (no-op outside ComfyUI); ComfyUI adds the
+# route table to its web app after loading custom nodes, so this must happen at import time
+register_routes()

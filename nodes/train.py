@@ -1,0 +1,104 @@
+"""TrainDreamBooth: DB_MODEL + CONCEPTS + DB_CONFIG → trained DB_MODEL and its run folder.
+
+The node only adapts: it frees ComfyUI's VRAM, picks ComfyUI's device, feeds ComfyUI's progress bar and the
+live panel (nodes/live.py), maps Cancel to a resumable stop, and calls `training.trainer.train`.
+"""
+from __future__ import annotations
+
+import os
+
+from . import comfy_compat as compat
+
+CATEGORY = "DreamBooth"
+
+
+class TrainingStopped(RuntimeError):
+    """Shown by ComfyUI when the run was stopped from the panel; the run resumes on the next queue."""
+
+
+def _ui_image(path: str) -> dict:
+    root = os.path.realpath(compat.output_directory())
+    rel = os.path.relpath(os.path.realpath(path), root)
+    sub, name = os.path.split(rel)
+    return {"filename": name, "subfolder": sub.replace(os.sep, "/"), "type": "output"}
+
+
+class TrainDreamBooth:
+    """Train DreamBooth (LoRA or full fine-tune). Live loss/previews on the node; Cancel saves a resumable
+    checkpoint; re-queueing an identical graph reuses the finished run instead of training again."""
+
+    DESCRIPTION = __doc__
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("DB_MODEL", "STRING", "STRING")
+    RETURN_NAMES = ("model", "run_dir", "report")
+    OUTPUT_TOOLTIPS = ("The trained model (base + adapters, or fine-tuned weights): feed SampleTrained or a save node.",
+                       "The run folder: config.json, loss.jsonl, previews, checkpoints.",
+                       "Dataset report and training summary.")
+    OUTPUT_NODE = True
+    FUNCTION = "train"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("DB_MODEL", {"tooltip": "The base model (LoadBaseModel). It is not modified."}),
+                "concepts": ("CONCEPTS", {"tooltip": "One or more chained ConceptDataset nodes."}),
+                "config": ("DB_CONFIG", {"tooltip": "Training settings (DreamBoothSettings and its chained nodes)."}),
+            },
+            "optional": {
+                "resume": ("STRING", {"default": "auto",
+                                      "tooltip": "auto: continue an interrupted run with the same settings, data "
+                                                 "and model; new: always start over; or the path of a run folder "
+                                                 "or checkpoint folder to continue."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def train(self, model, concepts, config, resume="auto", unique_id=None):
+        from ..training.trainer import TrainCallbacks, TrainingInterrupted, train
+        from .live import LiveReporter
+
+        compat.free_comfy_memory()
+        reporter = LiveReporter(unique_id if unique_id is not None else "headless")
+        bar = compat.Progress(1, label="training")
+
+        def progress(p):
+            reporter.progress(p["step"], p["total"], p["epoch"], p["loss"], p["lr"], p["it_per_s"], p["eta_s"])
+            try:
+                bar.update_absolute(p["step"], p["total"])
+            except Exception as e:   # Cancel: the trainer sees the same flag and saves before stopping
+                if not compat.is_interrupt(e):
+                    raise
+
+        def stage(name, done, total):
+            reporter.status("preparing", f"{name}: {done}/{total}")
+
+        def preview(paths):
+            reporter.preview([_ui_image(p) for p in paths])
+
+        callbacks = TrainCallbacks(progress=progress, preview=preview, log=lambda m: print(f"[DreamBooth] {m}"),
+                                   should_stop=compat.interrupt_requested, control=reporter.control, stage=stage)
+        try:
+            result = train(model, concepts, config, output_root=compat.output_directory(), resume=resume or "auto",
+                           device=compat.comfy_torch_device(), callbacks=callbacks)
+        except TrainingInterrupted as e:
+            reporter.status("stopped", str(e))
+            compat.check_interrupt()          # ComfyUI Cancel / Ctrl-C: report it as an interrupt
+            raise TrainingStopped(f"{e}. Queue the graph again to continue (resume = auto).") from None
+        except Exception as e:
+            reporter.status("error", str(e))
+            raise
+        finally:
+            bar.close()
+        reporter.run_dir = result.run_dir
+        reporter.status("done", ("reused finished run " if result.reused else "finished ") + result.run_dir)
+        summary = (f"{'Reused' if result.reused else 'Trained'} {result.steps} steps; final loss "
+                   f"{result.final_loss if result.final_loss is not None else '-'}\nrun: {result.run_dir}\n\n{result.report}")
+        previews = sorted(os.path.join(result.run_dir, "previews", f)
+                          for f in os.listdir(os.path.join(result.run_dir, "previews")))[-8:]
+        return {"ui": {"text": [summary], "images": [_ui_image(p) for p in previews]},
+                "result": (result.model, result.run_dir, summary)}
+
+
+NODE_CLASS_MAPPINGS = {"TrainDreamBooth": TrainDreamBooth}
+NODE_DISPLAY_NAME_MAPPINGS = {"TrainDreamBooth": "DreamBooth Train"}

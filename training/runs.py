@@ -1,0 +1,192 @@
+"""Run folders: config.json, loss log, previews, resumable checkpoints, the final result.
+
+    <root>/dreambooth/<name>-<YYYYmmdd-HHMMSS>/
+        config.json              settings, concepts, dataset report, base model + hash, library versions, run id
+        dataset_report.txt
+        loss.jsonl               one line per optimizer step: step, epoch, loss, lr, time
+        previews/                epoch-0005_0.png ...
+        checkpoints/step-000120/ trainable.safetensors, ema.safetensors, optimizer.pt, state.json
+        final/                   the same layout, written when the run finishes; `finished` in config.json
+
+Every write is atomic (folders are written beside and renamed into place), so a crash, kill -9 or a full disk
+leaves the previous checkpoint whole. `run_id` (settings + data + base model) lets a finished identical run be
+found again and reused instead of retrained.
+"""
+from __future__ import annotations
+
+import datetime
+import glob
+import hashlib
+import json
+import os
+import shutil
+
+from .fsutil import atomic_folder, atomic_write_json
+
+RUNS_SUBFOLDER = "dreambooth"
+
+
+def library_versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "bitsandbytes"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def compute_run_id(settings_hash: str, concepts: list, item_hashes: list[str], model_hash: str,
+                   adapter_or_full: str) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"settings": settings_hash, "concepts": concepts, "model": model_hash,
+                         "kind": adapter_or_full}, sort_keys=True, default=str).encode())
+    for item in sorted(item_hashes):
+        h.update(item.encode())
+    return h.hexdigest()[:16]
+
+
+def _clean_name(name: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "._- " else "_" for c in (name or "dreambooth")).strip(" .")
+    return keep[:80] or "dreambooth"
+
+
+class RunFolder:
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+
+    # ---- creation / discovery -------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, root: str, name: str, config: dict) -> "RunFolder":
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = os.path.join(root, RUNS_SUBFOLDER, f"{_clean_name(name)}-{stamp}")
+        path, n = base, 2
+        while os.path.exists(path):
+            path, n = f"{base}-{n}", n + 1
+        os.makedirs(os.path.join(path, "previews"))
+        os.makedirs(os.path.join(path, "checkpoints"))
+        run = cls(path)
+        run.write_config(config)
+        return run
+
+    @staticmethod
+    def all_runs(root: str) -> list["RunFolder"]:
+        return [RunFolder(p) for p in sorted(glob.glob(os.path.join(root, RUNS_SUBFOLDER, "*", "config.json")))
+                for p in [os.path.dirname(p)]]
+
+    @classmethod
+    def find(cls, root: str, run_id: str, *, finished: bool) -> "RunFolder | None":
+        """The newest run with this id (finished ones only, or unfinished ones with a checkpoint)."""
+        for run in reversed(cls.all_runs(root)):
+            cfg = run.read_config()
+            if cfg.get("run_id") != run_id:
+                continue
+            if finished and cfg.get("finished") and os.path.isdir(run.final_dir):
+                return run
+            if not finished and not cfg.get("finished") and run.latest_checkpoint():
+                return run
+        return None
+
+    # ---- config ------------------------------------------------------------------------------------------------
+    @property
+    def config_path(self) -> str:
+        return os.path.join(self.path, "config.json")
+
+    def read_config(self) -> dict:
+        try:
+            with open(self.config_path, encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    def write_config(self, config: dict) -> None:
+        atomic_write_json(self.config_path, config)
+
+    def update_config(self, **changes) -> None:
+        cfg = self.read_config()
+        cfg.update(changes)
+        self.write_config(cfg)
+
+    # ---- loss log ----------------------------------------------------------------------------------------------
+    @property
+    def loss_log(self) -> str:
+        return os.path.join(self.path, "loss.jsonl")
+
+    def append_loss(self, record: dict) -> None:
+        with open(self.loss_log, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read_loss(self) -> list[dict]:
+        if not os.path.exists(self.loss_log):
+            return []
+        out = []
+        with open(self.loss_log, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    break        # a line cut by a crash ends the log
+        return out
+
+    def truncate_loss(self, last_step: int) -> None:
+        """Keep the log up to `last_step` (a resumed run re-logs the steps after its checkpoint)."""
+        records = [r for r in self.read_loss() if r.get("step", 0) <= last_step]
+        with atomic_path_text(self.loss_log) as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------
+    @property
+    def checkpoints_dir(self) -> str:
+        return os.path.join(self.path, "checkpoints")
+
+    @property
+    def final_dir(self) -> str:
+        return os.path.join(self.path, "final")
+
+    @property
+    def previews_dir(self) -> str:
+        return os.path.join(self.path, "previews")
+
+    def checkpoints(self) -> list[str]:
+        return sorted(p for p in glob.glob(os.path.join(self.checkpoints_dir, "step-*")) if os.path.isdir(p)
+                      and os.path.exists(os.path.join(p, "state.json")))
+
+    def latest_checkpoint(self) -> str | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def save_checkpoint(self, step: int, write, keep_last: int = 0) -> str:
+        """`write(folder)` fills a temporary folder; it becomes checkpoints/step-NNNNNN atomically."""
+        path = os.path.join(self.checkpoints_dir, f"step-{step:07d}")
+        with atomic_folder(path) as tmp:
+            write(tmp)
+        if keep_last > 0:
+            for old in self.checkpoints()[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def save_final(self, write) -> str:
+        with atomic_folder(self.final_dir) as tmp:
+            write(tmp)
+        return self.final_dir
+
+
+class atomic_path_text:
+    """Open a text file for writing that replaces `path` only when closed without error."""
+
+    def __init__(self, path: str):
+        from .fsutil import atomic_path
+
+        self._ctx = atomic_path(path)
+
+    def __enter__(self):
+        self._tmp = self._ctx.__enter__()
+        self._f = open(self._tmp, "w", encoding="utf-8")
+        return self._f
+
+    def __exit__(self, *exc):
+        self._f.close()
+        return self._ctx.__exit__(*exc)

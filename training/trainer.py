@@ -1,0 +1,593 @@
+"""The DreamBooth training loop. Read `train()` top to bottom: prepare → build → loop → finish.
+
+One optimizer step = `gradient_accumulation_steps` planned batches. Every random draw of step s comes from
+generators seeded by (seed, s), and the data order of an epoch is a function of (seed, epoch): a run resumed
+from the checkpoint of step s therefore continues exactly where the uninterrupted run would have been.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .control import TrainingControl
+from .runs import RunFolder, compute_run_id, library_versions
+
+
+class TrainingInterrupted(Exception):
+    """Stopped on request (Cancel, Ctrl-C, 'stop after epoch'); a resumable checkpoint was saved."""
+
+    def __init__(self, message: str, run_dir: str = "", step: int = 0, checkpoint: str | None = None):
+        super().__init__(message)
+        self.run_dir, self.step, self.checkpoint = run_dir, step, checkpoint
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; nothing was saved from the broken step on."""
+
+
+class TrainingSaveError(RuntimeError):
+    """A checkpoint could not be written (e.g. disk full); the previous checkpoint is intact."""
+
+
+@dataclass
+class TrainCallbacks:
+    """Hooks for the node layer / CLI. All optional; none of them may raise except to stop training."""
+
+    progress: Callable[[dict], None] | None = None       # {step, total, epoch, loss, lr, it_per_s, eta_s}
+    preview: Callable[[list[str]], None] | None = None   # paths of new preview images
+    log: Callable[[str], None] | None = None
+    should_stop: Callable[[], bool] | None = None        # stop now (interrupt), with a resumable checkpoint
+    control: TrainingControl | None = None               # save-now / stop-after-epoch from the web panel
+    stage: Callable[[str, int, int], None] | None = None  # data preparation progress (stage, done, total)
+
+
+@dataclass
+class TrainResult:
+    model: object
+    run_dir: str
+    steps: int
+    reused: bool = False
+    final_loss: float | None = None
+    report: str = ""
+    info: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------------------------
+def _step_seed(seed: int, step: int, micro: int = 0) -> int:
+    digest = hashlib.sha256(f"{seed}:{step}:{micro}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _trainable_copy(module):
+    """A deep copy made outside inference mode: ComfyUI loads weights as inference tensors, which autograd
+    refuses; the copy's tensors are ordinary ones."""
+    import torch
+
+    with torch.inference_mode(False), torch.no_grad():
+        return copy.deepcopy(module)
+
+
+@contextlib.contextmanager
+def _adapters_disabled(module):
+    """Run a peft-adapted module as its frozen base (prior preservation from the base model)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield module
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+def _set_attention(unet, attention: str):
+    if attention == "xformers":
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+        except Exception as e:  # diffusers raises ModuleNotFoundError / ValueError depending on the cause
+            raise ValueError(f"attention = xformers: {e}. Install xformers matching your torch, or use sdpa") from None
+    elif attention == "sliced":
+        unet.set_attention_slice("auto")
+    else:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())
+
+
+def _mixed_precision(settings, device, say) -> str:
+    mp = settings.mixed_precision
+    if device.type == "cpu" and mp == "fp16":
+        say("mixed_precision fp16 needs a GPU; training in fp32 on the CPU")
+        return "no"
+    return mp
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building the model to train
+# --------------------------------------------------------------------------------------------------------------
+def build_trainable(model, settings):
+    """(trained model, unet params, text-encoder params). The received model is never modified."""
+    from .setup.adapters import adapter_parameters, add_adapters
+
+    trains_te = settings.trains_text_encoder
+    if settings.use_lora:
+        with _no_inference():
+            tm = add_adapters(model, rank=settings.lora_rank, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
+                              lora_type=settings.lora_type, on_unet=settings.train_unet, on_text_encoder=trains_te,
+                              seed=settings.seed)
+        unet_params = adapter_parameters(tm, unet=True, text_encoders=False) if settings.train_unet else []
+        te_params = adapter_parameters(tm, unet=False, text_encoders=True) if trains_te else []
+        return tm, unet_params, te_params
+    unet = _trainable_copy(model.unet) if settings.train_unet else model.unet
+    tes = [_trainable_copy(te) for te in model.text_encoders] if trains_te else list(model.text_encoders)
+    unet_params, te_params = [], []
+    if settings.train_unet:
+        unet.requires_grad_(True)
+        unet_params = list(unet.parameters())
+    if trains_te:
+        for te in tes:
+            for name, p in te.named_parameters():
+                norm = "layer_norm" in name or "final_layer_norm" in name
+                p.requires_grad_(not (settings.freeze_clip_norm and norm))
+                if p.requires_grad:
+                    te_params.append(p)
+    return model.replace(unet=unet, text_encoders=tes, ema_unet=None), unet_params, te_params
+
+
+@contextlib.contextmanager
+def _no_inference():
+    import torch
+
+    with torch.inference_mode(False):
+        yield
+
+
+def _named_trainables(tm, unet_params, te_params) -> dict:
+    ids = {id(p) for p in [*unet_params, *te_params]}
+    out = {}
+    for part, module in [("unet", tm.unet), *[(f"te{i}", te) for i, te in enumerate(tm.text_encoders)]]:
+        for name, p in module.named_parameters():
+            if id(p) in ids:
+                out[f"{part}.{name}"] = p
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------------------
+def train(model, concepts, settings, *, output_root: str, resume: str = "auto", device=None,
+          callbacks: TrainCallbacks | None = None, reuse_finished: bool = True) -> TrainResult:
+    """Train `model` on `concepts` with `settings`; returns a new model (the input is untouched).
+
+    resume: "auto" continues an interrupted run with the same settings/data/model if one has a checkpoint,
+    "new" always starts fresh, or a path to a run folder / checkpoint folder to continue.
+    A finished identical run under `output_root` is reused instead of retrained (reuse_finished).
+    """
+    import torch
+
+    cb = callbacks or TrainCallbacks()
+    with torch.inference_mode(False), torch.random.fork_rng(devices=[] if device is None or str(device) == "cpu"
+                                                              else None):
+        return _train(model, list(concepts), settings, output_root, resume, device, cb, reuse_finished)
+
+
+def _train(model, concepts, settings, output_root, resume, device, cb, reuse_finished):
+    import torch
+    from accelerate import Accelerator
+
+    from .data.dataset import prepare_training_data
+    from .models.text import encode_prompts, encode_tokens, tokenize
+    from .setup.ema import EMA
+    from .setup.noise import (build_noise_scheduler, min_snr_weights, per_sample_mse, sample_noise,
+                              sample_timesteps, training_target, weighted_mean_loss)
+    from .setup.optimizers import build_optimizer, training_param_groups
+    from .setup.schedulers import build_lr_scheduler
+
+    say = cb.log or (lambda msg: None)
+    settings = settings.resolved(concepts).check()
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    mp = _mixed_precision(settings, device, say)
+    accelerator = Accelerator(mixed_precision=mp, cpu=device.type == "cpu")
+    device = accelerator.device if device.type != "cpu" else device
+    rank, world = accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)
+
+    # ---- 1. data: scan, class images, caches -----------------------------------------------------------------
+    for m in (model.vae, *model.text_encoders):
+        m.to(device)
+    model.unet.to(device)
+    data = prepare_training_data(
+        model, concepts, settings.data, cache_dir=os.path.join(output_root, "dreambooth", "cache"),
+        text_encoder_trained=settings.trains_text_encoder, batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps, seed=settings.seed,
+        progress=(lambda d, t: cb.stage("data", d, t)) if cb.stage else None, should_stop=cb.should_stop,
+        clip_skip=settings.clip_skip_or_none, generate_class_images=settings.prior_mode == "class_images",
+        class_scheduler=settings.preview_scheduler, log=say)
+    report = data.report_text()
+    batches_per_epoch = math.ceil(data.batches_per_epoch / world)
+    accum = settings.gradient_accumulation_steps
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / accum))
+    total_steps = settings.total_steps(data.examples_per_epoch, batches_per_epoch=batches_per_epoch)
+    te_steps = settings.text_encoder_train_steps(total_steps) if settings.trains_text_encoder else 0
+    run_id = compute_run_id(settings.config_hash(), [c.to_dict() for c in concepts],
+                            [item.content_hash for item in data.items], model.source_hash,
+                            "lora" if settings.use_lora else "full")
+
+    # ---- 2. a finished identical run is reused; an interrupted one resumed ---------------------------------
+    if reuse_finished and resume != "new":
+        done = RunFolder.find(output_root, run_id, finished=True)
+        if done is not None:
+            say(f"an identical run already finished: {done.path} (reusing its result)")
+            tm, unet_params, te_params = build_trainable(model, settings)
+            named = _named_trainables(tm, unet_params, te_params)
+            ema_state = _load_weights(done.final_dir, named)
+            tm = _finish_model(tm, named, settings, ema_state)
+            cfg = done.read_config()
+            return TrainResult(tm, done.path, cfg.get("steps", total_steps), reused=True,
+                               final_loss=cfg.get("final_loss"), report=report, info=cfg)
+    run, checkpoint = _resume_target(output_root, run_id, resume)
+
+    # ---- 3. the model to train, optimizer, schedules -------------------------------------------------------
+    tm, unet_params, te_params = build_trainable(model, settings)
+    trained_modules = ([tm.unet] if settings.train_unet else []) + (tm.text_encoders if te_steps else [])
+    for m in (tm.unet, *tm.text_encoders):
+        m.to(device)
+        if mp != "no" and device.type != "cpu":      # frozen weights in half precision; trained ones stay fp32
+            for p in m.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(weight_dtype)
+    vae_dtype = torch.float32 if settings.vae_dtype == "fp32" else weight_dtype
+    if tm.vae.dtype != vae_dtype:     # fp16 VAEs give NaN/black images: fp32 unless asked otherwise
+        tm.vae.to(dtype=vae_dtype)
+    tm.vae.to(device)
+    _set_attention(tm.unet, settings.attention)
+    if settings.gradient_checkpointing:
+        if settings.train_unet:
+            tm.unet.enable_gradient_checkpointing()
+        for te in (tm.text_encoders if te_steps else []):
+            te.gradient_checkpointing_enable()
+    for m in trained_modules:
+        m.train()
+    optimizer = build_optimizer(training_param_groups(unet_params, te_params, settings), settings)
+    lr_scheduler = build_lr_scheduler(optimizer, settings, total_steps)
+    noise_scheduler = build_noise_scheduler(settings, model.prediction_type)
+    ema = EMA(tm.unet, settings.ema_decay, on_cpu=settings.ema_on_cpu) if settings.use_ema and settings.train_unet else None
+    named = _named_trainables(tm, unet_params, te_params)
+    prepared = accelerator.prepare(*trained_modules, optimizer)
+    optimizer = prepared[-1]
+    unet_fwd = prepared[0] if settings.train_unet else tm.unet
+    if world == 1:
+        unet_fwd = tm.unet
+    base_unet = model.unet                            # the frozen base, for prior_mode = base_model
+
+    start_step = 0
+    if checkpoint:
+        start_step = _load_checkpoint(checkpoint, named, optimizer, lr_scheduler, ema, run_id)
+        say(f"resuming {run.path} from step {start_step}")
+        if main:
+            run.truncate_loss(start_step)
+    elif main:
+        run = RunFolder.create(output_root, settings.run_name, {
+            "run_id": run_id, "settings": settings.to_dict(), "concepts": [c.to_dict() for c in concepts],
+            "dataset_report": data.report.to_dict(), "base_model": {"path": model.source, "hash": model.source_hash,
+                                                                    "family": model.family,
+                                                                    "prediction_type": model.prediction_type},
+            "libraries": library_versions(), "total_steps": total_steps, "finished": False,
+            "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+        with open(os.path.join(run.path, "dataset_report.txt"), "w", encoding="utf-8") as f:
+            f.write(report + "\n")
+    say(f"training {total_steps} steps ({steps_per_epoch}/epoch) in {run.path}")
+
+    def save(step: int, loss: float | None, *, final: bool = False) -> str | None:
+        if not main:
+            return None
+
+        def write(folder):
+            _write_state(folder, named, optimizer, lr_scheduler, ema, {"step": step, "run_id": run_id,
+                                                                        "loss": loss, "time": time.time()})
+        try:
+            if final:
+                return run.save_final(write)
+            return run.save_checkpoint(step, write, keep_last=settings.keep_last_checkpoints)
+        except OSError as e:
+            last = run.latest_checkpoint()
+            raise TrainingSaveError(f"could not save the checkpoint of step {step} in {run.path}: {e}. "
+                                    f"The previous checkpoint is intact: {last or 'none yet'}") from e
+
+    def preview(epoch: int):
+        if not main:
+            return
+        from .sampling import generate
+
+        prompts = [c.sample_prompt or c.instance_prompt for c in concepts]
+        for m in trained_modules:
+            m.eval()
+        res = settings.data.resolution
+        with accelerator.autocast():
+            images = generate(tm, prompts, steps=settings.preview_steps, cfg=settings.preview_cfg,
+                              seed=settings.seed, width=res, height=res, scheduler=settings.preview_scheduler,
+                              clip_skip=settings.clip_skip_or_none, long_prompts=settings.data.long_captions)
+        for m in trained_modules:
+            m.train()
+        from .sampling import to_pil
+
+        paths = []
+        for i, image in enumerate(to_pil(images)):
+            path = os.path.join(run.previews_dir, f"epoch-{epoch:05d}_{i}.png")
+            image.save(path)
+            paths.append(path)
+        if cb.preview:
+            cb.preview(paths)
+
+    def encode(tokens_source, captions, with_grad):
+        if tokens_source is not None:
+            return tokens_source
+        ctx = contextlib.nullcontext() if with_grad else torch.no_grad()
+        with ctx:
+            return encode_tokens(tm, tokenize(tm, captions, settings.data.long_captions),
+                                 settings.clip_skip_or_none)
+
+    # ---- 4. the loop ----------------------------------------------------------------------------------------
+    step, last_loss = start_step, None
+    te_frozen = te_steps == 0 or start_step >= te_steps
+    if te_steps and te_frozen:
+        _freeze(te_params)
+    started, t_last, rate = time.time(), time.time(), None
+    control = cb.control
+    plan_cache: dict[int, list] = {}
+    while step < total_steps:
+        epoch, k = divmod(step, steps_per_epoch)
+        if epoch not in plan_cache:
+            plan_cache = {epoch: data.epoch_plan(epoch)[rank::world]}
+        micro_batches = plan_cache[epoch][k * accum:(k + 1) * accum]
+        torch.manual_seed(_step_seed(settings.seed, step))          # dropout and any other global draw
+        step_loss = torch.zeros((), device=device)
+        for micro, plan_item in enumerate(micro_batches):
+            gen = torch.Generator("cpu").manual_seed(_step_seed(settings.seed, step, micro + 1))
+            batch = data.load_batch(plan_item, device=device, dtype=torch.float32, generator=gen)
+            with accelerator.autocast():
+                if batch.embeds is not None:
+                    embeds, pooled = batch.embeds, batch.pooled
+                else:
+                    te_out = encode(None, batch.captions, with_grad=not te_frozen)
+                    embeds, pooled = te_out.embeds, te_out.pooled
+                latents = batch.latents
+                noise = sample_noise(latents, settings.offset_noise, gen)
+                t = sample_timesteps(noise_scheduler, latents.shape[0], gen, device)
+                noisy = noise_scheduler.add_noise(latents, noise, t)
+                added = {"text_embeds": pooled, "time_ids": batch.time_ids} if tm.is_sdxl else None
+                pred = unet_fwd(noisy, t, embeds, added_cond_kwargs=added).sample
+                target = training_target(noise_scheduler, latents, noise, t, model.prediction_type)
+                weights = batch.loss_weights.to(device)
+                if settings.prior_loss_weight is not None:
+                    weights = torch.where(batch.is_prior.to(device), torch.tensor(settings.prior_loss_weight,
+                                                                                   device=device), weights)
+                weights = weights * min_snr_weights(noise_scheduler, t, settings.min_snr_gamma,
+                                                    model.prediction_type)
+                loss = weighted_mean_loss(per_sample_mse(pred, target), weights)
+                if settings.prior_mode == "base_model":
+                    loss = loss + _base_model_prior_loss(tm, model, base_unet, unet_fwd, concepts, batch, noisy, t,
+                                                         settings, encode_prompts, per_sample_mse,
+                                                         with_grad=not te_frozen)
+                loss = loss / len(micro_batches)
+            accelerator.backward(loss)
+            step_loss += loss.detach()
+        loss_value = float(step_loss)
+        if not math.isfinite(loss_value):
+            last = run.latest_checkpoint() if main else None
+            raise TrainingDiverged(
+                f"the loss became {loss_value} at step {step + 1} (learning rate {lr_scheduler.get_last_lr()[0]:.3g}); "
+                f"training stopped without saving this state. Last good checkpoint: {last or 'none'} "
+                f"(resume from it with a lower learning_rate, or mixed_precision bf16/no)")
+        if settings.max_grad_norm > 0:
+            accelerator.clip_grad_norm_([p for p in [*unet_params, *te_params] if p.grad is not None],
+                                        settings.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=settings.set_grads_to_none)
+        if ema is not None:
+            ema.step(tm.unet)
+        step += 1
+        last_loss = loss_value
+        if te_steps and not te_frozen and step >= te_steps:
+            _freeze(te_params)
+            te_frozen = True
+            say(f"text encoder frozen after step {step} (text_encoder_ratio {settings.text_encoder_ratio})")
+
+        # ---- bookkeeping: log, progress, controls ------------------------------------------------------------
+        now = time.time()
+        dt, t_last = now - t_last, now
+        rate = 1.0 / dt if rate is None else 0.9 * rate + 0.1 / max(dt, 1e-9)
+        lr = lr_scheduler.get_last_lr()[0]
+        if main:
+            run.append_loss({"step": step, "epoch": epoch + 1, "loss": loss_value, "lr": lr,
+                             "time": round(now - started, 4)})
+        if cb.progress:
+            cb.progress({"step": step, "total": total_steps, "epoch": epoch + 1,
+                         "epochs": math.ceil(total_steps / steps_per_epoch), "loss": loss_value, "lr": lr,
+                         "it_per_s": rate, "eta_s": (total_steps - step) / rate if rate else None,
+                         "eta": _format_eta((total_steps - step) / rate) if rate else ""})
+        epoch_end = step % steps_per_epoch == 0 or step == total_steps
+        if control is not None and control.take_save_request():
+            say(f"saved {save(step, loss_value)} (requested)")
+        if epoch_end and step < total_steps:
+            done_epochs = step // steps_per_epoch
+            if settings.save_every_epochs and done_epochs % settings.save_every_epochs == 0:
+                save(step, loss_value)
+            if settings.preview_every_epochs and done_epochs % settings.preview_every_epochs == 0:
+                preview(done_epochs)
+            if settings.pause_after_epochs and done_epochs % settings.pause_after_epochs == 0:
+                _pause(settings.pause_seconds, cb, control, say)
+        stop_now = (cb.should_stop is not None and cb.should_stop()) or (
+            control is not None and control.should_stop(epoch_end=epoch_end))
+        if stop_now and step < total_steps:
+            path = save(step, loss_value)
+            raise TrainingInterrupted(f"training stopped at step {step}/{total_steps}; resumable checkpoint: {path}",
+                                      run.path, step, path)
+
+    # ---- 5. finish -------------------------------------------------------------------------------------------
+    if main:
+        if settings.preview_every_epochs:
+            preview(math.ceil(total_steps / steps_per_epoch))
+        save(step, last_loss, final=True)
+        run.update_config(finished=True, steps=step, final_loss=last_loss,
+                          finished_at=time.strftime("%Y-%m-%d %H:%M:%S"))
+    result = _finish_model(tm, named, settings, ema.state_dict() if ema is not None else None)
+    return TrainResult(result, run.path, step, final_loss=last_loss, report=report, info=run.read_config())
+
+
+def _freeze(params):
+    for p in params:
+        p.requires_grad_(False)
+        p.grad = None
+
+
+def _pause(seconds: float, cb, control, say):
+    say(f"pausing {seconds:.0f} s")
+    end = time.time() + seconds
+    while time.time() < end:
+        if (cb.should_stop and cb.should_stop()) or (control is not None and control.stop_requested()):
+            return
+        time.sleep(min(0.2, max(0.0, end - time.time())))
+
+
+def _base_model_prior_loss(tm, base_model, base_unet, unet_fwd, concepts, batch, noisy, t, settings,
+                           encode_prompts, per_sample_mse, with_grad):
+    """Prior preservation without class images: on the same noisy latents, the trained model's prediction
+    for the class prompt is pulled toward the frozen base model's prediction for it."""
+    import torch
+
+    prompts = [concepts[ci].class_prompt for ci in batch.concept_indices]
+    keep = [i for i, p in enumerate(prompts) if p]
+    if not keep:
+        return torch.zeros((), device=noisy.device)
+    prompts = [prompts[i] for i in keep]
+    noisy, t = noisy[keep], t[keep]
+    time_ids = batch.time_ids[keep] if batch.time_ids is not None else None
+    clip_skip = settings.clip_skip_or_none
+    with torch.no_grad():
+        base_te = encode_prompts(base_model, prompts, clip_skip)
+        added = {"text_embeds": base_te.pooled, "time_ids": time_ids} if tm.is_sdxl else None
+        if tm.unet is base_unet or settings.use_lora:
+            with _adapters_disabled(tm.unet):
+                target = tm.unet(noisy, t, base_te.embeds, added_cond_kwargs=added).sample
+        else:
+            target = base_unet(noisy, t, base_te.embeds.to(base_unet.dtype), added_cond_kwargs=added).sample
+    ctx = contextlib.nullcontext() if with_grad else torch.no_grad()
+    with ctx:
+        te = encode_prompts(tm, prompts, clip_skip)
+    added = {"text_embeds": te.pooled, "time_ids": time_ids} if tm.is_sdxl else None
+    pred = unet_fwd(noisy, t, te.embeds, added_cond_kwargs=added).sample
+    weight = settings.prior_loss_weight if settings.prior_loss_weight is not None else \
+        concepts[batch.concept_indices[keep[0]]].prior_loss_weight
+    return weight * per_sample_mse(pred, target.detach()).mean()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoint files
+# --------------------------------------------------------------------------------------------------------------
+def _write_state(folder, named, optimizer, lr_scheduler, ema, state):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({k: p.detach().float().cpu().contiguous() for k, p in named.items()},
+              os.path.join(folder, "trainable.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()},
+               os.path.join(folder, "optimizer.pt"))
+    if ema is not None:
+        torch.save(ema.state_dict(), os.path.join(folder, "ema.pt"))
+    with open(os.path.join(folder, "state.json"), "w", encoding="utf-8") as f:
+        json.dump(state, f, indent=2)
+
+
+def _load_weights(folder, named) -> dict | None:
+    """Trainable tensors into `named` (in place); returns the EMA state if the folder has one."""
+    import torch
+    from safetensors.torch import load_file
+
+    saved = load_file(os.path.join(folder, "trainable.safetensors"))
+    missing = sorted(set(named) - set(saved))
+    if missing:
+        raise ValueError(f"{folder}: the checkpoint lacks {len(missing)} trained tensors (e.g. {missing[:2]}); "
+                         "it was made with other settings")
+    with torch.no_grad():
+        for k, p in named.items():
+            p.copy_(saved[k].to(device=p.device, dtype=p.dtype))
+    ema_path = os.path.join(folder, "ema.pt")
+    return torch.load(ema_path, map_location="cpu", weights_only=True) if os.path.exists(ema_path) else None
+
+
+def _load_checkpoint(folder, named, optimizer, lr_scheduler, ema, run_id) -> int:
+    import torch
+
+    with open(os.path.join(folder, "state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    if state.get("run_id") != run_id:
+        raise ValueError(f"{folder}: this checkpoint belongs to a run with other settings, data or base model "
+                         f"(run id {state.get('run_id')} vs {run_id}); start a new run (resume = new) or restore "
+                         "the original settings")
+    ema_state = _load_weights(folder, named)
+    opt = torch.load(os.path.join(folder, "optimizer.pt"), map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(opt["optimizer"])
+    lr_scheduler.load_state_dict(opt["lr_scheduler"])
+    if ema is not None and ema_state is not None:
+        ema.load_state_dict(ema_state)
+    return int(state["step"])
+
+
+def _resume_target(output_root, run_id, resume):
+    """(RunFolder or None, checkpoint folder or None) for the `resume` setting."""
+    if resume in ("new", "", None):
+        return None, None
+    if resume == "auto":
+        run = RunFolder.find(output_root, run_id, finished=False)
+        return (run, run.latest_checkpoint()) if run else (None, None)
+    path = os.path.abspath(os.path.expanduser(resume))
+    if os.path.exists(os.path.join(path, "state.json")):                  # a checkpoint folder
+        return RunFolder(os.path.dirname(os.path.dirname(path))), path
+    if os.path.exists(os.path.join(path, "config.json")):                 # a run folder: its latest checkpoint
+        run = RunFolder(path)
+        ckpt = run.latest_checkpoint()
+        if ckpt is None:
+            raise ValueError(f"resume: {path} has no checkpoint yet; start a new run")
+        return run, ckpt
+    raise ValueError(f"resume: {resume!r} is neither 'auto', 'new', a run folder nor a checkpoint folder")
+
+
+def _finish_model(tm, named, settings, ema_state):
+    """The trained SDModel: eval mode, no grads, EMA copy attached when trained with EMA."""
+    import torch
+
+    ema_unet = None
+    if ema_state is not None:
+        from .setup.ema import EMA
+
+        with torch.no_grad():
+            ema = EMA(tm.unet, settings.ema_decay) if any(p.requires_grad for p in tm.unet.parameters()) else None
+            if ema is not None:
+                ema.load_state_dict(ema_state)
+                ema_unet = ema.averaged_copy(tm.unet)
+    for m in (tm.unet, *tm.text_encoders):
+        m.eval().requires_grad_(False)
+    if ema_unet is not None:
+        ema_unet.eval().requires_grad_(False)
+    metadata = dict(tm.metadata)
+    metadata["training"] = settings.result_dict()
+    return tm.replace(ema_unet=ema_unet, metadata=metadata)
