@@ -851,22 +851,20 @@ def run_workflow(workflow: dict | str | os.PathLike, *, overrides: Iterable[str]
     output_dir = os.path.abspath(os.fspath(output_dir))
     # set before reading the graph: INPUT_TYPES lists models from <output>/checkpoints etc., and validation checks
     # combo values against those lists
-    previous_output = comfy_compat._headless_output_dir
-    comfy_compat.set_output_directory(output_dir)
     comfy_compat.clear_interrupt()
     try:
-        prepared = prepare_workflow(workflow, node_classes, display_names, overrides)
-        order = validate_workflow(prepared, node_classes)
-        os.makedirs(output_dir, exist_ok=True)
-        guard = _ctrl_c_interrupts(stream) if handle_ctrl_c else contextlib.nullcontext()
-        with guard:
-            result = execute_workflow(prepared, node_classes, order, stream=stream, inference_mode=inference_mode)
+        with comfy_compat.using_output_directory(output_dir):
+            prepared = prepare_workflow(workflow, node_classes, display_names, overrides)
+            order = validate_workflow(prepared, node_classes)
+            os.makedirs(output_dir, exist_ok=True)
+            guard = _ctrl_c_interrupts(stream) if handle_ctrl_c else contextlib.nullcontext()
+            with guard:
+                result = execute_workflow(prepared, node_classes, order, stream=stream, inference_mode=inference_mode)
     except WorkflowInterrupted as exc:
         exc.result["output_dir"] = output_dir
         raise
     finally:
         comfy_compat.clear_interrupt()
-        comfy_compat.set_output_directory(previous_output)
     result["output_dir"] = output_dir
     return result
 

@@ -13,6 +13,7 @@ Cheap to import: no torch here (torch is imported inside the two functions that 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -57,6 +58,17 @@ def set_output_directory(path: str | os.PathLike | None) -> None:
     global _headless_output_dir
     with _settings_lock:
         _headless_output_dir = None if path is None else os.path.abspath(os.fspath(path))
+
+
+@contextlib.contextmanager
+def using_output_directory(path: str | os.PathLike | None):
+    """Headless output folder for the duration of a `with` block (the runner's --output-dir), then the previous one."""
+    previous = _headless_output_dir
+    set_output_directory(path)
+    try:
+        yield
+    finally:
+        set_output_directory(previous)
 
 
 def set_input_directory(path: str | os.PathLike | None) -> None:

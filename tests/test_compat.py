@@ -313,3 +313,11 @@ def test_against_real_comfyui_modules():
     done = subprocess.run([sys.executable, "-c", REAL_COMFY_SCRIPT], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "REAL COMFY OK" in done.stdout
+
+
+def test_using_output_directory_restores_the_previous_one(tmp_path):
+    cc.set_output_directory(tmp_path / "a")
+    with cc.using_output_directory(tmp_path / "b"):
+        assert cc.output_directory() == str(tmp_path / "b")
+        assert cc.models_folder("checkpoints") == str(tmp_path / "b" / "checkpoints")
+    assert cc.output_directory() == str(tmp_path / "a")

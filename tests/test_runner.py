@@ -3,6 +3,7 @@ import json
 import os
 import signal
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -672,3 +673,18 @@ def test_pack_nodes_canvas_and_validation(tiny_output_dir):
     assert "input 'model': 'other.safetensors' is not a valid choice; expected one of 'tiny.safetensors'" in text
     assert "input 'steps': value 0 is smaller than the minimum 1" in text
     assert "input 'scheduler': 'heun' is not a valid choice" in text
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "example_workflows").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_workflows_convert_with_the_pack_nodes(path):
+    """Every shipped example uses only this pack's nodes and maps onto their inputs (models need not exist)."""
+    prepared = runner.prepare_workflow(str(path))
+    classes = runner.pack_node_classes()
+    assert runner.output_node_ids(prepared.prompt, classes), "an example needs an output node"
+    for node_id, node in prepared.prompt.items():
+        types = classes[node["class_type"]].INPUT_TYPES()
+        for name, spec in (types.get("required") or {}).items():
+            assert name in node["inputs"], f"node {node_id} ({node['class_type']}) lacks {name}"
