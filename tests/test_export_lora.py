@@ -293,10 +293,11 @@ def test_diffusers_load_lora_weights_gives_the_trained_outputs(bases, family, tm
 def test_metadata_has_kohya_and_modelspec_keys(bases, tmp_path):
     base = bases["sd1"].replace(source="/models/checkpoints/base_v15.safetensors", source_hash="abc123")
     model = _trained(base, "lora", rank=8, alpha=4.0)
-    training = {"learning_rate": 1e-4, "unet_lr": 1e-4, "text_encoder_lr": 5e-5, "max_train_steps": 800,
-                "num_train_images": 4, "num_reg_images": 0, "clip_skip": 1, "seed": 42,
-                "training_started_at": 1700000000.5, "dataset_dirs": {"sks_dog": {"n_repeats": 1, "img_count": 4}},
-                "resolution": 512, "trigger_phrase": "sks dog"}
+    training = {"learning_rate": 1e-4, "text_encoder_lr": 5e-5, "max_train_steps": 800, "batch_size": 2,
+                "offset_noise": 0.05, "clip_skip": 1, "seed": 42, "lora_rank": 8, "optimizer": "AdamW",
+                "data": {"resolution": 512, "random_flip": True},
+                "num_train_images": 4, "num_reg_images": 0, "training_started_at": 1700000000.5,
+                "dataset_dirs": {"sks_dog": {"n_repeats": 1, "img_count": 4}}, "trigger_phrase": "sks dog"}
     model = model.replace(metadata=dict(model.metadata, training=training))
     path = L.save_kohya_lora(model, str(tmp_path / "sks.safetensors"))
     state, meta = L.load_kohya_lora(path)
@@ -305,10 +306,14 @@ def test_metadata_has_kohya_and_modelspec_keys(bases, tmp_path):
     assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_v2"] == "False"
     assert meta["ss_output_name"] == "sks" and meta["ss_sd_model_name"] == "base_v15.safetensors"
     assert meta["ss_training_started_at"] == "1700000000.5"
-    assert float(meta["ss_learning_rate"]) == 1e-4 and float(meta["ss_text_encoder_lr"]) == 5e-5
+    assert float(meta["ss_learning_rate"]) == 1e-4 == float(meta["ss_unet_lr"])
+    assert float(meta["ss_text_encoder_lr"]) == 5e-5
     assert (meta["ss_max_train_steps"], meta["ss_num_train_images"], meta["ss_seed"]) == ("800", "4", "42")
-    assert meta["ss_clip_skip"] == "1"
+    assert (meta["ss_batch_size_per_device"], meta["ss_noise_offset"], meta["ss_optimizer"]) == ("2", "0.05", "AdamW")
+    assert (meta["ss_resolution"], meta["ss_flip_aug"], meta["ss_clip_skip"]) == ("512", "True", "1")
     assert json.loads(meta["ss_dataset_dirs"]) == {"sks_dog": {"img_count": 4, "n_repeats": 1}}
+    assert "ss_lora_rank" not in meta and "ss_data" not in meta          # ours, not kohya's: kept in JSON only
+    assert json.loads(meta["dreambooth.training"]) == training
     assert meta["modelspec.sai_model_spec"] == "1.0.1"
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert meta["modelspec.implementation"] == "diffusers"
@@ -341,6 +346,20 @@ def test_metadata_per_family_and_type(bases, family, lora_type, expected):
     args = json.loads(meta["ss_network_args"])
     assert args["algo"] == ("lora" if lora_type == "dora" else lora_type)
     assert meta["ss_v2"] == str(family == "sd2")
+
+
+def test_metadata_from_the_trainers_settings_dict(bases):
+    from comfyui_dreambooth.training.settings import DreamBoothSettings
+
+    settings = DreamBoothSettings().result_dict()
+    model = _trained(bases["sd1"], "lora", rank=2, alpha=1.0)
+    model = model.replace(metadata=dict(model.metadata, training=settings))
+    meta = L.lora_metadata(model, title="t", timestamp=0)
+    assert meta["ss_lr_scheduler"] == settings["lr_scheduler"]
+    assert meta["ss_resolution"] == str(settings["data"]["resolution"])
+    assert meta["ss_mixed_precision"] == settings["mixed_precision"]
+    assert all(isinstance(v, str) for v in meta.values())
+    assert "modelspec.encoder_layer" not in meta or settings["clip_skip"] >= 1     # 0 = the model's default
 
 
 def test_dtype_and_exact_alpha(bases, tmp_path):

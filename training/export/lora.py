@@ -210,8 +210,9 @@ def modelspec_metadata(model: SDModel, *, title: str, adapter: str | None, train
         "modelspec.prediction_type": "v" if model.prediction_type == "v_prediction" else "epsilon",
         "modelspec.implementation_version": "comfyui-dreambooth",
     }
-    if training.get("clip_skip") not in (None, ""):
-        meta["modelspec.encoder_layer"] = str(training["clip_skip"])
+    clip_skip = training.get("clip_skip")
+    if isinstance(clip_skip, int) and clip_skip >= 1:       # 0 / None: the model's own default layer
+        meta["modelspec.encoder_layer"] = str(clip_skip)
     if training.get("trigger_phrase"):
         meta["modelspec.trigger_phrase"] = _meta_value(training["trigger_phrase"])
     if training.get("description"):
@@ -219,26 +220,55 @@ def modelspec_metadata(model: SDModel, *, title: str, adapter: str | None, train
     return meta
 
 
+# Our setting / run-fact names -> kohya's ss_* keys (train_network.py). Names kohya shares with us map to themselves.
+_KOHYA_KEYS = {
+    "learning_rate": ("ss_learning_rate", "ss_unet_lr"),    # our learning_rate is the UNet's
+    "unet_lr": ("ss_unet_lr",),
+    "text_encoder_lr": ("ss_text_encoder_lr",),
+    "batch_size": ("ss_batch_size_per_device",),
+    "offset_noise": ("ss_noise_offset",),
+    "shuffle_tags": ("ss_shuffle_caption",),
+    "random_flip": ("ss_flip_aug",),
+    "bucketing": ("ss_enable_bucket",),
+    "bucket_min_side": ("ss_min_bucket_reso",),
+    "bucket_max_side": ("ss_max_bucket_reso",),
+    "caption_dropout": ("ss_caption_dropout_rate",),
+    **{name: (f"ss_{name}",) for name in (
+        "lr_scheduler", "lr_warmup_steps", "max_train_steps", "gradient_accumulation_steps", "gradient_checkpointing",
+        "mixed_precision", "optimizer", "max_grad_norm", "min_snr_gamma", "prior_loss_weight", "clip_skip", "seed",
+        "zero_terminal_snr", "cache_latents", "resolution", "keep_tokens", "num_train_images", "num_reg_images",
+        "num_batches_per_epoch", "num_epochs", "steps", "epoch", "training_started_at", "training_finished_at",
+        "dataset_dirs", "reg_dataset_dirs", "tag_frequency", "bucket_info", "training_comment", "total_batch_size",
+        "session_id", "max_token_length", "color_aug", "face_crop_aug_range", "random_crop", "noise_offset",
+        "caption_dropout_rate", "loss_type")},
+}
+
+
+def _flatten_training(training: dict) -> dict:
+    """The trainer's settings dict has the data settings nested under "data"; kohya keeps them flat."""
+    flat = {k: v for k, v in training.items() if k != "data"}
+    for key, value in (training.get("data") or {}).items():
+        flat.setdefault(key, value)
+    return flat
+
+
 def lora_metadata(model: SDModel, *, title: str, training: dict | None = None,
                   timestamp: float | None = None) -> dict:
     """All string metadata of a LoRA file, except the two sshs_* hashes (they need the final tensors).
 
-    `training` (default: `model.metadata["training"]`, which the trainer fills) uses kohya's names without the
-    "ss_" prefix: learning_rate, unet_lr, text_encoder_lr, max_train_steps, steps, epoch, num_train_images,
-    num_reg_images, training_started_at, training_finished_at, clip_skip, seed, resolution, dataset_dirs (dict),
-    mixed_precision, lr_scheduler, optimizer, ... Each becomes `ss_<name>`; dicts and lists are stored as JSON.
-    `trigger_phrase` and `description` go to modelspec.* instead.
+    `training` defaults to `model.metadata["training"]` (the trainer stores `DreamBoothSettings.result_dict()`
+    there, plus any run facts it knows). Keys kohya has a name for become `ss_*` (learning_rate -> ss_learning_rate
+    and ss_unet_lr, batch_size -> ss_batch_size_per_device, offset_noise -> ss_noise_offset, data.resolution ->
+    ss_resolution, and kohya's own names: num_train_images, num_reg_images, training_started_at, steps, epoch,
+    dataset_dirs (a dict, stored as JSON), ...). The whole dict is also kept as JSON in `dreambooth.training`.
+    `trigger_phrase` and `description` go to modelspec.*.
     """
     cfg = adapter_config(model)
     if cfg is None:
         raise NoAdaptersError("this model has no LoRA adapters: nothing to describe")
     training = dict(model.metadata.get("training") or {}) if training is None else dict(training)
+    flat = _flatten_training(training)
     timestamp = time.time() if timestamp is None else timestamp
-    network_args = {}
-    if NETWORK_MODULES[cfg.lora_type] == "lycoris.kohya":
-        network_args = {"algo": "lora" if cfg.lora_type == "dora" else cfg.lora_type}
-        if cfg.lora_type == "dora":
-            network_args.update({"dora_wd": "True", "wd_on_output": "True"})
     meta = {
         "ss_network_module": NETWORK_MODULES[cfg.lora_type],
         "ss_network_dim": str(cfg.rank),
@@ -248,19 +278,23 @@ def lora_metadata(model: SDModel, *, title: str, training: dict | None = None,
         "ss_v2": str(model.family == "sd2"),
         "ss_output_name": title,
         "ss_sd_model_name": os.path.basename(model.source.rstrip("/\\")) if model.source else "",
-        "ss_training_started_at": _meta_value(training.pop("training_started_at", timestamp)),
+        "ss_training_started_at": _meta_value(flat.get("training_started_at", timestamp)),
     }
-    if network_args:
+    if NETWORK_MODULES[cfg.lora_type] == "lycoris.kohya":
+        network_args = {"algo": "lora" if cfg.lora_type == "dora" else cfg.lora_type}
+        if cfg.lora_type == "dora":
+            network_args.update({"dora_wd": "True", "wd_on_output": "True"})
         meta["ss_network_args"] = json.dumps(network_args, sort_keys=True)
-    for key, value in training.items():
-        if key in ("trigger_phrase", "description"):
-            continue
-        name = key if key.startswith("ss_") else f"ss_{key}"
-        meta.setdefault(name, _meta_value(value))
+    for key, value in flat.items():
+        for name in _KOHYA_KEYS.get(key, ()):
+            if value is not None or name not in meta:
+                meta[name] = _meta_value(value)
+    if training:
+        meta["dreambooth.training"] = json.dumps(training, sort_keys=True, default=str)
     meta["dreambooth.adapter"] = json.dumps(cfg.to_dict(), sort_keys=True)
     if model.source_hash:
         meta["dreambooth.base_model_hash"] = model.source_hash
-    meta.update(modelspec_metadata(model, title=title, adapter="lora", training=training, timestamp=timestamp))
+    meta.update(modelspec_metadata(model, title=title, adapter="lora", training=flat, timestamp=timestamp))
     return meta
 
 
