@@ -23,9 +23,8 @@ def one_thread():
 
 @pytest.fixture()
 def output_dir(tmp_path):
-    comfy_compat.set_output_directory(tmp_path)
-    yield tmp_path
-    comfy_compat.set_output_directory(None)
+    with comfy_compat.using_output_directory(tmp_path):
+        yield tmp_path
 
 
 @pytest.fixture(scope="module")
