@@ -122,7 +122,8 @@ def _format_eta(seconds: float) -> str:
 # Building the model to train
 # --------------------------------------------------------------------------------------------------------------
 def build_trainable(model, settings):
-    """(trained model, unet params, text-encoder params). The received model is never modified."""
+    """(trained model, unet params, text-encoder params). The received model is never modified: every module
+    that trains, or that training must change (attention kernel, dtype), is a copy; frozen ones are shared."""
     from .setup.adapters import adapter_parameters, add_adapters
 
     trains_te = settings.trains_text_encoder
@@ -133,7 +134,7 @@ def build_trainable(model, settings):
                               seed=settings.seed)
         unet_params = adapter_parameters(tm, unet=True, text_encoders=False) if settings.train_unet else []
         te_params = adapter_parameters(tm, unet=False, text_encoders=True) if trains_te else []
-        return tm, unet_params, te_params
+        return _own_frozen_unet_if_needed(tm, model, settings), unet_params, te_params
     unet = _trainable_copy(model.unet) if settings.train_unet else model.unet
     tes = [_trainable_copy(te) for te in model.text_encoders] if trains_te else list(model.text_encoders)
     unet_params, te_params = [], []
@@ -147,7 +148,30 @@ def build_trainable(model, settings):
                 p.requires_grad_(not (settings.freeze_clip_norm and norm))
                 if p.requires_grad:
                     te_params.append(p)
-    return model.replace(unet=unet, text_encoders=tes, ema_unet=None), unet_params, te_params
+    tm = model.replace(unet=unet, text_encoders=tes, ema_unet=None)
+    return _own_frozen_unet_if_needed(tm, model, settings), unet_params, te_params
+
+
+def _own_frozen_unet_if_needed(tm, model, settings):
+    """A frozen UNet stays shared with the received model, unless training must change it (another attention
+    kernel) or backpropagate through it (text encoder training) while it holds inference tensors, which
+    autograd refuses to save for backward (ComfyUI loads models under torch.inference_mode())."""
+    if tm.unet is not model.unet:
+        return tm
+    backprop = settings.trains_text_encoder
+    if settings.attention != "sdpa" or (backprop and _has_inference_tensors(model.unet)):
+        return tm.replace(unet=_trainable_copy(model.unet).requires_grad_(False))
+    return tm
+
+
+def _has_inference_tensors(module) -> bool:
+    return any(t.is_inference() for t in module.parameters()) or any(t.is_inference() for t in module.buffers())
+
+
+def _owned_modules(tm, model) -> list:
+    """The UNet / text encoders of `tm` that are training's own copies (never the received model's)."""
+    received = [model.unet, *model.text_encoders]
+    return [m for m in (tm.unet, *tm.text_encoders) if not any(m is r for r in received)]
 
 
 @contextlib.contextmanager
@@ -238,7 +262,7 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
             tm, unet_params, te_params = build_trainable(model, settings)
             named = _named_trainables(tm, unet_params, te_params)
             ema_state = _load_weights(done.final_dir, named)
-            tm = _finish_model(tm, named, settings, ema_state)
+            tm = _finish_model(tm, model, named, settings, ema_state)
             cfg = done.read_config()
             return TrainResult(tm, done.path, cfg.get("steps", total_steps), reused=True,
                                final_loss=cfg.get("final_loss"), report=report, info=cfg)
@@ -247,17 +271,18 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
     # ---- 3. the model to train, optimizer, schedules -------------------------------------------------------
     tm, unet_params, te_params = build_trainable(model, settings)
     trained_modules = ([tm.unet] if settings.train_unet else []) + (tm.text_encoders if te_steps else [])
-    for m in (tm.unet, *tm.text_encoders):
+    for m in _owned_modules(tm, model):               # shared (received) modules keep their dtype
         m.to(device)
         if mp != "no" and device.type != "cpu":      # frozen weights in half precision; trained ones stay fp32
             for p in m.parameters():
                 if not p.requires_grad:
                     p.data = p.data.to(weight_dtype)
     vae_dtype = torch.float32 if settings.vae_dtype == "fp32" else weight_dtype
-    if tm.vae.dtype != vae_dtype:     # fp16 VAEs give NaN/black images: fp32 unless asked otherwise
-        tm.vae.to(dtype=vae_dtype)
+    if tm.vae.dtype != vae_dtype:     # fp16 VAEs give NaN/black images: fp32 unless asked otherwise (on a copy)
+        tm = tm.replace(vae=_trainable_copy(model.vae).to(dtype=vae_dtype).requires_grad_(False))
     tm.vae.to(device)
-    _set_attention(tm.unet, settings.attention)
+    if tm.unet is not model.unet:                     # build_trainable copied it when the kernel must change
+        _set_attention(tm.unet, settings.attention)
     if settings.gradient_checkpointing:
         if settings.train_unet:
             tm.unet.enable_gradient_checkpointing()
@@ -449,7 +474,7 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
         save(step, last_loss, final=True)
         run.update_config(finished=True, steps=step, final_loss=last_loss,
                           finished_at=time.strftime("%Y-%m-%d %H:%M:%S"))
-    result = _finish_model(tm, named, settings, ema.state_dict() if ema is not None else None)
+    result = _finish_model(tm, model, named, settings, ema.state_dict() if ema is not None else None)
     return TrainResult(result, run.path, step, final_loss=last_loss, report=report, info=run.read_config())
 
 
@@ -571,8 +596,9 @@ def _resume_target(output_root, run_id, resume):
     raise ValueError(f"resume: {resume!r} is neither 'auto', 'new', a run folder nor a checkpoint folder")
 
 
-def _finish_model(tm, named, settings, ema_state):
-    """The trained SDModel: eval mode, no grads, EMA copy attached when trained with EMA."""
+def _finish_model(tm, model, named, settings, ema_state):
+    """The trained SDModel: eval mode, no grads, EMA copy attached when trained with EMA. Modules still shared
+    with the received `model` are left as they are."""
     import torch
 
     ema_unet = None
@@ -584,7 +610,7 @@ def _finish_model(tm, named, settings, ema_state):
             if ema is not None:
                 ema.load_state_dict(ema_state)
                 ema_unet = ema.averaged_copy(tm.unet)
-    for m in (tm.unet, *tm.text_encoders):
+    for m in _owned_modules(tm, model):
         m.eval().requires_grad_(False)
     if ema_unet is not None:
         ema_unet.eval().requires_grad_(False)
