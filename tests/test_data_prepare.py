@@ -379,3 +379,20 @@ def test_multiple_concepts(sd1, tmp_path):
     assert captions == {0: "a sks dog", 1: "ohwx cat, a dog"}
     text = data.report_text()
     assert "Concept 1" in text and "Concept 2 (object)" in text
+
+
+def test_prepared_under_inference_mode_batches_still_train(sd1, tmp_path):
+    """ComfyUI runs nodes under torch.inference_mode(); batches must still be usable by autograd."""
+    import json
+
+    make_images(tmp_path / "inst", sizes=[(64, 64)] * 2)
+    concept = ConceptSettings(instance_dir=str(tmp_path / "inst"), instance_token="sks")
+    with torch.inference_mode():
+        data = prepare(sd1, [concept], settings(cache_mode="memory"), tmp_path / "cache")
+        batch_inside = data.load_batch(data.epoch_plan(0)[0])
+    batch = data.load_batch(data.epoch_plan(0)[0])
+    w = torch.ones((), requires_grad=True)
+    for b in (batch, batch_inside):
+        assert not b.latents.is_inference() and not b.embeds.is_inference()
+        (b.latents * w).sum().add((b.embeds * w).sum()).backward()
+    json.dumps(data.report.to_dict())                 # the run folder stores it as JSON

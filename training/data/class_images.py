@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from .scan import ConceptScan, match_class_images, scan_concept
@@ -93,39 +94,48 @@ def ensure_class_images(model, concept: ConceptSettings, data_settings: DataSett
     index = _next_index(concept.class_dir)
     if progress:
         progress(0, total)
-    start = 0
-    while start < total:
-        if should_stop is not None and should_stop():
-            break
-        size = todo[start][1]
-        batch = [todo[start]]
-        while start + len(batch) < total and len(batch) < batch_size and todo[start + len(batch)][1] == size:
-            batch.append(todo[start + len(batch)])
-        prompts = [p for p, _ in batch]
-        try:
-            images = generate_fn(model, prompts, negative_prompt=concept.class_negative_prompt,
-                                 steps=concept.class_steps, cfg=concept.class_guidance_scale, seed=index,
-                                 width=size[0], height=size[1], batch_size=len(prompts), scheduler=scheduler,
-                                 should_stop=should_stop)
-        except Exception as e:
-            if type(e).__name__ == "SamplingInterrupted":   # should_stop() fired inside the sampler
+    # PNG encoding + fsync take ~50 ms per 512² image: done by writer threads while the sampler makes the
+    # next batch (Pillow's encoder releases the GIL), so saving does not slow generation down.
+    writers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="class-image-writer")
+    pending = []
+    try:
+        start = 0
+        while start < total:
+            if should_stop is not None and should_stop():
                 break
-            raise
-        pils = _tensor_to_pils(images)
-        for k, (prompt, pil) in enumerate(zip(prompts, pils)):
-            path = os.path.join(concept.class_dir, f"{index + k:05d}-{_slug(prompt)}.png")
-            info = (f"Negative prompt: {concept.class_negative_prompt}\nSteps: {concept.class_steps}, "
-                    f"Sampler: {scheduler}, CFG scale: {concept.class_guidance_scale}, Seed: {index + k}, "
-                    f"Size: {size[0]}x{size[1]}")
-            _save_png(pil, path, prompt, info)
-            paths.append(path)
-        index += len(prompts)
-        start += len(prompts)
-        done += len(pils)
-        if progress:
-            progress(done, total)
-        if len(pils) < len(prompts):   # generate() stopped early
-            break
+            size = todo[start][1]
+            batch = [todo[start]]
+            while start + len(batch) < total and len(batch) < batch_size and todo[start + len(batch)][1] == size:
+                batch.append(todo[start + len(batch)])
+            prompts = [p for p, _ in batch]
+            try:
+                images = generate_fn(model, prompts, negative_prompt=concept.class_negative_prompt,
+                                     steps=concept.class_steps, cfg=concept.class_guidance_scale, seed=index,
+                                     width=size[0], height=size[1], batch_size=len(prompts), scheduler=scheduler,
+                                     should_stop=should_stop)
+            except Exception as e:
+                if type(e).__name__ == "SamplingInterrupted":   # should_stop() fired inside the sampler
+                    break
+                raise
+            pils = _tensor_to_pils(images)
+            for k, (prompt, pil) in enumerate(zip(prompts, pils)):
+                path = os.path.join(concept.class_dir, f"{index + k:05d}-{_slug(prompt)}.png")
+                info = (f"Negative prompt: {concept.class_negative_prompt}\nSteps: {concept.class_steps}, "
+                        f"Sampler: {scheduler}, CFG scale: {concept.class_guidance_scale}, Seed: {index + k}, "
+                        f"Size: {size[0]}x{size[1]}")
+                pending.append(writers.submit(_save_png, pil, path, prompt, info))
+                paths.append(path)
+            index += len(prompts)
+            start += len(prompts)
+            done += len(pils)
+            if progress:
+                progress(done, total)
+            if len(pils) < len(prompts):   # generate() stopped early
+                break
+    finally:
+        writers.shutdown(wait=True)
+    for future in pending:
+        future.result()            # a failed save (disk full, permissions) surfaces here, naming the file
     return paths
 
 
