@@ -396,3 +396,26 @@ def test_prepared_under_inference_mode_batches_still_train(sd1, tmp_path):
         assert not b.latents.is_inference() and not b.embeds.is_inference()
         (b.latents * w).sum().add((b.embeds * w).sum()).backward()
     json.dumps(data.report.to_dict())                 # the run folder stores it as JSON
+
+
+def test_fp16_vae_overflow_falls_back_to_a_float32_copy(sd1, tmp_path):
+    """SD-XL's VAE gives inf/NaN in fp16; latents must come out finite and the model must stay untouched."""
+    make_images(tmp_path / "inst", sizes=[(64, 64)])
+    concept = ConceptSettings(instance_dir=str(tmp_path / "inst"), instance_token="sks")
+    vae16 = copy.deepcopy(sd1.vae).to(torch.float16)
+    calls = []
+    original = type(vae16).encode
+
+    def overflowing_encode(self, x, *a, **kw):
+        out = original(self, x, *a, **kw)
+        calls.append(x.dtype)
+        if x.dtype == torch.float16:
+            out.latent_dist.mean.fill_(float("inf"))
+        return out
+
+    vae16.encode = overflowing_encode.__get__(vae16)
+    model = sd1.replace(vae=vae16)
+    data = prepare(model, [concept], settings(), tmp_path / "cache", text_encoder_trained=True)
+    stats = data.latent_stats(data.items[0], False)
+    assert torch.isfinite(stats["mean"]).all() and torch.float32 in calls
+    assert next(vae16.parameters()).dtype == torch.float16

@@ -111,6 +111,7 @@ class TrainingData:
         self.report = report
         self.background = parse_color(data_settings.background_color)
         self._vae_id: str | None = None
+        self._vae_fp32 = None            # made only if the fp16 VAE overflows
         self._text_id: str | None = None
         self._layout = self._epoch_layout()
         self.batches_per_epoch = sum(math.ceil(n / batch_size) for n in self._bucket_sizes().values())
@@ -217,13 +218,14 @@ class TrainingData:
             dist = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
             mean, std = dist.mean.float(), dist.std.float()
             if not (torch.isfinite(mean).all() and torch.isfinite(std).all()) and param.dtype != torch.float32:
-                # SD-XL's VAE overflows in fp16; redo this batch in fp32 rather than cache NaNs
-                vae.to(torch.float32)
-                try:
-                    dist = vae.encode(pixels.to(param.device, torch.float32)).latent_dist
-                    mean, std = dist.mean.float(), dist.std.float()
-                finally:
-                    vae.to(param.dtype)
+                # SD-XL's VAE overflows in fp16: redo this batch with a float32 copy rather than cache NaNs
+                # (a copy: the model we were given is shared and must not change, not even for a moment)
+                if self._vae_fp32 is None:
+                    import copy
+
+                    self._vae_fp32 = copy.deepcopy(vae).to(torch.float32)
+                dist = self._vae_fp32.encode(pixels.to(param.device, torch.float32)).latent_dist
+                mean, std = dist.mean.float(), dist.std.float()
         if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
             raise DatasetError(f"the VAE produced NaN/inf latents for {[i.path for i, _ in items_and_flips]}; "
                                "use a float32 VAE or a fixed fp16 VAE")
