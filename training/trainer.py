@@ -131,7 +131,8 @@ def build_trainable(model, settings):
         with _no_inference():
             tm = add_adapters(model, rank=settings.lora_rank, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
                               lora_type=settings.lora_type, on_unet=settings.train_unet, on_text_encoder=trains_te,
-                              seed=settings.seed)
+                              seed=settings.seed, unet_targets=settings.lora_unet_targets,
+                              text_encoder_targets=settings.lora_text_encoder_targets)
         unet_params = adapter_parameters(tm, unet=True, text_encoders=False) if settings.train_unet else []
         te_params = adapter_parameters(tm, unet=False, text_encoders=True) if trains_te else []
         return _own_frozen_unet_if_needed(tm, model, settings), unet_params, te_params
@@ -424,6 +425,7 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
         if settings.max_grad_norm > 0:
             accelerator.clip_grad_norm_([p for p in [*unet_params, *te_params] if p.grad is not None],
                                         settings.max_grad_norm)
+        lr = lr_scheduler.get_last_lr()[0]            # the rate this step uses: what the log shows for it
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=settings.set_grads_to_none)
@@ -440,7 +442,6 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
         now = time.time()
         dt, t_last = now - t_last, now
         rate = 1.0 / dt if rate is None else 0.9 * rate + 0.1 / max(dt, 1e-9)
-        lr = lr_scheduler.get_last_lr()[0]
         if main:
             run.append_loss({"step": step, "epoch": epoch + 1, "loss": loss_value, "lr": lr,
                              "time": round(now - started, 4)})
@@ -488,7 +489,7 @@ def _pause(seconds: float, cb, control, say):
     say(f"pausing {seconds:.0f} s")
     end = time.time() + seconds
     while time.time() < end:
-        if (cb.should_stop and cb.should_stop()) or (control is not None and control.stop_requested()):
+        if (cb.should_stop and cb.should_stop()) or (control is not None and control.stop_requested):
             return
         time.sleep(min(0.2, max(0.0, end - time.time())))
 
