@@ -1,0 +1,238 @@
+"""Interrupt, resume, controls, divergence, failed saves and reuse of finished runs."""
+import errno
+import json
+import os
+
+import pytest
+import torch
+
+from trainer_fixtures import (load_tensors, make_concept, module_hash, one_thread, read_losses, same_tensors,
+                              tiny_settings)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    before = one_thread()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    from comfyui_dreambooth.training.models import build_tiny_model
+
+    return build_tiny_model("sd1")
+
+
+def _train(model, root, settings, concept, **kw):
+    from comfyui_dreambooth.training.trainer import train
+
+    return train(model, [concept], settings, output_root=str(root), **kw)
+
+
+def _stop_at(step):
+    """Callbacks whose should_stop turns true once `step` optimizer steps are done (like ComfyUI's Cancel)."""
+    from comfyui_dreambooth.training.trainer import TrainCallbacks
+
+    done = {"step": 0}
+    return TrainCallbacks(progress=lambda p: done.update(step=p["step"]), should_stop=lambda: done["step"] >= step)
+
+
+def _curve(run_dir):
+    return [{k: v for k, v in r.items() if k != "time"} for r in read_losses(run_dir)]
+
+
+def _final_state(run_dir):
+    state = load_tensors(os.path.join(run_dir, "final", "trainable.safetensors"))
+    ema = os.path.join(run_dir, "final", "ema.pt")
+    return state, (torch.load(ema, weights_only=True)["shadow"] if os.path.exists(ema) else None)
+
+
+# ---- resume ------------------------------------------------------------------------------------------------------
+RESUME_CASES = {
+    # adapter dropout draws from the global RNG, flips and caption order from the data plan, TE freezes at step 3
+    "lora": dict(use_lora=True, lora_dropout=0.1, text_encoder_ratio=0.5, use_ema=True, ema_decay=0.9,
+                 lr_scheduler="cosine", data={"random_flip": True, "shuffle_tags": True}),
+    "full": dict(use_lora=False, learning_rate=1e-4, text_encoder_ratio=0.5, use_ema=True, ema_decay=0.9,
+                 lr_scheduler="linear", offset_noise=0.1, min_snr_gamma=5.0),
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_resume_continues_the_same_curve_bit_identically(sd1, tmp_path, case):
+    """3 images x 2 epochs = 6 steps; interrupted after step 2 (mid-epoch, before the TE freezes at step 3)."""
+    from comfyui_dreambooth.training.trainer import TrainingInterrupted
+
+    concept = make_concept(tmp_path, n=3, instance_prompt="a photo of sks dog, red collar, on grass")
+    settings = tiny_settings(steps_per_image=2, **RESUME_CASES[case])
+    straight = _train(sd1, tmp_path / "straight", settings, concept)
+    assert straight.steps == 6
+
+    with pytest.raises(TrainingInterrupted) as stopped:
+        _train(sd1, tmp_path / "resumed", settings, concept, callbacks=_stop_at(2))
+    assert stopped.value.step == 2 and os.path.basename(stopped.value.checkpoint) == "step-0000002"
+    assert [r["step"] for r in read_losses(stopped.value.run_dir)] == [1, 2]
+
+    resumed = _train(sd1, tmp_path / "resumed", settings, concept, resume="auto")
+    assert resumed.run_dir == stopped.value.run_dir and resumed.steps == 6 and not resumed.reused
+    assert _curve(resumed.run_dir) == _curve(straight.run_dir)
+    (a, ema_a), (b, ema_b) = _final_state(straight.run_dir), _final_state(resumed.run_dir)
+    assert same_tensors(a, b) and same_tensors(ema_a, ema_b)
+    assert module_hash(resumed.model.unet) == module_hash(straight.model.unet)
+    assert module_hash(resumed.model.text_encoders[0]) == module_hash(straight.model.text_encoders[0])
+    assert module_hash(resumed.model.ema_unet) == module_hash(straight.model.ema_unet)
+
+
+def test_resume_from_an_explicit_checkpoint_and_new(sd1, tmp_path):
+    from comfyui_dreambooth.training.trainer import TrainingInterrupted
+
+    concept = make_concept(tmp_path, n=2)
+    settings = tiny_settings(steps_per_image=2)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        _train(sd1, tmp_path / "out", settings, concept, callbacks=_stop_at(1))
+    fresh = _train(sd1, tmp_path / "out", settings, concept, resume="new")
+    assert fresh.run_dir != stopped.value.run_dir and fresh.steps == 4
+    resumed = _train(sd1, tmp_path / "out", settings, concept, resume=stopped.value.checkpoint, reuse_finished=False)
+    assert resumed.run_dir == stopped.value.run_dir
+    assert _curve(resumed.run_dir) == _curve(fresh.run_dir)
+    # a checkpoint of other settings is refused with a clear message
+    with pytest.raises(ValueError, match="other settings"):
+        _train(sd1, tmp_path / "out", settings.replace(learning_rate=5e-4), concept, resume=stopped.value.checkpoint)
+
+
+# ---- TrainingControl ---------------------------------------------------------------------------------------------
+def test_stop_after_epoch_stops_at_the_epoch_boundary(sd1, tmp_path):
+    from comfyui_dreambooth.training.control import TrainingControl
+    from comfyui_dreambooth.training.trainer import TrainCallbacks, TrainingInterrupted
+
+    control = TrainingControl()
+    callbacks = TrainCallbacks(control=control,
+                               progress=lambda p: control.request_stop(after_epoch=True) if p["step"] == 1 else None)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        _train(sd1, tmp_path, tiny_settings(steps_per_image=2), make_concept(tmp_path, n=3), callbacks=callbacks)
+    assert stopped.value.step == 3                                   # end of epoch 1 (3 steps), not step 1
+    assert os.path.basename(stopped.value.checkpoint) == "step-0000003"
+
+
+def test_stop_now_and_save_now(sd1, tmp_path):
+    from comfyui_dreambooth.training.control import TrainingControl
+    from comfyui_dreambooth.training.trainer import TrainCallbacks, TrainingInterrupted
+
+    control = TrainingControl()
+
+    def progress(p):
+        if p["step"] == 1:
+            control.request_save()
+        if p["step"] == 2:
+            control.stop_now()
+
+    with pytest.raises(TrainingInterrupted) as stopped:
+        _train(sd1, tmp_path, tiny_settings(steps_per_image=2), make_concept(tmp_path, n=3),
+               callbacks=TrainCallbacks(control=control, progress=progress))
+    assert stopped.value.step == 2
+    assert sorted(os.listdir(os.path.join(stopped.value.run_dir, "checkpoints"))) == ["step-0000001", "step-0000002"]
+
+
+def test_save_request_keeps_training(sd1, tmp_path):
+    from comfyui_dreambooth.training.control import TrainingControl
+    from comfyui_dreambooth.training.trainer import TrainCallbacks
+
+    control = TrainingControl()
+    result = _train(sd1, tmp_path, tiny_settings(steps_per_image=1), make_concept(tmp_path, n=3),
+                    callbacks=TrainCallbacks(control=control,
+                                             progress=lambda p: control.request_save() if p["step"] == 1 else None))
+    assert result.steps == 3
+    assert os.listdir(os.path.join(result.run_dir, "checkpoints")) == ["step-0000001"]
+    with open(os.path.join(result.run_dir, "checkpoints", "step-0000001", "state.json")) as f:
+        assert json.load(f)["step"] == 1
+
+
+# ---- divergence and failed saves ------------------------------------------------------------------------------------
+def test_nan_loss_stops_and_names_the_last_good_checkpoint(sd1, tmp_path, monkeypatch):
+    from comfyui_dreambooth.training.setup import noise
+    from comfyui_dreambooth.training.trainer import TrainingDiverged
+
+    calls = {"n": 0}
+    real = noise.per_sample_mse
+
+    def mse(pred, target):
+        calls["n"] += 1
+        out = real(pred, target)
+        return out * float("nan") if calls["n"] == 3 else out
+
+    monkeypatch.setattr(noise, "per_sample_mse", mse)
+    concept = make_concept(tmp_path, n=1)                                # one step per epoch
+    with pytest.raises(TrainingDiverged, match="step-0000002") as e:
+        _train(sd1, tmp_path / "out", tiny_settings(steps_per_image=5, save_every_epochs=1), concept)
+    assert "nan" in str(e.value) and "step 3" in str(e.value)
+    run_dir = [os.path.join(tmp_path / "out" / "dreambooth", d) for d in os.listdir(tmp_path / "out" / "dreambooth")
+               if d != "cache"][0]
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["step-0000001", "step-0000002"]
+    assert [r["step"] for r in read_losses(run_dir)] == [1, 2]            # the broken step is not logged
+    assert not os.path.exists(os.path.join(run_dir, "final"))
+    state = load_tensors(os.path.join(run_dir, "checkpoints", "step-0000002", "trainable.safetensors"))
+    assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_huge_learning_rate_diverges_cleanly(sd1, tmp_path):
+    from comfyui_dreambooth.training.trainer import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match="learning_rate"):
+        _train(sd1, tmp_path, tiny_settings(use_lora=False, learning_rate=10.0, optimizer="SGD", max_grad_norm=0.0,
+                                            steps_per_image=5), make_concept(tmp_path, n=2))
+
+
+def test_failed_save_keeps_the_previous_checkpoint(sd1, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from comfyui_dreambooth.training.trainer import TrainingSaveError
+
+    real_save = safetensors.torch.save_file
+    saves = {"n": 0}
+
+    def save_file(tensors, filename, metadata=None):
+        if os.path.basename(filename) == "trainable.safetensors":
+            saves["n"] += 1
+            if saves["n"] == 2:                 # disk full half-way through the second checkpoint
+                with open(filename, "wb") as f:
+                    f.write(b"\0" * 100)
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    concept = make_concept(tmp_path, n=1)
+    settings = tiny_settings(steps_per_image=4, save_every_epochs=1)
+    with pytest.raises(TrainingSaveError, match="step-0000001") as e:
+        _train(sd1, tmp_path / "out", settings, concept)
+    assert "No space left" in str(e.value)
+    runs = tmp_path / "out" / "dreambooth"
+    run_dir = [runs / d for d in os.listdir(runs) if d != "cache"][0]
+    assert os.listdir(run_dir / "checkpoints") == ["step-0000001"]        # no half-written folder left
+    first = load_tensors(str(run_dir / "checkpoints" / "step-0000001" / "trainable.safetensors"))
+    assert first and all(torch.isfinite(t).all() for t in first.values())
+    # the run resumes from the intact checkpoint once the disk has room again
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    resumed = _train(sd1, tmp_path / "out", settings, concept)
+    assert resumed.run_dir == str(run_dir) and [r["step"] for r in read_losses(resumed.run_dir)] == [1, 2, 3, 4]
+
+
+# ---- reuse of finished runs -------------------------------------------------------------------------------------------
+def test_identical_finished_run_is_reused_and_a_changed_setting_trains_anew(sd1, tmp_path):
+    from comfyui_dreambooth.training.trainer import TrainCallbacks
+
+    concept = make_concept(tmp_path, n=2)
+    settings = tiny_settings(steps_per_image=1, use_ema=True, ema_decay=0.9)
+    first = _train(sd1, tmp_path / "out", settings, concept)
+    steps = []
+    again = _train(sd1, tmp_path / "out", settings.replace(preview_every_epochs=3, run_name="renamed"), concept,
+                   callbacks=TrainCallbacks(progress=steps.append))
+    assert again.reused and again.run_dir == first.run_dir and steps == []
+    assert again.steps == first.steps and again.final_loss == first.final_loss
+    assert module_hash(again.model.unet) == module_hash(first.model.unet)
+    assert module_hash(again.model.ema_unet) == module_hash(first.model.ema_unet)
+    changed = _train(sd1, tmp_path / "out", settings.replace(learning_rate=5e-4), concept)
+    assert not changed.reused and changed.run_dir != first.run_dir
+    assert module_hash(changed.model.unet) != module_hash(first.model.unet)
+    # reuse can be declined
+    fresh = _train(sd1, tmp_path / "out", settings, concept, reuse_finished=False, resume="new")
+    assert not fresh.reused and fresh.run_dir not in (first.run_dir, changed.run_dir)
