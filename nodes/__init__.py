@@ -1,5 +1,5 @@
 """ComfyUI node classes (thin adapters over `training/`), collected into one mapping."""
-from . import concepts, models, save, settings, train
+from . import concepts, convert, models, save, settings, train
 from .live import register_routes
 
 NODE_CLASS_MAPPINGS = {
@@ -10,7 +10,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LoadBaseModel": "DreamBooth Load Base Model",
     "SampleTrained": "DreamBooth Sample",
 }
-for _module in (concepts, settings, train, save):
+for _module in (concepts, settings, train, save, convert):
     NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
 
