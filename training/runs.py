@@ -73,8 +73,9 @@ class RunFolder:
 
     @staticmethod
     def all_runs(root: str) -> list["RunFolder"]:
-        return [RunFolder(p) for p in sorted(glob.glob(os.path.join(root, RUNS_SUBFOLDER, "*", "config.json")))
-                for p in [os.path.dirname(p)]]
+        """Every run under `root`, oldest first (by creation time: folder names start with the run name)."""
+        runs = [RunFolder(os.path.dirname(p)) for p in glob.glob(os.path.join(root, RUNS_SUBFOLDER, "*", "config.json"))]
+        return sorted(runs, key=lambda run: (run.read_config().get("created", ""), run.path))
 
     @classmethod
     def find(cls, root: str, run_id: str, *, finished: bool) -> "RunFolder | None":
@@ -151,8 +152,10 @@ class RunFolder:
         return os.path.join(self.path, "previews")
 
     def checkpoints(self) -> list[str]:
-        return sorted(p for p in glob.glob(os.path.join(self.checkpoints_dir, "step-*")) if os.path.isdir(p)
-                      and os.path.exists(os.path.join(p, "state.json")))
+        """Complete checkpoint folders, by step (numerically: step-10000000 comes after step-9999999)."""
+        found = [p for p in glob.glob(os.path.join(self.checkpoints_dir, "step-*")) if os.path.isdir(p)
+                 and os.path.exists(os.path.join(p, "state.json")) and os.path.basename(p)[5:].isdigit()]
+        return sorted(found, key=lambda p: int(os.path.basename(p)[5:]))
 
     def latest_checkpoint(self) -> str | None:
         found = self.checkpoints()
