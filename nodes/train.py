@@ -55,35 +55,44 @@ class TrainDreamBooth:
         }
 
     def train(self, model, concepts, config, resume="auto", unique_id=None):
+        from ..training.data.dataset import PreparationStopped
         from ..training.trainer import TrainCallbacks, TrainingInterrupted, train
         from .live import LiveReporter
 
         compat.free_comfy_memory()
         reporter = LiveReporter(unique_id if unique_id is not None else "headless")
         bar = compat.Progress(1, label="training")
+        cancelled = []       # the interrupt the progress bar raised (raising it consumed ComfyUI's flag)
 
         def progress(p):
             reporter.progress(p["step"], p["total"], p["epoch"], p["loss"], p["lr"], p["it_per_s"], p["eta_s"])
             try:
                 bar.update_absolute(p["step"], p["total"])
-            except Exception as e:   # Cancel: the trainer sees the same flag and saves before stopping
+            except Exception as e:   # Cancel: remembered, so the trainer saves and stops at this step boundary
                 if not compat.is_interrupt(e):
                     raise
+                cancelled.append(e)
+
+        def should_stop():
+            return bool(cancelled) or compat.interrupt_requested()
 
         def stage(name, done, total):
-            reporter.status("preparing", f"{name}: {done}/{total}")
+            reporter.status("starting", f"preparing the data ({name}): {done}/{total}")
 
         def preview(paths):
             reporter.preview([_ui_image(p) for p in paths])
 
         callbacks = TrainCallbacks(progress=progress, preview=preview, log=lambda m: print(f"[DreamBooth] {m}"),
-                                   should_stop=compat.interrupt_requested, control=reporter.control, stage=stage)
+                                   should_stop=should_stop, control=reporter.control, stage=stage)
         try:
             result = train(model, concepts, config, output_root=compat.output_directory(), resume=resume or "auto",
                            device=compat.comfy_torch_device(), callbacks=callbacks)
-        except TrainingInterrupted as e:
-            reporter.status("stopped", str(e))
-            compat.check_interrupt()          # ComfyUI Cancel / Ctrl-C: report it as an interrupt
+        except (TrainingInterrupted, PreparationStopped) as e:
+            # ComfyUI Cancel / Ctrl-C: report it as ComfyUI's own interrupt; a stop from the panel as an error
+            reporter.status("interrupted" if cancelled or compat.interrupt_requested() else "stopped", str(e))
+            if cancelled:
+                raise cancelled[0] from None
+            compat.check_interrupt()
             raise TrainingStopped(f"{e}. Queue the graph again to continue (resume = auto).") from None
         except Exception as e:
             reporter.status("error", str(e))

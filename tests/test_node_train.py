@@ -1,0 +1,211 @@
+"""The TrainDreamBooth node, headless and inside a (fake) ComfyUI: outputs, UI payload, live reporting,
+Cancel -> resumable checkpoint + ComfyUI's interrupt, panel stop, and re-queueing."""
+import os
+import sys
+import types
+
+import pytest
+import torch
+
+from comfyui_dreambooth.nodes import comfy_compat as compat
+from comfyui_dreambooth.nodes import live
+from comfyui_dreambooth.nodes.train import TrainDreamBooth, TrainingStopped
+from trainer_fixtures import make_concept, one_thread, read_losses, tiny_settings
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    before = one_thread()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    from comfyui_dreambooth.training.models import build_tiny_model
+
+    return build_tiny_model("sd1")
+
+
+@pytest.fixture
+def headless(tmp_path):
+    compat.set_output_directory(str(tmp_path / "output"))
+    compat.clear_interrupt()
+    live.clear_states()
+    messages = []
+    remove = compat.add_ui_listener(lambda event, data: messages.append((event, data)))
+    yield messages
+    remove()
+    compat.clear_interrupt()
+    compat.set_output_directory(None)
+    live.clear_states()
+
+
+def test_node_contract():
+    spec = TrainDreamBooth.INPUT_TYPES()
+    assert list(spec["required"]) == ["model", "concepts", "config"]
+    assert [spec["required"][k][0] for k in ("model", "concepts", "config")] == ["DB_MODEL", "CONCEPTS", "DB_CONFIG"]
+    assert list(spec["optional"]) == ["resume"]
+    for name, (kind, opts) in {**spec["required"], **spec["optional"]}.items():
+        assert opts.get("tooltip"), name
+    assert TrainDreamBooth.RETURN_TYPES == ("DB_MODEL", "STRING", "STRING")
+    assert TrainDreamBooth.OUTPUT_NODE and TrainDreamBooth.CATEGORY.startswith("DreamBooth")
+
+
+def test_headless_run_returns_model_run_dir_report_and_ui(sd1, tmp_path, headless):
+    concept = make_concept(tmp_path, n=2)
+    settings = tiny_settings(steps_per_image=2, preview_every_epochs=1, preview_steps=1)
+    out = TrainDreamBooth().train(sd1, [concept], settings, unique_id="7")
+    model, run_dir, report = out["result"]
+    assert model is not sd1 and model.metadata["adapter"]["rank"] == 4
+    output = os.path.realpath(compat.output_directory())
+    assert os.path.realpath(run_dir).startswith(os.path.join(output, "dreambooth") + os.sep)
+    assert "Trained 4 steps" in report and run_dir in report and "examples" in report.lower()
+    assert out["ui"]["text"] == [report]
+    images = out["ui"]["images"]
+    assert [i["filename"] for i in images] == ["epoch-00001_0.png", "epoch-00002_0.png"]
+    for image in images:
+        assert image["type"] == "output" and not os.path.isabs(image["subfolder"])
+        assert os.path.exists(os.path.join(output, image["subfolder"], image["filename"]))
+
+    state = live.get_state("7")
+    assert state["state"] == "done" and state["step"] == state["total"] == 4
+    assert [p[0] for p in state["loss_history"]] == [1, 2, 3, 4]
+    assert state["previews"] and state["previews"][-1]["filename"] == "epoch-00002_0.png"
+    events = {event for event, _ in headless}
+    assert {live.PROGRESS_EVENT, live.PREVIEW_EVENT, live.STATUS_EVENT} <= events
+
+    # re-queueing the same graph after a restart: the finished run is found on disk, nothing retrains
+    again = TrainDreamBooth().train(sd1, [concept], settings, unique_id="7")
+    assert again["result"][1] == run_dir and again["result"][2].startswith("Reused 4 steps")
+
+
+def _interrupt_at_first_progress(messages_sink, request):
+    def listener(event, data):
+        if event == live.PROGRESS_EVENT and data.get("step") == 1:
+            request()
+    return listener
+
+
+def test_headless_cancel_saves_a_resumable_checkpoint_then_raises_the_interrupt(sd1, tmp_path, headless):
+    concept = make_concept(tmp_path, n=2)
+    settings = tiny_settings(steps_per_image=2)
+    remove = compat.add_ui_listener(_interrupt_at_first_progress(headless, compat.request_interrupt))
+    try:
+        with pytest.raises(compat.InterruptRequested):
+            TrainDreamBooth().train(sd1, [concept], settings, unique_id="8")
+    finally:
+        remove()
+    assert live.get_state("8")["state"] == "interrupted"
+    runs = os.path.join(compat.output_directory(), "dreambooth")
+    (run_name,) = [d for d in os.listdir(runs) if d != "cache"]
+    run_dir = os.path.join(runs, run_name)
+    assert os.listdir(os.path.join(run_dir, "checkpoints")) == ["step-0000001"]
+    assert [r["step"] for r in read_losses(run_dir)] == [1]
+
+    compat.clear_interrupt()
+    out = TrainDreamBooth().train(sd1, [concept], settings, unique_id="8")       # queue again: resumes
+    assert out["result"][1] == run_dir and [r["step"] for r in read_losses(run_dir)] == [1, 2, 3, 4]
+
+
+def test_stop_from_the_panel_is_a_resumable_stop(sd1, tmp_path, headless):
+    from comfyui_dreambooth.training.control import find_control
+
+    concept = make_concept(tmp_path, n=2)
+    remove = compat.add_ui_listener(_interrupt_at_first_progress(headless, lambda: find_control("9").stop_now()))
+    try:
+        with pytest.raises(TrainingStopped, match="Queue the graph again"):
+            TrainDreamBooth().train(sd1, [concept], tiny_settings(steps_per_image=2), unique_id="9")
+    finally:
+        remove()
+    assert live.get_state("9")["state"] == "stopped"
+
+
+def test_errors_reach_the_panel(sd1, tmp_path, headless):
+    concept = make_concept(tmp_path, n=1).replace(instance_dir=str(tmp_path / "missing"))
+    with pytest.raises(Exception, match="missing"):
+        TrainDreamBooth().train(sd1, [concept], tiny_settings(), unique_id="10")
+    assert live.get_state("10")["state"] == "error"
+
+
+# ---- inside a (fake) ComfyUI ----------------------------------------------------------------------------------------
+@pytest.fixture
+def fake_comfy(tmp_path, monkeypatch):
+    """folder_paths / comfy.utils / comfy.model_management / server, as far as the node uses them."""
+    calls = []
+    folder_paths = types.ModuleType("folder_paths")
+    folder_paths.get_output_directory = lambda: str(tmp_path / "ComfyUI" / "output")
+    folder_paths.get_input_directory = lambda: str(tmp_path / "ComfyUI" / "input")
+    comfy = types.ModuleType("comfy")
+    utils = types.ModuleType("comfy.utils")
+
+    class ProgressBar:
+        def __init__(self, total):
+            calls.append(("ProgressBar", total))
+
+        def update_absolute(self, value, total=None, preview=None):
+            calls.append(("update", value, total))
+    utils.ProgressBar = ProgressBar
+
+    mm = types.ModuleType("comfy.model_management")
+
+    class InterruptProcessingException(Exception):
+        pass
+    mm.InterruptProcessingException = InterruptProcessingException
+    mm.flag = False
+    mm.interrupt_current_processing = lambda value=True: setattr(mm, "flag", value)
+    mm.processing_interrupted = lambda: mm.flag
+
+    def throw():                       # like ComfyUI: raising consumes the flag
+        if mm.flag:
+            mm.flag = False
+            raise InterruptProcessingException()
+    mm.throw_exception_if_processing_interrupted = throw
+    mm.unload_all_models = lambda: calls.append("unload_all_models")
+    mm.soft_empty_cache = lambda: calls.append("soft_empty_cache")
+    mm.get_torch_device = lambda: torch.device("cpu")
+
+    server = types.ModuleType("server")
+
+    class Instance:
+        routes = []
+
+        def send_sync(self, event, data, sid=None):
+            calls.append(("send_sync", event, data))
+            if event == live.PROGRESS_EVENT and data.get("step") == 1 and mm.cancel_at_step_1:
+                mm.flag = True         # the user presses Cancel
+    mm.cancel_at_step_1 = False
+    server.PromptServer = type("PromptServer", (), {"instance": Instance()})
+    comfy.utils, comfy.model_management = utils, mm
+    for name, module in {"folder_paths": folder_paths, "comfy": comfy, "comfy.utils": utils,
+                         "comfy.model_management": mm, "server": server}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    live.clear_states()
+    yield types.SimpleNamespace(calls=calls, mm=mm, output=tmp_path / "ComfyUI" / "output")
+    live.clear_states()
+
+
+def test_inside_comfyui_under_inference_mode(sd1, tmp_path, fake_comfy):
+    concept = make_concept(tmp_path, n=2)
+    with torch.inference_mode():                      # how ComfyUI's executor calls every node
+        out = TrainDreamBooth().train(sd1, [concept], tiny_settings(steps_per_image=1), unique_id="3")
+    model, run_dir, _ = out["result"]
+    assert run_dir.startswith(str(fake_comfy.output))
+    calls = fake_comfy.calls
+    assert calls.index("unload_all_models") < calls.index(("ProgressBar", 1))       # VRAM freed before training
+    assert [c for c in calls if c[0] == "update"] == [("update", 1, 2), ("update", 2, 2)]
+    assert any(c[0] == "send_sync" and c[1] == live.PROGRESS_EVENT for c in calls)
+    # the trained model works for sampling afterwards (outside the executor's inference mode too)
+    assert not model.unet.conv_in.weight.is_inference()
+
+
+def test_inside_comfyui_cancel_raises_comfys_interrupt_after_saving(sd1, tmp_path, fake_comfy):
+    concept = make_concept(tmp_path, n=2)
+    fake_comfy.mm.cancel_at_step_1 = True
+    with pytest.raises(fake_comfy.mm.InterruptProcessingException):
+        with torch.inference_mode():
+            TrainDreamBooth().train(sd1, [concept], tiny_settings(steps_per_image=2), unique_id="4")
+    runs = fake_comfy.output / "dreambooth"
+    (run_name,) = [d for d in os.listdir(runs) if d != "cache"]
+    assert os.listdir(runs / run_name / "checkpoints") == ["step-0000001"]
+    assert live.get_state("4")["state"] == "interrupted"
