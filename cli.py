@@ -4,6 +4,7 @@
     comfyui-dreambooth convert IN OUT [--dtype fp16|bf16|fp32]
     comfyui-dreambooth sample MODEL --prompt "a photo of sks dog" --out dog.png [--steps 20 --seed 0 ...]
     comfyui-dreambooth run WORKFLOW.json [--set "Title.input=value" ...] [--output-dir DIR]
+    comfyui-dreambooth demo [--output-dir DIR]
 
 Every failure ends with ONE line on stderr naming the file and the problem, and a non-zero exit
 (1 = error, 130 = interrupted); `--debug` prints the traceback instead.
@@ -273,6 +274,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         for path in saved_files(result):
             print(path)
     return 0
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# demo (demo.py)
+# ------------------------------------------------------------------------------------------------------------------
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    from .demo import add_arguments
+    add_arguments(p)
+
+
+@command("demo", "train a LoRA on a tiny built-in model and drawn images (about a minute on a CPU)",
+         arguments=_demo_arguments)
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+    return demo_main(args)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,292 @@
+"""`comfyui-dreambooth demo [--output-dir DIR]`: the whole pack on an embedded default, in about a minute on a CPU.
+
+It builds a tiny random-weight SD1 model (saved as DIR/checkpoints/demo_tiny_sd1.safetensors), draws a small
+concept image set (DIR/input/demo_concept: the same red-and-yellow toy on different backgrounds), then runs the
+shipped LoRA example workflow (example_workflows/lora_person_prior_preservation.json) through the headless
+runner, with the model, folders, steps and resolution set through the runner's `--set`-style overrides. Out come
+the LoRA (DIR/loras/demo_lora.safetensors), the sample images (DIR/demo/), the run folder (DIR/dreambooth/...:
+config, loss log, previews) and a loss plot (DIR/demo_loss.png).
+
+The tiny model's images are noise: the demo shows the machinery (data scan, class images, training, export,
+sampling) end to end, not image quality. Cheap to import: everything heavy is imported inside the functions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TextIO
+
+DEMO_WORKFLOW = "lora_person_prior_preservation.json"
+CHECKPOINT_NAME = "demo_tiny_sd1.safetensors"
+CONCEPT_FOLDER = "demo_concept"
+LORA_NAME = "demo_lora"
+SAMPLE_PREFIX = "demo/sample"
+LOSS_PLOT = "demo_loss.png"
+IMAGE_SIZE = 64
+NUM_IMAGES = 4
+EPOCHS = 4                  # steps per image: (4 images + 4 class images) x 4 = 32 optimizer steps
+# titles of the example workflow's nodes (tests/make_example_workflows.py TITLES)
+MODEL, CONCEPT, DATA, SETTINGS, SAMPLE, SAVE = "Base model", "Concept", "Data", "Settings", "Sample", "Save LoRA"
+
+
+def package_root() -> str:
+    return os.path.dirname(os.path.abspath(__file__))
+
+
+def example_workflow_path(name: str = DEMO_WORKFLOW) -> str:
+    return os.path.join(package_root(), "example_workflows", name)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Inputs: a tiny model and a drawn concept
+# ------------------------------------------------------------------------------------------------------------------
+def make_tiny_checkpoint(path: str) -> str:
+    """The tiny random SD1 model (training.models.build_tiny_model) as a single-file checkpoint (fp32).
+
+    An existing file is kept: safetensors writes its header in no fixed order, so a re-save of the same weights
+    would get another file hash, and the trainer would not recognise the finished run of an earlier demo."""
+    from .training.models import build_tiny_model, save_single_file
+
+    if os.path.isfile(path):
+        return path
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return save_single_file(build_tiny_model("sd1", seed=0), path, dtype="fp32")
+
+
+# background colours of the concept images: one subject, several scenes (what DreamBooth needs)
+_BACKGROUNDS = [(70, 130, 180), (60, 150, 90), (200, 200, 190), (120, 80, 150), (230, 170, 80), (40, 40, 60)]
+
+
+def draw_concept_image(index: int, size: int = IMAGE_SIZE):
+    """One picture of the demo "toy": a red disc with a yellow centre and a dark square base, placed and sized a
+    little differently on each background (drawn 4x larger, then downscaled, for smooth edges)."""
+    from PIL import Image, ImageDraw
+
+    scale = 4
+    big = size * scale
+    image = Image.new("RGB", (big, big), _BACKGROUNDS[index % len(_BACKGROUNDS)])
+    draw = ImageDraw.Draw(image)
+    radius = big * (0.22 + 0.03 * (index % 3))
+    cx = big * (0.40 + 0.05 * (index % 4))
+    cy = big * (0.42 + 0.04 * ((index + 1) % 3))
+    draw.rectangle((cx - radius * 0.6, cy + radius * 0.8, cx + radius * 0.6, cy + radius * 1.4), fill=(50, 40, 40))
+    draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=(210, 40, 40))
+    draw.ellipse((cx - radius / 3, cy - radius / 3, cx + radius / 3, cy + radius / 3), fill=(250, 220, 60))
+    return image.resize((size, size), Image.LANCZOS)
+
+
+def make_concept_images(folder: str, count: int = NUM_IMAGES, size: int = IMAGE_SIZE) -> list[str]:
+    """Write `count` PNGs of the demo toy into `folder`; returns their paths."""
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = os.path.join(folder, f"toy_{i + 1:02d}.png")
+        draw_concept_image(i, size).save(path, format="PNG")
+        paths.append(path)
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The workflow run
+# ------------------------------------------------------------------------------------------------------------------
+def demo_overrides(checkpoint_name: str, instance_dir: str, *, epochs: int = EPOCHS) -> list[str]:
+    """`--set` overrides that turn the LoRA example (SD 1.5 person, 512 px, hours on a GPU) into the demo run
+    (tiny model, 64 px, a minute on a CPU)."""
+    return [
+        f"{MODEL}.model={checkpoint_name}",
+        f"{CONCEPT}.instance_dir={instance_dir}",
+        f"{CONCEPT}.instance_prompt=a photo of sks toy",
+        f"{CONCEPT}.instance_token=sks",
+        f"{CONCEPT}.class_prompt=a photo of a toy",
+        f"{CONCEPT}.class_token=toy",
+        f"{CONCEPT}.num_class_images_per_image=1",       # prior preservation stays on, with few class images
+        f"{CONCEPT}.class_steps=2",
+        f"{CONCEPT}.sample_prompt=a photo of sks toy",
+        f"{CONCEPT}.concept_type=object",
+        f"{DATA}.resolution={IMAGE_SIZE}",
+        f"{DATA}.bucketing=false",
+        f"{SETTINGS}.lora_rank=4",
+        f"{SETTINGS}.lora_alpha=4",
+        f"{SETTINGS}.steps_per_image={epochs}",
+        f"{SETTINGS}.learning_rate=0.001",                 # a random tiny model: a big rate shows the loss move
+        f"{SETTINGS}.text_encoder_lr=0.0005",
+        f"{SETTINGS}.lr_warmup_steps=2",
+        f"{SETTINGS}.mixed_precision=no",                  # CPU
+        f"{SETTINGS}.save_every_epochs=0",
+        f"{SETTINGS}.preview_every_epochs=0",              # SampleTrained shows the result instead
+        f"{SETTINGS}.run_name=demo",
+        f"{SAMPLE}.prompt=a photo of sks toy",
+        f"{SAMPLE}.width={IMAGE_SIZE}",
+        f"{SAMPLE}.height={IMAGE_SIZE}",
+        f"{SAMPLE}.steps=6",
+        f"{SAMPLE}.scheduler=euler",
+        f"{SAMPLE}.filename_prefix={SAMPLE_PREFIX}",
+        f"{SAVE}.filename={LORA_NAME}",
+        f"{SAVE}.overwrite=true",
+    ]
+
+
+def read_loss_log(run_dir: str) -> list[dict]:
+    """The run's loss.jsonl records (one per optimizer step); unreadable lines are skipped."""
+    records = []
+    path = os.path.join(run_dir, "loss.jsonl")
+    if not os.path.isfile(path):
+        return records
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("loss"), (int, float)) \
+                    and math.isfinite(record["loss"]):
+                records.append(record)
+    return records
+
+
+def smoothed(values: list[float], weight: float = 0.8) -> list[float]:
+    """Debiased exponential moving average (what TensorBoard's smoothing slider shows)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight ** i))
+    return out
+
+
+def plot_loss(records: list[dict], path: str, size: tuple[int, int] = (640, 360), title: str = "training loss") -> str:
+    """Draw the loss curve (raw + smoothed) against the step as a PNG with PIL; returns the path."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from .training.fsutil import atomic_path
+
+    width, height = size
+    left, right, top, bottom = 60, 20, 34, 40
+    image = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    draw.text((left, 10), title, fill=(20, 20, 20), font=font)
+    x0, y0, x1, y1 = left, top, width - right, height - bottom
+    draw.rectangle((x0, y0, x1, y1), outline=(120, 120, 120))
+    steps = [float(r.get("step", i + 1)) for i, r in enumerate(records)]
+    losses = [float(r["loss"]) for r in records]
+    if not records:
+        draw.text((x0 + 10, (y0 + y1) // 2), "no loss values logged", fill=(160, 0, 0), font=font)
+    else:
+        lo, hi = min(losses), max(losses)
+        if hi - lo < 1e-12:
+            lo, hi = lo - 0.5, hi + 0.5
+        pad = (hi - lo) * 0.05
+        lo, hi = lo - pad, hi + pad
+        s_lo, s_hi = min(steps), max(steps)
+        s_span = (s_hi - s_lo) or 1.0
+
+        def xy(step, loss):
+            return (x0 + (step - s_lo) / s_span * (x1 - x0), y1 - (loss - lo) / (hi - lo) * (y1 - y0))
+
+        for k in range(1, 4):                          # horizontal grid lines with their values
+            y = y0 + k * (y1 - y0) / 4
+            draw.line((x0, y, x1, y), fill=(230, 230, 230))
+            draw.text((4, y - 6), f"{hi - k * (hi - lo) / 4:.4g}", fill=(90, 90, 90), font=font)
+        draw.text((4, y0 - 6), f"{hi:.4g}", fill=(90, 90, 90), font=font)
+        draw.text((4, y1 - 6), f"{lo:.4g}", fill=(90, 90, 90), font=font)
+        raw_points = [xy(s, v) for s, v in zip(steps, losses)]
+        smooth_points = [xy(s, v) for s, v in zip(steps, smoothed(losses))]
+        if len(raw_points) == 1:
+            raw_points = smooth_points = raw_points * 2
+        draw.line(raw_points, fill=(150, 190, 235), width=1)
+        draw.line(smooth_points, fill=(20, 70, 170), width=3)
+        draw.text((x0, y1 + 6), f"step {int(s_lo)}", fill=(90, 90, 90), font=font)
+        draw.text((x1 - 60, y1 + 6), f"step {int(s_hi)}", fill=(90, 90, 90), font=font)
+        draw.text((x0 + 140, 10), "light: raw   dark: smoothed", fill=(20, 70, 170), font=font)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return path
+
+
+@dataclass
+class DemoResult:
+    output_dir: str
+    checkpoint: str
+    concept_images: list[str]
+    run_dir: str
+    lora: str
+    samples: list[str]
+    loss_plot: str
+    steps: int
+    final_loss: float | None
+    seconds: float
+    workflow: str
+    overrides: list[str] = field(default_factory=list)
+    node_seconds: dict = field(default_factory=dict)      # the runner's timings, by node title
+
+    def summary(self) -> str:
+        loss = f"{self.final_loss:.4f}" if self.final_loss is not None else "-"
+        lines = [f"demo finished in {self.seconds:.0f}s: {self.steps} training steps, final loss {loss}",
+                 f"  base model      {self.checkpoint}",
+                 f"  concept images  {os.path.dirname(self.concept_images[0])} ({len(self.concept_images)} images)",
+                 f"  workflow        {self.workflow}",
+                 f"  run folder      {self.run_dir}  (config.json, loss.jsonl, previews/)",
+                 f"  LoRA            {self.lora}",
+                 *[f"  sample          {p}" for p in self.samples],
+                 f"  loss plot       {self.loss_plot}",
+                 "Next: copy the workflow into ComfyUI (or `comfyui-dreambooth run` it) with your own model and photos."]
+        return "\n".join(lines)
+
+
+def run_demo(output_dir: str, *, show_progress: bool = True, stream: TextIO | None = None,
+             epochs: int = EPOCHS) -> DemoResult:
+    """Build the inputs under `output_dir`, run the LoRA example headless, plot the loss; returns the paths."""
+    from .runner import run_workflow, saved_files
+
+    stream = stream if stream is not None else sys.stdout
+    started = time.monotonic()
+    output_dir = os.path.abspath(output_dir)
+    checkpoint = os.path.join(output_dir, "checkpoints", CHECKPOINT_NAME)   # headless models live in DIR/<kind>
+    print(f"{'reusing' if os.path.isfile(checkpoint) else 'building'} the tiny model: {checkpoint}", file=stream)
+    make_tiny_checkpoint(checkpoint)
+    concept_dir = os.path.join(output_dir, "input", CONCEPT_FOLDER)
+    images = make_concept_images(concept_dir)
+    print(f"drew {len(images)} concept images: {concept_dir}", file=stream)
+    workflow = example_workflow_path()
+    overrides = demo_overrides(CHECKPOINT_NAME, concept_dir, epochs=epochs)
+    print(f"running {workflow} headless", file=stream)
+    result = run_workflow(workflow, overrides=overrides, output_dir=output_dir, show_progress=show_progress)
+
+    classes = {node_id: node["class_type"] for node_id, node in result["prompt"].items()}
+    train_id = next(i for i, c in classes.items() if c == "TrainDreamBooth")
+    save_id = next(i for i, c in classes.items() if c == "SaveLoRA")
+    run_dir = result["results"][train_id][1][0]
+    lora = result["results"][save_id][0][0]
+    samples = [p for p in saved_files(result) if os.path.relpath(p, output_dir).startswith(os.path.dirname(SAMPLE_PREFIX))]
+    records = read_loss_log(run_dir)
+    loss_plot = plot_loss(records, os.path.join(output_dir, LOSS_PLOT), title="demo LoRA: loss per step")
+    return DemoResult(output_dir=output_dir, checkpoint=checkpoint, concept_images=images, run_dir=run_dir,
+                      lora=lora, samples=samples, loss_plot=loss_plot, steps=len(records),
+                      final_loss=records[-1]["loss"] if records else None,
+                      seconds=time.monotonic() - started, workflow=workflow, overrides=overrides,
+                      node_seconds={result["prompt"][i]["_meta"]["title"]: t for i, t in result["timings"].items()})
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# CLI (registered in cli.py)
+# ------------------------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output-dir", default="dreambooth-demo",
+                        help="folder for everything the demo writes (default: ./dreambooth-demo)")
+    parser.add_argument("--quiet", action="store_true", help="no per-node progress lines")
+
+
+def main(args: argparse.Namespace) -> int:
+    result = run_demo(args.output_dir, show_progress=not args.quiet)
+    print(result.summary())
+    return 0
+
+
+__all__ = ["run_demo", "DemoResult", "make_tiny_checkpoint", "make_concept_images", "draw_concept_image",
+           "demo_overrides", "read_loss_log", "plot_loss", "smoothed", "example_workflow_path"]
