@@ -17,11 +17,12 @@ DEMO_TIME_LIMIT_S = float(os.environ.get("DEMO_TIME_LIMIT_S", "60"))
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
-    printed = io.StringIO()
+    printed, errors = io.StringIO(), io.StringIO()
     started = time.monotonic()
-    with contextlib.redirect_stdout(printed):
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors):
         rc = cli.main(["demo", "--output-dir", str(out), "--quiet"])
-    return {"out": out, "rc": rc, "stdout": printed.getvalue(), "seconds": time.monotonic() - started}
+    return {"out": out, "rc": rc, "stdout": printed.getvalue(), "stderr": errors.getvalue(),
+            "seconds": time.monotonic() - started}
 
 
 def printed_path(stdout: str, label: str) -> list[str]:
@@ -29,7 +30,7 @@ def printed_path(stdout: str, label: str) -> list[str]:
 
 
 def test_demo_finishes_within_the_time_limit(demo_run):
-    assert demo_run["rc"] == 0, demo_run["stdout"]
+    assert demo_run["rc"] == 0, demo_run["stdout"] + demo_run["stderr"]
     assert demo_run["seconds"] < DEMO_TIME_LIMIT_S, f"demo took {demo_run['seconds']:.1f}s"
 
 

@@ -114,8 +114,14 @@ def is_widget(kind, options) -> bool:
 
 
 def has_control_after_generate(name: str, kind, options) -> bool:
-    """The frontend adds a 'control after generate' widget after seed-like INT widgets."""
-    return kind == "INT" and bool(options.get("control_after_generate") or name in ("seed", "noise_seed"))
+    """Whether the frontend adds a 'control after generate' widget (saved right after the value) to an INT widget.
+
+    Frontend 1.27 (useIntWidget): `inputSpec.control_after_generate ?? ["seed", "noise_seed"].includes(name)`, so
+    an explicit False turns it off even for an input named seed."""
+    if kind != "INT":
+        return False
+    option = options.get("control_after_generate")
+    return bool(option) if option is not None else name in ("seed", "noise_seed")
 
 
 def socket_inputs(spec: dict) -> list[tuple[str, str, bool]]:
@@ -264,3 +270,16 @@ class Canvas:
             "extra": {"ds": {"scale": 0.75, "offset": [40, 40]}, "frontendVersion": FRONTEND_VERSION},
             "version": 0.4,
         }
+
+
+def core_node_classes() -> dict:
+    """Stand-ins for the core nodes (INPUT_TYPES/RETURN_TYPES from CORE_NODES), so the runner's canvas converter
+    can turn a workflow that uses them into API format for a real ComfyUI. They cannot run."""
+    classes = {}
+    for name, spec in CORE_NODES.items():
+        def input_types(cls, _spec=spec):
+            return _spec["input"]
+
+        classes[name] = type(name, (), {"INPUT_TYPES": classmethod(input_types), "RETURN_TYPES": spec["output"],
+                                        "OUTPUT_NODE": spec.get("output_node", False), "FUNCTION": "unavailable"})
+    return classes
