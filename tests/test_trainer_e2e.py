@@ -31,13 +31,13 @@ def _mean(xs):
     return sum(xs) / len(xs)
 
 
-@pytest.mark.parametrize("use_lora, lr", [(True, 1e-2), (False, 3e-4)], ids=["lora", "full"])
+@pytest.mark.parametrize("use_lora, lr", [(True, 2e-2), (False, 1e-3)], ids=["lora", "full"])
 def test_loss_falls_on_four_image_overfit_set(sd1, tmp_path, use_lora, lr):
-    settings = tiny_settings(use_lora=use_lora, learning_rate=lr, steps_per_image=0, max_train_steps=24)
+    settings = tiny_settings(use_lora=use_lora, learning_rate=lr, steps_per_image=0, max_train_steps=16)
     result = _train(sd1, tmp_path, settings)
     losses = [r["loss"] for r in read_losses(result.run_dir)]
-    assert len(losses) == 24 and result.steps == 24
-    first, last = _mean(losses[:6]), _mean(losses[-6:])
+    assert len(losses) == 16 and result.steps == 16
+    first, last = _mean(losses[:4]), _mean(losses[-4:])
     assert last < 0.8 * first, (first, last, losses)
     assert result.final_loss == losses[-1]
     # the returned model really carries the training: its UNet differs from the base
@@ -107,7 +107,8 @@ def test_sd2_v_prediction_with_zero_terminal_snr(tmp_path, monkeypatch):
 
 
 def _settings_touching_everything(**changes):
-    return tiny_settings(text_encoder_ratio=0.5, use_ema=True, ema_decay=0.9, steps_per_image=1, **changes)
+    return tiny_settings(text_encoder_ratio=0.5, use_ema=True, ema_decay=0.9, steps_per_image=0, max_train_steps=2,
+                         **changes)
 
 
 @pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
@@ -126,7 +127,7 @@ def test_fp16_vae_of_received_model_keeps_its_dtype(tmp_path):
     model = build_tiny_model("sd1")
     model.vae.to(torch.float16)
     before = model_hash(model)
-    result = _train(model, tmp_path, tiny_settings(steps_per_image=1, data={"cache_latents": False}))
+    result = _train(model, tmp_path, tiny_settings(steps_per_image=0, max_train_steps=1))
     assert model.vae.dtype == torch.float16 and model_hash(model) == before
     assert result.model.vae.dtype == torch.float32
 
@@ -152,11 +153,11 @@ def test_trains_under_inference_mode_like_comfyui(tmp_path, monkeypatch, setting
         model = build_tiny_model("sd1")
         assert model.unet.conv_in.weight.is_inference()
         before = model_hash(model)
-        result = train(model, [make_concept(tmp_path)], tiny_settings(steps_per_image=1, **settings_kw),
+        result = train(model, [make_concept(tmp_path, n=2)], tiny_settings(steps_per_image=1, **settings_kw),
                        output_root=str(tmp_path / "out"))
         assert model_hash(model) == before
     losses = read_losses(result.run_dir)
-    assert len(losses) == 4 and all(0 < r["loss"] < 10 for r in losses)
+    assert len(losses) == 2 and all(0 < r["loss"] < 10 for r in losses)
     assert module_hash(result.model.text_encoders[0]) != module_hash(model.text_encoders[0])
 
 

@@ -30,12 +30,19 @@ def _train(model, root, settings, concept, **kw):
     return train(model, [concept], settings, output_root=str(root), **kw)
 
 
-def _stop_at(step):
-    """Callbacks whose should_stop turns true once `step` optimizer steps are done (like ComfyUI's Cancel)."""
+def _stop_at(step, control=None, save_at=None):
+    """Callbacks whose should_stop turns true once `step` optimizer steps are done (like ComfyUI's Cancel);
+    with `save_at`, a checkpoint is also requested after that step."""
     from comfyui_dreambooth.training.trainer import TrainCallbacks
 
     done = {"step": 0}
-    return TrainCallbacks(progress=lambda p: done.update(step=p["step"]), should_stop=lambda: done["step"] >= step)
+
+    def progress(p):
+        done["step"] = p["step"]
+        if save_at is not None and p["step"] == save_at:
+            control.request_save()
+
+    return TrainCallbacks(progress=progress, should_stop=lambda: done["step"] >= step, control=control)
 
 
 def _curve(run_dir):
@@ -50,7 +57,7 @@ def _final_state(run_dir):
 
 # ---- resume ------------------------------------------------------------------------------------------------------
 RESUME_CASES = {
-    # adapter dropout draws from the global RNG, flips and caption order from the data plan, TE freezes at step 3
+    # adapter dropout draws from the global RNG, flips and caption order from the data plan, TE freezes at step 2
     "lora": dict(use_lora=True, lora_dropout=0.1, text_encoder_ratio=0.5, use_ema=True, ema_decay=0.9,
                  lr_scheduler="cosine", data={"random_flip": True, "shuffle_tags": True}),
     "full": dict(use_lora=False, learning_rate=1e-4, text_encoder_ratio=0.5, use_ema=True, ema_decay=0.9,
@@ -60,21 +67,21 @@ RESUME_CASES = {
 
 @pytest.mark.parametrize("case", list(RESUME_CASES))
 def test_resume_continues_the_same_curve_bit_identically(sd1, tmp_path, case):
-    """3 images x 2 epochs = 6 steps; interrupted after step 2 (mid-epoch, before the TE freezes at step 3)."""
+    """2 images x 2 epochs = 4 steps; interrupted after step 1 (mid-epoch, before the TE freezes at step 2)."""
     from comfyui_dreambooth.training.trainer import TrainingInterrupted
 
-    concept = make_concept(tmp_path, n=3, instance_prompt="a photo of sks dog, red collar, on grass")
+    concept = make_concept(tmp_path, n=2, instance_prompt="a photo of sks dog, red collar, on grass")
     settings = tiny_settings(steps_per_image=2, **RESUME_CASES[case])
     straight = _train(sd1, tmp_path / "straight", settings, concept)
-    assert straight.steps == 6
+    assert straight.steps == 4
 
     with pytest.raises(TrainingInterrupted) as stopped:
-        _train(sd1, tmp_path / "resumed", settings, concept, callbacks=_stop_at(2))
-    assert stopped.value.step == 2 and os.path.basename(stopped.value.checkpoint) == "step-0000002"
-    assert [r["step"] for r in read_losses(stopped.value.run_dir)] == [1, 2]
+        _train(sd1, tmp_path / "resumed", settings, concept, callbacks=_stop_at(1))
+    assert stopped.value.step == 1 and os.path.basename(stopped.value.checkpoint) == "step-0000001"
+    assert [r["step"] for r in read_losses(stopped.value.run_dir)] == [1]
 
     resumed = _train(sd1, tmp_path / "resumed", settings, concept, resume="auto")
-    assert resumed.run_dir == stopped.value.run_dir and resumed.steps == 6 and not resumed.reused
+    assert resumed.run_dir == stopped.value.run_dir and resumed.steps == 4 and not resumed.reused
     assert _curve(resumed.run_dir) == _curve(straight.run_dir)
     (a, ema_a), (b, ema_b) = _final_state(straight.run_dir), _final_state(resumed.run_dir)
     assert same_tensors(a, b) and same_tensors(ema_a, ema_b)
@@ -83,17 +90,22 @@ def test_resume_continues_the_same_curve_bit_identically(sd1, tmp_path, case):
     assert module_hash(resumed.model.ema_unet) == module_hash(straight.model.ema_unet)
 
 
-def test_resume_from_an_explicit_checkpoint_and_new(sd1, tmp_path):
+def test_resume_from_an_explicit_earlier_checkpoint_and_new(sd1, tmp_path):
+    """Checkpoints at steps 1 and 2, stopped after 2; resuming from step 1 re-logs steps 2.. (the log is cut)."""
+    from comfyui_dreambooth.training.control import TrainingControl
     from comfyui_dreambooth.training.trainer import TrainingInterrupted
 
     concept = make_concept(tmp_path, n=2)
     settings = tiny_settings(steps_per_image=2)
     with pytest.raises(TrainingInterrupted) as stopped:
-        _train(sd1, tmp_path / "out", settings, concept, callbacks=_stop_at(1))
+        _train(sd1, tmp_path / "out", settings, concept, callbacks=_stop_at(2, TrainingControl(), save_at=1))
+    run_dir = stopped.value.run_dir
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["step-0000001", "step-0000002"]
     fresh = _train(sd1, tmp_path / "out", settings, concept, resume="new")
-    assert fresh.run_dir != stopped.value.run_dir and fresh.steps == 4
-    resumed = _train(sd1, tmp_path / "out", settings, concept, resume=stopped.value.checkpoint, reuse_finished=False)
-    assert resumed.run_dir == stopped.value.run_dir
+    assert fresh.run_dir != run_dir and fresh.steps == 4
+    first = os.path.join(run_dir, "checkpoints", "step-0000001")
+    resumed = _train(sd1, tmp_path / "out", settings, concept, resume=first, reuse_finished=False)
+    assert resumed.run_dir == run_dir
     assert _curve(resumed.run_dir) == _curve(fresh.run_dir)
     # a checkpoint of other settings is refused with a clear message
     with pytest.raises(ValueError, match="other settings"):

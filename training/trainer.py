@@ -67,6 +67,18 @@ def _step_seed(seed: int, step: int, micro: int = 0) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def _seed_global_rng(seed: int, device) -> None:
+    """Seed the global generators a step may draw from: the CPU's and the training device's.
+    (torch.manual_seed also walks every other backend: 0.7 ms a step on a CPU-only build.)"""
+    import torch
+
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(seed)
+    elif device.type != "cpu":
+        torch.manual_seed(seed)
+
+
 def _trainable_copy(module):
     """A deep copy made outside inference mode: ComfyUI loads weights as inference tensors, which autograd
     refuses; the copy's tensors are ordinary ones."""
@@ -383,7 +395,7 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
         if epoch not in plan_cache:
             plan_cache = {epoch: data.epoch_plan(epoch)[rank::world]}
         micro_batches = plan_cache[epoch][k * accum:(k + 1) * accum]
-        torch.manual_seed(_step_seed(settings.seed, step))          # dropout and any other global draw
+        _seed_global_rng(_step_seed(settings.seed, step), device)   # dropout and any other global draw
         step_loss = torch.zeros((), device=device)
         for micro, plan_item in enumerate(micro_batches):
             gen = torch.Generator("cpu").manual_seed(_step_seed(settings.seed, step, micro + 1))
