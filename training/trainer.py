@@ -219,9 +219,14 @@ def train(model, concepts, settings, *, output_root: str, resume: str = "auto", 
     import torch
 
     cb = callbacks or TrainCallbacks()
-    with torch.inference_mode(False), torch.random.fork_rng(devices=[] if device is None or str(device) == "cpu"
-                                                              else None):
-        return _train(model, list(concepts), settings, output_root, resume, device, cb, reuse_finished)
+    unet_home = next(model.unet.parameters()).device
+    try:
+        with torch.inference_mode(False), torch.random.fork_rng(devices=[] if device is None or str(device) == "cpu"
+                                                                  else None):
+            return _train(model, list(concepts), settings, output_root, resume, device, cb, reuse_finished)
+    finally:
+        if next(model.unet.parameters()).device != unet_home:     # parked during training: put it back
+            model.unet.to(unet_home)
 
 
 def _train(model, concepts, settings, output_root, resume, device, cb, reuse_finished):
@@ -290,6 +295,8 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
             for p in m.parameters():
                 if not p.requires_grad:
                     p.data = p.data.to(weight_dtype)
+    if device.type != "cpu" and tm.unet is not model.unet and settings.prior_mode != "base_model":
+        model.unet.to("cpu")       # training uses its own copy: the received UNet's VRAM is free until the end
     vae_dtype = torch.float32 if settings.vae_dtype == "fp32" else weight_dtype
     if tm.vae.dtype != vae_dtype:     # fp16 VAEs give NaN/black images: fp32 unless asked otherwise (on a copy)
         tm = tm.replace(vae=_trainable_copy(model.vae).to(dtype=vae_dtype).requires_grad_(False))
