@@ -13,6 +13,7 @@ sampling) end to end, not image quality. Cheap to import: everything heavy is im
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -30,6 +31,9 @@ LOSS_PLOT = "demo_loss.png"
 IMAGE_SIZE = 64
 NUM_IMAGES = 4
 EPOCHS = 4                  # steps per image: (4 images + 4 class images) x 4 = 32 optimizer steps
+# The tiny model's tensors are too small for intra-op threads to pay off, and on a busy machine threads waiting for
+# each other cost a lot: on a shared 2-core box the demo took 169 s with 2 torch threads and 20 s with 1.
+DEMO_THREADS = 1
 # titles of the example workflow's nodes (tests/make_example_workflows.py TITLES)
 MODEL, CONCEPT, DATA, SETTINGS, SAMPLE, SAVE = "Base model", "Concept", "Data", "Settings", "Sample", "Save LoRA"
 
@@ -239,9 +243,28 @@ class DemoResult:
         return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def torch_threads(count: int | None):
+    """torch's intra-op thread count set to `count` for the block (None: unchanged), then restored."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def run_demo(output_dir: str, *, show_progress: bool = True, stream: TextIO | None = None,
-             epochs: int = EPOCHS) -> DemoResult:
+             epochs: int = EPOCHS, threads: int | None = DEMO_THREADS) -> DemoResult:
     """Build the inputs under `output_dir`, run the LoRA example headless, plot the loss; returns the paths."""
+    with torch_threads(threads):
+        return _run_demo(output_dir, show_progress=show_progress, stream=stream, epochs=epochs)
+
+
+def _run_demo(output_dir: str, *, show_progress: bool, stream: TextIO | None, epochs: int) -> DemoResult:
     from .runner import run_workflow, saved_files
 
     stream = stream if stream is not None else sys.stdout
@@ -280,13 +303,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default="dreambooth-demo",
                         help="folder for everything the demo writes (default: ./dreambooth-demo)")
     parser.add_argument("--quiet", action="store_true", help="no per-node progress lines")
+    parser.add_argument("--threads", type=int, default=DEMO_THREADS,
+                        help=f"torch CPU threads (default {DEMO_THREADS}: the tiny model gains nothing from more)")
 
 
 def main(args: argparse.Namespace) -> int:
-    result = run_demo(args.output_dir, show_progress=not args.quiet)
+    if args.threads < 1:
+        raise ValueError(f"--threads {args.threads}: must be at least 1")
+    result = run_demo(args.output_dir, show_progress=not args.quiet, threads=args.threads)
     print(result.summary())
     return 0
 
 
-__all__ = ["run_demo", "DemoResult", "make_tiny_checkpoint", "make_concept_images", "draw_concept_image",
+__all__ = ["run_demo", "DemoResult", "torch_threads", "make_tiny_checkpoint", "make_concept_images", "draw_concept_image",
            "demo_overrides", "read_loss_log", "plot_loss", "smoothed", "example_workflow_path"]

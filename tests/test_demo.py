@@ -129,6 +129,20 @@ def test_overrides_target_the_example_workflow():
     assert titles["Concept"]["instance_dir"] == "/tmp/concept"
 
 
+def test_torch_threads_are_restored():
+    import torch
+
+    before = torch.get_num_threads()
+    with demo.torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
+def test_bad_thread_count_is_a_clear_error(capsys):
+    assert cli.main(["demo", "--threads", "0"]) == 1
+    assert "--threads 0: must be at least 1" in capsys.readouterr().err
+
+
 def test_demo_help_is_instant():
     with pytest.raises(SystemExit) as info, contextlib.redirect_stdout(io.StringIO()) as printed:
         cli.main(["demo", "--help"])
