@@ -10,7 +10,15 @@ and the web extension being served, then queues through /prompt (API format) and
   * train_then_generate_same_graph.json: DreamBoothToComfy feeding KSampler in the same run.
 With chromium installed, every example is also loaded into ComfyUI's real frontend: it must keep every widget value
 and link as saved, and its own API conversion (graphToPrompt) must equal the runner's.
-A few minutes on 2 CPU cores (the SD 1.5-shaped model has a 100M-parameter UNet and the real CLIP-L / VAE).
+About 1.5 minutes on 2 CPU cores (the SD 1.5-shaped model has a 100M-parameter UNet and the real CLIP-L / VAE).
+
+Setup once (a ComfyUI checkout + a venv with ComfyUI's and this pack's requirements; comfyui_up.sh builds both on
+CPU, then stop the server it starts):
+    MIRROR=<bare clone of Comfy-Org/ComfyUI> WORK=/tmp/comfy PACK=<this checkout> bash comfyui_up.sh
+    WORK=/tmp/comfy bash comfyui_up.sh stop
+    COMFYUI_DIR=/tmp/comfy/ComfyUI pytest tests/test_real_comfyui.py tests/test_convert_node.py
+The test starts its own server on a free port with --base-directory in a temporary folder (custom_nodes/ holds a
+link to this checkout; models/, input/, output/ are the test's), so the ComfyUI checkout is not written to.
 """
 import json
 import os
