@@ -419,3 +419,24 @@ def test_fp16_vae_overflow_falls_back_to_a_float32_copy(sd1, tmp_path):
     stats = data.latent_stats(data.items[0], False)
     assert torch.isfinite(stats["mean"]).all() and torch.float32 in calls
     assert next(vae16.parameters()).dtype == torch.float16
+
+
+def test_model_loaded_under_inference_mode_prepares(tmp_path):
+    """ComfyUI's LoadBaseModel runs under inference_mode, so the weights are inference tensors (no version
+    counter): fingerprinting them for the cache keys must still work, inside and outside inference mode."""
+    from comfyui_dreambooth.training.models import build_tiny_model
+
+    with torch.inference_mode():
+        model = build_tiny_model("sd1")
+        for m in model.modules():
+            for p in m.parameters():
+                p.data = p.data.clone()          # made inside inference mode: inference tensors
+    assert next(model.unet.parameters()).is_inference()
+    make_images(tmp_path / "inst", sizes=[(64, 64)] * 2)
+    concept = ConceptSettings(instance_dir=str(tmp_path / "inst"), instance_token="sks")
+    data = prepare(model, [concept], settings(), tmp_path / "cache")
+    assert data.load_batch(data.epoch_plan(0)[0]).latents.shape[0] >= 1
+    with torch.inference_mode():
+        again = prepare(model, [concept], settings(), tmp_path / "cache")
+    first, second = data.report.to_dict()["cache"]["latents"], again.report.to_dict()["cache"]["latents"]
+    assert second["hits"] == first["misses"] > 0 and second["misses"] == 0      # same keys: the cache is reused

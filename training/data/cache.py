@@ -34,8 +34,10 @@ def _weights_state(module) -> tuple:
     """Identity of a module's current weights: storage pointers and in-place version counters.
 
     PyTorch bumps a tensor's `_version` on every in-place change (optimizer steps included) and a
-    load/replace gives it new storage, so an unchanged state means unchanged weights."""
-    return tuple((name, t.data_ptr(), t._version, tuple(t.shape), str(t.dtype))
+    load/replace gives it new storage, so an unchanged state means unchanged weights. Inference tensors
+    (weights ComfyUI loaded under inference_mode) have no version counter; they cannot change in place outside
+    inference mode, so their storage pointer identifies them."""
+    return tuple((name, t.data_ptr(), 0 if t.is_inference() else t._version, tuple(t.shape), str(t.dtype))
                  for name, t in module.state_dict(keep_vars=True).items())
 
 
