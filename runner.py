@@ -326,8 +326,10 @@ def _widget_values_to_inputs(widgets_values: Any, types: dict) -> dict:
                 break
             inputs[name] = values[i]
             i += 1
-            # INT seed widgets carry an extra "control_after_generate" value (old saves: a bool)
-            if (options.get("control_after_generate") or name in ("seed", "noise_seed")) and i < len(values) \
+            # INT seed widgets carry an extra "control_after_generate" value (old saves: a bool); like the frontend,
+            # an explicit control_after_generate option wins over the seed/noise_seed name rule
+            if options.get("control_after_generate", name in ("seed", "noise_seed")) and input_type == "INT" \
+                    and i < len(values) \
                     and (isinstance(values[i], bool) or values[i] in CONTROL_AFTER_GENERATE_VALUES):
                 i += 1
             # upload combos carry an extra "upload" button value

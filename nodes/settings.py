@@ -48,7 +48,12 @@ def _widget(name: str):
         lo = min(lo, meta["auto"])
     hi = _WIDGET_MAX.get(name, hi)
     if kind is int:
-        return ("INT", {"default": default, "min": lo, "max": hi, "step": 1, "tooltip": tooltip})
+        spec = {"default": default, "min": lo, "max": hi, "step": 1, "tooltip": tooltip}
+        if name == "seed":
+            # ComfyUI's frontend adds a "randomize after queue" control to any widget named seed: a new seed every
+            # queue would defeat run reuse and resume=auto, so the training seed stays fixed
+            spec["control_after_generate"] = False
+        return ("INT", spec)
     return ("FLOAT", {"default": default, "min": lo, "max": hi, "step": _FLOAT_STEPS.get(name, 0.01),
                       "round": False, "tooltip": tooltip})
 

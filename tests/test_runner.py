@@ -680,11 +680,44 @@ EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "example_workflows")
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_example_workflows_convert_with_the_pack_nodes(path):
-    """Every shipped example uses only this pack's nodes and maps onto their inputs (models need not exist)."""
-    prepared = runner.prepare_workflow(str(path))
+    """Examples made of this pack's nodes map onto their inputs (models need not exist); the ones that also use
+    ComfyUI core nodes (they run inside ComfyUI only) get the clear error naming those nodes."""
+    import json
+
+    canvas = json.loads(path.read_text())
     classes = runner.pack_node_classes()
+    core = sorted({n["type"] for n in canvas["nodes"]} - set(classes) - {"Note", "MarkdownNote", "Reroute",
+                                                                         "PrimitiveNode"})
+    if core:
+        with pytest.raises(runner.CoreNodesError) as info:
+            runner.prepare_workflow(str(path))
+        assert all(name in str(info.value) for name in core)
+        return
+    prepared = runner.prepare_workflow(str(path))
     assert runner.output_node_ids(prepared.prompt, classes), "an example needs an output node"
     for node_id, node in prepared.prompt.items():
         types = classes[node["class_type"]].INPUT_TYPES()
         for name, spec in (types.get("required") or {}).items():
             assert name in node["inputs"], f"node {node_id} ({node['class_type']}) lacks {name}"
+
+
+def test_seed_without_control_widget_is_not_followed_by_a_control_value():
+    """DreamBoothSettings' seed has control_after_generate False: the frontend saves no control value after it,
+    so a BOOLEAN widget right after the seed must not be taken for one."""
+    from comfyui_dreambooth.runner import prepare_workflow
+
+    class SeedThenBool:
+        CATEGORY, FUNCTION, RETURN_TYPES, OUTPUT_NODE = "t", "run", (), True
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 10, "control_after_generate": False}),
+                                 "flag": ("BOOLEAN", {"default": False})}}
+
+        def run(self, seed, flag):
+            return ()
+
+    canvas = {"nodes": [{"id": 1, "type": "SeedThenBool", "widgets_values": [3, True], "inputs": [], "outputs": []}],
+              "links": []}
+    prepared = prepare_workflow(canvas, node_classes={"SeedThenBool": SeedThenBool})
+    assert prepared.prompt["1"]["inputs"] == {"seed": 3, "flag": True}

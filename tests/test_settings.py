@@ -395,3 +395,17 @@ def test_invalid_widgets_list_every_problem():
     assert len(e.value.problems) == 2
     with pytest.raises(TypeError, match="DB_CONFIG"):
         nodes.DreamBoothAdvancedNode().build(config={"seed": 1}, **widget_defaults(nodes.DreamBoothAdvancedNode))
+
+
+def test_seed_widget_has_no_randomize_control():
+    """The frontend would otherwise randomize the training seed every queue (no run reuse, no resume)."""
+    from comfyui_dreambooth.nodes.settings import DreamBoothAdvancedNode, DreamBoothOptimizerNode, DreamBoothSettingsNode
+
+    found = False
+    for node in (DreamBoothSettingsNode, DreamBoothOptimizerNode, DreamBoothAdvancedNode):
+        spec = node.INPUT_TYPES()
+        for section in spec.values():
+            if "seed" in section:
+                found = True
+                assert section["seed"][1]["control_after_generate"] is False
+    assert found
