@@ -230,3 +230,15 @@ def test_adapter_weights_must_be_merged_before_saving(tiny_models, tmp_path):
     unet = inject_adapter_in_model(LoraConfig(r=2, target_modules=["to_q"]), copy.deepcopy(tiny_models["sd1"].unet))
     with pytest.raises(ValueError, match="merge them first"):
         save_single_file(tiny_models["sd1"].replace(unet=unet), str(tmp_path / "x.safetensors"))
+
+
+def test_file_hash_is_stable_across_resaves_and_changes_with_weights(tiny_models, tmp_path):
+    """Two saves of the same weights hash the same (safetensors orders metadata keys arbitrarily); any weight
+    change gives a new hash, so caches and finished runs are reused exactly when they should be."""
+    from comfyui_dreambooth.training.models import file_hash
+
+    hashes = {file_hash(save_single_file(tiny_models["sd1"], str(tmp_path / f"m{i}.safetensors"), dtype="fp16"))
+              for i in range(3)}
+    assert len(hashes) == 1
+    other = build_tiny_model("sd1", seed=1)
+    assert file_hash(save_single_file(other, str(tmp_path / "o.safetensors"), dtype="fp16")) not in hashes

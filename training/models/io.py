@@ -587,16 +587,36 @@ def file_hash(path: str, samples: int = 16, chunk: int = 1 << 16) -> str:
         p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True) if os.path.isfile(p))
     for p in files:
         size = os.path.getsize(p)
-        h.update(os.path.relpath(p, path if os.path.isdir(path) else os.path.dirname(p)).encode())
+        if os.path.isdir(path):       # a folder's layout is part of it; a single file's name is not
+            h.update(os.path.relpath(p, path).encode())
         h.update(size.to_bytes(8, "little"))
         with open(p, "rb") as f:
-            if size <= samples * chunk:
+            start = _hash_safetensors_header(f, size, h) if p.lower().endswith((".safetensors", ".sft")) else 0
+            data = size - start
+            if data <= samples * chunk:
                 h.update(f.read())
             else:
                 for i in range(samples):
-                    f.seek((size - chunk) * i // (samples - 1))
+                    f.seek(start + (data - chunk) * i // (samples - 1))
                     h.update(f.read(chunk))
     return h.hexdigest()[:16]
+
+
+def _hash_safetensors_header(f, size: int, h) -> int:
+    """Hash the header as canonical JSON (safetensors writes metadata keys in no fixed order, so two saves of the
+    same weights differ in bytes); returns where the tensor data starts."""
+    raw = f.read(8)
+    n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+    if n < 0 or 8 + n > size:
+        f.seek(0)
+        return 0
+    try:
+        header = json.loads(f.read(n))
+        h.update(json.dumps(header, sort_keys=True).encode())
+    except ValueError:
+        f.seek(0)
+        return 0
+    return 8 + n
 
 
 def inspect_model(path: str) -> dict:
