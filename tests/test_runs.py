@@ -162,7 +162,7 @@ def test_config_and_loss_log_of_a_real_run(tmp_path):
     assert cfg["settings"]["learning_rate"] == 1e-4
     assert cfg["concepts"] == [json.loads(json.dumps(concept.to_dict()))]
     assert cfg["base_model"] == {"path": "", "hash": model.source_hash, "family": "sd1",
-                                 "prediction_type": "epsilon"}
+                                 "prediction_type": "epsilon", "parent_run_id": None}
     assert cfg["libraries"] == library_versions()
     report = cfg["dataset_report"]
     assert report["examples_per_epoch"] == 2 and report["concepts"][0]["instance_images"] == 2

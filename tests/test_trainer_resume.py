@@ -248,3 +248,17 @@ def test_identical_finished_run_is_reused_and_a_changed_setting_trains_anew(sd1,
     # reuse can be declined
     fresh = _train(sd1, tmp_path / "out", settings, concept, reuse_finished=False, resume="new")
     assert not fresh.reused and fresh.run_dir not in (first.run_dir, changed.run_dir)
+
+
+def test_training_a_trained_model_again_is_a_new_run(sd1, tmp_path):
+    """A trained model keeps its base's source_hash; the same settings on it must train on, not reuse the
+    run that produced it."""
+    concept = make_concept(tmp_path, n=1)
+    settings = tiny_settings(use_lora=False, steps_per_image=1)
+    first = _train(sd1, tmp_path / "out", settings, concept)
+    assert first.model.metadata["trained_run_id"] == first.info["run_id"]
+    second = _train(first.model, tmp_path / "out", settings, concept)
+    assert not second.reused and second.run_dir != first.run_dir
+    assert second.info["base_model"]["parent_run_id"] == first.info["run_id"]
+    assert module_hash(second.model.unet) != module_hash(first.model.unet)
+    assert _train(sd1, tmp_path / "out", settings, concept).reused           # the base again: reused

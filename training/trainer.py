@@ -268,8 +268,11 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / accum))
     total_steps = settings.total_steps(data.examples_per_epoch, batches_per_epoch=batches_per_epoch)
     te_steps = settings.text_encoder_train_steps(total_steps) if settings.trains_text_encoder else 0
+    # a model that is itself the result of a run keeps its base's source_hash: name its weights by that run too
+    parent_run = model.metadata.get("trained_run_id")
+    model_identity = model.source_hash + (f"+run:{parent_run}" if parent_run else "")
     run_id = compute_run_id(settings.config_hash(), [c.to_dict() for c in concepts],
-                            [item.content_hash for item in data.items], model.source_hash,
+                            [item.content_hash for item in data.items], model_identity,
                             "lora" if settings.use_lora else "full")
 
     # ---- 2. a finished identical run is reused; an interrupted one resumed ---------------------------------
@@ -280,7 +283,7 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
             tm, unet_params, te_params = build_trainable(model, settings)
             named = _named_trainables(tm, unet_params, te_params)
             ema_state = _load_weights(done.final_dir, named)
-            tm = _finish_model(tm, model, named, settings, ema_state)
+            tm = _finish_model(tm, model, named, settings, ema_state, run_id)
             cfg = done.read_config()
             return TrainResult(tm, done.path, cfg.get("steps", total_steps), reused=True,
                                final_loss=cfg.get("final_loss"), report=report, info=cfg)
@@ -333,7 +336,8 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
             "run_id": run_id, "settings": settings.to_dict(), "concepts": [c.to_dict() for c in concepts],
             "dataset_report": data.report.to_dict(), "base_model": {"path": model.source, "hash": model.source_hash,
                                                                     "family": model.family,
-                                                                    "prediction_type": model.prediction_type},
+                                                                    "prediction_type": model.prediction_type,
+                                                                    "parent_run_id": parent_run},
             "libraries": library_versions(), "total_steps": total_steps, "finished": False,
             "created": time.strftime("%Y-%m-%d %H:%M:%S")})
         with open(os.path.join(run.path, "dataset_report.txt"), "w", encoding="utf-8") as f:
@@ -494,7 +498,7 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
         save(step, last_loss, final=True)
         run.update_config(finished=True, steps=step, final_loss=last_loss,
                           finished_at=time.strftime("%Y-%m-%d %H:%M:%S"))
-    result = _finish_model(tm, model, named, settings, ema.state_dict() if ema is not None else None)
+    result = _finish_model(tm, model, named, settings, ema.state_dict() if ema is not None else None, run_id)
     return TrainResult(result, run.path, step, final_loss=last_loss, report=report, info=run.read_config())
 
 
@@ -616,7 +620,7 @@ def _resume_target(output_root, run_id, resume):
     raise ValueError(f"resume: {resume!r} is neither 'auto', 'new', a run folder nor a checkpoint folder")
 
 
-def _finish_model(tm, model, named, settings, ema_state):
+def _finish_model(tm, model, named, settings, ema_state, run_id):
     """The trained SDModel: eval mode, no grads, EMA copy attached when trained with EMA. Modules still shared
     with the received `model` are left as they are."""
     import torch
@@ -636,4 +640,5 @@ def _finish_model(tm, model, named, settings, ema_state):
         ema_unet.eval().requires_grad_(False)
     metadata = dict(tm.metadata)
     metadata["training"] = settings.result_dict()
+    metadata["trained_run_id"] = run_id          # names these weights if they are trained further
     return tm.replace(ema_unet=ema_unet, metadata=metadata)
