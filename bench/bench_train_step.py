@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -209,6 +210,14 @@ def _stats(times: list[float]) -> dict:
 
 def run_worker(cfg: dict) -> dict:
     """what = interleaved | trainer | bare. Returns the measurements as a dict."""
+    work = tempfile.mkdtemp(prefix="bench_train_step_")
+    try:
+        return _measure_in(work, cfg)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)        # a full SD1.5 run leaves GBs of checkpoints
+
+
+def _measure_in(work: str, cfg: dict) -> dict:
     import torch
 
     from comfyui_dreambooth.training.data.settings import ConceptSettings
@@ -219,7 +228,6 @@ def run_worker(cfg: dict) -> dict:
     device = torch.device(cfg["device"])
     model = build_model(cfg["model"])
     settings = bench_settings(cfg)
-    work = tempfile.mkdtemp(prefix="bench_train_step_")
     concept = ConceptSettings(instance_dir=make_images(os.path.join(work, "images"), 4, cfg["resolution"]),
                               instance_prompt=PROMPT)
     warmup, what = cfg["warmup"], cfg["what"]
