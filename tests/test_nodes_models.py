@@ -26,7 +26,9 @@ def test_pack_mapping_lists_the_nodes():
         assert name in m and name in comfyui_dreambooth.NODE_DISPLAY_NAME_MAPPINGS
     for cls in m.values():
         spec = cls.INPUT_TYPES()
-        for section in spec.values():
+        for section_name, section in spec.items():
+            if section_name == "hidden":          # ComfyUI-supplied values (unique_id, prompt): not widgets
+                continue
             for name, (kind, *opts) in section.items():
                 assert opts and opts[0].get("tooltip"), f"{cls.__name__}.{name} has no tooltip"
         assert cls.CATEGORY.startswith("DreamBooth")
