@@ -37,7 +37,21 @@ def _done(message: str, path: str) -> dict:
     return {"ui": {"text": [message]}, "result": (path,)}
 
 
-class SaveLoRA:
+_OPTIONAL = {"optional": {"use_ema": ("BOOLEAN", {"default": False, "tooltip": _EMA_TIP}),
+                          "overwrite": ("BOOLEAN", {"default": False, "tooltip": _OVERWRITE_TIP})}}
+
+
+class _SaveNode:
+    """What every save node shares: one path output, an output node under DreamBooth/save."""
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("path",)
+    FUNCTION = "save"
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+
+
+class SaveLoRA(_SaveNode):
     """Write the trained adapters as a kohya LoRA file (ComfyUI's LoraLoader, A1111, Forge, diffusers read it)."""
 
     @classmethod
@@ -50,18 +64,10 @@ class SaveLoRA:
                                                    "'..' and absolute paths are stripped. .safetensors is added."}),
                 "dtype": (DTYPES, {"default": "fp16", "tooltip": _DTYPE_TIP}),
             },
-            "optional": {
-                "use_ema": ("BOOLEAN", {"default": False, "tooltip": _EMA_TIP}),
-                "overwrite": ("BOOLEAN", {"default": False, "tooltip": _OVERWRITE_TIP}),
-            },
+            **_OPTIONAL,
         }
 
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("path",)
     OUTPUT_TOOLTIPS = ("Full path of the saved LoRA file.",)
-    FUNCTION = "save"
-    CATEGORY = CATEGORY
-    OUTPUT_NODE = True
     DESCRIPTION = "Save the LoRA/LyCORIS adapters of a trained model in kohya format, with training metadata."
 
     def save(self, model, filename, dtype, use_ema=False, overwrite=False):
@@ -78,7 +84,7 @@ class SaveLoRA:
         return _done(f"Saved LoRA {name} ({dtype}) to {path}; pick '{name}' in a LoraLoader.", path)
 
 
-class SaveCheckpoint:
+class SaveCheckpoint(_SaveNode):
     """Write the whole model as one checkpoint file (LoRA adapters merged in)."""
 
     @classmethod
@@ -96,18 +102,10 @@ class SaveCheckpoint:
                                "that need it."}),
                 "dtype": (DTYPES, {"default": "fp16", "tooltip": _DTYPE_TIP}),
             },
-            "optional": {
-                "use_ema": ("BOOLEAN", {"default": False, "tooltip": _EMA_TIP}),
-                "overwrite": ("BOOLEAN", {"default": False, "tooltip": _OVERWRITE_TIP}),
-            },
+            **_OPTIONAL,
         }
 
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("path",)
     OUTPUT_TOOLTIPS = ("Full path of the saved checkpoint.",)
-    FUNCTION = "save"
-    CATEGORY = CATEGORY
-    OUTPUT_NODE = True
     DESCRIPTION = ("Save the model as a single checkpoint in the original Stable Diffusion layout (loads in "
                    "CheckpointLoaderSimple, A1111, Forge). A LoRA-trained model is merged into the weights first.")
 
@@ -120,7 +118,7 @@ class SaveCheckpoint:
         return _done(f"Saved checkpoint {name} ({dtype}) to {path}; pick '{name}' in a checkpoint loader.", path)
 
 
-class SaveDiffusers:
+class SaveDiffusers(_SaveNode):
     """Write the whole model as a diffusers pipeline folder (LoRA adapters merged in)."""
 
     @classmethod
@@ -133,18 +131,10 @@ class SaveDiffusers:
                                                       "allowed, '..' and absolute paths are stripped."}),
                 "dtype": (DTYPES, {"default": "fp16", "tooltip": _DTYPE_TIP}),
             },
-            "optional": {
-                "use_ema": ("BOOLEAN", {"default": False, "tooltip": _EMA_TIP}),
-                "overwrite": ("BOOLEAN", {"default": False, "tooltip": _OVERWRITE_TIP}),
-            },
+            **_OPTIONAL,
         }
 
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("path",)
     OUTPUT_TOOLTIPS = ("Full path of the saved folder.",)
-    FUNCTION = "save"
-    CATEGORY = CATEGORY
-    OUTPUT_NODE = True
     DESCRIPTION = ("Save the model as a diffusers folder (diffusers' from_pretrained, LoadBaseModel and "
                    "DiffusersLoader read it). A LoRA-trained model is merged into the weights first.")
 

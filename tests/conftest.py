@@ -30,3 +30,23 @@ def tiny_files(tiny_models, tmp_path_factory):
             "diffusers": save_diffusers(model, str(root / f"tiny_{fam}_diffusers"), dtype="fp32"),
         }
     return out
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for a module: tiny-model steps run several times faster than with threads fighting
+    over 2 busy cores (torch's default), and results do not depend on it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    """A fresh tiny SD1 model per test module (trainer tests check it is never modified)."""
+    from comfyui_dreambooth.training.models import build_tiny_model
+
+    return build_tiny_model("sd1")

@@ -10,21 +10,10 @@ import torch
 from comfyui_dreambooth.nodes import comfy_compat as compat
 from comfyui_dreambooth.nodes import live
 from comfyui_dreambooth.nodes.train import TrainDreamBooth, TrainingStopped
-from trainer_fixtures import make_concept, one_thread, read_losses, tiny_settings
+from trainer_fixtures import make_concept, read_losses, tiny_settings
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    before = one_thread()
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def sd1():
-    from comfyui_dreambooth.training.models import build_tiny_model
-
-    return build_tiny_model("sd1")
+pytestmark = pytest.mark.usefixtures("single_thread")   # conftest: one torch thread, a fresh tiny sd1 per module
 
 
 @pytest.fixture

@@ -3,21 +3,10 @@ and the received model is never modified (also when it was loaded as inference t
 import pytest
 import torch
 
-from trainer_fixtures import make_concept, model_hash, module_hash, one_thread, read_losses, tiny_settings
+from trainer_fixtures import make_concept, model_hash, module_hash, read_losses, tiny_settings
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    before = one_thread()
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def sd1():
-    from comfyui_dreambooth.training.models import build_tiny_model
-
-    return build_tiny_model("sd1")
+pytestmark = pytest.mark.usefixtures("single_thread")   # conftest: one torch thread, a fresh tiny sd1 per module
 
 
 def _train(model, tmp_path, settings, concept=None, **kw):

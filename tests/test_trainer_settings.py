@@ -7,22 +7,11 @@ import time
 import pytest
 import torch
 
-from trainer_fixtures import (load_tensors, make_concept, make_images, module_hash, one_thread, read_losses,
+from trainer_fixtures import (load_tensors, make_concept, make_images, module_hash, read_losses,
                               same_tensors, tiny_settings)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    before = one_thread()
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def sd1():
-    from comfyui_dreambooth.training.models import build_tiny_model
-
-    return build_tiny_model("sd1")
+pytestmark = pytest.mark.usefixtures("single_thread")   # conftest: one torch thread, a fresh tiny sd1 per module
 
 
 def _train(model, tmp_path, settings, concept=None, **kw):
