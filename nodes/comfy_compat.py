@@ -401,6 +401,21 @@ def free_comfy_memory() -> None:
     model_management.soft_empty_cache()
 
 
+def release_training_memory() -> None:
+    """After training: drop freed tensors and hand cached VRAM back (ComfyUI's soft_empty_cache when inside it)."""
+    import gc
+
+    gc.collect()
+    model_management = _comfy("comfy.model_management")
+    if model_management is not None:
+        model_management.soft_empty_cache()
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def comfy_torch_device():
     """ComfyUI's compute device (respects --cpu, --directml ...); headless cuda, then mps, then cpu."""
     model_management = _comfy("comfy.model_management")

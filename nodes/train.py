@@ -99,6 +99,7 @@ class TrainDreamBooth:
             raise
         finally:
             bar.close()
+            compat.release_training_memory()   # optimizer states, activations and copies are gone by now
         reporter.run_dir = result.run_dir
         reporter.status("done", ("reused finished run " if result.reused else "finished ") + result.run_dir)
         summary = (f"{'Reused' if result.reused else 'Trained'} {result.steps} steps; final loss "

@@ -182,6 +182,7 @@ def test_inside_comfyui_under_inference_mode(sd1, tmp_path, fake_comfy):
     assert run_dir.startswith(str(fake_comfy.output))
     calls = fake_comfy.calls
     assert calls.index("unload_all_models") < calls.index(("ProgressBar", 1))       # VRAM freed before training
+    assert calls.index(("update", 2, 2)) < len(calls) - 1 - calls[::-1].index("soft_empty_cache")   # and after
     assert [c for c in calls if c[0] == "update"] == [("update", 1, 2), ("update", 2, 2)]
     assert any(c[0] == "send_sync" and c[1] == live.PROGRESS_EVENT for c in calls)
     # the trained model works for sampling afterwards (outside the executor's inference mode too)
