@@ -27,7 +27,7 @@ def test_defaults_are_valid_and_follow_the_a1111_guide():
     assert r.is_resolved and not s.is_resolved
     assert 100 <= r.steps_per_image <= 175
     assert r.learning_rate == recommended_learning_rate(True) == 1e-4
-    assert recommended_learning_rate(False) == pytest.approx(2e-6)
+    assert recommended_learning_rate(False) == pytest.approx(1e-6)
     assert recommended_learning_rate(True, "Prodigy") == 1.0
     assert s.vae_dtype == "fp32"          # fp16 VAEs give NaN / black images
     assert isinstance(s.data, DataSettings) and s.data is not DreamBoothSettings().data
@@ -159,10 +159,10 @@ def test_xformers_is_checked_when_chosen(monkeypatch):
 def test_resolved_fills_auto_values_from_mode_optimizer_and_concepts():
     person, style = ConceptSettings(concept_type="person"), ConceptSettings(concept_type="style")
     r = DreamBoothSettings(use_lora=False).resolved([style])
-    assert r.learning_rate == pytest.approx(2e-6)
-    assert (r.steps_per_image, r.text_encoder_ratio) == (75, 0.2)
+    assert r.learning_rate == pytest.approx(1e-6)
+    assert (r.steps_per_image, r.text_encoder_ratio) == (100, 0.2)
     r = DreamBoothSettings().resolved([style, person])                 # the larger preset wins
-    assert (r.steps_per_image, r.text_encoder_ratio) == (100, 0.7)
+    assert (r.steps_per_image, r.text_encoder_ratio) == (150, 0.7)
     assert DreamBoothSettings(optimizer="Lion").resolved().learning_rate < 1e-4
     explicit = DreamBoothSettings(learning_rate=5e-5, steps_per_image=3, text_encoder_ratio=0.0)
     assert explicit.resolved([person]) == explicit
@@ -412,3 +412,14 @@ def test_seed_widget_has_no_randomize_control():
                 found = True
                 assert section["seed"][1]["control_after_generate"] is False
     assert found
+
+
+def test_defaults_follow_the_a1111_guide():
+    """Issue 6: LR ~1e-6 full fine-tune / 1e-4 LoRA, constant_with_warmup, 100-175 steps per image."""
+    from comfyui_dreambooth.training.data.settings import CONCEPT_TYPES, concept_type_defaults
+
+    assert DreamBoothSettings().lr_scheduler == "constant_with_warmup"
+    assert recommended_learning_rate(True) == pytest.approx(1e-4)
+    assert recommended_learning_rate(False) == pytest.approx(1e-6)
+    for kind in CONCEPT_TYPES:
+        assert 100 <= concept_type_defaults(kind)["steps_per_image"] <= 175, kind

@@ -50,12 +50,12 @@ MAX_SEED = 2 ** 64 - 1
 CONFIG_SCHEMA = 1
 _RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,99}$")
 
-# Recommended learning rates (A1111 extension guide: ~1e-6..2e-6 full fine-tune, 1e-4 LoRA). Prodigy estimates
+# Recommended learning rates (A1111 extension guide: ~1e-6 full fine-tune, 1e-4 LoRA). Prodigy estimates
 # the step size itself and wants lr = 1.0; Lion takes steps of size lr on every weight (sign update), so it needs
 # about a third of AdamW's rate (Lion paper: 3-10x smaller). SGD has no per-weight scaling and needs much more.
 _RECOMMENDED_LR = {  # optimizer -> (LoRA, full fine-tune)
-    "AdamW": (1e-4, 2e-6), "AdamW8bit": (1e-4, 2e-6), "Adafactor": (1e-4, 2e-6),
-    "Lion": (3e-5, 7e-7), "Lion8bit": (3e-5, 7e-7),
+    "AdamW": (1e-4, 1e-6), "AdamW8bit": (1e-4, 1e-6), "Adafactor": (1e-4, 1e-6),
+    "Lion": (3e-5, 3e-7), "Lion8bit": (3e-5, 3e-7),
     "Prodigy": (1.0, 1.0),
     "SGD": (1e-2, 1e-4),
 }
@@ -134,7 +134,7 @@ class DreamBoothSettings:
     gradient_checkpointing: bool = _setting(True, "Recompute activations in the backward pass: much less VRAM, "
                                             "about 20% slower, same result.", affects_result=False)
     # --- learning rate -----------------------------------------------------------------------------------------
-    learning_rate: float | None = _setting(None, "UNet learning rate. Auto (0) = recommended: 1e-4 LoRA, 2e-6 "
+    learning_rate: float | None = _setting(None, "UNet learning rate. Auto (0) = recommended: 1e-4 LoRA, 1e-6 "
                                            "full fine-tune (AdamW), 1.0 for Prodigy.", range=(1e-10, 10.0),
                                            kind=float, auto=0.0)
     text_encoder_lr: float | None = _setting(None, "Text encoder learning rate. Auto (0) = same as "

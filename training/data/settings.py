@@ -19,13 +19,13 @@ LONG_CAPTIONS = ("truncate", "chunk")
 FILEWORDS = "[filewords]"
 
 # Presets from the A1111 sd_dreambooth_extension guide: "Step Ratio of Text Encoder Training" 0.7 for faces
-# and 0.2 for styles; "Training Steps Per Image (Epochs)" about 100 per instance image (nitrosocke's guide,
-# quoted in the extension's README). Objects sit between: the text encoder helps binding a new word to a
-# thing, but less than for a face; styles need fewer steps per image because they usually have more images.
+# and 0.2 for styles; "Training Steps Per Image (Epochs)" 100-175 per instance image (nitrosocke's guide,
+# quoted in the extension's README). Faces need the most epochs; objects sit between (the text encoder helps
+# bind a new word to a thing, but less than for a face); styles the fewest, as they usually have more images.
 _CONCEPT_TYPE_PRESETS = {
-    "person": {"text_encoder_ratio": 0.7, "steps_per_image": 100},
-    "object": {"text_encoder_ratio": 0.5, "steps_per_image": 80},
-    "style": {"text_encoder_ratio": 0.2, "steps_per_image": 75},
+    "person": {"text_encoder_ratio": 0.7, "steps_per_image": 150},
+    "object": {"text_encoder_ratio": 0.5, "steps_per_image": 125},
+    "style": {"text_encoder_ratio": 0.2, "steps_per_image": 100},
 }
 
 
