@@ -50,23 +50,9 @@ print(json.dumps({"baseline_mb": base, "after_load_mb": after_load, "peak_mb": p
 
 def sd15_model():
     """SD1.5's real architecture (UNet 860M, VAE 84M, CLIP-L 123M), random weights."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from comfyui_dreambooth.training.models.tiny import build_random_sd15
 
-    from comfyui_dreambooth.training.models import SDModel
-    from comfyui_dreambooth.training.models.tokenizing import tokenizers_for_family
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
-                        sample_size=512)
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                                      num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
-                                      hidden_act="quick_gelu"))
-    return SDModel(family="sd1", prediction_type="epsilon", unet=unet, vae=vae, text_encoders=[te],
-                   tokenizers=tokenizers_for_family("sd1"))
+    return build_random_sd15()
 
 
 def measure(path: str, dtype: str | None) -> dict:

@@ -55,11 +55,9 @@ def build_model(name: str, seed: int = 0):
     """tiny: the test model; small: a 3-level UNet (64,128,256) x 2 layers (tiny VAE + CLIP);
     sd15: the SD1.5 UNet layout, the SD VAE and a CLIP-L-size text encoder (all random init)."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import UNet2DConditionModel
 
     from comfyui_dreambooth.training.models import build_tiny_model
-    from comfyui_dreambooth.training.models.tokenizing import tokenizers_for_family
 
     tiny = build_tiny_model("sd1", seed=seed)
     if name == "tiny":
@@ -73,16 +71,9 @@ def build_model(name: str, seed: int = 0):
                                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
         return tiny.replace(unet=unet, source_hash=f"bench-small-{seed}")
     if name == "sd15":
-        unet = UNet2DConditionModel(cross_attention_dim=768)            # diffusers' default = the SD1.5 layout
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            layers_per_block=2, norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
-        te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                                          num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
-                                          hidden_act="quick_gelu", projection_dim=768, bos_token_id=49406,
-                                          eos_token_id=49407, pad_token_id=1))
-        return tiny.replace(unet=unet, vae=vae, text_encoders=[te], tokenizers=tokenizers_for_family("sd1"),
-                            source_hash=f"bench-sd15-{seed}")
+        from comfyui_dreambooth.training.models.tiny import build_random_sd15
+
+        return build_random_sd15(seed).replace(source_hash=f"bench-sd15-{seed}")
     raise ValueError(f"unknown model {name!r}")
 
 

@@ -73,4 +73,37 @@ def build_tiny_model(family: str = "sd1", seed: int = 0, prediction_type: str | 
                    tokenizers=tokenizers_for_family(family), source="", source_hash=f"tiny-{family}-{seed}")
 
 
-__all__ = ["build_tiny_model", "SD_NOISE_SCHEDULE"]
+def sd15_vae():
+    """The SD 1.x/2.x VAE architecture (83.7M parameters), random init."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         layers_per_block=2, norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
+
+
+def sd15_text_encoder():
+    """CLIP ViT-L/14's text tower (123M parameters), random init."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(vocab_size=VOCAB, hidden_size=768, intermediate_size=3072,
+                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                                        hidden_act="quick_gelu", projection_dim=768, bos_token_id=49406,
+                                        eos_token_id=49407, pad_token_id=1))
+
+
+def build_random_sd15(seed: int = 0, unet=None) -> SDModel:
+    """The full-size SD1.5 architecture with random weights (benchmarks and opt-in checks; ~1.07B parameters).
+    `unet`: another UNet to put in place of SD1.5's (e.g. a reduced one that keeps the real VAE and CLIP)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = unet if unet is not None else UNet2DConditionModel(sample_size=64, cross_attention_dim=768,
+                                                               attention_head_dim=8)   # diffusers' SD1.5 layout
+    return SDModel(family="sd1", prediction_type="epsilon", unet=unet, vae=sd15_vae(),
+                   text_encoders=[sd15_text_encoder()], tokenizers=tokenizers_for_family("sd1"),
+                   source_hash=f"random-sd15-{seed}")
+
+
+__all__ = ["build_tiny_model", "build_random_sd15", "sd15_vae", "sd15_text_encoder", "SD_NOISE_SCHEDULE"]
