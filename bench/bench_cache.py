@@ -44,18 +44,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))   # the folder holdin
 
 def build_small_model(seed: int = 0):
     """The real SD VAE and CLIP-L (random weights) around a reduced two-level UNet (the UNet is not measured)."""
-    from diffusers import UNet2DConditionModel
-
     from comfyui_dreambooth.training.models.tiny import build_random_sd15
 
-    unet = UNet2DConditionModel(sample_size=64, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(320, 640), cross_attention_dim=768, attention_head_dim=8,
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-    model = build_random_sd15(seed, unet=unet)
-    for m in model.modules():
-        m.eval().requires_grad_(False)
-    return model.replace(source_hash=f"bench-small-{seed}")
+    return build_random_sd15(seed, unet="reduced").replace(source_hash=f"bench-small-{seed}")
 
 
 def make_dataset(folder: str, n: int, resolution: int, seed: int = 0):

@@ -92,18 +92,32 @@ def sd15_text_encoder():
                                         eos_token_id=49407, pad_token_id=1))
 
 
-def build_random_sd15(seed: int = 0, unet=None) -> SDModel:
-    """The full-size SD1.5 architecture with random weights (benchmarks and opt-in checks; ~1.07B parameters).
-    `unet`: another UNet to put in place of SD1.5's (e.g. a reduced one that keeps the real VAE and CLIP)."""
+def build_random_sd15(seed: int = 0, unet: str = "full", prediction_type: str = "epsilon") -> SDModel:
+    """The SD1.5 architecture with random weights (benchmarks and opt-in checks).
+
+    unet="full": SD1.5's own UNet (860M; ~1.07B parameters in all). unet="reduced": two levels at 320/640 channels
+    (~100M) that keep what loaders detect as SD1.5 (320 model channels, 768 context, conv projections), with the
+    real VAE and CLIP-L: for checks where the UNet's size only costs time.
+    """
     import torch
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    unet = unet if unet is not None else UNet2DConditionModel(sample_size=64, cross_attention_dim=768,
-                                                               attention_head_dim=8)   # diffusers' SD1.5 layout
-    return SDModel(family="sd1", prediction_type="epsilon", unet=unet, vae=sd15_vae(),
-                   text_encoders=[sd15_text_encoder()], tokenizers=tokenizers_for_family("sd1"),
-                   source_hash=f"random-sd15-{seed}")
+    if unet == "full":
+        net = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # diffusers' SD1.5
+    elif unet == "reduced":
+        net = UNet2DConditionModel(sample_size=64, in_channels=4, out_channels=4, layers_per_block=1,
+                                   block_out_channels=(320, 640), cross_attention_dim=768, attention_head_dim=8,
+                                   down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    else:
+        raise ValueError(f"unet={unet!r}: choose 'full' or 'reduced'")
+    model = SDModel(family="sd1", prediction_type=prediction_type, unet=net, vae=sd15_vae(),
+                    text_encoders=[sd15_text_encoder()], tokenizers=tokenizers_for_family("sd1"),
+                    source_hash=f"random-sd15-{unet}-{seed}")
+    for m in model.modules():
+        m.eval().requires_grad_(False)
+    return model
 
 
 __all__ = ["build_tiny_model", "build_random_sd15", "sd15_vae", "sd15_text_encoder", "SD_NOISE_SCHEDULE"]
