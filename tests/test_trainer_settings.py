@@ -336,3 +336,34 @@ def test_lora_target_presets_are_applied(sd1, tmp_path):
     te_layers = list(adapted_layers(result.model.text_encoders[0]))
     assert unet_layers and all(".attn" in name for name in unet_layers)
     assert te_layers and all("self_attn" in name for name in te_layers)
+
+
+def test_base_model_prior_weights_each_example_by_its_own_concept(sd1):
+    """A batch mixing two concepts weights each example's prior term by its own concept's prior_loss_weight."""
+    from types import SimpleNamespace
+
+    from comfyui_dreambooth.training.data.settings import ConceptSettings
+    from comfyui_dreambooth.training.models.text import encode_prompts
+    from comfyui_dreambooth.training.setup.adapters import add_adapters, adapter_parameters
+    from comfyui_dreambooth.training.setup.noise import per_sample_mse
+    from comfyui_dreambooth.training.trainer import _base_model_prior_loss
+
+    tm = add_adapters(sd1, rank=2, on_unet=True, seed=0)
+    with torch.no_grad():
+        for p in adapter_parameters(tm):
+            p.add_(0.05)                                   # the adapter now changes the prediction
+    gen = torch.Generator().manual_seed(0)
+    noisy, t = torch.randn(2, 4, 16, 16, generator=gen), torch.tensor([10, 500])
+    batch = SimpleNamespace(concept_indices=[0, 1], time_ids=None)
+
+    def loss(w0, w1):
+        concepts = [ConceptSettings(class_prompt="a photo of dog", prior_loss_weight=w0),
+                    ConceptSettings(class_prompt="a photo of cat", prior_loss_weight=w1)]
+        with torch.no_grad():
+            return float(_base_model_prior_loss(tm, sd1, sd1.unet, tm.unet, concepts, batch, noisy, t,
+                                                tiny_settings(prior_loss_weight=None), encode_prompts, per_sample_mse,
+                                                with_grad=False))
+
+    only_first, only_second, both = loss(1.0, 0.0), loss(0.0, 1.0), loss(1.0, 1.0)
+    assert only_first > 0 and only_second > 0
+    assert only_first + only_second == pytest.approx(both, rel=1e-5)

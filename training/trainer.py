@@ -544,9 +544,11 @@ def _base_model_prior_loss(tm, base_model, base_unet, unet_fwd, concepts, batch,
         te = encode_prompts(tm, prompts, clip_skip)
     added = {"text_embeds": te.pooled, "time_ids": time_ids} if tm.is_sdxl else None
     pred = unet_fwd(noisy, t, te.embeds, added_cond_kwargs=added).sample
-    weight = settings.prior_loss_weight if settings.prior_loss_weight is not None else \
-        concepts[batch.concept_indices[keep[0]]].prior_loss_weight
-    return weight * per_sample_mse(pred, target.detach()).mean()
+    # each example's own concept weight (a batch may mix concepts), unless the settings override them all
+    weights = torch.tensor([settings.prior_loss_weight if settings.prior_loss_weight is not None
+                            else concepts[batch.concept_indices[i]].prior_loss_weight for i in keep],
+                           device=pred.device, dtype=torch.float32)
+    return (per_sample_mse(pred, target.detach()) * weights).mean()
 
 
 # --------------------------------------------------------------------------------------------------------------
