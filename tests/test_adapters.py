@@ -9,13 +9,7 @@ from comfyui_dreambooth.training.setup import adapters as A  # noqa: E402
 LORA_TYPES = A.LORA_TYPES
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and on a busy 2-core machine extra threads spin (0.03 s -> 8 s a call)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")   # conftest: one torch thread for this module
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,7 @@ from comfyui_dreambooth.training.models.tiny import build_tiny_model  # noqa: E4
 from comfyui_dreambooth.training.setup import adapters as A  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")   # conftest: one torch thread for this module
 
 
 @pytest.fixture(scope="module")

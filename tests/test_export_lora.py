@@ -20,12 +20,7 @@ from comfyui_dreambooth.training.setup import adapters as A  # noqa: E402
 FAMILIES = ("sd1", "sd2", "sdxl")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")   # conftest: one torch thread for this module
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")   # conftest: one torch thread for this module
 
 
 @pytest.fixture(scope="module")

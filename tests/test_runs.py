@@ -138,21 +138,13 @@ def test_library_versions_are_the_installed_ones():
 
 
 # ---- a real run's files ----------------------------------------------------------------------------------------------
-def test_config_and_loss_log_of_a_real_run(tmp_path):
-    import torch
-
-    from comfyui_dreambooth.training.models import build_tiny_model
+def test_config_and_loss_log_of_a_real_run(tmp_path, single_thread, sd1):
     from comfyui_dreambooth.training.trainer import train
-    from trainer_fixtures import make_concept, one_thread, tiny_settings
+    from trainer_fixtures import make_concept, tiny_settings
 
-    before = one_thread()
-    try:
-        model = build_tiny_model("sd1")
-        concept = make_concept(tmp_path, n=2)
-        settings = tiny_settings(steps_per_image=2, run_name="my_run", learning_rate=None)
-        result = train(model, [concept], settings, output_root=str(tmp_path / "out"))
-    finally:
-        torch.set_num_threads(before)
+    concept = make_concept(tmp_path, n=2)
+    settings = tiny_settings(steps_per_image=2, run_name="my_run", learning_rate=None)
+    result = train(sd1, [concept], settings, output_root=str(tmp_path / "out"))
 
     assert os.path.basename(result.run_dir).startswith("my_run-")
     with open(os.path.join(result.run_dir, "config.json")) as f:
@@ -161,7 +153,7 @@ def test_config_and_loss_log_of_a_real_run(tmp_path):
     assert cfg["settings"] == json.loads(json.dumps(resolved.to_dict()))       # every setting, auto ones resolved
     assert cfg["settings"]["learning_rate"] == 1e-4
     assert cfg["concepts"] == [json.loads(json.dumps(concept.to_dict()))]
-    assert cfg["base_model"] == {"path": "", "hash": model.source_hash, "family": "sd1",
+    assert cfg["base_model"] == {"path": "", "hash": sd1.source_hash, "family": "sd1",
                                  "prediction_type": "epsilon", "parent_run_id": None}
     assert cfg["libraries"] == library_versions()
     report = cfg["dataset_report"]

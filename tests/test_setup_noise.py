@@ -111,16 +111,7 @@ def test_losses():
     assert weighted_mean_loss(per, torch.tensor([1.0, 0.5])).item() == 1.5
 
 
-@pytest.fixture
-def one_thread():
-    """Tensors this small gain nothing from threads; extra ones only add sync overhead (ruinous when busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_a_tiny_unet_learns_with_the_setup_pieces(one_thread):
+def test_a_tiny_unet_learns_with_the_setup_pieces(single_thread):
     """Noise -> target -> weighted loss -> optimizer -> LR schedule -> EMA on the tiny SD1 UNet (v-prediction,
     zero-terminal-SNR, offset noise, Min-SNR all on): the loss on a fixed batch falls."""
     from comfyui_dreambooth.training.models.tiny import build_tiny_model

@@ -96,12 +96,3 @@ def same_tensors(a: dict, b: dict) -> bool:
     import torch
 
     return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def one_thread():
-    """Tiny models run fastest on one thread; with two, OpenMP threads fight other processes for the cores."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    return before
