@@ -13,11 +13,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")   # conftest: one torch th
 
 
 @pytest.fixture(scope="module")
-def sd1():
-    return build_tiny_model("sd1")
-
-
-@pytest.fixture(scope="module")
 def sdxl():
     return build_tiny_model("sdxl")
 

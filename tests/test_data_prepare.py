@@ -16,11 +16,6 @@ SMALL = [(64, 64), (80, 64), (64, 70), (64, 64), (90, 90)]           # one 64x64
 
 
 @pytest.fixture(scope="module")
-def sd1():
-    return build_tiny_model("sd1")
-
-
-@pytest.fixture(scope="module")
 def sdxl():
     return build_tiny_model("sdxl")
 
