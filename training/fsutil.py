@@ -1,12 +1,41 @@
-"""Atomic file and folder writes: a crash, kill -9 or full disk never leaves a half-written output in place."""
+"""Atomic file and folder writes: a crash, kill -9 or full disk never leaves a half-written output in place.
+
+Outputs get the permissions any file the user makes gets (0o666 / 0o777 less the umask: 0644 / 0755 with the usual
+umask 022), so a shared models folder, a web server or another user can read them. Writers such as safetensors
+create their files 0600 whatever the umask, so the finished temporary file (or every file and folder in a temporary
+folder) is set to the mode the kernel gave our own freshly created temporary file / folder, i.e. the umask's. The
+umask itself is never read or changed (os.umask is process-global: setting it to read it would race with every
+other thread creating files, such as the rest of ComfyUI).
+"""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
 import shutil
-import tempfile
+import stat
 import uuid
+
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _create_temporary(folder: str, prefix: str) -> str:
+    """A new empty file in `folder` with the umask's permissions (unlike tempfile.mkstemp's fixed 0600)."""
+    for _ in range(100):
+        tmp = os.path.join(folder, f"{prefix}{uuid.uuid4().hex[:12]}.tmp")
+        try:
+            fd = os.open(tmp, _CREATE_FLAGS, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"{folder}: no free temporary file name")
+
+
+def _set_mode(path: str, mode: int) -> None:
+    st = os.lstat(path)
+    if not stat.S_ISLNK(st.st_mode) and stat.S_IMODE(st.st_mode) != mode:
+        os.chmod(path, mode)
 
 
 @contextlib.contextmanager
@@ -18,10 +47,11 @@ def atomic_path(path: str):
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
+    tmp = _create_temporary(folder, "." + os.path.basename(path) + ".")
     try:
+        file_mode = stat.S_IMODE(os.stat(tmp).st_mode)     # 0o666 less the umask
         yield tmp
+        _set_mode(tmp, file_mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -50,7 +80,13 @@ def atomic_folder(path: str):
     tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
     os.makedirs(tmp)
     try:
+        folder_mode = stat.S_IMODE(os.stat(tmp).st_mode)   # 0o777 less the umask
         yield tmp
+        for root, dirs, files in os.walk(tmp):
+            for name in dirs:
+                _set_mode(os.path.join(root, name), folder_mode)
+            for name in files:
+                _set_mode(os.path.join(root, name), folder_mode & 0o666)
         old = None
         if os.path.exists(path):
             old = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.old")
