@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import functools
 import gzip
+import json
 import os
+import tempfile
 
 MAX_LENGTH = 77
 _BPE_FILE = os.path.join(os.path.dirname(__file__), "tokenizer", "bpe_simple_vocab_16e6.txt.gz")
@@ -48,9 +50,17 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>"):
     from transformers import CLIPTokenizer
 
     vocab, merges = _vocab_and_merges()
-    # transformers 5 ignores vocab_file= given as a keyword; vocab/merges objects are the portable way.
-    tok = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), unk_token="<|endoftext|>",
-                        bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token=pad_token)
+    # The constructors differ between major versions (transformers 5 takes vocab=/merges= objects and ignores
+    # vocab_file=; 4.x requires vocab_file/merges_file and rejects the objects). A folder with vocab.json +
+    # merges.txt loaded by from_pretrained reads the same in both, and never touches the network (a local path).
+    with tempfile.TemporaryDirectory(prefix="clip_tokenizer_") as folder:
+        with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump(vocab, f, ensure_ascii=False)
+        with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+        tok = CLIPTokenizer.from_pretrained(folder, local_files_only=True, unk_token="<|endoftext|>",
+                                            bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                                            pad_token=pad_token, model_max_length=MAX_LENGTH)
     tok.model_max_length = MAX_LENGTH
     return tok
 
