@@ -145,10 +145,12 @@ _DATA_WIDGETS = {
                                       "resolution x resolution pixels."}),
     "bucketing": ("BOOLEAN", {"tooltip": "Aspect-ratio buckets: train each image near its own aspect ratio "
                                          "instead of cropping everything square."}),
-    "bucket_min_side": ("INT", {"min": 64, "max": 8192, "step": 64,
-                                "tooltip": "Smallest bucket side (multiple of 64, at most the resolution)."}),
-    "bucket_max_side": ("INT", {"min": 64, "max": 8192, "step": 64,
-                                "tooltip": "Largest bucket side (multiple of 64, at least the resolution)."}),
+    "bucket_min_side": ("INT", {"min": 0, "max": 8192, "step": 64,
+                                "tooltip": "Smallest bucket side (multiple of 64, at most the resolution). 0 = auto: "
+                                           "256, or the resolution when that is smaller."}),
+    "bucket_max_side": ("INT", {"min": 0, "max": 8192, "step": 64,
+                                "tooltip": "Largest bucket side (multiple of 64, at least the resolution). 0 = auto: "
+                                           "1024, or the resolution when that is larger."}),
     "center_crop": ("BOOLEAN", {"tooltip": "Without bucketing: crop the centre square (on) or squash the whole "
                                            "image to a square (off)."}),
     "random_flip": ("BOOLEAN", {"tooltip": "Flip half of the images horizontally (avoid for asymmetric "
@@ -174,9 +176,20 @@ _DATA_WIDGETS = {
 }
 
 
+# auto (None) data settings: the widget value that means auto
+_DATA_AUTO = {"bucket_min_side": 0, "bucket_max_side": 0}
+
+
 def _data_widget(name: str):
     kind, options = _DATA_WIDGETS[name]
-    return (kind, {"default": getattr(_DATA_DEFAULTS, name), **options})
+    default = getattr(_DATA_DEFAULTS, name)
+    return (kind, {"default": _DATA_AUTO[name] if default is None else default, **options})
+
+
+def _from_data_widget(name: str, value):
+    if name in _DATA_AUTO and value == _DATA_AUTO[name]:
+        return None
+    return float(value) if name == "caption_dropout" else value
 
 
 class DreamBoothDataNode:
@@ -197,8 +210,7 @@ class DreamBoothDataNode:
         if unknown:
             raise TypeError(f"DreamBoothDataNode: unexpected inputs {unknown}")
         base = _start(config)
-        data = dataclasses.replace(base.data, **{k: (float(v) if k == "caption_dropout" else v)
-                                                 for k, v in widgets.items()})
+        data = dataclasses.replace(base.data, **{k: _from_data_widget(k, v) for k, v in widgets.items()})
         return (_check(base.replace(data=data), "DreamBoothDataNode"),)
 
 

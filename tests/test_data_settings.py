@@ -73,3 +73,44 @@ def test_parse_color():
     for bad in ("300,0,0", "blurple", "1,2"):
         with pytest.raises(ValueError):
             parse_color(bad)
+
+
+def test_bucket_sides_follow_the_resolution_unless_set():
+    """Issue 9: the default bucket_min_side (256) refused resolution 128; auto sides adapt, explicit ones are
+    checked as before."""
+    from comfyui_dreambooth.training.data.buckets import make_buckets, target_size
+
+    assert DataSettings().bucket_min_side is None and DataSettings().bucket_max_side is None   # auto
+    assert DataSettings(resolution=512).resolved() == DataSettings(resolution=512, bucket_min_side=256,
+                                                                   bucket_max_side=1024)    # the old defaults
+    for resolution, (lo, hi) in {64: (64, 1024), 128: (128, 1024), 256: (256, 1024), 768: (256, 1024),
+                                 1024: (256, 1024), 1536: (256, 1536), 2048: (256, 2048)}.items():
+        d = DataSettings(resolution=resolution)
+        assert d.validate() == [], resolution
+        r = d.resolved()
+        assert (r.bucket_min_side, r.bucket_max_side) == (lo, hi), resolution
+        assert r.validate() == [] and r.resolved() == r
+        assert (d.effective_bucket_min_side, d.effective_bucket_max_side) == (lo, hi)
+        for size in ((100, 300), (640, 480), (4000, 1000)):
+            assert target_size(*size, d) == target_size(*size, r)
+        assert make_buckets(resolution, lo, hi)
+    # set explicitly: the user's value is kept and a conflict is still reported, with the way out
+    problems = DataSettings(resolution=128, bucket_min_side=256).validate()
+    assert len(problems) == 1 and "bucket_min_side = 256" in problems[0] and "auto" in problems[0]
+    problems = DataSettings(resolution=2048, bucket_max_side=1024).validate()
+    assert len(problems) == 1 and "bucket_max_side = 1024" in problems[0]
+    assert DataSettings(resolution=128, bucket_min_side=64).resolved().bucket_min_side == 64
+    assert DataSettings(resolution=128, bucketing=False, bucket_min_side=256).validate() == []
+    assert "bucket_min_side = 100" in "\n".join(DataSettings(bucket_min_side=100).validate())
+
+
+def test_auto_bucket_sides_round_trip_through_json():
+    d = DataSettings(resolution=128)
+    data = json.loads(json.dumps(d.to_dict()))
+    assert data["bucket_min_side"] is None and data["bucket_max_side"] is None
+    assert DataSettings.from_dict(data) == d
+    assert DataSettings.from_dict({"bucket_min_side": 128.0, "bucket_max_side": "2048"}) == DataSettings(
+        bucket_min_side=128, bucket_max_side=2048)
+    assert type(DataSettings.from_dict({"bucket_min_side": 128.0}).bucket_min_side) is int
+    with pytest.raises(ValueError, match="bucket_min_side"):
+        DataSettings.from_dict({"bucket_min_side": "small"})

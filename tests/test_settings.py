@@ -423,3 +423,31 @@ def test_defaults_follow_the_a1111_guide():
     assert recommended_learning_rate(False) == pytest.approx(1e-6)
     for kind in CONCEPT_TYPES:
         assert 100 <= concept_type_defaults(kind)["steps_per_image"] <= 175, kind
+
+
+def test_data_node_bucket_sides_follow_the_resolution():
+    """Issue 9: the Data node with its default widgets refused resolution 128 (bucket_min_side 256)."""
+    widgets = widget_defaults(nodes.DreamBoothDataNode)
+    assert widgets["bucket_min_side"] == 0 and widgets["bucket_max_side"] == 0     # auto
+    (config,) = nodes.DreamBoothDataNode().build(**{**widgets, "resolution": 128})
+    assert config.data == DataSettings(resolution=128)
+    assert (config.data.effective_bucket_min_side, config.data.effective_bucket_max_side) == (128, 1024)
+    (config,) = nodes.DreamBoothDataNode().build(**{**widgets, "resolution": 2048})
+    assert config.data.effective_bucket_max_side == 2048
+    (config,) = nodes.DreamBoothDataNode().build(**{**widgets, "resolution": 128, "bucket_min_side": 64})
+    assert config.data.bucket_min_side == 64
+    with pytest.raises(SettingsError, match="bucket_min_side = 256"):
+        nodes.DreamBoothDataNode().build(**{**widgets, "resolution": 128, "bucket_min_side": 256})
+
+
+def test_auto_data_values_hash_as_their_resolved_values():
+    """Auto and the value it stands for train the same weights, so they name the same run (and the default
+    settings keep the hash they had when 256 / 1024 were written out)."""
+    auto = DreamBoothSettings(data=DataSettings(resolution=128))
+    explicit = DreamBoothSettings(data=DataSettings(resolution=128, bucket_min_side=128, bucket_max_side=1024))
+    assert auto.config_hash() == explicit.config_hash()
+    assert auto.result_dict()["data"]["bucket_min_side"] == 128
+    assert DreamBoothSettings().config_hash() == DreamBoothSettings(
+        data=DataSettings(bucket_min_side=256, bucket_max_side=1024)).config_hash()
+    assert auto.config_hash() != explicit.replace(data=explicit.data.replace(bucket_min_side=64)).config_hash()
+    assert DreamBoothSettings.from_dict(json.loads(auto.to_json())) == auto

@@ -40,8 +40,8 @@ def assign_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tu
 def target_size(width: int, height: int, settings) -> tuple[int, int]:
     """(width, height) an image of this size is trained at, under `DataSettings`."""
     if settings.bucketing:
-        return assign_bucket(width, height, make_buckets(settings.resolution, settings.bucket_min_side,
-                                                         settings.bucket_max_side))
+        return assign_bucket(width, height, make_buckets(settings.resolution, settings.effective_bucket_min_side,
+                                                         settings.effective_bucket_max_side))
     return settings.resolution, settings.resolution
 
 

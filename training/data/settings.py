@@ -56,6 +56,9 @@ def _coerce(value: Any, default: Any) -> Any:
 
 
 class _SettingsMixin:
+    # fields whose default is None ("auto": resolved from other settings) -> the type of a value set explicitly
+    _AUTO_KINDS: dict = {}
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -72,8 +75,14 @@ class _SettingsMixin:
         for name, value in data.items():
             if name not in known:
                 continue
+            default = getattr(defaults, name)
+            if default is None and name in cls._AUTO_KINDS:
+                if value is None:
+                    kwargs[name] = None
+                    continue
+                default = cls._AUTO_KINDS[name]()
             try:
-                kwargs[name] = _coerce(value, getattr(defaults, name))
+                kwargs[name] = _coerce(value, default)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"{cls.__name__}.{name}: cannot use {value!r} ({e})") from None
         return cls(**kwargs)
@@ -163,8 +172,8 @@ class DataSettings(_SettingsMixin):
 
     resolution: int = 512                  # target side; bucketing keeps about resolution² pixels
     bucketing: bool = True                 # aspect-ratio buckets instead of square crops
-    bucket_min_side: int = 256             # smallest bucket side (multiple of 64)
-    bucket_max_side: int = 1024            # largest bucket side (multiple of 64)
+    bucket_min_side: int | None = None     # smallest bucket side (multiple of 64); None = auto: 256, at most resolution
+    bucket_max_side: int | None = None     # largest bucket side (multiple of 64); None = auto: 1024, at least resolution
     center_crop: bool = True               # without bucketing: True = crop the centre square, False = squash
     random_flip: bool = False              # horizontal flip half of the time
     background_color: str = "#ffffff"      # transparent pixels are composited on this colour
@@ -177,6 +186,30 @@ class DataSettings(_SettingsMixin):
     keep_tokens: int = 0                   # with shuffle_tags: number of leading tags kept in place
     caption_dropout: float = 0.0           # fraction of examples trained with an empty caption
 
+    # A default must never conflict with a value the user chose: the bucket sides are "auto" (None) unless set,
+    # and auto follows the resolution (256 / 1024 at the usual 512-1024; a resolution of 128 gets a minimum of
+    # 128, one of 2048 a maximum of 2048). A value set explicitly is used as given and checked.
+    _AUTO_KINDS = {"bucket_min_side": int, "bucket_max_side": int}
+    AUTO_BUCKET_MIN_SIDE = 256
+    AUTO_BUCKET_MAX_SIDE = 1024
+
+    @property
+    def effective_bucket_min_side(self) -> int:
+        if self.bucket_min_side is not None:
+            return self.bucket_min_side
+        return min(self.AUTO_BUCKET_MIN_SIDE, self.resolution)
+
+    @property
+    def effective_bucket_max_side(self) -> int:
+        if self.bucket_max_side is not None:
+            return self.bucket_max_side
+        return max(self.AUTO_BUCKET_MAX_SIDE, self.resolution)
+
+    def resolved(self) -> "DataSettings":
+        """A copy with every auto (None) value filled in."""
+        return self.replace(bucket_min_side=self.effective_bucket_min_side,
+                            bucket_max_side=self.effective_bucket_max_side)
+
     def validate(self) -> list[str]:
         p: list[str] = []
         _check_range(p, "resolution", self.resolution, 64, 4096)
@@ -185,16 +218,20 @@ class DataSettings(_SettingsMixin):
                      f"{max(64, round(self.resolution / 64) * 64)}")
         for name in ("bucket_min_side", "bucket_max_side"):
             value = getattr(self, name)
-            _check_range(p, name, value, 64, 8192)
+            if value is None:          # auto
+                continue
+            _check_range(p, name, value, 64, 8192, " (or auto)")
             if value % 64:
                 p.append(f"{name} = {value} is not a multiple of 64; use {max(64, round(value / 64) * 64)}")
         if self.bucketing:
-            if self.bucket_min_side > self.resolution:
+            if self.bucket_min_side is not None and self.bucket_min_side > self.resolution:
                 p.append(f"bucket_min_side = {self.bucket_min_side} is larger than resolution = {self.resolution}; "
-                         "lower it to at most the resolution")
-            if self.bucket_max_side < self.resolution:
+                         "lower it to at most the resolution, or set it to auto (0 on the node) to follow "
+                         "the resolution")
+            if self.bucket_max_side is not None and self.bucket_max_side < self.resolution:
                 p.append(f"bucket_max_side = {self.bucket_max_side} is smaller than resolution = {self.resolution}; "
-                         "raise it to at least the resolution")
+                         "raise it to at least the resolution, or set it to auto (0 on the node) to follow "
+                         "the resolution")
         try:
             parse_color(self.background_color)
         except ValueError as e:
