@@ -230,6 +230,11 @@ def is_interrupt(exc: BaseException) -> bool:
 # ------------------------------------------------------------------------------------------------------------------
 # Progress
 # ------------------------------------------------------------------------------------------------------------------
+def log(message: str) -> None:
+    """One line of the pack's own on the console (ComfyUI's terminal, or the CLI's output)."""
+    print(f"[DreamBooth] {message}", flush=True)
+
+
 def _format_duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     hours, rest = divmod(seconds, 3600)

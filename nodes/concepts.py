@@ -11,6 +11,7 @@ import os
 import re
 
 from ..training.data.settings import CONCEPT_TYPES, ConceptSettings
+from . import comfy_compat as compat
 
 _TOKEN_RULES = (
     "Token handling (as in the A1111 DreamBooth extension): with instance_token 'sks' and class_token 'dog', "
@@ -120,7 +121,10 @@ class ConceptDataset:
         chain = list(concepts or []) + [concept]    # a new list: upstream outputs are cached and shared
         from ..training.data.report import scan_report
 
-        report = scan_report(chain).report_text()
+        scanned = scan_report(chain)
+        for line in scanned.notices(concepts=[len(chain) - 1]):   # upstream concept nodes printed their own
+            compat.log(line)
+        report = scanned.report_text()
         return {"ui": {"text": [report]}, "result": (chain, report)}
 
 

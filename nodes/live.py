@@ -188,14 +188,18 @@ class LiveReporter:
                 "lr": _json_number(lr), "it_per_s": _json_number(it_per_s), "eta_s": _json_number(eta_s),
                 "updated": time.time(),
             })
-            if self._state["state"] == "starting":
-                self._state["state"] = "running"
+            started = self._state["state"] == "starting"
+            if started:   # the first step: the preparation message ("caching latents: 8/8") is over
+                self._state.update({"state": "running", "message": "training"})
             self._progress_unsent = True
         total_steps = self._state["total"]
         last_step = total_steps is not None and step >= total_steps
         now = self._clock()
-        if last_step or self._last_progress_sent is None or now - self._last_progress_sent >= self.min_interval_s:
+        if started or last_step or self._last_progress_sent is None \
+                or now - self._last_progress_sent >= self.min_interval_s:
             self.flush()
+        if started:       # the panel's status line shows the last status message
+            self._send(STATUS_EVENT, self._status_payload())
 
     def preview(self, images: list[dict], step=None) -> None:
         """New preview images, as ComfyUI image refs {filename, subfolder, type} (what /view serves)."""
@@ -217,6 +221,14 @@ class LiveReporter:
         if state in TERMINAL_STATES:
             release_control(self.node)   # a finished run takes no more requests; the route answers 404
         self._send(STATUS_EVENT, self._status_payload())
+
+    def stage(self, message: str) -> None:
+        """What the run is preparing (scanning, class images, caching, with counts): the status message until
+        the first training step; ignored after it."""
+        with self._lock:
+            starting = self._state["state"] == "starting"
+        if starting:
+            self.status("starting", message)
 
     def flush(self) -> None:
         """Send the pending progress now (if any)."""

@@ -56,6 +56,7 @@ class TrainDreamBooth:
 
     def train(self, model, concepts, config, resume="auto", unique_id=None):
         from ..training.data.dataset import PreparationStopped
+        from ..training.data.report import is_notice
         from ..training.trainer import TrainCallbacks, TrainingInterrupted, train
         from .live import LiveReporter
 
@@ -76,13 +77,21 @@ class TrainDreamBooth:
         def should_stop():
             return bool(cancelled) or compat.interrupt_requested()
 
+        activity = ["preparing the data"]   # the trainer's latest stage line ("caching latents (disk)", ...)
+
+        def log(message):
+            compat.log(message)
+            if not is_notice(message):       # problem files are printed and reported, not stages
+                activity[0] = message
+                reporter.stage(message)
+
         def stage(name, done, total):
-            reporter.status("starting", f"preparing the data ({name}): {done}/{total}")
+            reporter.stage(f"{activity[0]}: {done}/{total}")
 
         def preview(paths):
             reporter.preview([_ui_image(p) for p in paths])
 
-        callbacks = TrainCallbacks(progress=progress, preview=preview, log=lambda m: print(f"[DreamBooth] {m}"),
+        callbacks = TrainCallbacks(progress=progress, preview=preview, log=log,
                                    should_stop=should_stop, control=reporter.control, stage=stage)
         try:
             result = train(model, concepts, config, output_root=compat.output_directory(), resume=resume or "auto",

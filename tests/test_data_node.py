@@ -96,3 +96,48 @@ def test_is_changed_follows_folder_contents(tmp_path):
     assert before == ConceptDataset.IS_CHANGED(instance_dir=str(tmp_path / "d"), class_dir="")
     images(tmp_path / "d", 2)
     assert before != ConceptDataset.IS_CHANGED(instance_dir=str(tmp_path / "d"), class_dir="")
+
+
+def problem_folder(folder):
+    """A folder with one of each problem the user must hear about: a broken image, an exact duplicate, files that
+    are not images (more than the old report's cap of 5) and a caption over the token limit."""
+    images(folder, 2)
+    (folder / "02.png").write_bytes((folder / "00.png").read_bytes())
+    (folder / "03.jpg").write_text("not a jpeg")
+    for i in range(7):
+        (folder / f"notes{i}.md").write_text("x")
+    (folder / "01.txt").write_text(", ".join(f"tag{i}" for i in range(80)))
+
+
+def test_report_and_console_name_every_problem_file_on_its_own_line(tmp_path, capsys):
+    """Issue 9: problems were only in the report (ignored files cut at 5, long captions in one warning) and never
+    printed; each now has its own line naming the file, in the node's text and on the console."""
+    problem_folder(tmp_path / "d")
+    capsys.readouterr()
+    report = ConceptDataset().build(instance_dir=str(tmp_path / "d"), **WIDGETS)["result"][1]
+    printed = capsys.readouterr().out.splitlines()
+    d = str(tmp_path / "d")
+    expected = {"BAD": [f"{d}/03.jpg"], "DUPLICATE": [f"{d}/02.png"], "IGNORED": [f"{d}/notes{i}.md" for i in range(7)],
+                "LONG CAPTION": [f"{d}/01.png"]}
+    for kind, paths in expected.items():
+        for path in paths:
+            in_report = [line for line in report.splitlines() if kind in line and path in line]
+            assert len(in_report) == 1, (kind, path, report)
+            on_console = [line for line in printed if line.startswith("[DreamBooth] concept 1: ") and kind in line
+                          and path in line]
+            assert len(on_console) == 1, (kind, path, printed)
+    assert "00.png" in [line for line in printed if "DUPLICATE" in line][0]      # what it duplicates
+    assert "tokens" in [line for line in printed if "LONG CAPTION" in line][0]
+
+
+def test_chained_concept_prints_only_its_own_problems(tmp_path, capsys):
+    problem_folder(tmp_path / "a")
+    images(tmp_path / "b", 2)
+    (tmp_path / "b" / "zz.png").write_text("broken")
+    first = ConceptDataset().build(instance_dir=str(tmp_path / "a"), **WIDGETS)["result"][0]
+    capsys.readouterr()
+    report = ConceptDataset().build(instance_dir=str(tmp_path / "b"), concepts=first, **WIDGETS)["result"][1]
+    printed = capsys.readouterr().out
+    assert "zz.png" in printed and "concept 2: BAD" in printed
+    assert "03.jpg" not in printed                      # concept 1's node printed those already
+    assert "03.jpg" in report and "zz.png" in report    # the report covers the chain

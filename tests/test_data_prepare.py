@@ -435,3 +435,30 @@ def test_model_loaded_under_inference_mode_prepares(tmp_path):
         again = prepare(model, [concept], settings(), tmp_path / "cache")
     first, second = data.report.to_dict()["cache"]["latents"], again.report.to_dict()["cache"]["latents"]
     assert second["hits"] == first["misses"] > 0 and second["misses"] == 0      # same keys: the cache is reused
+
+
+def test_problem_files_are_logged_one_line_each(sd1, tmp_path):
+    """Issue 9: what was only in dataset_report.txt reaches `log` (the node's console / the CLI), a line per file,
+    before the long work (caching) starts."""
+    paths = make_images(tmp_path / "inst", sizes=[(64, 64)] * 2, captions=["a dog", "a dog, " + ", ".join(
+        f"detail{i}" for i in range(60))])
+    (tmp_path / "inst" / "dup.png").write_bytes(open(paths[0], "rb").read())
+    (tmp_path / "inst" / "zz.png").write_text("text with an image name")
+    (tmp_path / "inst" / "notes.md").write_text("x")
+    concept = ConceptSettings(instance_dir=str(tmp_path / "inst"), instance_token="sks")
+    said = []
+    data = prepare(sd1, [concept], settings(), tmp_path / "cache", log=said.append)
+    d = str(tmp_path / "inst")
+    for kind, path in (("BAD", f"{d}/zz.png"), ("DUPLICATE", f"{d}/dup.png"), ("IGNORED", f"{d}/notes.md"),
+                       ("LONG CAPTION", paths[1])):
+        lines = [m for m in said if m.startswith("concept 1: ") and kind in m and path in m]
+        assert len(lines) == 1, (kind, said)
+        assert lines[0].split("concept 1: ", 1)[1] in data.report_text()          # the same line in the report
+    assert "the rest is cut off" in [m for m in said if "LONG CAPTION" in m][0]   # truncate is the setting
+    from comfyui_dreambooth.training.data.report import is_notice
+
+    assert all(is_notice(m) for m in data.report.notices()) and data.report.notices()
+    assert not any(is_notice(m) for m in ("scanning images", "concept 1: generating 4 class images in /x",
+                                          "caching latents (disk)", "training 4 steps (2/epoch) in /r"))
+    first_cache = next(i for i, m in enumerate(said) if m.startswith("caching"))
+    assert max(i for i, m in enumerate(said) if m.startswith("concept 1: ")) < first_cache

@@ -110,6 +110,26 @@ def test_status_flushes_pending_progress_first():
     assert live.get_state("7")["message"] == "stopped after epoch 1"
 
 
+def test_first_training_step_replaces_the_preparation_message():
+    """Issue 9: the panel kept "preparing the data (data): 8/8" for the whole run; the status line now says what
+    is going on (the panel shows the last status message, progress messages carry none)."""
+    reporter, sent, _ = make_reporter()
+    reporter.status("starting", "preparing the data (data): 8/8")
+    reporter.progress(1, 10, epoch=1, loss=0.5)
+    state = live.get_state("7")
+    assert (state["state"], state["message"]) == ("running", "training")
+    status = events(sent, live.STATUS_EVENT)[-1]
+    assert (status["state"], status["message"]) == ("running", "training")
+    assert sent[-1][0] == live.STATUS_EVENT and sent[-2][0] == live.PROGRESS_EVENT   # the step is drawn first
+    count = len(events(sent, live.STATUS_EVENT))
+    reporter.progress(2, 10, epoch=1, loss=0.4)
+    assert len(events(sent, live.STATUS_EVENT)) == count          # announced once, not per step
+    reporter.status("sampling", "sampling previews")
+    reporter.status("running", "")                                # messages set while running are the node's
+    reporter.progress(3, 10, epoch=1, loss=0.3)
+    assert live.get_state("7")["message"] == ""
+
+
 def test_terminal_status_releases_the_control():
     reporter, _, _ = make_reporter()
     reporter.status("running")
@@ -194,7 +214,9 @@ def test_default_transport_headless_goes_to_ui_listeners_only():
         reporter.status("done")
     finally:
         remove()
-    assert [event for event, _ in received] == [live.STATUS_EVENT, live.PROGRESS_EVENT, live.STATUS_EVENT]
+    # starting, the first step, "running: training" (the first step ends the preparation message), done
+    assert [event for event, _ in received] == [live.STATUS_EVENT, live.PROGRESS_EVENT, live.STATUS_EVENT,
+                                                live.STATUS_EVENT]
     assert all(data["node"] == "9" for _, data in received)
     assert live.get_state("9")["state"] == "done"
 

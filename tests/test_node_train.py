@@ -69,6 +69,41 @@ def test_headless_run_returns_model_run_dir_report_and_ui(sd1, tmp_path, headles
     assert again["result"][1] == run_dir and again["result"][2].startswith("Reused 4 steps")
 
 
+def test_problem_files_and_stages_reach_the_console_the_report_and_the_panel(sd1, tmp_path, headless, capsys):
+    """Issue 9: broken / duplicate / non-image files are printed (one line each, naming the file) and listed in the
+    node's text; the panel's status line names each preparation stage and says "training" once steps run
+    (it kept "preparing the data (data): 8/8" for the whole run)."""
+    concept = make_concept(tmp_path, n=2)
+    inst = concept.instance_dir
+    with open(os.path.join(inst, "img_0.png"), "rb") as f:
+        data = f.read()
+    with open(os.path.join(inst, "copy.png"), "wb") as f:
+        f.write(data)
+    with open(os.path.join(inst, "broken.png"), "w") as f:
+        f.write("not an image")
+    with open(os.path.join(inst, "notes.md"), "w") as f:
+        f.write("x")
+    capsys.readouterr()
+    out = TrainDreamBooth().train(sd1, [concept], tiny_settings(steps_per_image=2), unique_id="5")
+    printed = capsys.readouterr().out.splitlines()
+    report = out["result"][2]
+    assert out["ui"]["text"] == [report]
+    for kind, name in (("BAD", "broken.png"), ("DUPLICATE", "copy.png"), ("IGNORED", "notes.md")):
+        path = os.path.join(inst, name)
+        assert len([line for line in printed if line.startswith("[DreamBooth] concept 1: ")
+                    and kind in line and path in line]) == 1, (kind, printed)
+        assert len([line for line in report.splitlines() if kind in line and path in line]) == 1, (kind, report)
+
+    statuses = [(i, d) for i, (event, d) in enumerate(headless) if event == live.STATUS_EVENT and d["node"] == "5"]
+    first_step = next(i for i, (event, d) in enumerate(headless) if event == live.PROGRESS_EVENT)
+    preparing = [d["message"] for i, d in statuses if i < first_step]
+    assert any(m.startswith("caching latents") and m.endswith("/2") for m in preparing), preparing
+    assert not any("(data)" in m for m in preparing), preparing
+    during = [d for i, d in statuses if i > first_step][:-1]           # the last one is "done"
+    assert during and all(d["state"] == "running" and d["message"] == "training" for d in during), during
+    assert statuses[-1][1]["state"] == "done"
+
+
 def _interrupt_at_first_progress(messages_sink, request):
     def listener(event, data):
         if event == live.PROGRESS_EVENT and data.get("step") == 1:

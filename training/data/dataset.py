@@ -529,6 +529,8 @@ def prepare_training_data(model, concepts: list[ConceptSettings], data_settings:
             report.warnings.append(f"concept {i + 1}: {len(small)} image(s) are less than half the training "
                                    f"size and will be upscaled (blurry): " + ", ".join(small[:5])
                                    + (" ..." if len(small) > 5 else ""))
+    for line in report.notices():         # where the user looks (console, CLI), not only in the report file
+        say(line)
 
     mode = data_settings.cache_mode
     latent_cache = TensorCache(os.path.join(cache_dir, "latents") if mode == "disk" else None, mode) \

@@ -13,6 +13,16 @@ from dataclasses import dataclass, field
 from .settings import ConceptSettings
 
 TOKEN_LIMIT = 75
+# what DatasetReport.notices() lines say after "concept N: " (or "WARNING: " for the rest)
+NOTICE_KINDS = ("BAD", "DUPLICATE", "IGNORED", "LONG CAPTION")
+
+
+def is_notice(line: str) -> bool:
+    """Whether a log line is one of `DatasetReport.notices()` (a problem to show), not a stage of the work."""
+    if line.startswith("WARNING: "):
+        return True
+    head, sep, rest = line.partition(": ")
+    return bool(sep) and head.startswith("concept ") and rest.startswith(NOTICE_KINDS)
 
 
 def bucket_name(bucket: tuple[int, int]) -> str:
@@ -31,6 +41,7 @@ class ConceptReport:
     duplicates: list = field(default_factory=list)        # [[kept, dropped, ...], ...]
     ignored_files: list = field(default_factory=list)     # non-image files in the folder
     long_captions: list = field(default_factory=list)     # [[path, tokens], ...] over the 75-token limit
+    long_captions_mode: str = ""                          # DataSettings.long_captions ("" in the node's preview)
     buckets: dict = field(default_factory=dict)           # {"512x512": n} instance images per bucket
     prior_preservation: bool = False
     class_dir: str = ""
@@ -44,6 +55,25 @@ class ConceptReport:
     prior_examples_per_epoch: int = 0
     prior_loss_weight: float = 1.0
     concept_type: str = "person"
+
+    def file_notices(self) -> list[str]:
+        """One line per file the user should know about (not used, or not used as it is), each naming the file:
+        broken images, exact duplicates, files that are not images, captions over the token limit."""
+        lines = []
+        for path, reason in self.bad_files:
+            lines.append(f"BAD: {reason}" if reason.startswith(path) else f"BAD: {path}: {reason}")
+        for path, reason in self.class_bad_files:
+            lines.append(f"BAD class image: {reason}" if reason.startswith(path)
+                         else f"BAD class image: {path}: {reason}")
+        for label, groups in (("DUPLICATE", self.duplicates), ("DUPLICATE class image", self.class_duplicates)):
+            for group in groups:
+                lines += [f"{label}: {dropped} same as {group[0]} (used once)" for dropped in group[1:]]
+        lines += [f"IGNORED: {path} (not an image)" for path in self.ignored_files]
+        what = {"truncate": "the rest is cut off", "chunk": "encoded in 75-token chunks"}.get(
+            self.long_captions_mode, "cut off unless long_captions='chunk'")
+        lines += [f"LONG CAPTION: {path}: {n} tokens, over the {TOKEN_LIMIT}-token limit ({what})"
+                  for path, n in self.long_captions]
+        return lines
 
 
 @dataclass
@@ -69,6 +99,18 @@ class DatasetReport:
     def bad_files(self) -> list:
         return [b for c in self.concepts for b in c.bad_files + c.class_bad_files]
 
+    def notices(self, concepts: list[int] | None = None) -> list[str]:
+        """What to print where the user looks (the console, the CLI): one line per problem file, prefixed with
+        its concept, then the warnings those lines do not already say. `concepts`: only these concept indices
+        (and only their warnings)."""
+        chosen = [c for c in self.concepts if concepts is None or c.index in concepts]
+        lines = [f"concept {c.index + 1}: {line}" for c in chosen for line in c.file_notices()]
+        said = {w for c in self.concepts for w in _file_warnings(c)}
+        prefixes = tuple(f"concept {c.index + 1}:" for c in chosen)
+        lines += [f"WARNING: {w}" for w in self.warnings if w not in said
+                  and (concepts is None or w.startswith(prefixes))]
+        return lines
+
     def report_text(self) -> str:
         lines = []
         for c in self.concepts:
@@ -88,13 +130,7 @@ class DatasetReport:
                 if c.prior_examples_per_epoch:
                     lines.append(f"  prior examples per epoch: {c.prior_examples_per_epoch} "
                                  f"(prior_loss_weight {c.prior_loss_weight:g})")
-            for path, reason in c.bad_files + c.class_bad_files:
-                lines.append(f"  BAD: {reason}" if reason.startswith(path) else f"  BAD: {path}: {reason}")
-            for group in c.duplicates + c.class_duplicates:
-                lines.append(f"  DUPLICATE: {', '.join(group[1:])} same as {group[0]} (used once)")
-            if c.ignored_files:
-                lines.append(f"  ignored {len(c.ignored_files)} non-image file(s): "
-                             + ", ".join(c.ignored_files[:5]) + (" ..." if len(c.ignored_files) > 5 else ""))
+            lines += [f"  {line}" for line in c.file_notices()]
         if self.batch_size is not None:
             lines.append(f"Examples per epoch: {self.examples_per_epoch}; batch size {self.batch_size} x "
                          f"gradient accumulation {self.gradient_accumulation_steps}: {self.batches_per_epoch} "
@@ -165,7 +201,7 @@ def divisibility_check(concepts: list[ConceptSettings], instance_counts: list[in
     return False, msg
 
 
-__all__ = ["TOKEN_LIMIT", "bucket_name", "ConceptReport", "DatasetReport", "divisibility_check"]
+__all__ = ["TOKEN_LIMIT", "NOTICE_KINDS", "is_notice", "bucket_name", "ConceptReport", "DatasetReport", "divisibility_check"]
 
 
 def caption_token_count(caption: str) -> int:
@@ -196,6 +232,7 @@ def concept_report(index: int, scan, *, data_settings=None, class_generated: int
         if n > TOKEN_LIMIT:
             r.long_captions.append([img.path, n])
     if data_settings is not None:
+        r.long_captions_mode = data_settings.long_captions
         for img in scan.instance.images:
             key = bucket_name(target_size(img.info.width, img.info.height, data_settings))
             r.buckets[key] = r.buckets.get(key, 0) + 1
@@ -230,9 +267,15 @@ def scan_report(concepts: list[ConceptSettings], data_settings=None) -> DatasetR
 
 def _concept_warnings(cr: ConceptReport) -> list[str]:
     w = []
-    name = f"concept {cr.index + 1}"
     if cr.instance_images == 0:
-        w.append(f"{name}: no usable images in {cr.instance_dir!r}")
+        w.append(f"concept {cr.index + 1}: no usable images in {cr.instance_dir!r}")
+    return w + _file_warnings(cr)
+
+
+def _file_warnings(cr: ConceptReport) -> list[str]:
+    """The summary warnings of what `ConceptReport.file_notices` lists file by file."""
+    w = []
+    name = f"concept {cr.index + 1}"
     if cr.bad_files:
         w.append(f"{name}: {len(cr.bad_files)} broken image(s) skipped (on_bad_image='stop' refuses to train)")
     if cr.long_captions:
