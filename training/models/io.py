@@ -166,7 +166,8 @@ def _fill_module(module, rules, canon_to_module, lazy: LazyStateDict, dtype, com
     """Assign every tensor of `module` from `lazy` through `rules`; error listing what is missing."""
     from . import keymap
 
-    shapes = {canon: tuple(module.state_dict()[mk].shape) for canon, mk in canon_to_module.items()}
+    module_state = module.state_dict()        # once: a state_dict() per key made loading quadratic
+    shapes = {canon: tuple(module_state[mk].shape) for canon, mk in canon_to_module.items()}
     missing = [r.ldm for r in rules if r.ldm not in lazy]
     if missing:
         raise ModelLoadError(f"{lazy.path}: the {component} is missing {len(missing)} tensors the inferred "
