@@ -382,11 +382,27 @@ class DreamBoothSettings:
     def _length_problems(self, num_examples: int) -> list[str]:
         if num_examples <= 0:
             return [f"the dataset has {num_examples} examples; add images to the concept folders"]
-        total = self.total_steps(num_examples)
+        return self.run_length_problems(self.total_steps(num_examples), f" for {num_examples} examples")
+
+    def run_length_problems(self, total: int, what: str = "") -> list[str]:
+        """What the run's length (optimizer steps, known once the data is prepared) makes impossible."""
+        p = []
         if self.lr_scheduler in WARMUP_SCHEDULERS and self.lr_warmup_steps >= total:
-            return [f"lr_warmup_steps = {self.lr_warmup_steps} is not shorter than the run ({total} steps for "
-                    f"{num_examples} examples); lower it, e.g. to {max(0, total // 10)}"]
-        return []
+            p.append(f"lr_warmup_steps = {self.lr_warmup_steps} is not shorter than the run ({total} steps{what}): "
+                     f"the learning rate would never reach learning_rate; lower it, e.g. to {max(0, total // 10)}")
+        if not self.train_unet and self.text_encoder_ratio is not None and self.text_encoder_train_steps(total) == 0:
+            need = min(1.0, math.ceil(1000 / total) / 1000)      # floor(need * total) >= 1
+            p.append(f"train_unet = False and text_encoder_ratio = {self.text_encoder_ratio:g} give the text encoder "
+                     f"0 of the run's {total} steps{what}: nothing would train; raise text_encoder_ratio to at "
+                     f"least {need:.3g} or enable train_unet")
+        return p
+
+    def check_run_length(self, total: int) -> "DreamBoothSettings":
+        """Raise SettingsError when the run's length makes a setting impossible (see run_length_problems)."""
+        problems = self.run_length_problems(total)
+        if problems:
+            raise SettingsError(problems)
+        return self
 
     def _environment_problems(self) -> list[str]:
         from .setup.optimizers import missing_optimizer_package

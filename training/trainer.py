@@ -117,12 +117,49 @@ def _set_attention(unet, attention: str):
         unet.set_attn_processor(AttnProcessor2_0())
 
 
-def _mixed_precision(settings, device, say) -> str:
+@contextlib.contextmanager
+def _fresh_accelerate_state():
+    """accelerate keeps one process-wide AcceleratorState: a second run with other mixed precision in the same
+    process (ComfyUI runs every queued prompt in one) fails with "already initialized". Each run starts from a
+    clean state and leaves none behind; the distributed setup (PartialState) is kept."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    try:
+        yield
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
+
+
+def _mixed_precision(settings, device, say, model) -> str:
+    import torch
+
     mp = settings.mixed_precision
     if device.type == "cpu" and mp == "fp16":
         say("mixed_precision fp16 needs a GPU; training in fp32 on the CPU")
-        return "no"
+        mp = "no"
+    loaded = next(model.unet.parameters()).dtype
+    if mp == "no" and loaded in (torch.float16, torch.bfloat16):
+        # fp32 compute would meet the frozen half-precision base weights in every layer (dtype mismatch)
+        half = "bf16" if loaded == torch.bfloat16 else "fp16"
+        if half == "fp16" and device.type == "cpu":
+            raise ValueError("the model is loaded in fp16, which cannot train on the CPU; load it in fp32 or bf16 "
+                             "(LoadBaseModel's dtype)")
+        say(f"the model is loaded in {half}: computing in {half} mixed precision (trained weights stay fp32); "
+            "load it in fp32 for full-precision training")
+        mp = half
     return mp
+
+
+def _vae_dtype(settings, device, say):
+    import torch
+
+    if device.type == "cpu" and settings.vae_dtype == "fp16":
+        say("vae_dtype fp16 needs a GPU; the VAE runs in fp32 on the CPU")
+        return torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(settings.vae_dtype, torch.float32)
 
 
 def _format_eta(seconds: float) -> str:
@@ -148,8 +185,10 @@ def build_trainable(model, settings):
         unet_params = adapter_parameters(tm, unet=True, text_encoders=False) if settings.train_unet else []
         te_params = adapter_parameters(tm, unet=False, text_encoders=True) if trains_te else []
         return _own_frozen_unet_if_needed(tm, model, settings), unet_params, te_params
-    unet = _trainable_copy(model.unet) if settings.train_unet else model.unet
-    tes = [_trainable_copy(te) for te in model.text_encoders] if trains_te else list(model.text_encoders)
+    # trained weights are fp32 master copies whatever precision the model was loaded in: a bf16 weight cannot
+    # take a 1e-6 step (it rounds back), and fp16 gradients cannot be unscaled; autocast computes in half
+    unet = _trainable_copy(model.unet).float() if settings.train_unet else model.unet
+    tes = [_trainable_copy(te).float() for te in model.text_encoders] if trains_te else list(model.text_encoders)
     unet_params, te_params = [], []
     if settings.train_unet:
         unet.requires_grad_(True)
@@ -221,8 +260,8 @@ def train(model, concepts, settings, *, output_root: str, resume: str = "auto", 
     cb = callbacks or TrainCallbacks()
     unet_home = next(model.unet.parameters()).device
     try:
-        with torch.inference_mode(False), torch.random.fork_rng(devices=[] if device is None or str(device) == "cpu"
-                                                                  else None):
+        with torch.inference_mode(False), _fresh_accelerate_state(), torch.random.fork_rng(
+                devices=[] if device is None or str(device) == "cpu" else None):
             return _train(model, list(concepts), settings, output_root, resume, device, cb, reuse_finished)
     finally:
         if next(model.unet.parameters()).device != unet_home:     # parked during training: put it back
@@ -244,7 +283,7 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
     say = cb.log or (lambda msg: None)
     settings = settings.resolved(concepts).check()
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    mp = _mixed_precision(settings, device, say)
+    mp = _mixed_precision(settings, device, say, model)
     accelerator = Accelerator(mixed_precision=mp, cpu=device.type == "cpu")
     device = accelerator.device if device.type != "cpu" else device
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -255,19 +294,33 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
     for m in (model.vae, *model.text_encoders):
         m.to(device)
     model.unet.to(device)
+    # the VAE that encodes the training latents (and decodes previews) has the vae_dtype setting's precision:
+    # fp16 VAEs give NaN/black images, so a half-precision model's VAE is copied to fp32 unless asked otherwise
+    vae_dtype = _vae_dtype(settings, device, say)
+    if model.vae.dtype != vae_dtype:
+        model_for_data = model.replace(vae=_trainable_copy(model.vae).to(dtype=vae_dtype).requires_grad_(False))
+    else:
+        model_for_data = model
+    prior_from_class_images = settings.prior_mode == "class_images"
     data = prepare_training_data(
-        model, concepts, settings.data, cache_dir=os.path.join(output_root, "dreambooth", "cache"),
+        model_for_data, concepts, settings.data, cache_dir=os.path.join(output_root, "dreambooth", "cache"),
         text_encoder_trained=settings.trains_text_encoder, batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.gradient_accumulation_steps, seed=settings.seed,
         progress=(lambda d, t: cb.stage("data", d, t)) if cb.stage else None, should_stop=cb.should_stop,
-        clip_skip=settings.clip_skip_or_none, generate_class_images=settings.prior_mode == "class_images",
-        class_scheduler=settings.preview_scheduler, log=say)
+        clip_skip=settings.clip_skip_or_none, use_class_images=prior_from_class_images,
+        generate_class_images=prior_from_class_images, class_scheduler=settings.preview_scheduler, log=say)
     report = data.report_text()
     batches_per_epoch = math.ceil(data.batches_per_epoch / world)
     accum = settings.gradient_accumulation_steps
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / accum))
     total_steps = settings.total_steps(data.examples_per_epoch, batches_per_epoch=batches_per_epoch)
+    settings.check_run_length(total_steps)
     te_steps = settings.text_encoder_train_steps(total_steps) if settings.trains_text_encoder else 0
+    if not settings.train_unet and te_steps < total_steps:
+        say(f"train_unet is off: the run ends when the text encoder freezes, after {te_steps} of {total_steps} "
+            f"steps (text_encoder_ratio {settings.text_encoder_ratio:g})")
+        total_steps = te_steps
+    zero_terminal_snr = bool(settings.zero_terminal_snr or model.zero_terminal_snr)   # a ZTSNR base keeps it
     # a model that is itself the result of a run keeps its base's source_hash: name its weights by that run too
     parent_run = model.metadata.get("trained_run_id")
     model_identity = model.source_hash + (f"+run:{parent_run}" if parent_run else "")
@@ -300,9 +353,7 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
                     p.data = p.data.to(weight_dtype)
     if device.type != "cpu" and tm.unet is not model.unet and settings.prior_mode != "base_model":
         model.unet.to("cpu")       # training uses its own copy: the received UNet's VRAM is free until the end
-    vae_dtype = torch.float32 if settings.vae_dtype == "fp32" else weight_dtype
-    if tm.vae.dtype != vae_dtype:     # fp16 VAEs give NaN/black images: fp32 unless asked otherwise (on a copy)
-        tm = tm.replace(vae=_trainable_copy(model.vae).to(dtype=vae_dtype).requires_grad_(False))
+    tm = tm.replace(vae=model_for_data.vae, zero_terminal_snr=zero_terminal_snr)
     tm.vae.to(device)
     if tm.unet is not model.unet:                     # build_trainable copied it when the kernel must change
         _set_attention(tm.unet, settings.attention)
@@ -315,7 +366,7 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
         m.train()
     optimizer = build_optimizer(training_param_groups(unet_params, te_params, settings), settings)
     lr_scheduler = build_lr_scheduler(optimizer, settings, total_steps)
-    noise_scheduler = build_noise_scheduler(settings, model.prediction_type)
+    noise_scheduler = build_noise_scheduler(settings, model.prediction_type, zero_terminal_snr=zero_terminal_snr)
     ema = EMA(tm.unet, settings.ema_decay, on_cpu=settings.ema_on_cpu) if settings.use_ema and settings.train_unet else None
     named = _named_trainables(tm, unet_params, te_params)
     prepared = accelerator.prepare(*trained_modules, optimizer)
@@ -327,7 +378,8 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
 
     start_step = 0
     if checkpoint:
-        start_step = _load_checkpoint(checkpoint, named, optimizer, lr_scheduler, ema, run_id)
+        start_step = _load_checkpoint(checkpoint, named, optimizer, lr_scheduler, ema, run_id,
+                                      scaler=accelerator.scaler)
         say(f"resuming {run.path} from step {start_step}")
         if main:
             run.truncate_loss(start_step)
@@ -350,7 +402,8 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
 
         def write(folder):
             _write_state(folder, named, optimizer, lr_scheduler, ema, {"step": step, "run_id": run_id,
-                                                                        "loss": loss, "time": time.time()})
+                                                                        "loss": loss, "time": time.time()},
+                         scaler=accelerator.scaler)
         try:
             if final:
                 return run.save_final(write)
@@ -554,13 +607,14 @@ def _base_model_prior_loss(tm, base_model, base_unet, unet_fwd, concepts, batch,
 # --------------------------------------------------------------------------------------------------------------
 # Checkpoint files
 # --------------------------------------------------------------------------------------------------------------
-def _write_state(folder, named, optimizer, lr_scheduler, ema, state):
+def _write_state(folder, named, optimizer, lr_scheduler, ema, state, scaler=None):
     import torch
     from safetensors.torch import save_file
 
     save_file({k: p.detach().float().cpu().contiguous() for k, p in named.items()},
               os.path.join(folder, "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()},
+    extra = {"scaler": scaler.state_dict()} if scaler is not None else {}     # fp16: the loss scale and its clock
+    torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), **extra},
                os.path.join(folder, "optimizer.pt"))
     if ema is not None:
         torch.save(ema.state_dict(), os.path.join(folder, "ema.pt"))
@@ -585,7 +639,7 @@ def _load_weights(folder, named) -> dict | None:
     return torch.load(ema_path, map_location="cpu", weights_only=True) if os.path.exists(ema_path) else None
 
 
-def _load_checkpoint(folder, named, optimizer, lr_scheduler, ema, run_id) -> int:
+def _load_checkpoint(folder, named, optimizer, lr_scheduler, ema, run_id, scaler=None) -> int:
     import torch
 
     with open(os.path.join(folder, "state.json"), encoding="utf-8") as f:
@@ -598,6 +652,8 @@ def _load_checkpoint(folder, named, optimizer, lr_scheduler, ema, run_id) -> int
     opt = torch.load(os.path.join(folder, "optimizer.pt"), map_location="cpu", weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
     lr_scheduler.load_state_dict(opt["lr_scheduler"])
+    if scaler is not None and opt.get("scaler"):
+        scaler.load_state_dict(opt["scaler"])
     if ema is not None and ema_state is not None:
         ema.load_state_dict(ema_state)
     return int(state["step"])
@@ -643,4 +699,5 @@ def _finish_model(tm, model, named, settings, ema_state, run_id):
     metadata = dict(tm.metadata)
     metadata["training"] = settings.result_dict()
     metadata["trained_run_id"] = run_id          # names these weights if they are trained further
-    return tm.replace(ema_unet=ema_unet, metadata=metadata)
+    return tm.replace(ema_unet=ema_unet, metadata=metadata,
+                      zero_terminal_snr=bool(tm.zero_terminal_snr or settings.zero_terminal_snr))

@@ -66,11 +66,13 @@ def plan_class_generation(concept: ConceptSettings, data_settings: DataSettings,
 
 def ensure_class_images(model, concept: ConceptSettings, data_settings: DataSettings, *, batch_size: int = 4,
                         scheduler: str = "euler", progress: Callable[[int, int], None] | None = None,
-                        should_stop: Callable[[], bool] | None = None, generate_fn=None) -> list[str]:
+                        should_stop: Callable[[], bool] | None = None, generate_fn=None,
+                        clip_skip: int | None = None) -> list[str]:
     """Make sure `concept.class_dir` holds the class images the concept needs; return the paths to train on.
 
     Missing images are generated with `model` in batches of `batch_size` (same size per batch) using
-    `scheduler`, `concept.class_steps`, `concept.class_guidance_scale` and `concept.class_negative_prompt`;
+    `scheduler`, `concept.class_steps`, `concept.class_guidance_scale`, `concept.class_negative_prompt` and the
+    run's `clip_skip` (class images show what the base model makes of the class prompt as training encodes it);
     seeds are the file numbers, so a re-generated set is reproducible. `progress(done, total)` counts
     images; when `should_stop()` turns true, generation stops after the current batch and the paths made so
     far are returned (the caller sees fewer than required). `generate_fn` replaces
@@ -112,7 +114,7 @@ def ensure_class_images(model, concept: ConceptSettings, data_settings: DataSett
                 images = generate_fn(model, prompts, negative_prompt=concept.class_negative_prompt,
                                      steps=concept.class_steps, cfg=concept.class_guidance_scale, seed=index,
                                      width=size[0], height=size[1], batch_size=len(prompts), scheduler=scheduler,
-                                     should_stop=should_stop)
+                                     should_stop=should_stop, clip_skip=clip_skip)
             except Exception as e:
                 if type(e).__name__ == "SamplingInterrupted":   # should_stop() fired inside the sampler
                     break
@@ -122,7 +124,7 @@ def ensure_class_images(model, concept: ConceptSettings, data_settings: DataSett
                 path = os.path.join(concept.class_dir, f"{index + k:05d}-{_slug(prompt)}.png")
                 info = (f"Negative prompt: {concept.class_negative_prompt}\nSteps: {concept.class_steps}, "
                         f"Sampler: {scheduler}, CFG scale: {concept.class_guidance_scale}, Seed: {index + k}, "
-                        f"Size: {size[0]}x{size[1]}")
+                        f"Size: {size[0]}x{size[1]}" + (f", Clip skip: {clip_skip}" if clip_skip else ""))
                 pending.append(writers.submit(_save_png, pil, path, prompt, info))
                 paths.append(path)
             index += len(prompts)

@@ -500,7 +500,8 @@ def prepare_training_data(model, concepts: list[ConceptSettings], data_settings:
             say(f"concept {i + 1}: generating {len(todo)} class images in {c.class_dir}")
             before = sc.class_present
             ensure_class_images(model, c, data_settings, batch_size=class_batch_size, scheduler=class_scheduler,
-                                progress=progress, should_stop=should_stop, generate_fn=generate_fn)
+                                progress=progress, should_stop=should_stop, generate_fn=generate_fn,
+                                clip_skip=clip_skip)
             if should_stop is not None and should_stop():
                 raise PreparationStopped("stopped while generating class images")
             scans[i] = scan_concept(c)

@@ -54,21 +54,24 @@ def rescale_zero_terminal_snr(betas):
     return _rescale(betas)
 
 
-def build_noise_scheduler(settings, prediction_type: str):
+def build_noise_scheduler(settings, prediction_type: str, zero_terminal_snr: bool | None = None):
     """The DDPM training schedule SD was trained with (SD_NOISE_SCHEDULE), for the model's prediction type;
-    rescaled to zero terminal SNR when settings.zero_terminal_snr (v-prediction models only)."""
+    rescaled to zero terminal SNR when `zero_terminal_snr` (default: settings.zero_terminal_snr; the trainer also
+    turns it on for a base model that is already ZTSNR). v-prediction models only."""
     from diffusers import DDPMScheduler
 
     if settings.noise_scheduler != "DDPM":
         raise ValueError(f"noise_scheduler = {settings.noise_scheduler!r} is not supported; use 'DDPM'")
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type = {prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}")
-    if settings.zero_terminal_snr and prediction_type != "v_prediction":
+    if zero_terminal_snr is None:
+        zero_terminal_snr = settings.zero_terminal_snr
+    if zero_terminal_snr and prediction_type != "v_prediction":
         raise ValueError("zero_terminal_snr = True needs a v-prediction model: at zero SNR an epsilon model sees "
                          "pure noise and cannot predict the image; turn zero_terminal_snr off, or load the model "
                          "with prediction_type 'v_prediction' (SD2-768 style models)")
     return DDPMScheduler(**SD_NOISE_SCHEDULE, prediction_type=prediction_type,
-                         rescale_betas_zero_snr=bool(settings.zero_terminal_snr))
+                         rescale_betas_zero_snr=bool(zero_terminal_snr))
 
 
 def training_target(scheduler, latents, noise, timesteps, prediction_type: str):
