@@ -48,7 +48,8 @@ class LoadBaseModel:
     RETURN_TYPES = (MODEL_TYPE, "STRING")
     RETURN_NAMES = ("model", "info")
     OUTPUT_TOOLTIPS = ("The loaded model (UNet, VAE, text encoders) for ConceptDataset/TrainDreamBooth/SampleTrained.",
-                       "Family, prediction type and source of the model.")
+                       "Family, prediction type and zero-terminal SNR (and what in the file decided each), and "
+                       "where the model was loaded from.")
     FUNCTION = "load"
 
     @classmethod
@@ -59,8 +60,9 @@ class LoadBaseModel:
                                                        "from models/diffusers. Choose '(use model_path)' to type a path."}),
                 "prediction_type": (["auto", "epsilon", "v_prediction"], {
                     "default": "auto",
-                    "tooltip": "auto: read from the file (v_pred marker, metadata), else the family default "
-                               "(SD2 768 models: v_prediction; '...base...' SD2 files and SD1/SDXL: epsilon)."}),
+                    "tooltip": "auto: from the file itself, never its name: a v_pred key, a sidecar <name>.yaml "
+                               "(parameterization), the file's metadata, for SD2 the weights (as ComfyUI), else "
+                               "epsilon. The info output says which decided. A choice here overrides all of them."}),
                 "dtype": (["fp32", "fp16", "bf16"], {
                     "default": "fp32",
                     "tooltip": "Weight precision in memory. fp32 for training (mixed precision is a training "

@@ -95,12 +95,17 @@ def test_round_trip_keeps_extra_keys_and_old_clip_names(tiny_models, tmp_path):
 
 
 def test_prediction_type_resolution(tiny_models, tmp_path):
+    # the file name never decides (tests/test_model_identity.py covers every source of the answer)
     sd2 = to_single_file_state(tiny_models["sd2"], dtype="fp32")
-    save_file(sd2, str(tmp_path / "v2-768.safetensors"))
+    assert "v_pred" in sd2                               # a v model carries ComfyUI's marker, SD2 too
     save_file(sd2, str(tmp_path / "v2-512-base.safetensors"))
-    assert load_model(str(tmp_path / "v2-768.safetensors")).prediction_type == "v_prediction"
-    assert load_model(str(tmp_path / "v2-512-base.safetensors")).prediction_type == "epsilon"
-    assert load_model(str(tmp_path / "v2-768.safetensors"), prediction_type="epsilon").prediction_type == "epsilon"
+    assert load_model(str(tmp_path / "v2-512-base.safetensors")).prediction_type == "v_prediction"
+    save_file({k: v for k, v in sd2.items() if k != "v_pred"}, str(tmp_path / "v2-768.safetensors"))
+    # no marker, and the tiny UNet lacks the tensor ComfyUI measures: epsilon, as ComfyUI loads it
+    assert load_model(str(tmp_path / "v2-768.safetensors")).prediction_type == "epsilon"
+    assert load_model(str(tmp_path / "v2-768.safetensors"),
+                      prediction_type="v_prediction").prediction_type == "v_prediction"
+    assert load_model(str(tmp_path / "v2-512-base.safetensors"), prediction_type="epsilon").prediction_type == "epsilon"
     # a v-prediction SD1 model carries ComfyUI's 'v_pred' marker and keeps it through save/load
     v1 = tiny_models["sd1"].replace(prediction_type="v_prediction", zero_terminal_snr=True)
     path = save_single_file(v1, str(tmp_path / "v1.safetensors"), dtype="fp32")

@@ -28,11 +28,12 @@ import os
 import time
 
 from ..models.components import SDModel
+# shared with full-checkpoint saves (training/models/io.py), so both name architectures the same way
+from ..models.identity import MODELSPEC_VERSION, default_resolution, modelspec_architecture  # noqa: F401
 from ..setup.adapters import adapted_layers, adapter_config, ADAPTER_NAME
 from .naming import safe_output_path, unique_path  # noqa: F401  (node-facing helpers live beside the writer)
 
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
-MODELSPEC_VERSION = "1.0.1"
 NETWORK_MODULES = {"lora": "networks.lora", "dora": "lycoris.kohya", "loha": "lycoris.kohya", "lokr": "lycoris.kohya"}
 # kohya's ss_base_model_version strings
 _BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
@@ -156,22 +157,6 @@ def base_model_version(model: SDModel) -> str:
     if model.family != "sdxl" and model.prediction_type == "v_prediction":
         version += "_v"
     return version
-
-
-def default_resolution(model: SDModel) -> int:
-    if model.family == "sdxl":
-        return 1024
-    return 768 if model.family == "sd2" and model.prediction_type == "v_prediction" else 512
-
-
-def modelspec_architecture(model: SDModel, adapter: str | None = None) -> str:
-    if model.family == "sdxl":
-        arch = "stable-diffusion-xl-v1-base"
-    elif model.family == "sd2":
-        arch = "stable-diffusion-v2-768-v" if model.prediction_type == "v_prediction" else "stable-diffusion-v2-512"
-    else:
-        arch = "stable-diffusion-v1"
-    return f"{arch}/{adapter}" if adapter else arch
 
 
 def _resolution_text(value, model: SDModel) -> str:

@@ -41,7 +41,9 @@ class SDModel:
     dropped_text_layers: int = 0
     zero_terminal_snr: bool = False   # trained with a rescaled, zero-terminal-SNR schedule
     ema_unet: Any = None              # optional EMA copy of the UNet, produced by training
-    metadata: dict = field(default_factory=dict)   # free-form: training summary, base model, adapter info
+    # free-form: training summary, base model, adapter info; "identity": prediction type / zero-terminal SNR and
+    # where each came from (set by loading, see models/identity.py)
+    metadata: dict = field(default_factory=dict)
 
     @property
     def is_sdxl(self) -> bool:
@@ -73,4 +75,12 @@ class SDModel:
         return dataclasses.replace(self, **changes)
 
     def describe(self) -> str:
-        return f"{self.family} ({self.prediction_type}) from {self.source or 'memory'}"
+        """One line, plus where the prediction type and zero-terminal SNR came from when loading recorded it."""
+        text = f"{self.family} ({self.prediction_type}) from {self.source or 'memory'}"
+        ident = self.metadata.get("identity") or {}
+        if (ident.get("prediction_type"), ident.get("zero_terminal_snr")) == (self.prediction_type,
+                                                                            self.zero_terminal_snr):
+            zt = "on" if self.zero_terminal_snr else "off"
+            text += (f"\nprediction type {self.prediction_type} ({ident.get('prediction_type_source')}); "
+                     f"zero-terminal SNR {zt} ({ident.get('zero_terminal_snr_source')})")
+        return text

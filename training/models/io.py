@@ -14,7 +14,7 @@ import pickle
 import re
 from dataclasses import dataclass, field
 
-from . import detect
+from . import detect, identity
 from .components import SD_NOISE_SCHEDULE, SDModel
 from .detect import NotStableDiffusionError
 from .tokenizing import tokenizers_for_family
@@ -22,6 +22,7 @@ from .tokenizing import tokenizers_for_family
 SINGLE_FILE_EXTS = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
 CONFIG_METADATA_KEY = "comfyui_dreambooth.config"
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+KEEP_DTYPE = "keep"      # save dtype None / "keep": every tensor as it is (lossless)
 
 
 class ModelLoadError(ValueError):
@@ -192,25 +193,24 @@ def _fill_module(module, rules, canon_to_module, lazy: LazyStateDict, dtype, com
     return module
 
 
-def _resolve_prediction_type(requested: str, family: str, path: str, flags: set, metadata: dict,
-                             stored: str | None) -> str:
-    if requested in ("epsilon", "v_prediction"):
-        return requested
-    if requested not in ("auto", "", None):
+def _check_requested(requested) -> None:
+    if requested not in ("auto", "", None, *identity.PREDICTION_TYPES):
         raise ModelLoadError(f"prediction_type {requested!r} is not one of auto, epsilon, v_prediction")
-    if "v_pred" in flags:
-        return "v_prediction"
-    if stored in ("epsilon", "v_prediction"):
-        return stored
-    spec = str(metadata.get("modelspec.prediction_type", "")).lower()
-    if spec.startswith("v"):
-        return "v_prediction"
-    if spec.startswith("eps"):
-        return "epsilon"
-    if family == "sd2":
-        # SD 2.x 768 models are v-prediction; the 512 "base" model is epsilon.
-        return "epsilon" if "base" in os.path.basename(path).lower() else "v_prediction"
-    return "epsilon"
+
+
+def _single_file_identity(lazy: LazyStateDict, family: str, path: str, requested: str,
+                          stored: dict) -> identity.Identity:
+    """Prediction type and zero-terminal SNR of a single file (precedence: training/models/identity.py).
+    Reads at most one tensor (SD2's norm bias), and only when no marker decided."""
+    def sd2_rule():
+        key = detect.UNET_PREFIX + identity.SD2_VPRED_TENSOR
+        in_channels = lazy.shapes[detect.UNET_PREFIX + "input_blocks.0.0.weight"][1]
+        return identity.sd2_weights_rule(in_channels, lazy.get(key) if key in lazy else None)
+
+    _check_requested(requested)
+    return identity.resolve(requested, family, flags={k for k in detect.FLAG_KEYS if k in lazy.shapes},
+                            sidecar=identity.read_sidecar(path), metadata=lazy.metadata, stored=stored,
+                            weights_rule=sd2_rule)
 
 
 def _stored_config(metadata: dict) -> dict:
@@ -218,9 +218,16 @@ def _stored_config(metadata: dict) -> dict:
     if not raw:
         return {}
     try:
-        return json.loads(raw)
+        stored = json.loads(raw)
     except ValueError:
         return {}
+    return stored if isinstance(stored, dict) else {}
+
+
+def _family_stored_config(metadata: dict, family: str) -> dict:
+    """The pack's stored config, unless it names another family (then it is not about these weights)."""
+    stored = _stored_config(metadata)
+    return stored if stored.get("family") in (None, family) else {}
 
 
 def load_single_file(path: str, *, prediction_type: str = "auto", dtype=None, vae_path: str | None = None) -> SDModel:
@@ -228,12 +235,11 @@ def load_single_file(path: str, *, prediction_type: str = "auto", dtype=None, va
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    _check_requested(prediction_type)
     lazy = _normalized(open_state_dict(path))
     shapes = lazy.shapes
     family = detect.detect_family(shapes)
-    stored = _stored_config(lazy.metadata)
-    if stored.get("family") not in (None, family):
-        stored = {}
+    stored = _family_stored_config(lazy.metadata, family)
     dtype = _torch_dtype(dtype) if dtype else None
     consumed: set = set()
 
@@ -275,11 +281,14 @@ def load_single_file(path: str, *, prediction_type: str = "auto", dtype=None, va
             dropped += 1       # EMA copies inside base checkpoints are not carried (train EMA anew)
             continue
         extras[k] = lazy.get(k)
-    pred = _resolve_prediction_type(prediction_type, family, path, flags, lazy.metadata, stored.get("prediction_type"))
-    return SDModel(family=family, prediction_type=pred, unet=unet, vae=vae, text_encoders=text_encoders,
-                   tokenizers=tokenizers_for_family(family), source=os.path.abspath(path), source_hash=file_hash(path),
-                   extras=extras, zero_terminal_snr="ztsnr" in flags or bool(stored.get("zero_terminal_snr")),
-                   metadata={"dropped_ema_tensors": dropped} if dropped else {})
+    ident = _single_file_identity(lazy, family, path, prediction_type, stored)
+    metadata = {"identity": ident.as_dict()}
+    if dropped:
+        metadata["dropped_ema_tensors"] = dropped
+    return SDModel(family=family, prediction_type=ident.prediction_type, unet=unet, vae=vae,
+                   text_encoders=text_encoders, tokenizers=tokenizers_for_family(family), source=os.path.abspath(path),
+                   source_hash=file_hash(path), extras=extras, zero_terminal_snr=ident.zero_terminal_snr,
+                   metadata=metadata)
 
 
 def load_vae(path: str, *, family: str = "sd1", dtype=None):
@@ -336,23 +345,29 @@ def load_diffusers_folder(path: str, *, prediction_type: str = "auto", dtype=Non
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    _check_requested(prediction_type)
     family = _folder_family(path)
     dtype = _torch_dtype(dtype) if dtype else None
+
+    def dtype_of(sub):      # dtype None keeps what the folder stores (diffusers would upcast fp16 to fp32)
+        return dtype if dtype is not None else _stored_float_dtype(os.path.join(path, sub))
+
     extras, stored = {}, {}
     extras_file = os.path.join(path, "ldm_extras.safetensors")
     te_extras: dict = {}
     if os.path.exists(extras_file):
         lazy = _open_safetensors(extras_file)
-        stored = _stored_config(lazy.metadata)
+        stored = _family_stored_config(lazy.metadata, family)
         for k in lazy.shapes:
             if k.startswith(("text_encoder.", "text_encoder_2.")):
                 te_extras[k] = lazy.get(k)
             else:
                 extras[k] = lazy.get(k)
     try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True, torch_dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True,
+                                                    torch_dtype=dtype_of("unet"))
         vae = (load_vae(vae_path, family=family, dtype=dtype) if vae_path else
-               AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True, torch_dtype=dtype))
+               AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True, torch_dtype=dtype_of("vae")))
     except (OSError, ValueError, EnvironmentError) as e:
         raise ModelLoadError(f"{path}: cannot load the diffusers folder ({e})") from None
     text_encoders = []
@@ -360,6 +375,7 @@ def load_diffusers_folder(path: str, *, prediction_type: str = "auto", dtype=Non
     for i, sub in enumerate(["text_encoder", "text_encoder_2"][: 2 if family == "sdxl" else 1]):
         cls = CLIPTextModelWithProjection if (family == "sdxl" and i == 1) else CLIPTextModel
         own = {k[len(sub) + 1:]: v for k, v in te_extras.items() if k.startswith(sub + ".")}
+        te_dtype = dtype_of(sub)
         try:
             if own:    # our SD2 folders keep OpenCLIP's last layer aside (diffusers' SD2 uses 23 of 24 layers)
                 cfg = CLIPTextConfig.from_pretrained(os.path.join(path, sub), local_files_only=True)
@@ -373,10 +389,10 @@ def load_diffusers_folder(path: str, *, prediction_type: str = "auto", dtype=Non
                 state.update(own)
                 canon_state = {_canonical_te_key(k): v for k, v in state.items()}
                 module_keys = {_canonical_te_key(k): k for k in te.state_dict()}
-                te.load_state_dict({module_keys[c]: (v.to(dtype) if dtype and v.is_floating_point() else v)
+                te.load_state_dict({module_keys[c]: (v.to(te_dtype) if te_dtype and v.is_floating_point() else v)
                                     for c, v in canon_state.items() if c in module_keys}, strict=False, assign=True)
             else:
-                te = cls.from_pretrained(os.path.join(path, sub), local_files_only=True, torch_dtype=dtype)
+                te = cls.from_pretrained(os.path.join(path, sub), local_files_only=True, torch_dtype=te_dtype)
                 if family == "sd2":
                     dropped = 1
         except (OSError, ValueError) as e:
@@ -384,21 +400,49 @@ def load_diffusers_folder(path: str, *, prediction_type: str = "auto", dtype=Non
         text_encoders.append(te.eval().requires_grad_(False))
     for m in (unet, vae):
         m.eval().requires_grad_(False)
-    stored_pred = stored.get("prediction_type")
-    if stored_pred is None:
-        sched = os.path.join(path, "scheduler", "scheduler_config.json")
-        if os.path.exists(sched):
-            with open(sched, encoding="utf-8") as f:
-                stored_pred = json.load(f).get("prediction_type")
+    scheduler = {}
+    sched_path = os.path.join(path, "scheduler", "scheduler_config.json")
+    if os.path.exists(sched_path):
+        try:
+            with open(sched_path, encoding="utf-8") as f:
+                scheduler = json.load(f)
+        except (OSError, ValueError):
+            scheduler = {}
     flags = {k for k in detect.FLAG_KEYS if k in extras}
     for k in flags:
         extras.pop(k)
-    pred = _resolve_prediction_type(prediction_type, family, path, flags, {}, stored_pred)
+
+    def sd2_rule():      # the same tensor ComfyUI measures, found through the key map
+        rules, canon = _rules_for("unet", unet, dict(unet.config), family)
+        target = detect.UNET_PREFIX + identity.SD2_VPRED_TENSOR
+        rule = next((r for r in rules if r.ldm == target), None)
+        bias = unet.state_dict()[canon[rule.diffusers[0]]] if rule else None
+        return identity.sd2_weights_rule(unet.config.in_channels, bias)
+
+    ident = identity.resolve(prediction_type, family, flags=flags, stored=stored,
+                             scheduler=scheduler if isinstance(scheduler, dict) else {}, weights_rule=sd2_rule)
     del torch
-    return SDModel(family=family, prediction_type=pred, unet=unet, vae=vae, text_encoders=text_encoders,
-                   tokenizers=tokenizers_for_family(family), source=os.path.abspath(path), source_hash=file_hash(path),
-                   extras=extras, dropped_text_layers=dropped,
-                   zero_terminal_snr="ztsnr" in flags or bool(stored.get("zero_terminal_snr")))
+    return SDModel(family=family, prediction_type=ident.prediction_type, unet=unet, vae=vae,
+                   text_encoders=text_encoders, tokenizers=tokenizers_for_family(family), source=os.path.abspath(path),
+                   source_hash=file_hash(path), extras=extras, dropped_text_layers=dropped,
+                   zero_terminal_snr=ident.zero_terminal_snr, metadata={"identity": ident.as_dict()})
+
+
+def _stored_float_dtype(folder: str):
+    """The one floating dtype of a component folder's .safetensors weights, else None (mixed, or other formats)."""
+    from safetensors import safe_open
+
+    found = set()
+    for fpath in glob.glob(os.path.join(folder, "*.safetensors")):
+        try:
+            with safe_open(fpath, framework="pt", device="cpu") as f:
+                for k in f.keys():
+                    name = _st_dtype(f.get_slice(k).get_dtype())
+                    if name.startswith(("float", "bfloat")):
+                        found.add(name)
+        except Exception:      # unreadable here: from_pretrained reports it properly
+            return None
+    return _torch_dtype(found.pop()) if len(found) == 1 else None
 
 
 def load_model(path: str, *, prediction_type: str = "auto", vae_path: str | None = None, dtype=None) -> SDModel:
@@ -433,6 +477,15 @@ def model_config_metadata(model: SDModel) -> str:
                        "text_encoders": [_module_config(te) for te in model.text_encoders]})
 
 
+def _save_dtype(dtype):
+    """torch dtype to cast floating tensors to on save, or None to keep each tensor's own dtype."""
+    if dtype in (None, KEEP_DTYPE):
+        return None
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose one of {KEEP_DTYPE}, {', '.join(DTYPES)}")
+    return _torch_dtype(dtype)
+
+
 def _check_plain(module, what: str):
     for k in module.state_dict():
         if "lora_" in k or ".base_layer." in k or "hada_" in k or "lokr_" in k:
@@ -440,13 +493,14 @@ def _check_plain(module, what: str):
                              "(SaveCheckpoint does this) or save them as a LoRA")
 
 
-def to_single_file_state(model: SDModel, *, dtype="fp16", use_ema: bool = False) -> dict:
-    """The original-layout state dict for `model` (new tensors; the model is not touched)."""
+def to_single_file_state(model: SDModel, *, dtype=None, use_ema: bool = False) -> dict:
+    """The original-layout state dict for `model` (new tensors; the model is not touched), with the identity
+    markers (`v_pred`, `ztsnr`). dtype None / "keep": each tensor keeps its dtype; else floats are cast."""
     import torch
 
     from . import keymap
 
-    target = _torch_dtype(dtype)
+    target = _save_dtype(dtype)
     unet = model.unet
     if use_ema:
         if model.ema_unet is None:
@@ -465,7 +519,7 @@ def to_single_file_state(model: SDModel, *, dtype="fp16", use_ema: bool = False)
                     and tensors[0].ndim == 2:
                 ldm_shape = (*tensors[0].shape, 1, 1)      # LDM stores these 1x1 projections as convs
             t = keymap.to_ldm(rule, tensors, ldm_shape)
-            out[rule.ldm] = (t.to(target) if t.is_floating_point() else t).contiguous()
+            out[rule.ldm] = (t.to(target) if target is not None and t.is_floating_point() else t).contiguous()
 
     emit(unet, "unet", what="UNet")
     emit(model.vae, "vae", what="VAE")
@@ -473,32 +527,37 @@ def to_single_file_state(model: SDModel, *, dtype="fp16", use_ema: bool = False)
     for (kind, prefix), te in zip(kinds, model.text_encoders):
         emit(te, "te", kind, prefix, what="text encoder")
     for k, v in model.extras.items():
-        out[k] = (v.to(target) if v.is_floating_point() and v.dtype != torch.int64 and "position_ids" not in k
-                  else v).contiguous()
-    if model.prediction_type == "v_prediction" and model.family != "sd2":
-        out["v_pred"] = torch.tensor([])        # ComfyUI reads this marker for v-prediction SD1/SDXL models
-    if model.zero_terminal_snr:
-        out["ztsnr"] = torch.tensor([])
+        cast = target is not None and v.is_floating_point() and v.dtype != torch.int64 and "position_ids" not in k
+        out[k] = (v.to(target) if cast else v).contiguous()
+    out.update(identity.checkpoint_markers(model))
     return out
 
 
-def save_single_file(model: SDModel, path: str, *, dtype="fp16", use_ema: bool = False,
+def save_single_file(model: SDModel, path: str, *, dtype=None, use_ema: bool = False,
                      metadata: dict | None = None) -> str:
-    """Write `model` as one file in the original layout (.safetensors, or .ckpt/.pt), atomically."""
+    """Write `model` as one file in the original layout (.safetensors, or .ckpt/.pt), atomically.
+
+    dtype None / "keep" writes every tensor in its own dtype; "fp16"/"bf16"/"fp32" casts the floating ones.
+    The file carries the identity markers ComfyUI and A1111 read (`v_pred` / `ztsnr` keys, modelspec.*), and the
+    pack's own config; `metadata` adds keys (it cannot contradict the model's prediction type).
+    """
     import torch
     from safetensors.torch import save_file
 
     from ..fsutil import atomic_path
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    _save_dtype(dtype)
     ext = os.path.splitext(path)[1].lower()
     if ext not in SINGLE_FILE_EXTS:
         raise ValueError(f"{path}: the file name must end in .safetensors or .ckpt")
     state = to_single_file_state(model, dtype=dtype, use_ema=use_ema)
+    # not the output's name: file_hash ignores names, so two saves of the same weights must stay equal
+    title = (os.path.splitext(os.path.basename(model.source.rstrip("/\\")))[0] if model.source
+             else f"comfyui-dreambooth {model.family}")
     meta = {"format": "pt", CONFIG_METADATA_KEY: model_config_metadata(model),
-            "modelspec.prediction_type": model.prediction_type}
+            **identity.base_checkpoint_modelspec(model, title)}
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
+    meta.update(identity.modelspec_identity(model))
     with atomic_path(path) as tmp:
         if ext in (".safetensors", ".sft"):
             save_file(state, tmp, metadata=meta)
@@ -507,23 +566,23 @@ def save_single_file(model: SDModel, path: str, *, dtype="fp16", use_ema: bool =
     return path
 
 
-def save_diffusers(model: SDModel, folder: str, *, dtype="fp16", use_ema: bool = False) -> str:
-    """Write a diffusers pipeline folder (loads with diffusers' from_pretrained), atomically."""
+def save_diffusers(model: SDModel, folder: str, *, dtype=None, use_ema: bool = False) -> str:
+    """Write a diffusers pipeline folder (loads with diffusers' from_pretrained), atomically.
+    dtype None / "keep": every tensor in its own dtype; else floats are cast."""
     import diffusers
     from diffusers import EulerDiscreteScheduler
     from safetensors.torch import save_file
 
     from ..fsutil import atomic_folder
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    target = _torch_dtype(dtype)
+    target = _save_dtype(dtype)
     unet = model.ema_unet if use_ema else model.unet
     if unet is None:
         raise ValueError("use_ema: this model has no EMA weights (train with use_ema on)")
 
     def cast(state):
-        return {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+        return {k: (v.to(target) if target is not None and v.is_floating_point() else v).contiguous()
+                for k, v in state.items()}
 
     with atomic_folder(folder) as tmp:
         for name, module in (("unet", unet), ("vae", model.vae)):
@@ -621,7 +680,8 @@ def _hash_safetensors_header(f, size: int, h) -> int:
 
 
 def inspect_model(path: str) -> dict:
-    """Family, prediction type, parameter counts per component and dtype, without loading the weights."""
+    """Family, prediction type and zero-terminal SNR (each with its source), parameter counts per component and
+    dtype. A single file is read lazily: no weights except, for SD2 without markers, one norm-bias tensor."""
     path = os.path.expanduser(str(path))
     if os.path.isdir(path):
         model = load_model(path)
@@ -631,8 +691,7 @@ def inspect_model(path: str) -> dict:
             counts[f"text_encoder{'' if i == 0 else '_2'}"] = sum(p.numel() for p in te.parameters())
         dtype = str(next(model.unet.parameters()).dtype).removeprefix("torch.")
         return {"path": os.path.abspath(path), "format": "diffusers", "family": model.family,
-                "prediction_type": model.prediction_type, "parameters": counts, "dtype": dtype,
-                "hash": model.source_hash}
+                **model.metadata["identity"], "parameters": counts, "dtype": dtype, "hash": model.source_hash}
     lazy = _normalized(open_state_dict(path))
     try:
         family = detect.detect_family(lazy.shapes)
@@ -652,10 +711,8 @@ def inspect_model(path: str) -> dict:
             if k.startswith(prefix):
                 counts[name] += n
         dtype_counts[lazy.dtypes[k]] = dtype_counts.get(lazy.dtypes[k], 0) + n
-    flags = {k for k in detect.FLAG_KEYS if k in lazy.shapes}
-    pred = _resolve_prediction_type("auto", family, path, flags, lazy.metadata,
-                                    _stored_config(lazy.metadata).get("prediction_type"))
+    ident = _single_file_identity(lazy, family, path, "auto", _family_stored_config(lazy.metadata, family))
     return {"path": os.path.abspath(path), "format": os.path.splitext(path)[1].lstrip(".").lower(),
-            "family": family, "prediction_type": pred, "parameters": counts,
+            "family": family, **ident.as_dict(), "parameters": counts,
             "dtype": max(dtype_counts, key=dtype_counts.get) if dtype_counts else None,
             "tensors": len(lazy.shapes), "hash": file_hash(path)}
