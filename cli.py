@@ -1,7 +1,7 @@
 """`comfyui-dreambooth` (also `python -m comfyui_dreambooth`): the pack's tools outside ComfyUI.
 
     comfyui-dreambooth info MODEL
-    comfyui-dreambooth convert IN OUT [--dtype fp16|bf16|fp32]
+    comfyui-dreambooth convert IN OUT [--dtype keep|fp16|bf16|fp32]
     comfyui-dreambooth sample MODEL --prompt "a photo of sks dog" --out dog.png [--steps 20 --seed 0 ...]
     comfyui-dreambooth run WORKFLOW.json [--set "Title.input=value" ...] [--output-dir DIR]
     comfyui-dreambooth demo [--output-dir DIR]
@@ -31,6 +31,7 @@ IMAGE_EXTENSIONS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WE
 SINGLE_FILE_EXTENSIONS = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 DTYPE_CHOICES = ("fp16", "bf16", "fp32")
+KEEP_DTYPE = "keep"
 
 
 class CliError(Exception):
@@ -80,7 +81,8 @@ def _info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="single-file checkpoint (.safetensors/.ckpt) or diffusers folder")
 
 
-@command("info", "print a model's family, prediction type, parameter counts and dtype as JSON",
+@command("info", "print a model's family, prediction type and zero-terminal SNR (with where each came from), "
+                 "parameter counts and dtype as JSON",
          arguments=_info_arguments)
 def cmd_info(args: argparse.Namespace) -> int:
     with about(args.model):
@@ -97,9 +99,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 def _convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="single-file checkpoint or diffusers folder")
     p.add_argument("output", help="OUT.safetensors / .ckpt = single file; anything else = diffusers folder")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp16", help="weights precision of the output")
+    p.add_argument("--dtype", choices=(KEEP_DTYPE,) + DTYPE_CHOICES, default=KEEP_DTYPE,
+                   help="weights precision of the output (default keep: every tensor as in the input, lossless)")
     p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default="auto",
-                   help="override what the input says (auto: file metadata, else the family's default)")
+                   help="override what the input says (auto: its markers and weights, see `info`)")
     p.add_argument("--vae", help="replace the VAE with this file or folder")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
@@ -129,7 +132,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         else:
             save_diffusers(model, args.output, dtype=args.dtype)
     kind = "single file" if single else "diffusers folder"
-    print(f"wrote {args.output} ({kind}, {model.family}, {model.prediction_type}, {args.dtype})")
+    zt = ", zero-terminal SNR" if model.zero_terminal_snr else ""
+    precision = "dtypes kept" if args.dtype == KEEP_DTYPE else args.dtype
+    print(f"wrote {args.output} ({kind}, {model.family}, {model.prediction_type}{zt}, {precision})")
     return 0
 
 

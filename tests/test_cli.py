@@ -54,13 +54,50 @@ def test_convert_single_file_to_diffusers_and_back(capsys, tmp_path, tiny_checkp
         for key in a.keys():
             assert a.get_tensor(key).equal(b.get_tensor(key)), key
 
-    # refuses to overwrite unless asked; fp16 output
+    # refuses to overwrite unless asked; --dtype fp16 converts
     code, _, err = run_cli(capsys, "convert", str(folder), str(back))
     assert code == 1 and err.strip() == f"error: {back}: already exists; pass --overwrite to replace it"
-    code, _, err = run_cli(capsys, "convert", str(folder), str(back), "--overwrite")
-    assert code == 0, err
+    code, out, err = run_cli(capsys, "convert", str(folder), str(back), "--overwrite", "--dtype", "fp16")
+    assert code == 0 and "fp16" in out, err
     with safe_open(str(back), "pt") as b:
         assert str(b.get_tensor(next(iter(b.keys()))).dtype) == "torch.float16"
+
+
+def _dtypes_and_tensors(path):
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_convert_is_lossless_by_default(capsys, tmp_path, tiny_checkpoint):
+    """Without --dtype every tensor keeps its precision: fp32 stays fp32, bit for bit, both ways."""
+    import glob
+
+    folder = tmp_path / "kept"
+    code, out, err = run_cli(capsys, "convert", tiny_checkpoint, str(folder))
+    assert code == 0 and "dtypes kept" in out, err
+    for weights in glob.glob(str(folder / "*" / "*.safetensors")):
+        assert {str(t.dtype) for t in _dtypes_and_tensors(weights).values() if t.is_floating_point()} \
+            == {"torch.float32"}, weights
+    back = tmp_path / "kept.safetensors"
+    code, _, err = run_cli(capsys, "convert", str(folder), str(back))
+    assert code == 0, err
+    source, result = _dtypes_and_tensors(tiny_checkpoint), _dtypes_and_tensors(str(back))
+    assert set(source) == set(result)
+    for key, tensor in source.items():
+        assert result[key].dtype == tensor.dtype and result[key].equal(tensor), key
+
+    # an fp16 file stays fp16 through a diffusers folder (not silently widened either)
+    half = tmp_path / "half.safetensors"
+    assert run_cli(capsys, "convert", tiny_checkpoint, str(half), "--dtype", "fp16")[0] == 0
+    assert run_cli(capsys, "convert", str(half), str(tmp_path / "half_folder"))[0] == 0
+    half_back = tmp_path / "half_back.safetensors"
+    assert run_cli(capsys, "convert", str(tmp_path / "half_folder"), str(half_back))[0] == 0
+    source, result = _dtypes_and_tensors(str(half)), _dtypes_and_tensors(str(half_back))
+    assert {str(t.dtype) for t in result.values() if t.is_floating_point()} == {"torch.float16"}
+    for key, tensor in source.items():
+        assert result[key].dtype == tensor.dtype and result[key].equal(tensor), key
 
 
 # --- sample ---------------------------------------------------------------------------------------------------------
