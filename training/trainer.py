@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .compat import enable_text_encoder_checkpointing
 from .control import TrainingControl
 from .runs import RunFolder, compute_run_id, library_versions
 
@@ -361,7 +362,7 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
         if settings.train_unet:
             tm.unet.enable_gradient_checkpointing()
         for te in (tm.text_encoders if te_steps else []):
-            te.gradient_checkpointing_enable()
+            enable_text_encoder_checkpointing(te)   # non-reentrant: TE LoRA learns on transformers 4 too
     for m in trained_modules:
         m.train()
     optimizer = build_optimizer(training_param_groups(unet_params, te_params, settings), settings)
