@@ -81,8 +81,8 @@ def test_sd2_v_prediction_with_zero_terminal_snr(tmp_path, monkeypatch):
         seen["equals_noise"] = torch.equal(out, noise_)
         return out
 
-    def build_spy(settings, prediction_type):
-        seen["scheduler"] = real_build(settings, prediction_type)
+    def build_spy(settings, prediction_type, **kwargs):
+        seen["scheduler"] = real_build(settings, prediction_type, **kwargs)
         return seen["scheduler"]
 
     monkeypatch.setattr(noise, "training_target", target_spy)
