@@ -14,16 +14,23 @@ found again and reused instead of retrained.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 
 from .fsutil import atomic_folder, atomic_write_json
 
 RUNS_SUBFOLDER = "dreambooth"
+LOCK_FILE = ".lock"
+
+
+class RunInUseError(RuntimeError):
+    """Another process is training in this run folder (two writers would interleave its log and checkpoints)."""
 
 
 def library_versions() -> dict:
@@ -89,6 +96,50 @@ class RunFolder:
             if not finished and not cfg.get("finished") and run.latest_checkpoint():
                 return run
         return None
+
+    # ---- one process at a time ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the run folder for this process: a second process gets RunInUseError naming the holder's pid.
+
+        An OS file lock (flock; msvcrt on Windows) on `.lock`: the OS drops it when the holder exits or is
+        killed, so a lock left by a dead process is simply taken over. The pid inside is for the message.
+        """
+        path = os.path.join(self.path, LOCK_FILE)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            if not _try_lock(fd):
+                raise RunInUseError(f"{self.path}: run in use by {_lock_holder(path)}; wait until it finishes or "
+                                    "stop it (or start a new run with resume = new)")
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, f"{os.getpid()} {socket.gethostname()} {datetime.datetime.now():%Y-%m-%d %H:%M:%S}\n"
+                     .encode())
+            try:
+                yield self
+            finally:
+                os.ftruncate(fd, 0)
+                _unlock(fd)
+        finally:
+            os.close(fd)
+
+    def remove_leftovers(self) -> list[str]:
+        """Delete what a killed save left behind (hidden `.NAME.*.tmp` / `.old` files and folders of atomic
+        writes). Call only while holding the lock: another process's write in progress looks the same."""
+        removed = []
+        for folder in (self.path, self.checkpoints_dir):
+            if not os.path.isdir(folder):
+                continue
+            for name in os.listdir(folder):
+                if name.startswith(".") and name.endswith((".tmp", ".old")):
+                    target = os.path.join(folder, name)
+                    if os.path.isdir(target) and not os.path.islink(target):
+                        shutil.rmtree(target, ignore_errors=True)
+                    else:
+                        with contextlib.suppress(OSError):
+                            os.remove(target)
+                    removed.append(target)
+        return removed
 
     # ---- config ------------------------------------------------------------------------------------------------
     @property
@@ -193,3 +244,47 @@ class atomic_path_text:
     def __exit__(self, *exc):
         self._f.close()
         return self._ctx.__exit__(*exc)
+
+
+def _try_lock(fd) -> bool:
+    try:
+        import fcntl
+    except ImportError:                       # Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def _unlock(fd) -> None:
+    try:
+        import fcntl
+    except ImportError:
+        import msvcrt
+
+        os.lseek(fd, 0, os.SEEK_SET)
+        with contextlib.suppress(OSError):
+            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+        return
+    fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _lock_holder(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            parts = f.read().split()
+    except OSError:
+        parts = []
+    if not parts:
+        return "another process"
+    where = f" on {parts[1]}" if len(parts) > 1 and parts[1] != socket.gethostname() else ""
+    since = f" since {' '.join(parts[2:4])}" if len(parts) >= 4 else ""
+    return f"pid {parts[0]}{where}{since}"

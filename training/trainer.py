@@ -263,13 +263,15 @@ def train(model, concepts, settings, *, output_root: str, resume: str = "auto", 
     try:
         with torch.inference_mode(False), _fresh_accelerate_state(), torch.random.fork_rng(
                 devices=[] if device is None or str(device) == "cpu" else None):
-            return _train(model, list(concepts), settings, output_root, resume, device, cb, reuse_finished)
+            with contextlib.ExitStack() as held:         # the run folder's lock, released however the run ends
+                return _train(model, list(concepts), settings, output_root, resume, device, cb, reuse_finished,
+                              held)
     finally:
         if next(model.unet.parameters()).device != unet_home:     # parked during training: put it back
             model.unet.to(unet_home)
 
 
-def _train(model, concepts, settings, output_root, resume, device, cb, reuse_finished):
+def _train(model, concepts, settings, output_root, resume, device, cb, reuse_finished, held):
     import torch
     from accelerate import Accelerator
 
@@ -342,6 +344,10 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
             return TrainResult(tm, done.path, cfg.get("steps", total_steps), reused=True,
                                final_loss=cfg.get("final_loss"), report=report, info=cfg)
     run, checkpoint = _resume_target(output_root, run_id, resume)
+    if run is not None and main:
+        held.enter_context(run.lock())                 # before anything reads or writes the run's files
+        for path in run.remove_leftovers():
+            say(f"removed {path} (left by an interrupted save)")
 
     # ---- 3. the model to train, optimizer, schedules -------------------------------------------------------
     tm, unet_params, te_params = build_trainable(model, settings)
@@ -379,8 +385,14 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
 
     start_step = 0
     if checkpoint:
-        start_step = _load_checkpoint(checkpoint, named, optimizer, lr_scheduler, ema, run_id,
-                                      scaler=accelerator.scaler)
+        loaded = _load_newest_loadable(run, checkpoint, named, optimizer, lr_scheduler, ema, run_id,
+                                       accelerator.scaler, say, fallback=not _names_a_checkpoint(resume))
+        if loaded is None:
+            say(f"no checkpoint of {run.path} loads; starting again in a new run folder (the old one is kept)")
+            checkpoint = None
+        else:
+            start_step, checkpoint = loaded
+    if checkpoint:
         say(f"resuming {run.path} from step {start_step}")
         if main:
             run.truncate_loss(start_step)
@@ -393,6 +405,7 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
                                                                     "parent_run_id": parent_run},
             "libraries": library_versions(), "total_steps": total_steps, "finished": False,
             "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+        held.enter_context(run.lock())
         with open(os.path.join(run.path, "dataset_report.txt"), "w", encoding="utf-8") as f:
             f.write(report + "\n")
     say(f"training {total_steps} steps ({steps_per_epoch}/epoch) in {run.path}")
@@ -623,41 +636,95 @@ def _write_state(folder, named, optimizer, lr_scheduler, ema, state, scaler=None
         json.dump(state, f, indent=2)
 
 
+class CheckpointMismatch(ValueError):
+    """A readable checkpoint of another run (other settings, data or base model)."""
+
+
+def _copy_weights(folder, named, saved: dict) -> None:
+    """Trainable tensors of a checkpoint into `named` (in place)."""
+    import torch
+
+    missing = sorted(set(named) - set(saved))
+    if missing:
+        raise CheckpointMismatch(f"{folder}: the checkpoint lacks {len(missing)} trained tensors (e.g. "
+                                 f"{missing[:2]}); it was made with other settings")
+    with torch.no_grad():
+        for k, p in named.items():
+            p.copy_(saved[k].to(device=p.device, dtype=p.dtype))
+
+
 def _load_weights(folder, named) -> dict | None:
     """Trainable tensors into `named` (in place); returns the EMA state if the folder has one."""
     import torch
     from safetensors.torch import load_file
 
-    saved = load_file(os.path.join(folder, "trainable.safetensors"))
-    missing = sorted(set(named) - set(saved))
-    if missing:
-        raise ValueError(f"{folder}: the checkpoint lacks {len(missing)} trained tensors (e.g. {missing[:2]}); "
-                         "it was made with other settings")
-    with torch.no_grad():
-        for k, p in named.items():
-            p.copy_(saved[k].to(device=p.device, dtype=p.dtype))
+    _copy_weights(folder, named, load_file(os.path.join(folder, "trainable.safetensors")))
     ema_path = os.path.join(folder, "ema.pt")
     return torch.load(ema_path, map_location="cpu", weights_only=True) if os.path.exists(ema_path) else None
 
 
-def _load_checkpoint(folder, named, optimizer, lr_scheduler, ema, run_id, scaler=None) -> int:
+def _read_checkpoint(folder) -> dict:
+    """Every file of a checkpoint read into memory (CPU), so a damaged one fails here, before any state changes."""
     import torch
+    from safetensors.torch import load_file
 
     with open(os.path.join(folder, "state.json"), encoding="utf-8") as f:
         state = json.load(f)
+    ema_path = os.path.join(folder, "ema.pt")
+    return {"state": state, "weights": load_file(os.path.join(folder, "trainable.safetensors")),
+            "optimizer": torch.load(os.path.join(folder, "optimizer.pt"), map_location="cpu", weights_only=True),
+            "ema": torch.load(ema_path, map_location="cpu", weights_only=True) if os.path.exists(ema_path) else None}
+
+
+def _load_checkpoint(folder, named, optimizer, lr_scheduler, ema, run_id, scaler=None) -> int:
+    ckpt = _read_checkpoint(folder)
+    state = ckpt["state"]
     if state.get("run_id") != run_id:
-        raise ValueError(f"{folder}: this checkpoint belongs to a run with other settings, data or base model "
-                         f"(run id {state.get('run_id')} vs {run_id}); start a new run (resume = new) or restore "
-                         "the original settings")
-    ema_state = _load_weights(folder, named)
-    opt = torch.load(os.path.join(folder, "optimizer.pt"), map_location="cpu", weights_only=True)
+        raise CheckpointMismatch(
+            f"{folder}: this checkpoint belongs to a run with other settings, data or base model (run id "
+            f"{state.get('run_id')} vs {run_id}); start a new run (resume = new) or restore the original settings")
+    _copy_weights(folder, named, ckpt["weights"])
+    opt = ckpt["optimizer"]
     optimizer.load_state_dict(opt["optimizer"])
     lr_scheduler.load_state_dict(opt["lr_scheduler"])
     if scaler is not None and opt.get("scaler"):
         scaler.load_state_dict(opt["scaler"])
-    if ema is not None and ema_state is not None:
-        ema.load_state_dict(ema_state)
+    if ema is not None and ckpt["ema"] is not None:
+        ema.load_state_dict(ckpt["ema"])
     return int(state["step"])
+
+
+def _load_newest_loadable(run, checkpoint, named, optimizer, lr_scheduler, ema, run_id, scaler, say, fallback):
+    """(step, folder) of `checkpoint`, or (with `fallback`) of the newest older checkpoint of `run` that loads
+    when it is damaged (truncated by a full disk, cut by a crash); None when none loads. A checkpoint the user
+    named explicitly is not replaced: its damage is an error naming it."""
+    candidates = [checkpoint]
+    if fallback:
+        newest = run.checkpoints().index(checkpoint) if checkpoint in run.checkpoints() else 0
+        candidates += list(reversed(run.checkpoints()[:newest]))
+    for i, folder in enumerate(candidates):
+        try:
+            step = _load_checkpoint(folder, named, optimizer, lr_scheduler, ema, run_id, scaler=scaler)
+        except CheckpointMismatch:
+            raise
+        except Exception as e:         # SafetensorError, UnpicklingError, EOFError, JSON/OS errors: damaged
+            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            if not fallback:
+                raise ValueError(f"{folder}: the checkpoint is damaged and cannot be loaded ({reason}); resume "
+                                 f"from another checkpoint of {run.path}, or start a new run") from None
+            say(f"checkpoint {folder} is damaged ({reason}); trying an older one")
+            continue
+        if i:
+            say(f"resuming from {folder} instead of the damaged {checkpoint}")
+        return step, folder
+    return None
+
+
+def _names_a_checkpoint(resume) -> bool:
+    """resume is the path of one checkpoint folder (not auto/new or a run folder)."""
+    if resume in ("auto", "new", "", None):
+        return False
+    return os.path.exists(os.path.join(os.path.abspath(os.path.expanduser(resume)), "state.json"))
 
 
 def _resume_target(output_root, run_id, resume):

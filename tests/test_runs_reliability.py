@@ -1,0 +1,173 @@
+"""Run folders under concurrent, crashed and damaged conditions (issue 10, point 1): one process trains in a run at
+a time, a damaged newest checkpoint falls back to an older one, and leftovers of a killed save are cleaned."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from trainer_fixtures import make_concept, read_losses, tiny_settings
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _train(model, root, settings, concept, **kw):
+    from comfyui_dreambooth.training.trainer import train
+
+    return train(model, [concept], settings, output_root=str(root), **kw)
+
+
+def _interrupted_run(model, root, concept, stop_at=3, **changes):
+    """A run stopped after `stop_at` steps with a checkpoint after every step; returns the run folder."""
+    from comfyui_dreambooth.training.trainer import TrainCallbacks, TrainingInterrupted
+
+    done = {"step": 0}
+    settings = tiny_settings(steps_per_image=2, save_every_epochs=0, keep_last_checkpoints=0, **changes)
+    from comfyui_dreambooth.training.control import TrainingControl
+
+    control = TrainingControl()
+
+    def progress(p):
+        done["step"] = p["step"]
+        control.request_save()
+
+    with pytest.raises(TrainingInterrupted) as e:
+        _train(model, root, settings, concept, callbacks=TrainCallbacks(
+            progress=progress, should_stop=lambda: done["step"] >= stop_at, control=control))
+    return e.value.run_dir, settings
+
+
+# ---- lock -------------------------------------------------------------------------------------------------------
+HOLD = textwrap.dedent("""
+    import sys, time
+    from comfyui_dreambooth.training.runs import RunFolder
+    with RunFolder(sys.argv[1]).lock():
+        print("locked", flush=True)
+        time.sleep(60)
+""")
+
+
+def _hold_lock(run_dir):
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, run_dir], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_run_in_use_by_another_process_is_refused_with_its_pid(sd1, tmp_path):
+    from comfyui_dreambooth.training.runs import RunInUseError
+
+    concept = make_concept(tmp_path)
+    run_dir, settings = _interrupted_run(sd1, tmp_path / "out", concept, stop_at=2)
+    lines_before = read_losses(run_dir)
+    proc = _hold_lock(run_dir)
+    try:
+        with pytest.raises(RunInUseError) as err:
+            _train(sd1, tmp_path / "out", settings, concept)
+        assert f"pid {proc.pid}" in str(err.value) and run_dir in str(err.value)
+        assert read_losses(run_dir) == lines_before           # the other process's log is untouched
+    finally:
+        proc.kill()
+        proc.wait()
+    # the holder died (kill -9): its lock is gone, the run resumes and logs each step once
+    result = _train(sd1, tmp_path / "out", settings, concept)
+    assert result.run_dir == run_dir
+    steps = [r["step"] for r in read_losses(run_dir)]
+    assert steps == list(range(1, result.steps + 1))
+
+
+def test_a_stale_lock_file_from_a_dead_process_is_taken_over(tmp_path):
+    from comfyui_dreambooth.training.runs import RunFolder
+
+    run = RunFolder.create(str(tmp_path), "r", {"run_id": "x"})
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with open(os.path.join(run.path, ".lock"), "w", encoding="utf-8") as f:
+        f.write(f"{dead.pid}\n")
+    with run.lock():
+        with open(os.path.join(run.path, ".lock"), encoding="utf-8") as f:
+            assert f.read().split()[0] == str(os.getpid())
+
+
+def test_lock_is_released_after_the_run(sd1, tmp_path):
+    from comfyui_dreambooth.training.runs import RunFolder
+
+    concept = make_concept(tmp_path)
+    result = _train(sd1, tmp_path / "out", tiny_settings(steps_per_image=1), concept)
+    with RunFolder(result.run_dir).lock():       # free again
+        pass
+
+
+# ---- damaged checkpoints ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("damage", ["truncate", "zero", "state"])
+def test_resume_falls_back_to_the_newest_checkpoint_that_loads(sd1, tmp_path, damage):
+    from comfyui_dreambooth.training.runs import RunFolder
+    from comfyui_dreambooth.training.trainer import TrainCallbacks
+
+    concept = make_concept(tmp_path)
+    run_dir, settings = _interrupted_run(sd1, tmp_path / "out", concept, stop_at=3)
+    run = RunFolder(run_dir)
+    newest = run.latest_checkpoint()
+    assert newest.endswith("step-0000003")
+    if damage == "truncate":
+        path = os.path.join(newest, "trainable.safetensors")
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    elif damage == "zero":
+        open(os.path.join(newest, "optimizer.pt"), "wb").close()
+    else:
+        with open(os.path.join(newest, "state.json"), "w", encoding="utf-8") as f:
+            f.write("{not json")
+    logs = []
+    result = _train(sd1, tmp_path / "out", settings, concept, callbacks=TrainCallbacks(log=logs.append))
+    assert result.run_dir == run_dir
+    said = "\n".join(logs)
+    assert "step-0000003" in said and "step-0000002" in said, said
+    assert [r["step"] for r in read_losses(run_dir)] == list(range(1, result.steps + 1))
+
+
+def test_resume_with_every_checkpoint_damaged_starts_again_and_says_so(sd1, tmp_path):
+    from comfyui_dreambooth.training.runs import RunFolder
+    from comfyui_dreambooth.training.trainer import TrainCallbacks
+
+    concept = make_concept(tmp_path)
+    run_dir, settings = _interrupted_run(sd1, tmp_path / "out", concept, stop_at=2)
+    for ckpt in RunFolder(run_dir).checkpoints():
+        open(os.path.join(ckpt, "trainable.safetensors"), "wb").close()
+    logs = []
+    result = _train(sd1, tmp_path / "out", settings, concept, callbacks=TrainCallbacks(log=logs.append))
+    assert any("no checkpoint" in line and "loads" in line for line in logs), logs
+    assert [r["step"] for r in read_losses(result.run_dir)] == list(range(1, result.steps + 1))
+
+
+# ---- leftovers of a killed save ---------------------------------------------------------------------------------
+KILLED_SAVE = textwrap.dedent("""
+    import os, sys, time
+    from comfyui_dreambooth.training.runs import RunFolder
+    run = RunFolder(sys.argv[1])
+    def write(folder):
+        open(os.path.join(folder, "trainable.safetensors"), "wb").write(b"x" * 1000)
+        print("writing", flush=True)
+        time.sleep(60)
+    run.save_checkpoint(9, write)
+""")
+
+
+def test_kill_during_a_checkpoint_write_leaves_nothing_after_the_next_start(sd1, tmp_path):
+    from comfyui_dreambooth.training.runs import RunFolder
+
+    concept = make_concept(tmp_path)
+    run_dir, settings = _interrupted_run(sd1, tmp_path / "out", concept, stop_at=2)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, run_dir], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ckpts = os.path.join(run_dir, "checkpoints")
+    assert any(n.startswith(".step-0000009") and n.endswith(".tmp") for n in os.listdir(ckpts))
+    result = _train(sd1, tmp_path / "out", settings, concept)
+    assert result.run_dir == run_dir
+    hidden = [n for root in (run_dir, ckpts) for n in os.listdir(root) if n.endswith((".tmp", ".old"))]
+    assert hidden == []
+    assert RunFolder(run_dir).latest_checkpoint() is not None
