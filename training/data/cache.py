@@ -79,6 +79,18 @@ def module_fingerprint(*modules) -> str:
     return h.hexdigest()
 
 
+def tensors_digest(tensors: dict) -> str:
+    """sha256 of names, dtypes, shapes and bytes: a cache entry's checksum (entries are small: ~100 KB)."""
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 class TensorCache:
     """key -> dict of tensors (CPU). `mode` "disk" keeps files under `folder`; "memory" keeps a dict.
 
@@ -113,9 +125,14 @@ class TensorCache:
             self._count(False)
             return None
         try:
+            from safetensors import safe_open
             from safetensors.torch import load_file
 
+            with safe_open(path, framework="pt") as f:
+                stored = (f.metadata() or {}).get("sha256")
             value = load_file(path)
+            if stored != tensors_digest(value):      # damaged data under an intact header (or an older format)
+                raise ValueError("checksum mismatch")
             if expect is not None and not expect(value):
                 raise ValueError("unexpected tensors")
         except Exception:
@@ -138,7 +155,7 @@ class TensorCache:
         from ..fsutil import atomic_path
 
         with atomic_path(self._path(key)) as tmp:
-            save_file(tensors, tmp, metadata={"format": str(CACHE_FORMAT)})
+            save_file(tensors, tmp, metadata={"format": str(CACHE_FORMAT), "sha256": tensors_digest(tensors)})
 
     def get_or_compute(self, key: str, compute: Callable[[], dict], expect=None) -> dict:
         value = self.get(key, expect)
@@ -158,4 +175,4 @@ class TensorCache:
         return {"mode": self.mode, "hits": self.hits, "misses": self.misses, "recomputed": self.recomputed}
 
 
-__all__ = ["CACHE_FORMAT", "make_key", "module_fingerprint", "TensorCache"]
+__all__ = ["CACHE_FORMAT", "make_key", "module_fingerprint", "tensors_digest", "TensorCache"]
