@@ -273,7 +273,8 @@ def test_diffusers_load_lora_weights_gives_the_trained_outputs(bases, family, tm
     model = _trained(base, "lora", rank=4, alpha=3.0)
     path = L.save_kohya_lora(model, str(tmp_path / "trained.safetensors"), dtype="fp32")
     pipe = _pipeline(base)
-    pipe.load_lora_weights(path)
+    # folder + weight_name: diffusers <= 0.37 refuses a bare file path while HF_HUB_OFFLINE is set
+    pipe.load_lora_weights(os.path.dirname(path), weight_name=os.path.basename(path))
     cross_dim = base.unet.config.cross_attention_dim
     ours, theirs = _unet_out(model.unet, family, cross_dim), _unet_out(pipe.unet, family, cross_dim)
     assert torch.allclose(theirs, ours, atol=1e-5, rtol=1e-5), (theirs - ours).abs().max()

@@ -71,7 +71,8 @@ def test_trained_lora_saved_by_the_node_loads_in_diffusers_and_as_checkpoint(tra
                                    tokenizer=base.tokenizers[0], unet=copy.deepcopy(base.unet),
                                    scheduler=EulerDiscreteScheduler(steps_offset=1), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
-    pipe.load_lora_weights(lora_path)
+    # folder + weight_name: diffusers <= 0.37 refuses a bare file path while HF_HUB_OFFLINE is set
+    pipe.load_lora_weights(os.path.dirname(lora_path), weight_name=os.path.basename(lora_path))
     for ours, theirs in zip(expected, _outputs(pipe.unet, pipe.text_encoder)):
         assert torch.allclose(theirs, ours, atol=1e-5, rtol=1e-5)
 
