@@ -45,6 +45,7 @@ def caption_file_for(image_path: str) -> str | None:
 def text_from_filename(image_path: str) -> str:
     """'003-a_dog on grass (2).jpg' -> 'a dog on grass (2)': leading numbers dropped, '_' read as a space."""
     stem = os.path.splitext(os.path.basename(image_path))[0]
+    stem = stem.encode("utf-8", "surrogatepass").decode("utf-8", "replace")   # a non-UTF-8 name: U+FFFD, not a crash
     text = _LEADING_NUMBERS.sub("", stem).replace("_", " ")
     return _SPACES.sub(" ", text).strip()
 
@@ -78,7 +79,8 @@ def build_caption(prompt: str, file_words: str, *, instance_token: str = "", cla
     inst, cls = instance_token.strip(), class_token.strip()
     if is_class:
         if inst and _word(inst).search(text):
-            text = _word(inst).sub("" if (cls and _word(cls).search(text)) else cls, text)
+            replacement = "" if (cls and _word(cls).search(text)) else cls
+            text = _word(inst).sub(lambda _: replacement, text)     # literal: a token may hold "\\1"
         if cls and not _word(cls).search(text):
             text = f"{cls}, {text}"
     elif inst and not _word(inst).search(text):

@@ -18,8 +18,18 @@ class TextEmbeds:
     pooled: "object" = None   # (B, P) for SDXL, else None
 
 
+def valid_text(prompt: str) -> str:
+    """`prompt` with lone surrogates (what a non-UTF-8 file name becomes in [filewords]) as U+FFFD: the
+    tokenizer refuses them with a TypeError."""
+    return prompt.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
+def _ids(tokenizer, prompt: str) -> list[int]:
+    return tokenizer(valid_text(prompt), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+
+
 def _token_chunks(tokenizer, prompt: str, long_prompts: str) -> list[list[int]]:
-    ids = tokenizer(prompt, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    ids = _ids(tokenizer, prompt)
     if long_prompts == "chunk" and len(ids) > CHUNK_TOKENS:
         return [ids[i:i + CHUNK_TOKENS] for i in range(0, len(ids), CHUNK_TOKENS)]
     return [ids[:CHUNK_TOKENS]]
@@ -45,8 +55,7 @@ def tokenize(model, prompts: list[str], long_prompts: str = "truncate", min_chun
 
 def tokens_over_limit(model, prompt: str) -> int:
     """How many tokens of `prompt` fall beyond one 75-token window (0 when it fits)."""
-    ids = model.tokenizers[0](prompt, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
-    return max(0, len(ids) - CHUNK_TOKENS)
+    return max(0, len(_ids(model.tokenizers[0], prompt)) - CHUNK_TOKENS)
 
 
 def _layer(te, ids, skip: int, final_norm: bool):
