@@ -251,3 +251,45 @@ def test_training_a_trained_model_again_is_a_new_run(sd1, tmp_path):
     assert second.info["base_model"]["parent_run_id"] == first.info["run_id"]
     assert module_hash(second.model.unet) != module_hash(first.model.unet)
     assert _train(sd1, tmp_path / "out", settings, concept).reused           # the base again: reused
+
+
+def test_requested_checkpoints_are_pruned_like_epoch_checkpoints(sd1, tmp_path, monkeypatch):
+    """Issue 10.3: checkpoints written on request (the panel's Save now) count towards keep_last_checkpoints like
+    the epoch checkpoints, so clicking Save now cannot fill the disk; and a step gets one checkpoint even when a
+    request, the epoch save and a stop all fall on it (a full fine-tune checkpoint can be gigabytes)."""
+    from comfyui_dreambooth.training.control import TrainingControl
+    from comfyui_dreambooth.training.runs import RunFolder
+    from comfyui_dreambooth.training.trainer import TrainCallbacks, TrainingInterrupted
+
+    written = []
+    real_save = RunFolder.save_checkpoint
+
+    def counting_save(self, step, write, keep_last=0):
+        written.append(step)
+        return real_save(self, step, write, keep_last=keep_last)
+
+    monkeypatch.setattr(RunFolder, "save_checkpoint", counting_save)
+    control = TrainingControl()
+
+    def progress(p):
+        if p["step"] in (1, 2, 3, 4, 5):   # step 3 also closes epoch 1 (3 steps per epoch)
+            control.request_save()
+
+    result = _train(sd1, tmp_path / "a", tiny_settings(steps_per_image=2, save_every_epochs=1,
+                                                       keep_last_checkpoints=2),
+                    make_concept(tmp_path, n=3), callbacks=TrainCallbacks(control=control, progress=progress))
+    assert result.steps == 6
+    assert written == [1, 2, 3, 4, 5]
+    assert sorted(os.listdir(os.path.join(result.run_dir, "checkpoints"))) == ["step-0000004", "step-0000005"]
+
+    written.clear()
+
+    def save_then_stop(p):
+        if p["step"] == 2:
+            control.request_save()
+            control.stop_now()
+
+    with pytest.raises(TrainingInterrupted) as stopped:
+        _train(sd1, tmp_path / "b", tiny_settings(steps_per_image=2, keep_last_checkpoints=1),
+               make_concept(tmp_path, n=3), callbacks=TrainCallbacks(control=control, progress=save_then_stop))
+    assert written == [2] and os.path.basename(stopped.value.checkpoint) == "step-0000002"

@@ -541,12 +541,14 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
                          "it_per_s": rate, "eta_s": (total_steps - step) / rate if rate else None,
                          "eta": _format_eta((total_steps - step) / rate) if rate else ""})
         epoch_end = step % steps_per_epoch == 0 or step == total_steps
+        saved = None   # this step's checkpoint: written once, whether requested, per epoch or on stop
         if control is not None and control.take_save_request():
-            say(f"saved {save(step, loss_value)} (requested)")
+            saved = save(step, loss_value)
+            say(f"saved {saved} (requested)")
         if epoch_end and step < total_steps:
             done_epochs = step // steps_per_epoch
-            if settings.save_every_epochs and done_epochs % settings.save_every_epochs == 0:
-                save(step, loss_value)
+            if settings.save_every_epochs and done_epochs % settings.save_every_epochs == 0 and saved is None:
+                saved = save(step, loss_value)
             if settings.preview_every_epochs and done_epochs % settings.preview_every_epochs == 0:
                 preview(done_epochs)
             if settings.pause_after_epochs and done_epochs % settings.pause_after_epochs == 0:
@@ -554,7 +556,7 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
         stop_now = (cb.should_stop is not None and cb.should_stop()) or (
             control is not None and control.should_stop(epoch_end=epoch_end))
         if stop_now and step < total_steps:
-            path = save(step, loss_value)
+            path = saved or save(step, loss_value)
             raise TrainingInterrupted(f"training stopped at step {step}/{total_steps}; resumable checkpoint: {path}",
                                       run.path, step, path)
 
