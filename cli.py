@@ -337,8 +337,13 @@ def error_line(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .training.quiet import is_verbose, quiet_libraries, set_verbose
+
+    verbose = is_verbose()
+    set_verbose(verbose or args.debug)     # --debug: library notices, warnings and progress bars as they come
     try:
-        return int(args.handler(args) or 0)
+        with quiet_libraries():            # otherwise the pack's own lines only
+            return int(args.handler(args) or 0)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -348,3 +353,5 @@ def main(argv: list[str] | None = None) -> int:
         from .runner import WorkflowInterrupted
         print(error_line(exc), file=sys.stderr)
         return EXIT_INTERRUPTED if isinstance(exc, WorkflowInterrupted) else EXIT_ERROR
+    finally:
+        set_verbose(verbose)

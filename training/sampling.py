@@ -41,19 +41,26 @@ def make_scheduler(name: str, prediction_type: str = "epsilon", zero_terminal_sn
 
 
 def build_pipeline(model, scheduler: str = "euler"):
-    """A diffusers pipeline sharing the model's modules (no copies)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    """A diffusers pipeline sharing the model's modules (no copies), without feature extractor, image encoder or
+    safety checker, and silent: no progress bar, and the import-time notices of the pipeline modules (e.g.
+    transformers 5's "CLIPImageProcessor requires torchvision") are swallowed by `quiet_libraries`."""
+    from .quiet import quiet_libraries
 
-    sched = make_scheduler(scheduler, model.prediction_type, model.zero_terminal_snr)
-    if model.is_sdxl:
-        pipe = StableDiffusionXLPipeline(vae=model.vae, text_encoder=model.text_encoders[0],
-                                         text_encoder_2=model.text_encoders[1], tokenizer=model.tokenizers[0],
-                                         tokenizer_2=model.tokenizers[1], unet=model.unet, scheduler=sched,
-                                         force_zeros_for_empty_prompt=False)
-    else:
-        pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoders[0],
-                                       tokenizer=model.tokenizers[0], unet=model.unet, scheduler=sched,
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    with quiet_libraries():
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        sched = make_scheduler(scheduler, model.prediction_type, model.zero_terminal_snr)
+        if model.is_sdxl:
+            pipe = StableDiffusionXLPipeline(vae=model.vae, text_encoder=model.text_encoders[0],
+                                             text_encoder_2=model.text_encoders[1], tokenizer=model.tokenizers[0],
+                                             tokenizer_2=model.tokenizers[1], unet=model.unet, scheduler=sched,
+                                             image_encoder=None, feature_extractor=None,
+                                             force_zeros_for_empty_prompt=False)
+        else:
+            pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoders[0],
+                                           tokenizer=model.tokenizers[0], unet=model.unet, scheduler=sched,
+                                           safety_checker=None, feature_extractor=None, image_encoder=None,
+                                           requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
