@@ -1,4 +1,4 @@
-"""runner.py: API/canvas workflows, --set overrides, ComfyUI-like validation and execution, with fake node classes."""
+"""runner/: API/canvas workflows, --set overrides, ComfyUI-like validation and execution, with fake node classes."""
 import json
 import os
 import signal
