@@ -92,6 +92,36 @@ def input_directory() -> str:
     return _headless_input_dir or os.path.abspath("input")
 
 
+def public_folders() -> list[tuple[str, str]]:
+    """(absolute folder, the name a browser may see for it): ComfyUI's output, input and temp folders, models/ and
+    every configured folder of the model kinds the pack uses ("models/loras"); headless the output and input
+    folders. Whatever ComfyUI lacks (or fails to answer) is left out: callers hide paths outside these folders."""
+    found: list[tuple[str, str]] = []
+
+    def add(getter, label):
+        try:
+            path = getter()
+        except Exception:     # noqa: BLE001 - a ComfyUI without that folder, or a half-faked one in tests
+            return
+        if isinstance(path, str) and path:
+            found.append((os.path.abspath(path), label))
+
+    add(output_directory, "output")
+    add(input_directory, "input")
+    folder_paths = _comfy("folder_paths")
+    if folder_paths is not None:
+        add(lambda: folder_paths.get_temp_directory(), "temp")
+        add(lambda: folder_paths.models_dir, "models")
+        for kind in MODEL_KINDS:
+            try:
+                paths = list(folder_paths.get_folder_paths(kind))
+            except Exception:  # noqa: BLE001
+                continue
+            for path in paths:
+                add(lambda path=path: path, f"models/{kind}")
+    return found
+
+
 def _check_kind(kind: str) -> None:
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model folder kind {kind!r}; expected one of {', '.join(MODEL_KINDS)}")

@@ -9,15 +9,24 @@ The TrainDreamBooth node creates one `LiveReporter(node_id, run_dir)` per run an
     "node" and "run") that web/dreambooth.js draws. Progress messages are throttled (at most one per
     `min_interval_s`) but the points skipped in between travel with the next one, and the last step is always
     sent.
-POST /dreambooth/control {node, action} turns the panel's buttons into TrainingControl requests.
+POST /dreambooth/control {node, run, action} turns the panel's buttons into TrainingControl requests.
+
+A ComfyUI server is often reachable by others, so the routes assume nothing of the caller: a control request names
+the run it means (a stale tab gets 409, an unknown node or an ended run 404, never another run's stop), Save now is
+rate-limited per run (429), a body that is not a small JSON object is refused with one line (400/413/415), and
+the state and messages name files only relative to ComfyUI's output/input/temp/model folders (anything else by
+its last component), never by an absolute path.
 
 Outside ComfyUI the messages go nowhere and `register_routes()` does nothing, so the headless runner and the
 tests use the same code. Cheap to import: no torch, no aiohttp at module level.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import re
 import threading
 import time
 import uuid
@@ -38,6 +47,9 @@ TERMINAL_STATES = frozenset({"done", "stopped", "error", "interrupted"})
 MAX_HISTORY_POINTS = 1000      # loss points kept per run (older ones are merged pairwise when exceeded)
 MAX_PREVIEWS = 8               # latest preview images kept per run
 MIN_PROGRESS_INTERVAL_S = 0.25  # <= 4 progress messages per second
+SAVE_REQUEST_MIN_INTERVAL_S = 30.0   # Save now: one accepted request per run per this many seconds (and one pending)
+MAX_CONTROL_BODY_BYTES = 4096    # {node, run, action} is ~60 bytes
+MAX_ID_CHARS = 64                # node and run ids (ComfyUI node ids look like "12" or "7:3")
 
 _ACTION_MESSAGES = {
     "save_now": "Save requested: a checkpoint is written at the next step.",
@@ -53,6 +65,60 @@ def _send_ui_message(event: str, data: dict) -> None:
         comfy_compat.send_ui_message(event, data)
     except Exception:  # noqa: BLE001 - a dead websocket must not kill hours of training
         log.debug("could not send %s to the browser", event, exc_info=True)
+
+
+# --- paths the browser may see ----------------------------------------------------------------------------------
+# An absolute path in free text: POSIX (/a/b, not the tail of a URL or of a relative path "x/y") or Windows (C:\a).
+_ABS_PATH = re.compile(r"(?<![\w.~:/\\-])/[^\s'\"<>|/]+(?:/[^\s'\"<>|/]+)*/?"
+                       r"|(?<![\w])[A-Za-z]:[\\/][^\s'\"<>|]*")
+
+
+def _folders() -> list[tuple[str, str]]:
+    """ComfyUI's folders that may be named to a browser, as (normalised path, label), longest path first."""
+    try:
+        folders = comfy_compat.public_folders()
+    except Exception:  # noqa: BLE001 - never let path hygiene break a run; everything then shows as basenames
+        log.debug("could not list ComfyUI's folders", exc_info=True)
+        folders = []
+    found = {}
+    for path, label in folders:
+        for variant in {os.path.normpath(path), os.path.realpath(path)}:
+            if len(variant) > 1 and variant not in found:      # never "/" (it would name everything)
+                found[variant] = label
+    return sorted(found.items(), key=lambda item: -len(item[0]))
+
+
+def _last_component(path: str) -> str:
+    return re.split(r"[\\/]", path.rstrip("\\/"))[-1] or path
+
+
+def public_path(path, folders=None) -> str:
+    """`path` as a browser may see it: "output/dreambooth/run-1" under ComfyUI's output folder (likewise input,
+    temp, models, models/<kind>), else only its last component. Relative paths are returned as they are."""
+    path = str(path or "")
+    if not path or not (os.path.isabs(path) or _ABS_PATH.fullmatch(path)):
+        return path
+    folders = _folders() if folders is None else folders
+    for candidate in dict.fromkeys([os.path.normpath(path), os.path.realpath(path)]):
+        for root, label in folders:
+            if candidate == root:
+                return label
+            if candidate.startswith(root.rstrip(os.sep) + os.sep):
+                return label + "/" + os.path.relpath(candidate, root).replace(os.sep, "/")
+    return _last_component(path)
+
+
+def public_text(text) -> str:
+    """A message with every absolute path in it replaced by public_path() (folders first, so paths with spaces
+    inside ComfyUI's folders come out whole)."""
+    text = str(text or "")
+    if "/" not in text and "\\" not in text:
+        return text
+    folders = _folders()
+    for root, label in folders:
+        text = re.sub(re.escape(root) + r"(?=$|[\\/\s'\",;:)\]])(?:[\\/](?=\S))?",
+                      lambda m, label=label: label + ("/" if m.group(0)[-1:] in "/\\" else ""), text)
+    return _ABS_PATH.sub(lambda m: public_path(m.group(0), folders), text)
 
 
 # --- JSON hygiene --------------------------------------------------------------------------------------------
@@ -148,9 +214,9 @@ class LiveReporter:
 
     def __init__(self, node_id, run_dir: str = "", *, min_interval_s: float = MIN_PROGRESS_INTERVAL_S,
                  max_history_points: int = MAX_HISTORY_POINTS, clock: Callable[[], float] = time.monotonic,
-                 send: Callable[[str, dict], None] | None = None, run_id: str | None = None) -> None:
+                 send: Callable[[str, dict], None] | None = None, run_id: str | None = None,
+                 save_interval_s: float = SAVE_REQUEST_MIN_INTERVAL_S) -> None:
         self.node = str(node_id)
-        self.run_dir = str(run_dir or "")
         # a new id per reporter: the panel starts a fresh chart when it changes (also for a resumed run)
         self.run = str(run_id) if run_id else uuid.uuid4().hex[:12]
         self.min_interval_s = float(min_interval_s)
@@ -161,9 +227,11 @@ class LiveReporter:
         self._unsent_points: list[list[float]] = []
         self._progress_unsent = False
         self._last_progress_sent: float | None = None
+        self.save_interval_s = float(save_interval_s)
         self.control = new_control(self.node)   # fresh: requests aimed at an earlier run must not stop this one
+        self._run_dir = str(run_dir or "")
         self._state = {
-            "node": self.node, "run": self.run, "run_dir": self.run_dir,
+            "node": self.node, "run": self.run, "run_dir": public_path(self._run_dir),
             "state": "starting", "message": "",
             "step": 0, "total": None, "epoch": None,
             "loss": None, "lr": None, "it_per_s": None, "eta_s": None,
@@ -175,6 +243,18 @@ class LiveReporter:
         self._send(STATUS_EVENT, self._status_payload())
 
     # --- public API used by the node / trainer -----------------------------------------------------------
+    @property
+    def run_dir(self) -> str:
+        """The run folder as the node knows it (absolute); the state shows it through public_path()."""
+        return self._run_dir
+
+    @run_dir.setter
+    def run_dir(self, value) -> None:
+        self._run_dir = str(value or "")
+        shown = public_path(self._run_dir)
+        with self._lock:
+            self._state["run_dir"] = shown
+
     def progress(self, step, total=None, epoch=None, loss=None, lr=None, it_per_s=None, eta_s=None) -> None:
         """One training step finished. Sends at most one message per `min_interval_s`, always the last step."""
         step = _json_int(step) or 0
@@ -216,8 +296,9 @@ class LiveReporter:
         if state not in STATES:
             raise ValueError(f"unknown live state {state!r}; expected one of {', '.join(STATES)}")
         self.flush()   # the chart must show every step before the final state
+        message = public_text(message)   # every tab sees it: no absolute paths (error texts name files)
         with self._lock:
-            self._state.update({"state": state, "message": str(message or ""), "updated": time.time()})
+            self._state.update({"state": state, "message": message, "updated": time.time()})
         if state in TERMINAL_STATES:
             release_control(self.node)   # a finished run takes no more requests; the route answers 404
         self._send(STATUS_EVENT, self._status_payload())
@@ -254,6 +335,11 @@ class LiveReporter:
         state["control"] = control.snapshot() if control is not None else None
         return state
 
+    def current_state(self) -> str:
+        """The run's state name ("running", "done", ...), without copying the whole snapshot."""
+        with self._lock:
+            return self._state["state"]
+
     @property
     def state(self) -> dict:
         """Same as snapshot()."""
@@ -268,45 +354,138 @@ class LiveReporter:
 
 
 def _image_ref(image) -> dict | None:
+    """A clean {filename, subfolder, type}; None for anything /view could not serve (a subfolder that is absolute
+    or climbs out of its folder would only tell the browser where files live)."""
     if not isinstance(image, dict) or not image.get("filename"):
         return None
-    return {"filename": str(image["filename"]), "subfolder": str(image.get("subfolder") or ""),
-            "type": str(image.get("type") or "output")}
+    filename, subfolder = str(image["filename"]), str(image.get("subfolder") or "").replace("\\", "/")
+    if "/" in filename.replace("\\", "/") or os.path.isabs(subfolder) or _ABS_PATH.match(subfolder) \
+            or ".." in subfolder.split("/"):
+        return None
+    return {"filename": filename, "subfolder": subfolder, "type": str(image.get("type") or "output")}
 
 
 # --- routes --------------------------------------------------------------------------------------------------
+def _short(value) -> str:
+    """A caller-supplied value for an error message: repr()ed and cut, so a huge id cannot make a huge answer."""
+    text = repr(value)
+    return text if len(text) <= MAX_ID_CHARS + 2 else text[:MAX_ID_CHARS] + "…"
+
+
 def state_response(node=None) -> tuple[int, dict]:
     """(HTTP status, JSON body) for GET /dreambooth/state[?node=ID]."""
     if node in (None, ""):
         return 200, {"nodes": get_state()}
-    state = get_state(node)
+    state = get_state(node) if len(str(node)) <= MAX_ID_CHARS else None
     if state is None:
-        return 404, {"error": f"no DreamBooth training state for node {node!r}: "
+        return 404, {"error": f"no DreamBooth training state for node {_short(node)}: "
                               "it has not trained since the server started"}
     return 200, state
 
 
-def control_response(payload) -> tuple[int, dict]:
-    """(HTTP status, JSON body) for POST /dreambooth/control {node, action}."""
+def _id_field(payload: dict, key: str, what: str) -> tuple[str | None, str | None]:
+    """(value as str, None) or (None, the 400 error) for the id `key` of a control request."""
+    value = payload.get(key)
+    if value is None or value == "":
+        return None, f"missing {key!r}: {what}"
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return None, f"{key!r} must be a string, not {type(value).__name__}"
+    value = str(value)
+    if len(value) > MAX_ID_CHARS:
+        return None, f"{key!r} is longer than {MAX_ID_CHARS} characters"
+    return value, None
+
+
+def control_response(payload, now: float | None = None) -> tuple[int, dict]:
+    """(HTTP status, JSON body) for POST /dreambooth/control {node, run, action}.
+
+    400: not an object like that; 404: no run on that node, or the run has ended; 409: `run` is not the node's
+    current run (a stale tab: its buttons must not act on the run that replaced it); 429: Save now while a request
+    is pending or within SAVE_REQUEST_MIN_INTERVAL_S of the last one (body: retry_after_s).
+    `now`: the reporter's clock (tests); its own clock by default.
+    """
     if not isinstance(payload, dict):
-        return 400, {"error": 'the body must be a JSON object like {"node": "5", "action": "save_now"}'}
-    node, action = payload.get("node"), payload.get("action")
-    if node in (None, ""):
-        return 400, {"error": "missing 'node': the id of the TrainDreamBooth node to control"}
-    if action not in ACTIONS:
-        return 400, {"error": f"unknown action {action!r}; expected one of {', '.join(ACTIONS)}"}
+        return 400, {"error": 'the body must be a JSON object like {"node": "5", "run": "<run id>", '
+                              '"action": "save_now"}'}
+    node, error = _id_field(payload, "node", "the id of the TrainDreamBooth node to control")
+    if error is None:
+        run, error = _id_field(payload, "run", "the id of the run the panel shows (GET /dreambooth/state)")
+    if error is not None:
+        return 400, {"error": error}
+    action = payload.get("action")
+    if not isinstance(action, str) or action not in ACTIONS:
+        return 400, {"error": f"unknown action {_short(action)}; expected one of {', '.join(ACTIONS)}"}
+    with _reporters_lock:
+        reporter = _reporters.get(node)
+    if reporter is None:
+        return 404, {"error": f"no training run is active for node {node!r}; queue the workflow first"}
+    if run != reporter.run:
+        return 409, {"error": f"stale run id {run!r}: node {node!r} is training another run now; reload its state "
+                              "(GET /dreambooth/state) and try again"}
     control = find_control(node)
-    if control is None:
-        return 404, {"error": f"no training run is active for node {str(node)!r}; queue the workflow first"}
-    control.apply(action)
+    if control is None or control is not reporter.control:
+        return 404, {"error": f"run {run!r} of node {node!r} has ended; queue the workflow to train again"}
+    if action == "save_now":
+        refused = control.request_save_limited(reporter.save_interval_s,
+                                               reporter._clock() if now is None else now)
+        if refused is not None:
+            reason, wait_s = refused
+            if reason == "pending":
+                error = "a save is already requested: the checkpoint is written at the next step"
+            else:
+                error = (f"a checkpoint was requested {reporter.save_interval_s - wait_s:.0f} s ago; "
+                         f"Save now is allowed once every {reporter.save_interval_s:.0f} s (try again in "
+                         f"{math.ceil(wait_s)} s)")
+            return 429, {"error": error, "retry_after_s": math.ceil(wait_s) if wait_s > 0 else 1,
+                         "control": control.snapshot()}
+        changed = True
+    else:
+        before = control.snapshot()
+        control.apply(action)
+        changed = control.snapshot() != before   # a repeated stop changes nothing and tells nobody again
     message = _ACTION_MESSAGES[action]
-    state = get_state(node)
-    if state is not None:
-        # tell every open tab, not only the one that clicked
-        _send_ui_message(STATUS_EVENT, {"node": str(node), "run": state["run"], "state": state["state"],
+    if changed:   # tell every open tab, not only the one that clicked
+        _send_ui_message(STATUS_EVENT, {"node": node, "run": reporter.run, "state": reporter.current_state(),
                                         "message": message, "control": control.snapshot()})
-    return 200, {"ok": True, "node": str(node), "action": action, "message": message,
+    return 200, {"ok": True, "node": node, "run": reporter.run, "action": action, "message": message,
                  "control": control.snapshot()}
+
+
+class BadBody(Exception):
+    """A request body we refuse: `status` and a one-line `message`."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def read_json_body(request, limit: int = MAX_CONTROL_BODY_BYTES):
+    """The JSON value of an aiohttp request's body, read no further than `limit` bytes. Raises BadBody:
+    415 not sent as application/json (which also means a cross-site form cannot send it without the browser
+    asking the server first), 413 over `limit`, 400 empty or not JSON."""
+    content_type = getattr(request, "content_type", "") or ""
+    if content_type.lower() != "application/json":
+        raise BadBody(415, f"send the body as JSON with 'Content-Type: application/json', not "
+                           f"{_short(content_type) if content_type else 'no content type'}")
+    length = getattr(request, "content_length", None)
+    if length is not None and length > limit:
+        raise BadBody(413, f"the body is {length} bytes; at most {limit} are accepted")
+    chunks, size = [], 0
+    while True:   # a chunked body has no length: read it no further than the limit
+        chunk = await request.content.read(limit + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise BadBody(413, f"the body is over {limit} bytes; at most {limit} are accepted")
+    if not size:
+        raise BadBody(400, 'empty body: send a JSON object like {"node": "5", "run": "<run id>", '
+                           '"action": "save_now"}')
+    try:
+        return json.loads(b"".join(chunks))
+    except (ValueError, RecursionError) as e:   # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise BadBody(400, f"the body is not valid JSON ({str(e).splitlines()[0][:120]})") from None
 
 
 _routes_registered = False
@@ -316,19 +495,31 @@ def _add_routes(routes) -> None:
     """Add our handlers to an aiohttp RouteTableDef (ComfyUI's PromptServer.instance.routes)."""
     from aiohttp import web   # ComfyUI's server dependency; only needed inside ComfyUI
 
+    def answer(status: int, body: dict):
+        headers = {"Retry-After": str(body["retry_after_s"])} if status == 429 and "retry_after_s" in body else None
+        return web.json_response(body, status=status, headers=headers)
+
     @routes.get("/dreambooth/state")
     async def dreambooth_state(request):
-        status, body = state_response(request.rel_url.query.get("node"))
-        return web.json_response(body, status=status)
+        try:
+            return answer(*state_response(request.rel_url.query.get("node")))
+        except Exception:  # noqa: BLE001 - a bug here must not show a traceback to whoever asks
+            log.exception("GET /dreambooth/state failed")
+            return answer(500, {"error": "internal error in the DreamBooth state route; see the server log"})
 
     @routes.post("/dreambooth/control")
     async def dreambooth_control(request):
         try:
-            payload = await request.json()
-        except Exception:  # noqa: BLE001 - any unparsable body is the client's error
-            payload = None
-        status, body = control_response(payload)
-        return web.json_response(body, status=status)
+            payload = await read_json_body(request)
+        except BadBody as e:
+            return answer(e.status, {"error": str(e)})
+        except Exception as e:  # noqa: BLE001 - a broken connection or stream is the client's problem
+            return answer(400, {"error": f"could not read the body: {type(e).__name__}"})
+        try:
+            return answer(*control_response(payload))
+        except Exception:  # noqa: BLE001
+            log.exception("POST /dreambooth/control failed")
+            return answer(500, {"error": "internal error in the DreamBooth control route; see the server log"})
 
 
 def register_routes() -> bool:

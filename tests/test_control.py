@@ -91,3 +91,20 @@ def test_registry_keys_are_strings_and_new_control_replaces():
     release_control(5)
     assert find_control("5") is None
     release_control("never-registered")   # harmless
+
+
+def test_limited_save_requests_one_pending_and_one_per_interval():
+    """Issue 10.3: the web route asks through request_save_limited(): a pending request or one younger than the
+    interval is refused (and says why); request_save() itself stays unlimited for the trainer's own callers."""
+    control = TrainingControl()
+    assert control.request_save_limited(30, now=100.0) is None
+    assert control.snapshot()["save_requested"] is True
+    assert control.request_save_limited(30, now=200.0) == ("pending", 0.0)   # not written yet, however late
+    assert control.take_save_request() is True
+    assert control.request_save_limited(30, now=110.0) == ("too_soon", 20.0)
+    assert control.snapshot()["save_requested"] is False
+    assert control.request_save_limited(30, now=130.0) is None
+    control.take_save_request()
+    assert control.request_save_limited(0, now=130.0) is None                # no interval: only one pending
+    control.request_save()                                                    # unlimited path unchanged
+    assert control.take_save_request() is True

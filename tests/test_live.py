@@ -255,15 +255,15 @@ def test_control_response_sets_the_flags_and_tells_every_tab(monkeypatch):
     broadcast = []
     monkeypatch.setattr(live, "_send_ui_message", lambda e, d: broadcast.append((e, d)))
     reporter, _, _ = make_reporter("3")
-    status, body = live.control_response({"node": "3", "action": "save_now"})
-    assert status == 200 and body["ok"] and body["control"]["save_requested"]
+    status, body = live.control_response({"node": "3", "run": reporter.run, "action": "save_now"})
+    assert status == 200 and body["ok"] and body["control"]["save_requested"] and body["run"] == reporter.run
     assert reporter.control.take_save_request()
-    status, body = live.control_response({"node": 3, "action": "stop_after_epoch"})
+    status, body = live.control_response({"node": 3, "run": reporter.run, "action": "stop_after_epoch"})
     assert status == 200 and "end of this epoch" in body["message"]
     assert reporter.control.should_stop(epoch_end=True) and not reporter.control.should_stop(epoch_end=False)
     assert broadcast[-1][0] == live.STATUS_EVENT and broadcast[-1][1]["control"]["stop_after_epoch"]
     assert broadcast[-1][1]["run"] == reporter.run
-    live.control_response({"node": "3", "action": "stop_now"})
+    live.control_response({"node": "3", "run": reporter.run, "action": "stop_now"})
     assert reporter.control.should_stop(epoch_end=False)
 
 
@@ -271,11 +271,12 @@ def test_control_response_sets_the_flags_and_tells_every_tab(monkeypatch):
     (None, 400, "JSON object"),
     ([], 400, "JSON object"),
     ({"action": "save_now"}, 400, "missing 'node'"),
-    ({"node": "3", "action": "explode"}, 400, "save_now, stop_after_epoch, stop_now"),
-    ({"node": "404", "action": "save_now"}, 404, "no training run is active for node '404'"),
+    ({"node": "3", "action": "save_now"}, 400, "missing 'run'"),
+    ({"node": "3", "run": "r3", "action": "explode"}, 400, "save_now, stop_after_epoch, stop_now"),
+    ({"node": "404", "run": "r3", "action": "save_now"}, 404, "no training run is active for node '404'"),
 ])
 def test_control_response_errors(payload, status, fragment):
-    make_reporter("3")
+    make_reporter("3", run_id="r3")
     got_status, body = live.control_response(payload)
     assert got_status == status and fragment in body["error"]
 
@@ -283,8 +284,8 @@ def test_control_response_errors(payload, status, fragment):
 def test_control_after_the_run_ended_is_404():
     reporter, _, _ = make_reporter("3")
     reporter.status("done")
-    status, body = live.control_response({"node": "3", "action": "save_now"})
-    assert status == 404
+    status, body = live.control_response({"node": "3", "run": reporter.run, "action": "save_now"})
+    assert status == 404 and "has ended" in body["error"]
 
 
 def test_register_routes_is_a_no_op_outside_comfyui(monkeypatch):
@@ -309,15 +310,29 @@ class FakeRoutes:
         return self._add("POST", path)
 
 
-class FakeRequest:
-    def __init__(self, query=None, body=None, bad_json=False):
-        self.rel_url = types.SimpleNamespace(query=query or {})
-        self._body, self._bad = body, bad_json
+class FakeStream:
+    """aiohttp's request.content: read(n) gives at most n bytes (here also at most `chunk` per call)."""
 
-    async def json(self):
-        if self._bad:
-            raise ValueError("not json")
-        return self._body
+    def __init__(self, data: bytes, chunk: int = 1000):
+        self.data, self.chunk, self.given = data, chunk, 0
+
+    async def read(self, n=-1):
+        n = len(self.data) if n < 0 else n
+        part = self.data[self.given:self.given + min(n, self.chunk)]
+        self.given += len(part)
+        return part
+
+
+class FakeRequest:
+    """What the handlers use of an aiohttp request. `body` is JSON-encoded unless `raw` bytes are given;
+    `length=None` is a chunked body (no Content-Length)."""
+
+    def __init__(self, query=None, body=None, raw=None, content_type="application/json", length="auto"):
+        self.rel_url = types.SimpleNamespace(query=query or {})
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else b"")
+        self.content = FakeStream(data)
+        self.content_type = content_type
+        self.content_length = len(data) if length == "auto" else length
 
 
 def test_register_routes_inside_comfyui(monkeypatch):
@@ -325,7 +340,8 @@ def test_register_routes_inside_comfyui(monkeypatch):
     fake_comfyui(monkeypatch, routes=routes, send_sync=lambda *a, **k: None)
     fake_aiohttp = types.ModuleType("aiohttp")
     fake_web = types.ModuleType("aiohttp.web")
-    fake_web.json_response = lambda body, status=200: {"status": status, "body": body}
+    fake_web.json_response = lambda body, status=200, headers=None: {"status": status, "body": body,
+                                                                      "headers": headers or {}}
     fake_aiohttp.web = fake_web
     monkeypatch.setitem(sys.modules, "aiohttp", fake_aiohttp)
     monkeypatch.setitem(sys.modules, "aiohttp.web", fake_web)
@@ -345,9 +361,10 @@ def test_register_routes_inside_comfyui(monkeypatch):
     assert response["status"] == 200 and response["body"]["run"] == reporter.run
     response = asyncio.run(get_state(FakeRequest()))
     assert set(response["body"]["nodes"]) == {"5"}
-    response = asyncio.run(post_control(FakeRequest(body={"node": "5", "action": "stop_after_epoch"})))
+    response = asyncio.run(post_control(FakeRequest(body={"node": "5", "run": reporter.run,
+                                                          "action": "stop_after_epoch"})))
     assert response["status"] == 200 and reporter.control.stop_requested
-    response = asyncio.run(post_control(FakeRequest(bad_json=True)))
+    response = asyncio.run(post_control(FakeRequest(raw=b"not json")))
     assert response["status"] == 400
 
 
@@ -400,3 +417,268 @@ def test_snapshots_while_training_are_consistent():
     reader.join()
     assert problems == []
     assert live.get_state("12")["loss_history"][-1][0] == 5000
+
+
+# --- issue 10.3: the routes assume nothing of the caller ---------------------------------------------------------
+def installed_routes(monkeypatch):
+    """(GET state handler, POST control handler) as registered inside a (fake) ComfyUI with a fake aiohttp.web."""
+    routes = FakeRoutes()
+    fake_comfyui(monkeypatch, routes=routes, send_sync=lambda *a, **k: None)
+    fake_aiohttp = types.ModuleType("aiohttp")
+    fake_web = types.ModuleType("aiohttp.web")
+    fake_web.json_response = lambda body, status=200, headers=None: {"status": status, "body": body,
+                                                                      "headers": headers or {}}
+    fake_aiohttp.web = fake_web
+    monkeypatch.setitem(sys.modules, "aiohttp", fake_aiohttp)
+    monkeypatch.setitem(sys.modules, "aiohttp.web", fake_web)
+    monkeypatch.setattr(live, "_routes_registered", False)
+    assert live.register_routes()
+    return routes.handlers[("GET", "/dreambooth/state")], routes.handlers[("POST", "/dreambooth/control")]
+
+
+def post(handler, request):
+    response = asyncio.run(handler(request))
+    json.dumps(response["body"], allow_nan=False)
+    return response
+
+
+def test_control_names_the_run_a_stale_tab_gets_409_and_touches_nothing(monkeypatch):
+    broadcast = []
+    monkeypatch.setattr(live, "_send_ui_message", lambda e, d: broadcast.append((e, d)))
+    first, _, _ = make_reporter("3", run_id="run-a")
+    first.status("stopped", "stopped after epoch 1")          # the tab that showed run-a stays open...
+    second, _, _ = make_reporter("3", run_id="run-b")         # ...while the node trains run-b
+    for action in ("stop_now", "stop_after_epoch", "save_now"):
+        status, body = live.control_response({"node": "3", "run": "run-a", "action": action})
+        assert status == 409 and "stale run id 'run-a'" in body["error"], body
+    assert second.control.snapshot() == {"save_requested": False, "stop_after_epoch": False, "stop_now": False}
+    assert broadcast == []
+    status, body = live.control_response({"node": "3", "run": "run-b", "action": "stop_now"})
+    assert status == 200 and second.control.should_stop(epoch_end=False)
+    # a guessed node id, or a guessed run id on a node that never trained: 404 either way, nothing set anywhere
+    status, body = live.control_response({"node": "4", "run": "run-b", "action": "stop_now"})
+    assert status == 404 and find_control("4") is None
+    second.status("done")
+    status, body = live.control_response({"node": "3", "run": "run-b", "action": "save_now"})
+    assert status == 404 and "run 'run-b' of node '3' has ended" in body["error"]
+
+
+def test_repeated_stop_requests_are_told_to_the_tabs_once(monkeypatch):
+    broadcast = []
+    monkeypatch.setattr(live, "_send_ui_message", lambda e, d: broadcast.append((e, d)))
+    reporter, _, _ = make_reporter("3")
+    for _ in range(50):
+        status, _ = live.control_response({"node": "3", "run": reporter.run, "action": "stop_after_epoch"})
+        assert status == 200
+    assert len(broadcast) == 1
+
+
+def test_save_now_is_rate_limited_per_run(monkeypatch):
+    monkeypatch.setattr(live, "_send_ui_message", lambda e, d: None)
+    reporter, _, clock = make_reporter("3", save_interval_s=30)
+    request = {"node": "3", "run": reporter.run, "action": "save_now"}
+    assert live.control_response(request)[0] == 200
+    status, body = live.control_response(request)                   # the first one is not written yet
+    assert status == 429 and "already requested" in body["error"] and body["retry_after_s"] >= 1
+    assert reporter.control.take_save_request() and not reporter.control.take_save_request()   # one checkpoint
+    clock.t += 10
+    status, body = live.control_response(request)                   # written, but only 10 s ago
+    assert status == 429 and "once every 30 s" in body["error"] and body["retry_after_s"] == 20
+    assert not reporter.control.snapshot()["save_requested"]
+    # stopping is never rate-limited (it ends the run)
+    assert live.control_response({**request, "action": "stop_after_epoch"})[0] == 200
+    clock.t += 20
+    assert live.control_response(request)[0] == 200
+    # a new run on the node starts with a clean slate
+    fresh, _, _ = make_reporter("3", save_interval_s=30)
+    assert live.control_response({**request, "run": fresh.run})[0] == 200
+
+
+def test_save_now_rate_limit_reaches_the_client_with_retry_after(monkeypatch):
+    _, post_control = installed_routes(monkeypatch)
+    reporter, _, clock = make_reporter("5", save_interval_s=30)
+    body = {"node": "5", "run": reporter.run, "action": "save_now"}
+    assert post(post_control, FakeRequest(body=body))["status"] == 200
+    reporter.control.take_save_request()
+    clock.t += 12
+    response = post(post_control, FakeRequest(body=body))
+    assert response["status"] == 429 and response["headers"] == {"Retry-After": "18"}
+    assert "\n" not in response["body"]["error"]
+
+
+@pytest.mark.parametrize("payload, fragment", [
+    ({"node": ["5"], "run": "r", "action": "save_now"}, "'node' must be a string, not list"),
+    ({"node": {"id": 5}, "run": "r", "action": "save_now"}, "'node' must be a string, not dict"),
+    ({"node": True, "run": "r", "action": "save_now"}, "'node' must be a string, not bool"),
+    ({"node": 5.0, "run": "r", "action": "save_now"}, "'node' must be a string, not float"),
+    ({"node": "5", "run": ["r"], "action": "save_now"}, "'run' must be a string, not list"),
+    ({"node": "5", "run": "r", "action": ["save_now"]}, "unknown action ['save_now']"),
+    ({"node": "5", "run": "r", "action": {"save_now": 1}}, "unknown action"),
+    ({"node": "5", "run": "r"}, "unknown action None"),
+    ({"node": "5" * 2_000, "run": "r", "action": "save_now"}, "'node' is longer than 64 characters"),
+    ({"node": "5", "run": "r" * 2_000, "action": "save_now"}, "'run' is longer than 64 characters"),
+    ({"node": "5", "run": "r", "action": "x" * 2_000}, "expected one of save_now"),
+    ("save_now", "must be a JSON object"),
+    (5, "must be a JSON object"),
+])
+def test_control_bodies_of_the_wrong_shape_get_400_in_one_short_line(monkeypatch, payload, fragment):
+    _, post_control = installed_routes(monkeypatch)
+    reporter, _, _ = make_reporter("5", run_id="r")
+    response = post(post_control, FakeRequest(body=payload))
+    assert response["status"] == 400 and fragment in response["body"]["error"], response
+    assert "\n" not in response["body"]["error"] and len(response["body"]["error"]) < 300
+    assert reporter.control.snapshot() == {"save_requested": False, "stop_after_epoch": False, "stop_now": False}
+
+
+@pytest.mark.parametrize("request_kw, status, fragment", [
+    ({"raw": b"{not json"}, 400, "not valid JSON"),
+    ({"raw": b"node=5&action=stop_now"}, 400, "not valid JSON"),
+    ({"raw": b'{"node": "5", "run": "r", "action": "stop_now"'}, 400, "not valid JSON"),
+    ({"raw": b"\xff\xfe\x00garbage"}, 400, "not valid JSON"),
+    ({"raw": b"[" * 2000 + b"]" * 2000, "length": None}, 400, "not valid JSON"),   # nesting deeper than JSON's limit
+    ({"raw": b""}, 400, "empty body"),
+    ({"raw": b'{"node": "5", "run": "r", "action": "stop_now"}', "content_type": "text/plain"}, 415,
+     "'Content-Type: application/json'"),
+    ({"raw": b'{"node": "5", "run": "r", "action": "stop_now"}', "content_type": ""}, 415, "no content type"),
+    ({"raw": b'{"node": "5", "run": "r", "action": "stop_now"}',
+      "content_type": "application/x-www-form-urlencoded"}, 415, "application/json"),
+])
+def test_bad_control_bodies_get_a_one_line_error_never_a_traceback(monkeypatch, request_kw, status, fragment):
+    _, post_control = installed_routes(monkeypatch)
+    reporter, _, _ = make_reporter("5", run_id="r")
+    response = post(post_control, FakeRequest(**request_kw))
+    assert response["status"] == status and fragment in response["body"]["error"], response
+    error = response["body"]["error"]
+    assert "\n" not in error and "Traceback" not in error and len(error) < 300
+    assert not reporter.control.stop_requested
+
+
+def test_huge_control_bodies_are_refused_without_reading_them(monkeypatch):
+    _, post_control = installed_routes(monkeypatch)
+    reporter, _, _ = make_reporter("5", run_id="r")
+    huge = json.dumps({"node": "5", "run": "r", "action": "stop_now", "pad": "x" * 50_000_000}).encode()
+    declared = FakeRequest(raw=huge)                      # Content-Length says it all: not a byte is read
+    response = post(post_control, declared)
+    assert response["status"] == 413 and "at most 4096" in response["body"]["error"]
+    assert declared.content.given == 0
+    chunked = FakeRequest(raw=huge, length=None)          # no Content-Length: read no further than the limit
+    response = post(post_control, chunked)
+    assert response["status"] == 413 and chunked.content.given <= live.MAX_CONTROL_BODY_BYTES + 1
+    assert not reporter.control.stop_requested
+    fits = FakeRequest(body={"node": "5", "run": "r", "action": "stop_now"}, length=None)
+    assert post(post_control, fits)["status"] == 200 and reporter.control.stop_requested
+
+
+def test_route_bugs_answer_500_in_one_line(monkeypatch):
+    get_state, post_control = installed_routes(monkeypatch)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("/home/someone/secret/path exploded")
+
+    monkeypatch.setattr(live, "control_response", broken)
+    monkeypatch.setattr(live, "state_response", broken)
+    for response in (post(post_control, FakeRequest(body={"node": "5", "run": "r", "action": "stop_now"})),
+                     post(get_state, FakeRequest())):
+        assert response["status"] == 500 and "see the server log" in response["body"]["error"]
+        assert "secret" not in json.dumps(response["body"])
+
+
+def test_state_query_with_a_huge_node_id_gets_a_short_404(monkeypatch):
+    get_state, _ = installed_routes(monkeypatch)
+    response = post(get_state, FakeRequest(query={"node": "9" * 100_000}))
+    assert response["status"] == 404 and len(response["body"]["error"]) < 300
+
+
+# --- issue 10.3: no absolute paths outside ComfyUI's folders in the state or the messages -------------------------
+@pytest.fixture
+def folders(tmp_path):
+    """Headless output and input folders under a path with a space (as in "/home/John Smith/ComfyUI")."""
+    root = tmp_path / "Comfy UI"
+    output, inputs = root / "output", root / "input"
+    output.mkdir(parents=True)
+    inputs.mkdir()
+    with comfy_compat.using_output_directory(output):
+        comfy_compat.set_input_directory(inputs)
+        try:
+            yield types.SimpleNamespace(root=root, output=output, input=inputs, tmp=tmp_path)
+        finally:
+            comfy_compat.set_input_directory(None)
+
+
+def test_public_path(folders):
+    assert live.public_path(str(folders.output / "dreambooth" / "run-1")) == "output/dreambooth/run-1"
+    assert live.public_path(str(folders.output)) == "output"
+    assert live.public_path(str(folders.input / "dog" / "a b.png")) == "input/dog/a b.png"
+    assert live.public_path(str(folders.output / ".." / "secret" / "x.safetensors")) == "x.safetensors"
+    assert live.public_path("/home/someone/models/sd15.safetensors") == "sd15.safetensors"
+    assert live.public_path("C:\\Users\\someone\\sd15.safetensors") == "sd15.safetensors"
+    assert live.public_path("output/dreambooth/run-1") == "output/dreambooth/run-1"   # already relative
+    assert live.public_path("") == ""
+
+
+def test_public_text_keeps_everything_but_absolute_paths(folders):
+    message = (f"training 40 steps (8/epoch) in {folders.output}/dreambooth/dog run-1: 3/8, 2.5 it/s, "
+               f"images from '{folders.input / 'dog'}', base /home/someone/private models/sd15.safetensors, "
+               f"see https://example.org/a/b and C:\\Users\\someone\\x.ckpt; 5 / 10 done")
+    text = live.public_text(message)
+    assert text == ("training 40 steps (8/epoch) in output/dreambooth/dog run-1: 3/8, 2.5 it/s, images from "
+                    "'input/dog', base private models/sd15.safetensors, see https://example.org/a/b and x.ckpt; "
+                    "5 / 10 done")
+    assert str(folders.tmp) not in text and "someone" not in text
+    assert live.public_text("caching latents: 3/8") == "caching latents: 3/8"
+
+
+def test_state_and_messages_show_no_absolute_paths(folders):
+    sent = []
+    run_dir = folders.output / "dreambooth" / "dog-20250101"
+    reporter = live.LiveReporter("8", str(run_dir), send=lambda e, d: sent.append((e, d)))
+    assert live.get_state("8")["run_dir"] == "output/dreambooth/dog-20250101"
+    assert reporter.run_dir == str(run_dir)             # the node itself still knows where the run is
+    reporter.stage(f"scanning {folders.input / 'dog'}")
+    reporter.progress(1, 4, loss=0.5)
+    reporter.preview([{"filename": "p.png", "subfolder": "dreambooth/dog-20250101/previews", "type": "output"},
+                      {"filename": "q.png", "subfolder": str(run_dir / "previews"), "type": "output"},
+                      {"filename": "r.png", "subfolder": "../../elsewhere/previews", "type": "output"},
+                      {"filename": "../s.png", "subfolder": "", "type": "output"}])
+    reporter.status("error", f"could not read /srv/private/base.safetensors: truncated (run folder {run_dir})")
+    outside = folders.tmp / "elsewhere" / "run-9"
+    reporter.run_dir = str(outside)                     # what TrainDreamBooth sets when the run is done
+    state = live.get_state("8")
+    assert state["run_dir"] == "run-9"
+    assert state["message"] == ("could not read base.safetensors: truncated "
+                                "(run folder output/dreambooth/dog-20250101)")
+    assert state["previews"] == [{"filename": "p.png", "subfolder": "dreambooth/dog-20250101/previews",
+                                  "type": "output"}]
+    everything = json.dumps([state, sent, live.state_response()[1]])
+    assert str(folders.tmp) not in everything and "/srv/private" not in everything
+    assert "input/dog" in everything
+
+
+def test_paths_inside_comfyui_are_shown_relative_to_its_folders(monkeypatch, tmp_path):
+    base = tmp_path / "ComfyUI"
+    fake_comfyui(monkeypatch, send_sync=lambda *a, **k: None)
+    folder_paths = sys.modules["folder_paths"]
+    folder_paths.get_output_directory = lambda: str(base / "output")
+    folder_paths.get_input_directory = lambda: str(base / "input")
+    folder_paths.get_temp_directory = lambda: str(base / "temp")
+    folder_paths.models_dir = str(base / "models")
+    extra_loras = tmp_path / "big disk" / "loras"
+    folder_paths.get_folder_paths = lambda kind: [str(base / "models" / kind)] + (
+        [str(extra_loras)] if kind == "loras" else [])
+    assert live.public_path(str(base / "models" / "checkpoints" / "sd15.safetensors")) == \
+        "models/checkpoints/sd15.safetensors"
+    assert live.public_path(str(extra_loras / "dog.safetensors")) == "models/loras/dog.safetensors"
+    assert live.public_path(str(base / "temp" / "preview.png")) == "temp/preview.png"
+    assert live.public_path(str(base / "output" / "dreambooth" / "r")) == "output/dreambooth/r"
+    assert live.public_path(str(base / "custom_nodes" / "x.py")) == "x.py"
+    reporter = live.LiveReporter("8", str(base / "output" / "dreambooth" / "r"), send=lambda e, d: None)
+    reporter.status("done", f"finished {base / 'output' / 'dreambooth' / 'r'}; LoRA {extra_loras / 'dog.safetensors'}")
+    assert live.get_state("8")["message"] == "finished output/dreambooth/r; LoRA models/loras/dog.safetensors"
+
+
+def test_a_half_working_comfyui_never_breaks_reporting(monkeypatch):
+    fake_comfyui(monkeypatch, send_sync=lambda *a, **k: None)   # folder_paths without any function
+    reporter = live.LiveReporter("8", "/somewhere/private/run-1", send=lambda e, d: None)
+    reporter.status("error", "failed in /somewhere/private/run-1")
+    state = live.get_state("8")
+    assert state["run_dir"] == "run-1" and state["message"] == "failed in run-1"

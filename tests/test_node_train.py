@@ -1,5 +1,6 @@
 """The TrainDreamBooth node, headless and inside a (fake) ComfyUI: outputs, UI payload, live reporting,
 Cancel -> resumable checkpoint + ComfyUI's interrupt, panel stop, and re-queueing."""
+import json
 import os
 import sys
 import types
@@ -63,6 +64,12 @@ def test_headless_run_returns_model_run_dir_report_and_ui(sd1, tmp_path, headles
     assert state["previews"] and state["previews"][-1]["filename"] == "epoch-00002_0.png"
     events = {event for event, _ in headless}
     assert {live.PROGRESS_EVENT, live.PREVIEW_EVENT, live.STATUS_EVENT} <= events
+    # issue 10.3: the state and the messages every tab gets name the run relative to the output folder, and no
+    # absolute path at all (the concept's images live outside ComfyUI's folders here: named by their last part)
+    assert state["run_dir"] == "output/" + os.path.relpath(os.path.realpath(run_dir), output).replace(os.sep, "/")
+    assert state["message"] == "finished " + state["run_dir"]
+    everything = json.dumps([live.state_response()[1], headless])
+    assert str(tmp_path) not in everything and os.path.realpath(str(tmp_path)) not in everything
 
     # re-queueing the same graph after a restart: the finished run is found on disk, nothing retrains
     again = TrainDreamBooth().train(sd1, [concept], settings, unique_id="7")

@@ -219,9 +219,10 @@ def test_buttons_post_control_requests(site):
     report = harness_report(site, "buttons")
     posts = [call for call in report["calls"] if call["method"] == "POST"]
     assert all(call["route"] == "/dreambooth/control" for call in posts)
-    assert [call["body"] for call in posts] == [{"node": NODE_ID, "action": "save_now"},
-                                                {"node": NODE_ID, "action": "stop_after_epoch"},
-                                                {"node": NODE_ID, "action": "save_now"}]
+    run = json.loads((HARNESS / "state.json").read_text())["nodes"][NODE_ID]["run"]
+    assert [call["body"] for call in posts] == [{"node": NODE_ID, "run": run, "action": "save_now"},
+                                                {"node": NODE_ID, "run": run, "action": "stop_after_epoch"},
+                                                {"node": NODE_ID, "run": run, "action": "save_now"}]
     after = report["afterClicks"]
     assert after["message"] == "harness accepted stop_after_epoch"
     buttons = {button["action"]: button for button in after["buttons"]}
@@ -229,3 +230,21 @@ def test_buttons_post_control_requests(site):
     assert not buttons["save_now"]["disabled"]        # saving again stays possible
     failed = report["afterFailedClick"]
     assert failed["message"] == "Could not save now: no training run is active for node '5'"
+
+
+@needs_chromium
+def test_a_stale_panel_is_refused_then_shows_and_controls_the_current_run(site):
+    """Issue 10.3: a tab that missed the start of a newer run on its node sends the run id it shows; the server
+    answers 409 (nothing happens to the new run), the panel fetches the state, shows the new run, and the next
+    click names that run."""
+    report = harness_report(site, "stale")
+    old_run = json.loads((HARNESS / "state.json").read_text())["nodes"][NODE_ID]["run"]
+    posts = [call["body"] for call in report["calls"] if call["method"] == "POST"]
+    assert posts == [{"node": NODE_ID, "run": old_run, "action": "save_now"},
+                     {"node": NODE_ID, "run": "demo-run-0002", "action": "save_now"}]
+    stale = report["afterStaleClick"]
+    assert stale["message"].startswith("Not sent: this panel showed an older run")
+    assert stale["fields"]["step"] == "3 / 300" and stale["previews"] == []   # the current run, fetched again
+    assert [call["route"] for call in report["calls"]] == [
+        "/dreambooth/state", "/dreambooth/control", "/dreambooth/state", "/dreambooth/control"]
+    assert report["afterRetry"]["message"] == "harness accepted save_now"

@@ -13,6 +13,7 @@ No ComfyUI imports here: the node layer owns the registry keys (node ids) and th
 from __future__ import annotations
 
 import threading
+import time
 
 ACTIONS = ("save_now", "stop_after_epoch", "stop_now")
 
@@ -25,12 +26,28 @@ class TrainingControl:
         self._save_requested = False
         self._stop_after_epoch = False
         self._stop_now = False
+        self._last_save_request: float | None = None   # clock time of the last accepted request_save_limited()
 
     # --- requests (any thread) ---------------------------------------------------------------------------
     def request_save(self) -> None:
         """Ask for a checkpoint at the next step boundary (training goes on afterwards)."""
         with self._lock:
             self._save_requested = True
+
+    def request_save_limited(self, min_interval_s: float, now: float | None = None) -> tuple[str, float] | None:
+        """request_save() for callers that may be hostile or impatient (the web route): refused while an earlier
+        request is still pending (the trainer has not taken it yet) or when the last accepted one is younger than
+        `min_interval_s` seconds. None when accepted; else ("pending", 0.0) or ("too_soon", seconds to wait).
+        `now`: the caller's clock (time.monotonic() by default), the same one on every call."""
+        now = time.monotonic() if now is None else float(now)
+        with self._lock:
+            if self._save_requested:
+                return "pending", 0.0
+            if self._last_save_request is not None and now - self._last_save_request < min_interval_s:
+                return "too_soon", min_interval_s - (now - self._last_save_request)
+            self._save_requested = True
+            self._last_save_request = now
+            return None
 
     def request_stop(self, after_epoch: bool = True) -> None:
         """Ask the trainer to stop: at the end of the current epoch (default) or at the next step boundary."""

@@ -4,7 +4,9 @@
 //   "dreambooth.progress" {node, run, state, step, total, epoch, loss, lr, it_per_s, eta_s, points: [[step, loss]...]}
 //   "dreambooth.preview"  {node, run, step, images: [{filename, subfolder, type}]}
 //   "dreambooth.status"   {node, run, state, message, control}
-// and restored after a page reload / reconnect from GET /dreambooth/state. Buttons POST /dreambooth/control.
+// and restored after a page reload / reconnect from GET /dreambooth/state. Buttons POST /dreambooth/control
+// {node, run, action} with the run id this panel shows: the server refuses a stale one (409) instead of acting on
+// the run that replaced it, and then the panel fetches the current state.
 // Plain ES module, no dependencies: ComfyUI's app/api only. Every field may be missing (older/newer backend).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
@@ -443,22 +445,28 @@ class Panel {
 
   async sendControl(action) {
     const node = this.nodeId;
+    const run = this.model?.run ?? null;   // the run this panel shows: never act on another one
+    const label = action.replaceAll("_", " ");
     this.pending.add(action);
     this.render();
     try {
       const response = await api.fetchApi("/dreambooth/control", {
         method: "POST",
         headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ node, action }),
+        body: JSON.stringify({ node, run, action }),
       });
       let body = {};
       try { body = await response.json(); } catch { /* empty or non-JSON body */ }
       if (response.ok) {
         const model = runs.get(node);
-        if (model && body.control) model.control = body.control;
+        if (model && model.run === run && body.control) model.control = body.control;
         this.notice = body.message ?? null;
+      } else if (response.status === 409) {
+        // this tab missed the start of a newer run on the node: show that one, and let the user decide again
+        this.notice = `Not sent: this panel showed an older run; it now shows the current one (click again to ${label}).`;
+        await restoreState();
       } else {
-        this.notice = `Could not ${action.replaceAll("_", " ")}: ${body.error ?? `HTTP ${response.status}`}`;
+        this.notice = `Could not ${label}: ${body.error ?? `HTTP ${response.status}`}`;
       }
     } catch (error) {
       this.notice = `Could not reach the server: ${error?.message ?? error}`;

@@ -5,6 +5,9 @@
 //                      with a newer state must refresh the panel
 //   ?scenario=buttons  restore, then click both buttons (the fake api records the POST bodies), then a click
 //                      the server refuses (the panel must show its error)
+//   ?scenario=stale    restore, then the server starts a newer run on the node unseen by the page: a click must
+//                      be refused (409), the panel must fetch the state and show the new run; the next click
+//                      names the new run
 import { app } from "../scripts/app.js";
 import { api } from "../scripts/api.js";
 
@@ -103,6 +106,19 @@ async function main() {
     trainer.frame.querySelector('button[data-action="save_now"]').click();
     await settle();
     report.afterFailedClick = describe(trainer);
+  }
+  if (scenario === "stale") {
+    const newer = structuredClone(state);
+    const run = newer.nodes["5"];
+    Object.assign(run, { run: "demo-run-0002", step: 3, eta_s: 29.7, loss_history: [[1, 0.2], [2, 0.18], [3, 0.17]],
+                         previews: [], preview_step: null });
+    api.stateBody = newer;   // no websocket message: this tab missed the new run's start
+    trainer.frame.querySelector('button[data-action="save_now"]').click();
+    await settle();
+    report.afterStaleClick = describe(trainer);
+    trainer.frame.querySelector('button[data-action="save_now"]').click();
+    await settle();
+    report.afterRetry = describe(trainer);
   }
   report.calls = api.calls;
 }

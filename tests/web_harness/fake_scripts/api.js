@@ -27,7 +27,12 @@ class FakeApi extends EventTarget {
         this.failNextControl = null;
         return jsonResponse({ error }, status);
       }
-      const { node, action } = call.body ?? {};
+      const { node, run, action } = call.body ?? {};
+      // like nodes/live.py: the run id must be the node's current run
+      if (run == null) return jsonResponse({ error: "missing 'run'" }, 400);
+      const current = this.stateBody?.nodes?.[node]?.run;
+      if (current == null) return jsonResponse({ error: `no training run is active for node '${node}'` }, 404);
+      if (run !== current) return jsonResponse({ error: `stale run id '${run}'` }, 409);
       const control = { save_requested: action === "save_now", stop_after_epoch: action === "stop_after_epoch",
                         stop_now: action === "stop_now" };
       return jsonResponse({ ok: true, node, action, message: `harness accepted ${action}`, control });
