@@ -1,0 +1,525 @@
+"""The reliability matrix: every hostile or broken input a user can give, and what happens (issue 10, point 6).
+
+Each case is one row of the README's "Input → what happens" table (`python tests/reliability/test_matrix.py`
+prints it; a test keeps the README in step). Outcomes are one of: a clear error (one message naming the file or
+setting and the fix, never a traceback), handled (reported and skipped / repaired, the run goes on), or
+identical (the result equals an undisturbed run). Deeper tests of each area live beside the modules' own tests.
+"""
+from __future__ import annotations
+
+import errno
+import io
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+from trainer_fixtures import load_tensors, make_concept, make_images, read_losses, same_tensors, tiny_settings  # noqa: E402
+
+README = os.path.join(os.path.dirname(os.path.dirname(HERE)), "README.md")
+TABLE_START, TABLE_END = "<!-- reliability-table:start -->", "<!-- reliability-table:end -->"
+
+
+@dataclass
+class Case:
+    id: str
+    input: str
+    outcome: str
+    run: Callable
+
+
+CASES: list[Case] = []
+
+
+def case(id: str, input: str, outcome: str):
+    def register(fn):
+        CASES.append(Case(id, input, outcome, fn))
+        return fn
+    return register
+
+
+def _train(model, root, settings, concept, **kw):
+    from comfyui_dreambooth.training.trainer import train
+
+    return train(model, [concept], settings, output_root=str(root), **kw)
+
+
+def _prepare(model, concept, tmp, **data):
+    from comfyui_dreambooth.training.data.dataset import prepare_training_data
+
+    return prepare_training_data(model, [concept], tiny_settings(data=data or None).data,
+                                 cache_dir=str(tmp / "cache"), text_encoder_trained=False, batch_size=1)
+
+
+def _no_traceback(message: str) -> None:
+    assert "Traceback" not in message and message.strip()
+
+
+# ---- images and folders -----------------------------------------------------------------------------------------
+def _broken_images(folder):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.effect_noise((64, 64), 64).convert("RGB").save(buf, format="PNG")
+    (folder / "truncated.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.png").write_text("a text file with an image name")
+
+
+@case("bad-images-skip", "truncated, 0-byte and fake (text) image files in instance_dir, on_bad_image = skip",
+      "handled: each file named in the report with its reason; training uses the good images")
+def _(tmp, sd1):
+    concept = make_concept(tmp, n=2)
+    _broken_images(tmp / "instance")
+    data = _prepare(sd1, concept, tmp, on_bad_image="skip")
+    report = data.report_text()
+    for name in ("truncated.png", "empty.jpg", "notes.png"):
+        assert name in report
+    assert data.examples_per_epoch == 2
+
+
+@case("bad-images-stop", "the same broken files, on_bad_image = stop",
+      "clear error listing every broken file before any work; nothing written")
+def _(tmp, sd1):
+    from comfyui_dreambooth.training.data.dataset import DatasetError
+
+    concept = make_concept(tmp, n=2)
+    _broken_images(tmp / "instance")
+    with pytest.raises(DatasetError) as e:
+        _prepare(sd1, concept, tmp, on_bad_image="stop")
+    for name in ("truncated.png", "empty.jpg", "notes.png"):
+        assert name in str(e.value)
+    assert "on_bad_image" in str(e.value)
+
+
+@case("odd-images", "16-bit grayscale, CMYK JPEG, palette PNG with transparency, EXIF-rotated JPEG",
+      "handled: converted to RGB (transparency on background_color, rotation applied) and trained")
+def _(tmp, sd1):
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp / "odd"
+    folder.mkdir()
+    Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)).save(folder / "g16.png")
+    Image.new("CMYK", (64, 64), (10, 200, 30, 0)).save(folder / "cmyk.jpg")
+    Image.new("RGBA", (64, 64), (255, 0, 0, 0)).convert("P").save(folder / "pal.png", transparency=0)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (64, 48), (0, 0, 255)).save(folder / "rot.jpg", exif=exif)
+    from comfyui_dreambooth.training.data.settings import ConceptSettings
+
+    concept = ConceptSettings(instance_dir=str(folder), instance_prompt="a photo of sks dog")
+    data = _prepare(sd1, concept, tmp)
+    assert data.examples_per_epoch == 4
+
+
+@case("bomb", "an image header claiming 60000×60000 pixels (decompression bomb)",
+      "handled: refused before decoding, named in the report")
+def _(tmp, sd1):
+    import struct
+    import zlib
+
+    folder = tmp / "instance"
+    make_images(str(folder), 1)
+    raw = struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + raw
+    png = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(raw)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    (folder / "bomb.png").write_bytes(png + b"\0" * 12 + b"IEND\xaeB`\x82")
+    from comfyui_dreambooth.training.data.settings import ConceptSettings
+
+    data = _prepare(sd1, ConceptSettings(instance_dir=str(folder), instance_prompt="sks"), tmp, on_bad_image="skip")
+    assert "bomb.png" in data.report_text() and data.examples_per_epoch == 1
+
+
+@case("empty-folder", "an instance_dir with no images (only a .txt)",
+      "clear error naming the concept and the folder")
+def _(tmp, sd1):
+    from comfyui_dreambooth.training.data.dataset import DatasetError
+    from comfyui_dreambooth.training.data.settings import ConceptSettings
+
+    (tmp / "empty").mkdir()
+    (tmp / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(DatasetError, match="no usable images") as e:
+        _prepare(sd1, ConceptSettings(instance_dir=str(tmp / "empty"), instance_prompt="sks"), tmp)
+    assert str(tmp / "empty") in str(e.value)
+
+
+@case("missing-folder", "an instance_dir that does not exist", "clear error naming the folder")
+def _(tmp, sd1):
+    from comfyui_dreambooth.training.data.dataset import DatasetError
+    from comfyui_dreambooth.training.data.settings import ConceptSettings
+
+    with pytest.raises((DatasetError, ValueError)) as e:
+        _prepare(sd1, ConceptSettings(instance_dir=str(tmp / "nope"), instance_prompt="sks"), tmp)
+    assert str(tmp / "nope") in str(e.value)
+    _no_traceback(str(e.value))
+
+
+@case("duplicates", "the same image three times under different names",
+      "handled: reported as duplicates, trained once")
+def _(tmp, sd1):
+    concept = make_concept(tmp, n=2)
+    first = tmp / "instance" / "img_0.png"
+    for n in ("copy_a.png", "copy_b.png"):
+        (tmp / "instance" / n).write_bytes(first.read_bytes())
+    data = _prepare(sd1, concept, tmp)
+    assert data.examples_per_epoch == 2 and "copy_a.png" in data.report_text()
+
+
+@case("non-utf8-name", "an image whose file name is not UTF-8, captioned by [filewords]",
+      "handled: the name is read with U+FFFD for the bad bytes; it trains")
+def _(tmp, sd1):
+    from comfyui_dreambooth.training.data.settings import ConceptSettings
+
+    folder = tmp / "names"
+    make_images(str(folder), 1)
+    os.rename(folder / "img_0.png", os.path.join(os.fsencode(folder), b"dog \xff\xfe.png"))
+    concept = ConceptSettings(instance_dir=str(folder), instance_prompt="[filewords]", instance_token="sks")
+    data = _prepare(sd1, concept, tmp)
+    assert data.examples_per_epoch == 1
+
+
+# ---- settings -----------------------------------------------------------------------------------------------------
+@case("impossible-settings", "batch_size 0, learning_rate NaN, lr_min above the learning rate, unknown optimizer",
+      "clear error listing every problem at once, each naming the setting, the value and the allowed range")
+def _(tmp, sd1):
+    from comfyui_dreambooth.training.settings import SettingsError
+
+    with pytest.raises(SettingsError) as e:
+        tiny_settings(batch_size=0, learning_rate=float("nan"), optimizer="Nope", lr_scheduler="cosine",
+                      lr_min=1.0).check()
+    for name in ("batch_size", "learning_rate", "optimizer"):
+        assert name in str(e.value)
+    assert len(e.value.problems) >= 3
+
+
+@case("warmup-too-long", "lr_warmup_steps longer than the whole run",
+      "clear error naming lr_warmup_steps and the run length, before training")
+def _(tmp, sd1):
+    from comfyui_dreambooth.training.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="lr_warmup_steps = 99"):
+        _train(sd1, tmp / "out", tiny_settings(lr_scheduler="constant_with_warmup", lr_warmup_steps=99,
+                                               steps_per_image=1), make_concept(tmp, n=2))
+
+
+@case("nothing-to-train", "train_unet off with a text-encoder ratio that gives the text encoder 0 steps",
+      "clear error naming both settings and the smallest ratio that works")
+def _(tmp, sd1):
+    from comfyui_dreambooth.training.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="train_unet = False and text_encoder_ratio"):
+        _train(sd1, tmp / "out", tiny_settings(train_unet=False, text_encoder_ratio=0.1, steps_per_image=1),
+               make_concept(tmp, n=2))
+
+
+# ---- model files --------------------------------------------------------------------------------------------------
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@case("pickle-payload", "a .ckpt whose pickle would run code (creates a file when unpickled)",
+      "clear error: refused (weights_only); the payload never runs")
+def _(tmp, sd1):
+    import torch
+
+    from comfyui_dreambooth.training.models.io import ModelLoadError, load_model
+
+    marker = tmp / "pwned"
+    path = tmp / "evil.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "evil": _Payload(str(marker))}, path)
+    with pytest.raises(ModelLoadError, match="refused") as e:
+        load_model(str(path))
+    assert not marker.exists() and str(path) in str(e.value)
+
+
+@case("bad-safetensors-header", "a .safetensors whose header points past the end of the file",
+      "clear error naming the file: truncated or corrupt, copy it again")
+def _(tmp, sd1):
+    import json
+    import struct
+
+    from comfyui_dreambooth.training.models.io import ModelLoadError, load_model
+
+    header = json.dumps({"x": {"dtype": "F32", "shape": [1000000], "data_offsets": [0, 4000000]}}).encode()
+    path = tmp / "oob.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
+    with pytest.raises(ModelLoadError) as e:
+        load_model(str(path))
+    assert str(path) in str(e.value)
+
+
+@case("truncated-model", "a model file cut in half by a failed download",
+      "clear error naming the file")
+def _(tmp, sd1):
+    from comfyui_dreambooth.training.models import save_single_file
+    from comfyui_dreambooth.training.models.io import ModelLoadError, load_model
+
+    path = tmp / "cut.safetensors"
+    save_single_file(sd1, str(path), dtype="fp16")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(ModelLoadError) as e:
+        load_model(str(path))
+    assert str(path) in str(e.value)
+
+
+@case("not-a-model", "a safetensors file that is not Stable Diffusion (a LoRA, a random tensor)",
+      "clear error naming the file and what it holds")
+def _(tmp, sd1):
+    import torch
+    from safetensors.torch import save_file
+
+    from comfyui_dreambooth.training.models.io import ModelLoadError, load_model
+
+    path = tmp / "lora.safetensors"
+    save_file({"lora_unet_down.lora_up.weight": torch.zeros(4, 4)}, str(path))
+    with pytest.raises(ModelLoadError) as e:
+        load_model(str(path))
+    assert str(path) in str(e.value)
+
+
+# ---- runs ---------------------------------------------------------------------------------------------------------
+def _every_step_saved(stop_at=None):
+    from comfyui_dreambooth.training.control import TrainingControl
+    from comfyui_dreambooth.training.trainer import TrainCallbacks
+
+    control, done = TrainingControl(), {"step": 0}
+
+    def progress(p):
+        done["step"] = p["step"]
+        control.request_save()
+
+    return TrainCallbacks(progress=progress, control=control,
+                          should_stop=(lambda: done["step"] >= stop_at) if stop_at else None)
+
+
+RUN_SETTINGS = dict(steps_per_image=3, keep_last_checkpoints=0, lora_dropout=0.1)
+
+
+def _final(result):
+    return load_tensors(os.path.join(result.run_dir, "final", "trainable.safetensors"))
+
+
+_UNDISTURBED: dict = {}
+
+
+def _undisturbed(tmp, sd1):
+    """The final weights of the run that interrupted/killed runs must equal (trained once per module)."""
+    if "weights" not in _UNDISTURBED:
+        _UNDISTURBED["weights"] = _final(_train(sd1, tmp / "a", tiny_settings(**RUN_SETTINGS), make_concept(tmp, n=2)))
+    return _UNDISTURBED["weights"]
+
+
+@case("interrupt-resume", "Cancel (interrupt) mid-run, then queue again",
+      "identical: resumes from the checkpoint written at the stop; final weights equal an uninterrupted run")
+def _(tmp, sd1):
+    from comfyui_dreambooth.training.trainer import TrainingInterrupted
+
+    concept = make_concept(tmp, n=2)
+    with pytest.raises(TrainingInterrupted):
+        _train(sd1, tmp / "b", tiny_settings(**RUN_SETTINGS), concept, callbacks=_every_step_saved(stop_at=3))
+    resumed = _train(sd1, tmp / "b", tiny_settings(**RUN_SETTINGS), concept)
+    assert same_tensors(_undisturbed(tmp, sd1), _final(resumed))
+    assert [r["step"] for r in read_losses(resumed.run_dir)] == list(range(1, 7))
+
+
+KILLED = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, sys.argv[1])
+    import torch
+    torch.set_num_threads(1)
+    from trainer_fixtures import make_concept, tiny_settings
+    from comfyui_dreambooth.training.control import TrainingControl
+    from comfyui_dreambooth.training.models import build_tiny_model
+    from comfyui_dreambooth.training.trainer import TrainCallbacks, train
+    mode, root, out = sys.argv[2], sys.argv[3], sys.argv[4]
+    control = TrainingControl()
+    def progress(p):
+        control.request_save()
+        print("step", p["step"], flush=True)
+        if p["step"] == 3:
+            if mode == "save":       # the next save is under way when the parent kills us
+                import safetensors.torch as st
+                real = st.save_file
+                def slow(*a, **k):
+                    real(*a, **k)
+                    print("saving", flush=True)
+                    time.sleep(60)
+                st.save_file = slow
+            else:
+                print("mid-step", flush=True)
+                time.sleep(60)
+    settings = tiny_settings(steps_per_image=3, keep_last_checkpoints=0, lora_dropout=0.1)
+    train(build_tiny_model("sd1"), [make_concept(root, n=2)], settings, output_root=out,
+          callbacks=TrainCallbacks(progress=progress, control=control))
+""")
+
+
+def _kill_at(tmp, mode, word):
+    proc = subprocess.Popen([sys.executable, "-c", KILLED, os.path.dirname(HERE), mode, str(tmp), str(tmp / "b")],
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:
+        if line.strip() == word:
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _killed(tmp, sd1, mode, word):
+    concept = make_concept(tmp, n=2)
+    _kill_at(tmp, mode, word)
+    resumed = _train(sd1, tmp / "b", tiny_settings(**RUN_SETTINGS), concept)
+    assert same_tensors(_undisturbed(tmp, sd1), _final(resumed))
+    assert [r["step"] for r in read_losses(resumed.run_dir)] == list(range(1, 7))
+    ckpts = os.path.join(resumed.run_dir, "checkpoints")
+    assert not [n for n in os.listdir(ckpts) if n.startswith(".")]
+
+
+@case("kill-mid-step", "kill -9 of the training process in the middle of a step",
+      "identical: the next start resumes from the last checkpoint; each step is logged once")
+def _(tmp, sd1):
+    _killed(tmp, sd1, "step", "mid-step")
+
+
+@case("kill-mid-save", "kill -9 while a checkpoint is being written",
+      "identical: the half-written checkpoint is invisible and removed at the next start; resume from the one before")
+def _(tmp, sd1):
+    _killed(tmp, sd1, "save", "saving")
+
+
+@case("nan-loss", "the loss becomes NaN mid-run (too high a learning rate, fp16 overflow)",
+      "clear error: stops at the broken step without saving it, names the last good checkpoint and what to change")
+def _(tmp, sd1):
+    from comfyui_dreambooth.training.setup import noise
+    from comfyui_dreambooth.training.trainer import TrainingDiverged
+
+    real, calls = noise.per_sample_mse, {"n": 0}
+
+    def mse(pred, target):
+        calls["n"] += 1
+        return real(pred, target) * (float("nan") if calls["n"] == 3 else 1.0)
+
+    noise.per_sample_mse = mse
+    try:
+        with pytest.raises(TrainingDiverged, match="step-0000002") as e:
+            _train(sd1, tmp / "out", tiny_settings(**RUN_SETTINGS), make_concept(tmp, n=2),
+                   callbacks=_every_step_saved())
+    finally:
+        noise.per_sample_mse = real
+    assert "learning_rate" in str(e.value) and "step 3" in str(e.value)
+
+
+@case("disk-full", "the disk fills up while a checkpoint is written",
+      "clear error: the previous checkpoint is intact and named; the run resumes from it once there is room")
+def _(tmp, sd1):
+    import safetensors.torch
+
+    from comfyui_dreambooth.training.trainer import TrainingSaveError
+
+    real = safetensors.torch.save_file
+    calls = {"n": 0}
+
+    def full(tensors, filename, metadata=None):
+        if os.path.basename(filename) == "trainable.safetensors":
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, filename, metadata=metadata)
+
+    concept = make_concept(tmp, n=2)
+    safetensors.torch.save_file = full
+    try:
+        with pytest.raises(TrainingSaveError, match="step-0000001"):
+            _train(sd1, tmp / "out", tiny_settings(**RUN_SETTINGS), concept, callbacks=_every_step_saved())
+    finally:
+        safetensors.torch.save_file = real
+    resumed = _train(sd1, tmp / "out", tiny_settings(**RUN_SETTINGS), concept)
+    assert [r["step"] for r in read_losses(resumed.run_dir)] == list(range(1, 7))
+
+
+@case("two-runs-at-once", "a second process resumes the same run while the first still trains",
+      "clear error: 'run in use by pid N'; the first run's files are untouched")
+def _(tmp, sd1):
+    from comfyui_dreambooth.training.runs import RunFolder, RunInUseError
+    from comfyui_dreambooth.training.trainer import TrainingInterrupted
+
+    concept = make_concept(tmp, n=2)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        _train(sd1, tmp / "out", tiny_settings(**RUN_SETTINGS), concept, callbacks=_every_step_saved(stop_at=2))
+    hold = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom comfyui_dreambooth.training.runs import "
+                             "RunFolder\nwith RunFolder(sys.argv[1]).lock():\n    print('locked', flush=True)\n"
+                             "    time.sleep(60)", stopped.value.run_dir], stdout=subprocess.PIPE, text=True)
+    try:
+        assert hold.stdout.readline().strip() == "locked"
+        with pytest.raises(RunInUseError, match=f"pid {hold.pid}"):
+            _train(sd1, tmp / "out", tiny_settings(**RUN_SETTINGS), concept)
+    finally:
+        hold.kill()
+        hold.wait()
+    assert RunFolder(stopped.value.run_dir).latest_checkpoint().endswith("step-0000002")
+
+
+@case("damaged-checkpoint", "the newest checkpoint is truncated (crash, full disk, bad copy)",
+      "handled: resume falls back to the newest checkpoint that loads and says which")
+def _(tmp, sd1):
+    from comfyui_dreambooth.training.runs import RunFolder
+    from comfyui_dreambooth.training.trainer import TrainCallbacks, TrainingInterrupted
+
+    concept = make_concept(tmp, n=2)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        _train(sd1, tmp / "out", tiny_settings(**RUN_SETTINGS), concept, callbacks=_every_step_saved(stop_at=3))
+    newest = RunFolder(stopped.value.run_dir).latest_checkpoint()
+    open(os.path.join(newest, "trainable.safetensors"), "wb").close()
+    said = []
+    _train(sd1, tmp / "out", tiny_settings(**RUN_SETTINGS), concept, callbacks=TrainCallbacks(log=said.append))
+    assert any("step-0000002" in s and "instead of the damaged" in s for s in said), said
+
+
+@case("damaged-cache", "a latent cache entry whose data bytes are damaged under an intact header",
+      "handled: the checksum fails, the entry is recomputed (never trained on as zeros/NaN)")
+def _(tmp, sd1):
+    concept = make_concept(tmp, n=2)
+    _prepare(sd1, concept, tmp)
+    entries = [os.path.join(r, f) for r, _, fs in os.walk(tmp / "cache" / "latents") for f in fs]
+    with open(entries[0], "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        f.seek(8 + n)
+        f.write(b"\0" * 64)
+    data = _prepare(sd1, concept, tmp)
+    assert data.report.cache["latents"]["recomputed"] == 1
+
+
+# ---- the matrix -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
+def test_case(c, tmp_path, sd1, single_thread):
+    c.run(tmp_path, sd1)
+
+
+def table() -> str:
+    rows = ["| input | what happens |", "|---|---|"]
+    rows += [f"| {c.input} | {c.outcome} |" for c in CASES]
+    return "\n".join(rows)
+
+
+def test_readme_table_lists_every_case():
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    assert TABLE_START in text and TABLE_END in text, "README lacks the reliability table markers"
+    current = text.split(TABLE_START)[1].split(TABLE_END)[0].strip()
+    assert current == table(), "README's reliability table is out of date: python tests/reliability/test_matrix.py"
+
+
+if __name__ == "__main__":
+    print(table())
