@@ -682,3 +682,47 @@ def test_a_half_working_comfyui_never_breaks_reporting(monkeypatch):
     reporter.status("error", "failed in /somewhere/private/run-1")
     state = live.get_state("8")
     assert state["run_dir"] == "run-1" and state["message"] == "failed in run-1"
+
+
+def test_routes_in_a_real_aiohttp_server():
+    """The same checks through aiohttp itself (ComfyUI's server library; installed wherever ComfyUI is), with
+    ComfyUI's 100 MiB client_max_size: real headers, a charset in the content type, a chunked body."""
+    aiohttp_web = pytest.importorskip("aiohttp.web")
+    test_utils = pytest.importorskip("aiohttp.test_utils")
+
+    routes = aiohttp_web.RouteTableDef()
+    live._add_routes(routes)
+    app = aiohttp_web.Application(client_max_size=100 * 1024 * 1024)
+    app.add_routes(routes)
+    reporter, _, _ = make_reporter("5", save_interval_s=30)
+
+    async def exchange():
+        async with test_utils.TestClient(test_utils.TestServer(app)) as client:
+            async def call(method, path, **kw):
+                response = await client.request(method, path, **kw)
+                return response.status, response.headers.get("Retry-After"), await response.json()
+
+            request = {"node": "5", "run": reporter.run, "action": "save_now"}
+            got = {"state": await call("GET", "/dreambooth/state", params={"node": "5"}),
+                   "save": await call("POST", "/dreambooth/control", json=request),
+                   "again": await call("POST", "/dreambooth/control", json=request),
+                   "stale": await call("POST", "/dreambooth/control", json={**request, "run": "old"}),
+                   "charset": await call("POST", "/dreambooth/control", headers={
+                       "Content-Type": "application/json; charset=utf-8"},
+                       data=json.dumps({**request, "action": "stop_after_epoch"}).encode()),
+                   "form": await call("POST", "/dreambooth/control", data={"node": "5"}),
+                   "huge": await call("POST", "/dreambooth/control", data=b"x" * 20_000_000,
+                                      headers={"Content-Type": "application/json"})}
+
+            async def chunks():
+                for _ in range(1000):
+                    yield b"x" * 10_000
+            got["chunked"] = await call("POST", "/dreambooth/control", data=chunks(),
+                                        headers={"Content-Type": "application/json"})
+            return got
+
+    got = asyncio.run(exchange())
+    assert got["state"][0] == 200 and got["state"][2]["run"] == reporter.run
+    assert got["save"][0] == 200 and got["again"][:2] == (429, "1")
+    assert got["stale"][0] == 409 and got["charset"][0] == 200 and reporter.control.stop_requested
+    assert got["form"][0] == 415 and got["huge"][0] == 413 and got["chunked"][0] == 413
