@@ -112,7 +112,7 @@ def public_text(text) -> str:
     """A message with every absolute path in it replaced by public_path() (folders first, so paths with spaces
     inside ComfyUI's folders come out whole)."""
     text = str(text or "")
-    if "/" not in text and "\\" not in text:
+    if not _ABS_PATH.search(text):   # the common case ("caching latents: 3/8"): no folder lookups per stage line
         return text
     folders = _folders()
     for root, label in folders:

@@ -726,3 +726,13 @@ def test_routes_in_a_real_aiohttp_server():
     assert got["save"][0] == 200 and got["again"][:2] == (429, "1")
     assert got["stale"][0] == 409 and got["charset"][0] == 200 and reporter.control.stop_requested
     assert got["form"][0] == 415 and got["huge"][0] == 413 and got["chunked"][0] == 413
+
+
+def test_stage_lines_without_paths_cost_no_folder_lookups(monkeypatch):
+    """The data preparation reports a stage line per item ("caching latents: 3/8"): no folder listing for those."""
+    calls = []
+    monkeypatch.setattr(comfy_compat, "public_folders", lambda: calls.append(1) or [])
+    reporter, _, _ = make_reporter("8")
+    for i in range(100):
+        reporter.stage(f"caching latents (disk): {i}/100, 2.5 it/s")
+    assert calls == [] and live.get_state("8")["message"] == "caching latents (disk): 99/100, 2.5 it/s"
