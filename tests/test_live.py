@@ -733,6 +733,7 @@ def test_stage_lines_without_paths_cost_no_folder_lookups(monkeypatch):
     calls = []
     monkeypatch.setattr(comfy_compat, "public_folders", lambda: calls.append(1) or [])
     reporter, _, _ = make_reporter("8")
+    calls.clear()                                   # (its run folder "/runs/x" was looked up once)
     for i in range(100):
         reporter.stage(f"caching latents (disk): {i}/100, 2.5 it/s")
     assert calls == [] and live.get_state("8")["message"] == "caching latents (disk): 99/100, 2.5 it/s"
