@@ -142,11 +142,14 @@ def models_folder(kind: str) -> str:
 
 
 def _files_under(root: str, extensions: Iterable[str]) -> list[str]:
+    from ..training.fsutil import walk     # stdlib only: keeps this module cheap
+
     found = []
     if not os.path.isdir(root):
         return found
-    for folder, subdirs, files in os.walk(root, followlinks=True):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+    # symlinked folders are followed, each real folder once: a link loop (`a/up -> ..`) hung the model list
+    for folder, subdirs, files in walk(root, follow_links=True):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
         for name in files:
             if name.lower().endswith(tuple(extensions)):
                 found.append(os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/"))

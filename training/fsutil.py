@@ -97,3 +97,48 @@ def atomic_folder(path: str):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Walking folders that may hold symlink loops
+# ------------------------------------------------------------------------------------------------------------------
+def _dir_key(path: str):
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def walk(root: str, *, follow_links: bool = True, skip_hidden: bool = False):
+    """os.walk (top-down, sorted) that enters every real directory once.
+
+    Symlinked folders are followed (a models folder linked from another disk is normal), but a folder already
+    seen — a link to a parent (`loop -> ..`), to itself, or a second link to the same place — is not entered
+    again, so a symlink loop is walked once instead of forever. `skip_hidden`: leave out names starting with "."
+    (what glob's "*" does). The caller may prune the yielded `dirs` list further, as with os.walk.
+    """
+    try:
+        seen = {_dir_key(root)}
+    except OSError:
+        return
+    for folder, dirs, files in os.walk(root, followlinks=follow_links):
+        kept = []
+        for name in sorted(dirs):
+            if skip_hidden and name.startswith("."):
+                continue
+            try:
+                key = _dir_key(os.path.join(folder, name))
+            except OSError:          # a broken or looping link (ELOOP): nothing to enter
+                continue
+            if key in seen:
+                continue
+            seen.add(key)
+            kept.append(name)
+        dirs[:] = kept
+        yield folder, dirs, sorted(f for f in files if not (skip_hidden and f.startswith(".")))
+
+
+def walk_files(root: str, *, follow_links: bool = True, skip_hidden: bool = False) -> list[str]:
+    """Every regular file under `root` (full paths, sorted), each real directory visited once (see walk)."""
+    found = []
+    for folder, _dirs, files in walk(root, follow_links=follow_links, skip_hidden=skip_hidden):
+        found += [p for p in (os.path.join(folder, f) for f in files) if os.path.isfile(p)]
+    return sorted(found)

@@ -642,9 +642,12 @@ def file_hash(path: str, samples: int = 16, chunk: int = 1 << 16) -> str:
     Reading a 6 GB checkpoint in full takes tens of seconds; this names caches and runs in milliseconds and
     still changes when any fine-tune, merge or re-save changes the file.
     """
+    from ..fsutil import walk_files
+
     h = hashlib.sha256()
-    files = [path] if os.path.isfile(path) else sorted(
-        p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True) if os.path.isfile(p))
+    # the files glob("**/*") lists (hidden ones left out), but each real folder once: a symlink loop inside a
+    # diffusers folder (`unet/up -> ..`) made glob recurse without end
+    files = [path] if os.path.isfile(path) else walk_files(path, skip_hidden=True)
     for p in files:
         size = os.path.getsize(p)
         if os.path.isdir(path):       # a folder's layout is part of it; a single file's name is not
