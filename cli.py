@@ -104,7 +104,9 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default="auto",
                    help="override what the input says (auto: its markers and weights, see `info`)")
     p.add_argument("--vae", help="replace the VAE with this file or folder")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it is a model (a diffusers folder with model_index.json, or a model file); "
+                        "any other folder is refused")
 
 
 def output_is_single_file(path: str) -> bool:
@@ -117,12 +119,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
         _require_exists(args.input, "input model")
     single = output_is_single_file(args.output)
     with about(args.output):
-        if os.path.abspath(args.output) == os.path.abspath(args.input):
+        real_in, real_out = os.path.realpath(args.input), os.path.realpath(args.output)
+        if real_out == real_in:
             raise CliError("output is the input; choose another path")
-        if os.path.exists(args.output) and not args.overwrite:
+        if os.path.lexists(args.output) and not args.overwrite:
             raise CliError("already exists; pass --overwrite to replace it")
         if not single and os.path.isfile(args.output):
             raise CliError("is a file, but a diffusers output must be a folder (or give OUT a .safetensors/.ckpt name)")
+        if os.path.isdir(args.output) and real_in.startswith(real_out.rstrip(os.sep) + os.sep):
+            raise CliError("holds the input, which replacing it would delete; choose another output folder")
+        if os.path.lexists(args.output):
+            from .training.fsutil import check_replaceable
+            check_replaceable(args.output)    # --overwrite replaces a model, never a folder of the user's
     from .training.models import load_model, save_diffusers, save_single_file
     with about(args.input):
         model = load_model(args.input, prediction_type=args.prediction_type, vae_path=args.vae)

@@ -142,3 +142,68 @@ def walk_files(root: str, *, follow_links: bool = True, skip_hidden: bool = Fals
     for folder, _dirs, files in walk(root, follow_links=follow_links, skip_hidden=skip_hidden):
         found += [p for p in (os.path.join(folder, f) for f in files) if os.path.isfile(p)]
     return sorted(found)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Overwriting: only a model the pack recognises is ever replaced
+# ------------------------------------------------------------------------------------------------------------------
+MODEL_FILE_EXTENSIONS = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
+DIFFUSERS_INDEX = "model_index.json"
+
+
+class ReplaceRefusedError(ValueError):
+    """An output that exists and is not a model this pack recognises: replacing it could delete the user's files."""
+
+
+def _nested_models(folder: str, limit: int = 3, max_depth: int | None = None) -> list[str]:
+    """Up to `limit` sub-folders of `folder` (links not followed, at most `max_depth` levels down) that are
+    diffusers models themselves."""
+    found = []
+    for sub, dirs, files in walk(folder, follow_links=False):
+        relative = os.path.relpath(sub, folder)
+        depth = 0 if relative == "." else relative.count(os.sep) + 1
+        if max_depth is not None and depth >= max_depth:
+            dirs[:] = []
+        if depth and DIFFUSERS_INDEX in files:
+            found.append(relative.replace(os.sep, "/"))
+            if len(found) >= limit:
+                break
+    return found
+
+
+def check_replaceable(path: str) -> None:
+    """Raise ReplaceRefusedError unless replacing `path` can only lose a model the pack recognises.
+
+    Replaceable: nothing there, an empty folder, a diffusers folder (model_index.json) that holds no other
+    diffusers model below it, or a single model file (.safetensors, .ckpt, ...). Refused: any other folder (a
+    user's folder, ".", a grouping folder such as people/ holding alice/ and bob/), a link to a folder, any other
+    file. The message names the path and what to do.
+    """
+    path = os.path.abspath(path)
+    if not os.path.lexists(path):
+        return
+    todo = "choose a new output name, or move or delete it yourself first"
+    if os.path.isdir(path):
+        if os.path.islink(path):
+            raise ReplaceRefusedError(f"{path}: not replaced: it is a link to the folder {os.path.realpath(path)}; "
+                                      f"{todo}")
+        try:
+            entries = os.listdir(path)
+        except OSError as e:
+            raise ReplaceRefusedError(f"{path}: not replaced: cannot look inside ({e.strerror or e}); {todo}") \
+                from None
+        if not entries:
+            return
+        is_model = os.path.isfile(os.path.join(path, DIFFUSERS_INDEX))
+        nested = _nested_models(path, max_depth=None if is_model else 2)   # a user's folder may be huge: a look
+        if not is_model and not nested:
+            raise ReplaceRefusedError(f"{path}: not replaced: this folder is not a diffusers model (no "
+                                      f"{DIFFUSERS_INDEX}), so replacing it would delete everything in it; {todo}")
+        if nested:
+            raise ReplaceRefusedError(f"{path}: not replaced: it holds other models ({', '.join(nested)}), which "
+                                      f"replacing it would delete; {todo}")
+        return
+    if os.path.isfile(path) and path.lower().endswith(MODEL_FILE_EXTENSIONS):
+        return
+    raise ReplaceRefusedError(f"{path}: not replaced: it is not a model file ({', '.join(MODEL_FILE_EXTENSIONS)}) "
+                              f"or diffusers folder; {todo}")

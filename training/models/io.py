@@ -544,12 +544,13 @@ def save_single_file(model: SDModel, path: str, *, dtype=None, use_ema: bool = F
     import torch
     from safetensors.torch import save_file
 
-    from ..fsutil import atomic_path
+    from ..fsutil import atomic_path, check_replaceable
 
     _save_dtype(dtype)
     ext = os.path.splitext(path)[1].lower()
     if ext not in SINGLE_FILE_EXTS:
         raise ValueError(f"{path}: the file name must end in .safetensors or .ckpt")
+    check_replaceable(path)            # a folder of that name is never replaced by the file
     state = to_single_file_state(model, dtype=dtype, use_ema=use_ema)
     # not the output's name: file_hash ignores names, so two saves of the same weights must stay equal
     title = (os.path.splitext(os.path.basename(model.source.rstrip("/\\")))[0] if model.source
@@ -573,8 +574,10 @@ def save_diffusers(model: SDModel, folder: str, *, dtype=None, use_ema: bool = F
     from diffusers import EulerDiscreteScheduler
     from safetensors.torch import save_file
 
-    from ..fsutil import atomic_folder
+    from ..fsutil import atomic_folder, check_replaceable
 
+    folder = os.path.abspath(folder)
+    check_replaceable(folder)          # replacing deletes what is there: only ever a diffusers model
     target = _save_dtype(dtype)
     unet = model.ema_unet if use_ema else model.unet
     if unet is None:
