@@ -206,6 +206,20 @@ def full_model_path(kind: str, name: str) -> str:
     raise FileNotFoundError(f"{what} {name!r} not found in {', '.join(roots)}")
 
 
+def server_listen() -> str | None:
+    """ComfyUI's --listen value (comma-separated addresses; default 127.0.0.1); None headless or when unknown."""
+    cli_args = _comfy("comfy.cli_args")
+    args = getattr(cli_args, "args", None) if cli_args is not None else None
+    listen = getattr(args, "listen", None)
+    return str(listen) if listen is not None else None
+
+
+def data_roots() -> list[str]:
+    """The folders ComfyUI itself reads and writes (public_folders): output, input, temp, models/ and every
+    configured folder of the model kinds the pack uses. The pack's file-access check allows paths inside them."""
+    return [path for path, _label in public_folders()]
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Interrupt
 # ------------------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import re
 
 from ..training.data.settings import CONCEPT_TYPES, ConceptSettings
 from . import comfy_compat as compat
+from .paths import check_path, path_allowed, typed_path
 
 _TOKEN_RULES = (
     "Token handling (as in the A1111 DreamBooth extension): with instance_token 'sks' and class_token 'dog', "
@@ -100,7 +101,7 @@ class ConceptDataset:
         for folder in (instance_dir, class_dir):
             path = resolve_folder(folder) if folder else ""
             h.update(path.encode())
-            if path and os.path.isdir(path):
+            if path and path_allowed(path) and os.path.isdir(path):     # a refused folder is not even listed
                 for name in sorted(os.listdir(path)):
                     try:
                         st = os.stat(os.path.join(path, name))
@@ -130,8 +131,9 @@ class ConceptDataset:
 
 def resolve_folder(path: str) -> str:
     """An absolute folder path. Relative paths are looked up in ComfyUI's input folder first (where users
-    put their data), then the current directory; a relative path found in neither lands in the input folder."""
-    path = os.path.expandvars(os.path.expanduser(path.strip().strip('"').strip("'")))
+    put their data), then the current directory; a relative path found in neither lands in the input folder.
+    Environment variables are never expanded; `~` only headless (see nodes/paths.py)."""
+    path = typed_path(path)
     if not path or os.path.isabs(path):
         return path
     from .comfy_compat import input_directory
@@ -159,6 +161,11 @@ def make_concept(**widgets) -> ConceptSettings:
         changes["class_dir"] = resolve_folder(concept.class_dir)
     elif concept.uses_prior_preservation:
         changes["class_dir"] = default_class_dir(concept.class_prompt, concept.class_token)
+    # the folder check comes before anything looks at the folders (not even whether they exist)
+    if changes["instance_dir"]:
+        check_path(changes["instance_dir"], "ConceptDataset instance_dir")
+    if changes.get("class_dir") and concept.uses_prior_preservation:     # missing class images are written there
+        check_path(changes["class_dir"], "ConceptDataset class_dir", write=True)
     concept = concept.replace(**changes)
     problems = concept.validate()
     if problems:

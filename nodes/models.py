@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 from . import comfy_compat as compat
+from .paths import check_path, typed_path
 
 CATEGORY = "DreamBooth"
 MODEL_TYPE = "DB_MODEL"
@@ -26,12 +27,13 @@ def model_choices() -> list[str]:
 def resolve_model_path(model_name: str, model_path: str = "") -> str:
     """The path LoadBaseModel loads: a free path wins when given, else the chosen entry of the list."""
     if model_path.strip():
-        path = os.path.expanduser(model_path.strip())
+        path = typed_path(model_path)
         if not os.path.isabs(path):
             path = os.path.join(compat.input_directory(), path) if not os.path.exists(path) else path
+        path = check_path(path, "LoadBaseModel model_path")      # before anything looks at it
         if not os.path.exists(path):
             raise FileNotFoundError(f"model_path {model_path!r}: no such file or folder")
-        return os.path.abspath(path)
+        return path
     if model_name == PATH_BELOW:
         raise ValueError("model is set to '(use model_path)' but model_path is empty: type a checkpoint file or "
                          "diffusers folder path")
@@ -99,7 +101,7 @@ class LoadBaseModel:
 
 def save_images(images, filename_prefix: str) -> list[dict]:
     """Save a (B,H,W,C) batch as PNGs under the output folder; ComfyUI's ui "images" entries."""
-    from ..training.export.naming import clean_relative_name
+    from ..training.export.naming import clean_relative_name, safe_output_path
     from ..training.fsutil import atomic_path
     from ..training.sampling import to_pil
 
@@ -107,7 +109,12 @@ def save_images(images, filename_prefix: str) -> list[dict]:
     rel = clean_relative_name(filename_prefix, default="dreambooth/sample")
     subfolder, stem = os.path.split(rel)
     folder = os.path.join(out_root, subfolder)
-    os.makedirs(folder, exist_ok=True)
+    try:     # symlinks resolved: a linked sub-folder of the output folder cannot lead outside it
+        safe_output_path(out_root, rel)
+        os.makedirs(folder, exist_ok=True)
+        safe_output_path(out_root, rel)
+    except ValueError as e:
+        raise ValueError(f"SampleTrained filename_prefix: {e}") from None
     existing = [f for f in os.listdir(folder) if f.startswith(stem + "_") and f.endswith(".png")]
     counter = 1 + max([int(f[len(stem) + 1:-4].split("_")[0]) for f in existing
                        if f[len(stem) + 1:-4].split("_")[0].isdigit()] or [0])

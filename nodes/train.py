@@ -8,12 +8,25 @@ from __future__ import annotations
 import os
 
 from . import comfy_compat as compat
+from .paths import check_path, typed_path
 
 CATEGORY = "DreamBooth"
 
 
 class TrainingStopped(RuntimeError):
     """Shown by ComfyUI when the run was stopped from the panel; the run resumes on the next queue."""
+
+
+def resume_setting(resume) -> str:
+    """auto / new as they are; a run or checkpoint folder made absolute after the folder check (training writes
+    there). A relative folder is looked up in the output folder first (where runs are)."""
+    text = typed_path(resume) or "auto"
+    if text in ("auto", "new"):
+        return text
+    if not os.path.isabs(text):
+        in_output = os.path.join(compat.output_directory(), text)
+        text = in_output if os.path.exists(in_output) or not os.path.exists(text) else text
+    return check_path(text, "TrainDreamBooth resume", write=True)
 
 
 def _ui_image(path: str) -> dict:
@@ -60,6 +73,7 @@ class TrainDreamBooth:
         from ..training.trainer import TrainCallbacks, TrainingInterrupted, train
         from .live import LiveReporter
 
+        resume = resume_setting(resume)       # before anything else: a refused folder is never touched
         compat.free_comfy_memory()
         reporter = LiveReporter(unique_id if unique_id is not None else "headless")
         bar = compat.Progress(1, label="training")
@@ -94,7 +108,7 @@ class TrainDreamBooth:
         callbacks = TrainCallbacks(progress=progress, preview=preview, log=log,
                                    should_stop=should_stop, control=reporter.control, stage=stage)
         try:
-            result = train(model, concepts, config, output_root=compat.output_directory(), resume=resume or "auto",
+            result = train(model, concepts, config, output_root=compat.output_directory(), resume=resume,
                            device=compat.comfy_torch_device(), callbacks=callbacks)
         except (TrainingInterrupted, PreparationStopped) as e:
             # ComfyUI Cancel / Ctrl-C: report it as ComfyUI's own interrupt; a stop from the panel as an error

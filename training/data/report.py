@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from .settings import ConceptSettings
 
 TOKEN_LIMIT = 75
+# files that are not images are named up to this many per concept, then counted: a report lists what was found
+# for training, not every file name of a folder (a data folder may hold anything)
+MAX_NAMED_IGNORED = 20
 # what DatasetReport.notices() lines say after "concept N: " (or "WARNING: " for the rest)
 NOTICE_KINDS = ("BAD", "DUPLICATE", "IGNORED", "LONG CAPTION")
 
@@ -39,7 +42,8 @@ class ConceptReport:
     captions_from: dict = field(default_factory=dict)    # {"txt": n, "caption": n, "filename": n}
     bad_files: list = field(default_factory=list)         # [[path, reason], ...]
     duplicates: list = field(default_factory=list)        # [[kept, dropped, ...], ...]
-    ignored_files: list = field(default_factory=list)     # non-image files in the folder
+    ignored_files: list = field(default_factory=list)     # non-image files in the folder (the first MAX_NAMED_IGNORED)
+    ignored_count: int = 0                                # all non-image files in the folder
     long_captions: list = field(default_factory=list)     # [[path, tokens], ...] over the 75-token limit
     long_captions_mode: str = ""                          # DataSettings.long_captions ("" in the node's preview)
     buckets: dict = field(default_factory=dict)           # {"512x512": n} instance images per bucket
@@ -69,6 +73,9 @@ class ConceptReport:
             for group in groups:
                 lines += [f"{label}: {dropped} same as {group[0]} (used once)" for dropped in group[1:]]
         lines += [f"IGNORED: {path} (not an image)" for path in self.ignored_files]
+        unnamed = self.ignored_count - len(self.ignored_files)
+        if unnamed > 0:
+            lines.append(f"IGNORED: {unnamed} more file(s) in {self.instance_dir} that are not images (not listed)")
         what = {"truncate": "the rest is cut off", "chunk": "encoded in 75-token chunks"}.get(
             self.long_captions_mode, "cut off unless long_captions='chunk'")
         lines += [f"LONG CAPTION: {path}: {n} tokens, over the {TOKEN_LIMIT}-token limit ({what})"
@@ -226,7 +233,8 @@ def concept_report(index: int, scan, *, data_settings=None, class_generated: int
         r.captions_from[img.caption_source] = r.captions_from.get(img.caption_source, 0) + 1
     r.bad_files = [[p, why] for p, why in scan.instance.bad]
     r.duplicates = [list(g) for g in scan.instance.duplicates]
-    r.ignored_files = list(scan.instance.ignored)
+    r.ignored_files = list(scan.instance.ignored[:MAX_NAMED_IGNORED])
+    r.ignored_count = len(scan.instance.ignored)
     for img in scan.instance.images:
         n = caption_token_count(img.caption)
         if n > TOKEN_LIMIT:
