@@ -501,6 +501,83 @@ def _(tmp, sd1):
     assert data.report.cache["latents"]["recomputed"] == 1
 
 
+# ---- outputs, folders, access -------------------------------------------------------------------------------------
+@case("overwrite-user-folder", "convert / SaveDiffusers with overwrite onto a folder that is not a model (a user's "
+      "folder, '.', a grouping folder holding alice/ and bob/ models)",
+      "clear error naming the folder; nothing in it is deleted")
+def _(tmp, sd1):
+    from comfyui_dreambooth.training.fsutil import ReplaceRefusedError
+    from comfyui_dreambooth.training.models import save_diffusers
+
+    user = tmp / "photos"
+    user.mkdir()
+    (user / "holiday.jpg").write_bytes(b"precious")
+    group = tmp / "people"
+    for name in ("alice", "bob"):
+        save_diffusers(sd1, str(group / name), dtype="fp16")
+    for target in (user, group):
+        with pytest.raises(ReplaceRefusedError) as e:
+            save_diffusers(sd1, str(target), dtype="fp16")
+        assert str(target) in str(e.value)
+    assert (user / "holiday.jpg").read_bytes() == b"precious"
+    assert (group / "alice" / "model_index.json").exists() and (group / "bob" / "model_index.json").exists()
+    proc = subprocess.run([sys.executable, "-m", "comfyui_dreambooth", "convert", str(group / "alice"), str(user),
+                           "--overwrite"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "photos" in proc.stderr
+    _no_traceback(proc.stderr)
+    assert (user / "holiday.jpg").read_bytes() == b"precious"
+
+
+@case("symlink-loop", "a symlink loop inside a diffusers folder or a models folder (`up -> ..`)",
+      "handled: every real folder is walked once; `info`, hashing and the model lists finish")
+def _(tmp, sd1):
+    import threading
+
+    from comfyui_dreambooth.training.models import save_diffusers
+    from comfyui_dreambooth.training.models.io import file_hash
+
+    folder = tmp / "model"
+    save_diffusers(sd1, str(folder), dtype="fp16")
+    os.symlink("..", folder / "unet" / "up")
+    os.symlink(str(folder), folder / "vae" / "again")
+    done = {}
+    worker = threading.Thread(target=lambda: done.setdefault("hash", file_hash(str(folder))), daemon=True)
+    worker.start()
+    worker.join(60)
+    assert "hash" in done, "hashing a folder with a symlink loop did not finish"
+
+
+@case("path-outside-allowed", "on a ComfyUI server others can reach: an instance_dir, model path or resume folder "
+      "outside ComfyUI's input/output/models folders (also through a symlinked sub-folder)",
+      "clear error naming the input, the path and how to allow folders; the folder is not looked at")
+def _(tmp, sd1):
+    from comfyui_dreambooth.training.access import AccessPolicy, PathNotAllowedError
+
+    inside, outside = tmp / "ComfyUI" / "input", tmp / "secret"
+    inside.mkdir(parents=True)
+    outside.mkdir()
+    os.symlink(outside, inside / "link")
+    policy = AccessPolicy(unrestricted=False, roots=(str(inside),), why_restricted="the server listens on 0.0.0.0")
+    assert policy.check(str(inside / "dog"), what="ConceptDataset instance_dir")
+    for path in (outside, inside / "link", inside / ".." / ".." / "secret"):
+        with pytest.raises(PathNotAllowedError) as e:
+            policy.check(str(path), what="ConceptDataset instance_dir")
+        assert "ConceptDataset instance_dir" in str(e.value) and "allow" in str(e.value)
+
+
+@case("env-var-in-path", "a path holding ${SECRET} or $HOME (e.g. instance_dir=/tmp/${OPENAI_API_KEY})",
+      "clear error naming the path as typed: environment variables are never expanded, so no secret is shown")
+def _(tmp, sd1):
+    from comfyui_dreambooth.nodes.concepts import resolve_folder
+
+    os.environ["DB_MATRIX_SECRET"] = "s3cr3t-value"
+    try:
+        resolved = resolve_folder("/tmp/${DB_MATRIX_SECRET}/dog")
+    finally:
+        del os.environ["DB_MATRIX_SECRET"]
+    assert "s3cr3t-value" not in resolved and "${DB_MATRIX_SECRET}" in resolved
+
+
 # ---- the matrix -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
 def test_case(c, tmp_path, sd1, single_thread):
