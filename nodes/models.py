@@ -165,6 +165,32 @@ class SampleTrained:
             },
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, width=None, height=None, filename_prefix=None):
+        """Checked when the graph is queued, before any node runs: a graph that trains first must not fail after
+        training. Naming width/height here makes ComfyUI skip its own min/max for them, so the range is here too.
+        Linked inputs arrive as None (checked by the sampler when they arrive)."""
+        from ..training.export.naming import output_name_problem
+
+        required = cls.INPUT_TYPES()["required"]
+        problems = []
+        for name, value in (("width", width), ("height", height)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                continue
+            spec = required[name][1]
+            low, high, step = spec["min"], spec["max"], spec["step"]
+            if value < low:
+                problems.append(f"{name} {value} must be at least {low}")
+            elif value > high:
+                problems.append(f"{name} {value} must be at most {high}")
+            elif value % step:
+                problems.append(f"{name} {value} must be a multiple of {step} (Stable Diffusion 1.x/2.x/XL build "
+                                f"images from {step}-pixel blocks); use {max(low, value - value % step)}")
+        problem = output_name_problem(filename_prefix, compat.output_directory(), "_00001_.png")
+        if problem:
+            problems.append(f"filename_prefix {problem}")
+        return "; ".join(problems) or True
+
     def sample(self, model, prompt, negative_prompt, steps, cfg, seed, width, height, batch_size, scheduler,
                clip_skip, filename_prefix):
         from ..training.sampling import SamplingInterrupted, generate

@@ -33,6 +33,15 @@ def _relative(kind: str, path: str) -> str:
     return os.path.relpath(path, comfy_compat.models_folder(kind)).replace(os.sep, "/")
 
 
+def _name_check(kind: str, input_name: str, name, ext: str):
+    """VALIDATE_INPUTS result for a typed output name: True, or why the file system would refuse it (checked when
+    the graph is queued, so a too-long name never costs a finished training run)."""
+    from ..training.export.naming import output_name_problem
+
+    problem = output_name_problem(name, comfy_compat.models_folder(kind), ext)
+    return True if problem is None else f"{input_name} {problem}"
+
+
 def _done(message: str, path: str) -> dict:
     return {"ui": {"text": [message]}, "result": (path,)}
 
@@ -68,6 +77,10 @@ class SaveLoRA(_SaveNode):
         }
 
     OUTPUT_TOOLTIPS = ("Full path of the saved LoRA file.",)
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename=None):
+        return _name_check("loras", "filename", filename, ".safetensors")
     DESCRIPTION = "Save the LoRA/LyCORIS adapters of a trained model in kohya format, with training metadata."
 
     def save(self, model, filename, dtype, use_ema=False, overwrite=False):
@@ -106,6 +119,10 @@ class SaveCheckpoint(_SaveNode):
         }
 
     OUTPUT_TOOLTIPS = ("Full path of the saved checkpoint.",)
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename=None):    # not `format`: a named input skips ComfyUI's own checks of it
+        return _name_check("checkpoints", "filename", filename, ".safetensors")
     DESCRIPTION = ("Save the model as a single checkpoint in the original Stable Diffusion layout (loads in "
                    "CheckpointLoaderSimple, A1111, Forge). A LoRA-trained model is merged into the weights first.")
 
@@ -135,6 +152,10 @@ class SaveDiffusers(_SaveNode):
         }
 
     OUTPUT_TOOLTIPS = ("Full path of the saved folder.",)
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, folder_name=None):
+        return _name_check("diffusers", "folder_name", folder_name, "")
     DESCRIPTION = ("Save the model as a diffusers folder (diffusers' from_pretrained, LoadBaseModel and "
                    "DiffusersLoader read it). A LoRA-trained model is merged into the weights first.")
 
