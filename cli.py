@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import traceback
@@ -32,6 +33,11 @@ SINGLE_FILE_EXTENSIONS = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin"
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 DTYPE_CHOICES = ("fp16", "bf16", "fp32")
 KEEP_DTYPE = "keep"
+MAX_SEED = 2 ** 64 - 1            # what torch.Generator.manual_seed takes (and ComfyUI's seed widgets)
+LONGEST_WORD_SHOWN = 160          # longer words of an error line (paths, values) keep their start and end
+# argparse destination -> how the command line spells it, for "is empty" errors
+PATH_ARGUMENTS = {"model": "MODEL", "input": "IN", "output": "OUT", "out": "--out", "vae": "--vae",
+                  "workflow": "WORKFLOW", "output_dir": "--output-dir"}
 
 
 class CliError(Exception):
@@ -72,6 +78,27 @@ def about(path: str):
 def _require_exists(path: str, what: str = "file") -> None:
     if not os.path.exists(path):
         raise CliError(f"{what} not found")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """What holds for every command: numbers are finite (argparse's float() takes 'nan' and 'inf'), paths are
+    not empty ('' silently meant the current folder)."""
+    for dest, value in vars(args).items():
+        option = "--" + dest.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CliError(f"{option} {value}: must be a finite number")
+        if dest in PATH_ARGUMENTS and isinstance(value, str) and not value.strip():
+            raise CliError(f"{PATH_ARGUMENTS[dest]} is empty: give a file or folder path")
+
+
+def check_output_dir(path: str) -> None:
+    """--output-dir must be a path the file system can hold, with room for what is saved inside it."""
+    from .training.export.naming import path_length_problem
+
+    problem = path_length_problem(path, room=1024)
+    if problem:
+        raise CliError(f"--output-dir {path}: {problem}, leaving room for the files saved inside it; "
+                       "choose a shorter path")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -168,6 +195,7 @@ def _sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", help="use this VAE file or folder")
     p.add_argument("--dtype", choices=("auto",) + DTYPE_CHOICES, default="auto",
                    help="compute precision (auto: fp32 on CPU, bf16/fp16 on GPU)")
+    p.add_argument("--overwrite", action="store_true", help="replace image files that already exist")
 
 
 def default_size(model) -> int:
@@ -219,6 +247,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise CliError(f"--batch {args.batch}: must be at least 1")
     if len(args.prompt) > 1 and args.batch > 1:
         raise CliError("--batch works with a single --prompt (several prompts give one image each)")
+    count = len(args.prompt) if len(args.prompt) > 1 else args.batch
+    if not 0 <= args.seed <= MAX_SEED:
+        raise CliError(f"--seed {args.seed}: must be 0..{MAX_SEED}")
+    if args.seed + count - 1 > MAX_SEED:
+        many = f"--batch {args.batch}" if args.batch > 1 else f"{count} prompts"
+        raise CliError(f"--seed {args.seed} with {many}: image i uses seed + i, which must stay at most {MAX_SEED}; "
+                       f"use --seed {MAX_SEED - count + 1} or lower")
+    for path in image_paths(args.out, count):     # before any work: nothing is replaced unless asked
+        if os.path.lexists(path) and not args.overwrite:
+            with about(path):
+                raise CliError("already exists; pass --overwrite to replace it")
     with about(args.model):
         _require_exists(args.model, "model")
     from .nodes.comfy_compat import TerminalProgress, comfy_torch_device
@@ -231,6 +270,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     dtype = _compute_dtype(args.dtype, device)
     with about(args.model):
         model = load_model(args.model, prediction_type=args.prediction_type, vae_path=args.vae, dtype=dtype)
+    if args.clip_skip is not None:
+        from .training.models.text import max_clip_skip
+
+        deepest = max_clip_skip(model)
+        if not 0 <= args.clip_skip <= deepest:
+            raise CliError(f"--clip-skip {args.clip_skip}: this model's text encoder has {deepest} layers; choose "
+                           f"1..{deepest} (1 = the last layer, 2 = the penultimate) or 0 for the family's default "
+                           f"({model.default_clip_skip})")
     for module in [model.unet, model.vae, *model.text_encoders]:
         module.to(device)
     width = args.width or default_size(model)
@@ -275,6 +322,7 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from .runner import run_workflow, saved_files
 
+    check_output_dir(args.output_dir)
     with about(args.workflow):
         result = run_workflow(args.workflow, overrides=args.overrides, output_dir=args.output_dir,
                               show_progress=not args.quiet)
@@ -334,12 +382,23 @@ def error_line(exc: BaseException) -> str:
         message = exc.strerror + (f": {exc.filename}" if other_file else "")
     else:
         message = str(exc) or type(exc).__name__
-    if not isinstance(exc, _known_error_types()):
+    if isinstance(exc, RecursionError):       # a safety net: the readers refuse deep nesting themselves
+        message = "nested too deeply (or a path with too many parts) to process"
+    elif not isinstance(exc, _known_error_types()):
         message = f"unexpected {type(exc).__name__}: {message} (re-run with --debug for the traceback)"
     path = getattr(exc, "cli_path", None)
     if path and path not in message:
         message = f"{path}: {message}"
-    return "error: " + " ".join(message.split())        # newlines inside messages would break the one-line rule
+    # newlines inside messages would break the one-line rule; a 6000-character path would bury the message
+    return "error: " + " ".join(shorten_word(word) for word in message.split())
+
+
+def shorten_word(word: str, limit: int = LONGEST_WORD_SHOWN) -> str:
+    """A word (a path, a value) longer than `limit` characters as its start + '...' + its end."""
+    if len(word) <= limit:
+        return word
+    keep = (limit - 3) // 2
+    return word[:keep] + "..." + word[-keep:]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -350,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     verbose = is_verbose()
     set_verbose(verbose or args.debug)     # --debug: library notices, warnings and progress bars as they come
     try:
+        check_arguments(args)
         with quiet_libraries():            # otherwise the pack's own lines only
             return int(args.handler(args) or 0)
     except KeyboardInterrupt:

@@ -13,8 +13,10 @@ from typing import Any, Iterable, Mapping, TextIO
 from ..nodes import comfy_compat
 from .errors import NodeExecutionError, WorkflowError, WorkflowInterrupted
 from .formats import PreparedWorkflow, prepare_workflow
-from .specs import _hidden_values, _input_spec, _input_types, _is_link, _title, runner_package
+from .specs import _hidden_values, _input_spec, _input_types, _is_link, _title, runner_package, shorten
 from .validation import validate_workflow
+
+OUTPUT_ROOM_BYTES = 1024     # for run folders, checkpoints and saved models inside the output folder
 
 
 def _gather_inputs(node_id: str, prepared: PreparedWorkflow, types: dict, outputs: dict) -> dict:
@@ -189,7 +191,7 @@ def run_workflow(workflow: dict | str | os.PathLike, *, overrides: Iterable[str]
     """
     node_classes = runner_package().pack_node_classes() if node_classes is None else node_classes
     stream = (stream if stream is not None else sys.stderr) if show_progress else None
-    output_dir = os.path.abspath(os.fspath(output_dir))
+    output_dir = _checked_output_dir(output_dir)
     # set before reading the graph: INPUT_TYPES lists models from <output>/checkpoints etc., and validation checks
     # combo values against those lists
     comfy_compat.clear_interrupt()
@@ -208,6 +210,21 @@ def run_workflow(workflow: dict | str | os.PathLike, *, overrides: Iterable[str]
         comfy_compat.clear_interrupt()
     result["output_dir"] = output_dir
     return result
+
+
+def _checked_output_dir(output_dir: str | os.PathLike) -> str:
+    """The output folder as an absolute path; WorkflowError for '' (it silently meant the current folder) and for
+    a path the file system would refuse as too long (os.makedirs recursed past Python's limit on one)."""
+    from ..training.export.naming import path_length_problem
+
+    text = os.fspath(output_dir)
+    if not str(text).strip():
+        raise WorkflowError("the output folder is empty; name a folder (it is created when missing)")
+    problem = path_length_problem(text, room=OUTPUT_ROOM_BYTES)
+    if problem:
+        raise WorkflowError(f"output folder {shorten(str(text))}: {problem}, leaving room for the files saved "
+                            f"inside it; choose a shorter path")
+    return os.path.abspath(text)
 
 
 def saved_files(result: dict) -> list[str]:

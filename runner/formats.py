@@ -1,6 +1,7 @@
 """Reading a workflow file and converting a saved canvas to API format (as ComfyUI's frontend does on Queue)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 from dataclasses import dataclass
@@ -9,7 +10,8 @@ from typing import Any, Iterable, Mapping
 from .errors import CoreNodesError, WorkflowFormatError
 from .overrides import apply_overrides
 from .specs import (CONTROL_AFTER_GENERATE_VALUES, FRONTEND_ONLY_NODES, MODE_BYPASSED, MODE_MUTED,
-                    UPLOAD_WIDGET_VALUES, _combo_options, _declared_inputs, _input_types, _is_widget, runner_package)
+                    TOO_DEEP, UPLOAD_WIDGET_VALUES, _combo_options, _declared_inputs, _input_types, _is_widget,
+                    check_nesting, runner_package)
 
 
 @dataclass
@@ -37,6 +39,13 @@ def read_workflow_file(path: str | os.PathLike) -> dict:
         raise WorkflowFormatError(f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
     except UnicodeDecodeError:
         raise WorkflowFormatError("not a text (UTF-8) JSON file") from None
+    except RecursionError:                       # json's decoder gives up on nesting a few thousand deep
+        raise WorkflowFormatError(f"{TOO_DEEP}; not a ComfyUI workflow") from None
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise WorkflowFormatError(f"the path is too long for this system ({len(os.fsencode(path))} "
+                                      f"bytes); move or rename the file") from None
+        raise
     if not isinstance(data, dict):
         raise WorkflowFormatError(f"expected a JSON object, found a {type(data).__name__}")
     return data
@@ -190,6 +199,7 @@ def prepare_workflow(workflow: dict | str | os.PathLike, node_classes: Mapping[s
     if isinstance(workflow, (str, os.PathLike)):
         source = os.fspath(workflow)
         workflow = read_workflow_file(source)
+    check_nesting(workflow)
     fmt = workflow_format(workflow)
     if fmt == "canvas":
         prepared = canvas_to_api(workflow, node_classes, display_names)

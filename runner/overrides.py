@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from .errors import OverrideError
-from .specs import _declared_inputs, _input_types, _sort_ids, _title
+from .errors import OverrideError, WorkflowFormatError
+from .specs import TOO_DEEP, _declared_inputs, _input_types, _sort_ids, _title, check_nesting, shorten
 
 if TYPE_CHECKING:
     from .formats import PreparedWorkflow
@@ -14,18 +14,21 @@ if TYPE_CHECKING:
 def parse_override(text: str) -> tuple[str, str, Any]:
     """"Title.input=value" -> (target, input, value); value is JSON when it parses, else the raw string."""
     if "=" not in text:
-        raise OverrideError(f"--set {text!r}: expected NodeTitleOrId.input=value")
+        raise OverrideError(f"--set {shorten(text)!r}: expected NodeTitleOrId.input=value")
     left, raw_value = text.split("=", 1)
     if "." not in left:
-        raise OverrideError(f"--set {text!r}: expected NodeTitleOrId.input=value (no '.' before '=')")
+        raise OverrideError(f"--set {shorten(text)!r}: expected NodeTitleOrId.input=value (no '.' before '=')")
     target, input_name = left.rsplit(".", 1)      # titles may contain dots, input names do not
     target, input_name = target.strip(), input_name.strip()
     if not target or not input_name:
-        raise OverrideError(f"--set {text!r}: expected NodeTitleOrId.input=value")
+        raise OverrideError(f"--set {shorten(text)!r}: expected NodeTitleOrId.input=value")
     try:
         value = json.loads(raw_value)
+        check_nesting(value)
     except json.JSONDecodeError:
         value = raw_value
+    except (RecursionError, WorkflowFormatError):       # json gives up on nesting a few thousand deep
+        raise OverrideError(f"--set {shorten(text)!r}: the value is {TOO_DEEP}") from None
     return target, input_name, value
 
 
@@ -43,10 +46,10 @@ def _override_targets(prepared: PreparedWorkflow, target: str, input_name: str, 
         if len(matches) == 1:
             return [(matches[0], input_name)]
         if len(matches) > 1:
-            raise OverrideError(f"--set {text!r}: {label} {target!r} matches nodes {', '.join(matches)}; "
+            raise OverrideError(f"--set {shorten(text)!r}: {label} {target!r} matches nodes {', '.join(matches)}; "
                                 f"use the node id instead")
     known = ", ".join(f"{i} '{_title(prompt[i])}'" for i in _sort_ids(prompt))
-    raise OverrideError(f"--set {text!r}: no node with id or title {target!r} (nodes: {known})")
+    raise OverrideError(f"--set {shorten(text)!r}: no node with id or title {target!r} (nodes: {known})")
 
 
 def apply_overrides(prepared: PreparedWorkflow, overrides: Iterable[str], node_classes: Mapping[str, type]) -> None:
@@ -56,11 +59,11 @@ def apply_overrides(prepared: PreparedWorkflow, overrides: Iterable[str], node_c
             node = prepared.prompt[node_id]
             if target in (prepared.primitive_targets or {}) and target not in prepared.prompt \
                     and input_name not in ("value", name):
-                raise OverrideError(f"--set {text!r}: a primitive node has one input, 'value'")
+                raise OverrideError(f"--set {shorten(text)!r}: a primitive node has one input, 'value'")
             class_type = node["class_type"]
             types = _input_types(node_classes[class_type], class_type)
             declared = [n for n, *_ in _declared_inputs(types)]
             if name not in declared:
-                raise OverrideError(f"--set {text!r}: node {node_id} ({class_type}) has no input {name!r}; "
+                raise OverrideError(f"--set {shorten(text)!r}: node {node_id} ({class_type}) has no input {name!r}; "
                                     f"its inputs are {', '.join(declared) or '(none)'}")
             node["inputs"][name] = value

@@ -5,7 +5,7 @@ import importlib
 import sys
 from typing import TYPE_CHECKING, Any, Iterable
 
-from .errors import WorkflowError
+from .errors import WorkflowError, WorkflowFormatError
 
 if TYPE_CHECKING:
     from .formats import PreparedWorkflow
@@ -19,6 +19,31 @@ COMBO_LIST_SHOWN = 20        # longer option lists are summarised in messages (C
 
 # the pack's root package (this package's parent): it keeps NODE_CLASS_MAPPINGS
 _PACK = __package__.rpartition(".")[0]
+MAX_NESTING = 200       # ComfyUI workflows nest about 8 levels; far deeper is not a workflow (and recursion breaks)
+TOO_DEEP = f"too deeply nested (over {MAX_NESTING} levels of lists/objects)"
+
+
+def check_nesting(data: Any, limit: int = MAX_NESTING) -> None:
+    """WorkflowFormatError when `data` nests lists/objects deeper than `limit` (checked without recursion)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            value = list(value.values())
+        elif not isinstance(value, list):
+            continue
+        if depth > limit:
+            raise WorkflowFormatError(TOO_DEEP)
+        stack.extend((item, depth + 1) for item in value if isinstance(item, (dict, list)))
+
+
+def shorten(text: str, limit: int = 120) -> str:
+    """`text` cut in the middle to at most `limit` characters (start and end kept), for messages."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    keep = (limit - 3) // 2
+    return text[:keep] + "..." + text[-keep:]
 
 
 def runner_package():

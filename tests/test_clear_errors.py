@@ -61,6 +61,142 @@ def nothing_runs(monkeypatch):
     monkeypatch.setattr(LoadBaseModel, "load", refuse)
 
 
+# --- workflow files ---------------------------------------------------------------------------------------------------
+def test_a_deeply_nested_workflow_is_refused_in_one_line(capsys, tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    code, _, err = run_cli(capsys, "run", deep, "--output-dir", tmp_path / "out")
+    assert code == 1
+    one_line(err, str(deep), "too deeply nested")
+    assert "unexpected" not in err and "RecursionError" not in err
+
+
+def test_a_deeply_nested_set_value_is_refused_in_one_line(capsys, tmp_path, sd1_file):
+    wf = write_json(tmp_path / "wf.json", sample_graph(sd1_file))
+    value = "[" * 100_000 + "]" * 100_000
+    code, _, err = run_cli(capsys, "run", wf, "--quiet", "--output-dir", tmp_path / "out", "--set", f"Sample.prompt={value}")
+    assert code == 1
+    line = one_line(err, "--set", "too deeply nested")
+    assert len(line) < 1000 and "RecursionError" not in line
+
+
+# --- long paths: never echoed whole, never a RecursionError / ENAMETOOLONG traceback ------------------------------
+@pytest.mark.parametrize("command", ["info", "sample", "run"])
+def test_a_very_long_path_is_shortened_in_the_message(capsys, tmp_path, command):
+    extra = ["--prompt", "x", "--out", str(tmp_path / "a.png")] if command == "sample" else []
+    code, _, err = run_cli(capsys, command, LONG, *extra)
+    assert code == 1
+    line = one_line(err, "x/y/y/y", "...")
+    assert len(line) < 500, len(line)
+
+
+def test_a_very_long_output_dir_is_refused_in_one_line(capsys, tmp_path, sd1_file, monkeypatch):
+    wf = write_json(tmp_path / "wf.json", sample_graph(sd1_file))
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, "run", wf, "--quiet", "--output-dir", LONG)
+    assert code == 1
+    line = one_line(err, "--output-dir", "too long")
+    assert len(line) < 500 and "RecursionError" not in line
+    assert not os.path.exists(tmp_path / "x"), "nothing is created for a refused output folder"
+
+
+def test_a_very_long_model_path_or_prefix_is_one_short_line(capsys, tmp_path, sd1_file, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    wf = write_json(tmp_path / "wf.json", sample_graph("/" + LONG))
+    code, _, err = run_cli(capsys, "run", wf, "--quiet", "--output-dir", tmp_path / "out")
+    assert code == 1
+    assert len(one_line(err, "model_path", "...")) < 600
+
+    wf = write_json(tmp_path / "wf.json", sample_graph(sd1_file, filename_prefix=LONG))
+    code, _, err = run_cli(capsys, "run", wf, "--quiet", "--output-dir", tmp_path / "out")
+    assert code == 1
+    line = one_line(err, "filename_prefix", "too long", "validation error")
+    assert len(line) < 600 and "RecursionError" not in line
+
+
+def test_a_very_long_instance_dir_is_one_short_line(capsys, tmp_path):
+    from comfyui_dreambooth.nodes.concepts import ConceptDataset
+
+    defaults = {name: spec[1].get("default") for name, spec in ConceptDataset.INPUT_TYPES()["required"].items()}
+    wf = write_json(tmp_path / "wf.json", {"1": {"class_type": "ConceptDataset", "_meta": {"title": "Concept"},
+                                                 "inputs": {**defaults, "instance_dir": "/" + LONG}}})
+    code, _, err = run_cli(capsys, "run", wf, "--quiet", "--output-dir", tmp_path / "out")
+    assert code == 1
+    assert len(one_line(err, "instance_dir", "...")) < 600
+
+
+# --- sample options -------------------------------------------------------------------------------------------------
+def _sample(capsys, model, out, *options):
+    return run_cli(capsys, "sample", model, "--prompt", "a photo", "--out", out, "--steps", "1", "--width", "64",
+                   "--height", "64", *options)
+
+
+@pytest.mark.parametrize("value", ["99", "-1"])
+def test_clip_skip_outside_the_text_encoder_is_refused(capsys, tmp_path, sd1_file, value):
+    out = tmp_path / "a.png"
+    code, _, err = _sample(capsys, sd1_file, out, "--clip-skip", value)
+    assert code == 1
+    line = one_line(err, f"--clip-skip {value}", "1..2")       # the tiny model's CLIP has 2 layers
+    assert "unexpected" not in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value", [str(2 ** 64), "-1"])
+def test_a_seed_outside_0_to_2_64_is_refused(capsys, tmp_path, sd1_file, value):
+    out = tmp_path / "a.png"
+    code, _, err = _sample(capsys, sd1_file, out, "--seed", value)
+    assert code == 1
+    one_line(err, f"--seed {value}", str(2 ** 64 - 1))
+    assert not out.exists()
+
+
+def test_the_last_seed_of_a_batch_must_fit_too(capsys, tmp_path, sd1_file):
+    code, _, err = _sample(capsys, sd1_file, tmp_path / "a.png", "--seed", str(2 ** 64 - 1), "--batch", "2")
+    assert code == 1
+    one_line(err, "--seed", "--batch")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_numbers_are_refused(capsys, tmp_path, sd1_file, value):
+    out = tmp_path / "a.png"
+    code, _, err = _sample(capsys, sd1_file, out, f"--cfg={value}")
+    assert code == 1
+    one_line(err, "--cfg", "finite number")
+    assert not out.exists()
+
+
+def test_sample_refuses_to_overwrite_unless_asked(capsys, tmp_path, sd1_file):
+    out = tmp_path / "a.png"
+    out.write_bytes(b"precious")
+    code, _, err = _sample(capsys, sd1_file, out)
+    assert code == 1
+    one_line(err, str(out), "already exists", "--overwrite")
+    assert out.read_bytes() == b"precious"
+
+    code, stdout, err = _sample(capsys, sd1_file, out, "--overwrite")
+    assert code == 0, err
+    assert stdout.split() == [str(out)] and out.read_bytes().startswith(b"\x89PNG")
+
+
+def test_sample_checks_every_image_of_a_batch_before_sampling(capsys, tmp_path, sd1_file):
+    out = tmp_path / "a.png"
+    (tmp_path / "a_1.png").write_bytes(b"precious")
+    code, _, err = _sample(capsys, sd1_file, out, "--batch", "2")
+    assert code == 1
+    one_line(err, str(tmp_path / "a_1.png"), "already exists")
+    assert not (tmp_path / "a_0.png").exists()
+
+
+@pytest.mark.parametrize("command", ["run", "demo"])
+def test_an_empty_output_dir_is_refused(capsys, tmp_path, sd1_file, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    args = [write_json(tmp_path / "wf.json", sample_graph(sd1_file))] if command == "run" else []
+    code, _, err = run_cli(capsys, command, *args, "--output-dir", "")
+    assert code == 1
+    one_line(err, "--output-dir", "empty")
+    assert sorted(os.listdir(tmp_path)) == (["wf.json"] if command == "run" else [])
+
+
 # --- graph validation before anything runs --------------------------------------------------------------------------
 @pytest.mark.parametrize("width, why", [(65, "multiple of 64"), (32, "at least 64"), (8192, "at most 4096")])
 def test_sample_trained_size_is_refused_before_any_node_runs(capsys, tmp_path, sd1_file, nothing_runs, width, why):

@@ -21,6 +21,7 @@ SCHEDULERS = {
     "unipc": ("UniPCMultistepScheduler", {}),
 }
 SCHEDULER_NAMES = tuple(SCHEDULERS)
+MAX_SEED = 2 ** 64 - 1      # torch.Generator.manual_seed takes 0..2^64-1 (ComfyUI's seed widgets too)
 
 
 class SamplingInterrupted(Exception):
@@ -82,7 +83,7 @@ def generate(model, prompts, negative_prompt="", steps: int = 20, cfg: float = 7
     """
     import torch
 
-    from .models.text import encode_prompts
+    from .models.text import check_clip_skip, encode_prompts
 
     prompts = [prompts] * batch_size if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -90,6 +91,10 @@ def generate(model, prompts, negative_prompt="", steps: int = 20, cfg: float = 7
     if steps < 1:
         raise ValueError(f"steps={steps}: must be at least 1")
     _check_size(model, width, height)
+    if not (0 <= int(seed) and int(seed) + len(prompts) - 1 <= MAX_SEED):
+        raise ValueError(f"seed {seed}: image i uses seed + i, which must be 0..{MAX_SEED} for all "
+                         f"{len(prompts)} image(s)")
+    check_clip_skip(model, clip_skip)
     negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
     pipe = build_pipeline(model, scheduler)
 

@@ -68,10 +68,25 @@ def _layer(te, ids, skip: int, final_norm: bool):
     return out, hidden
 
 
+def max_clip_skip(model) -> int:
+    """The deepest clip_skip the model's text encoder(s) have a layer for (1 = the last layer)."""
+    return min(te.config.num_hidden_layers for te in model.text_encoders) + model.dropped_text_layers
+
+
+def check_clip_skip(model, clip_skip: int | None) -> None:
+    """ValueError naming the allowed range when `clip_skip` is not 0/None (the default) or 1..max_clip_skip."""
+    deepest = max_clip_skip(model)
+    if clip_skip is not None and not 0 <= clip_skip <= deepest:
+        raise ValueError(f"clip_skip {clip_skip}: this model's text encoder has {deepest} layers; choose 1..{deepest} "
+                         f"(1 = the last layer, 2 = the penultimate) or 0 for the model's default "
+                         f"({model.default_clip_skip})")
+
+
 def encode_tokens(model, token_ids: list, clip_skip: int | None = None) -> TextEmbeds:
     """Embeddings from `tokenize` output. Runs with whatever grad mode the caller set (training needs grads)."""
     import torch
 
+    check_clip_skip(model, clip_skip)
     skip = clip_skip or model.default_clip_skip
     device = model.text_encoders[0].device
     batch, chunks = token_ids[0].shape[:2]
