@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import traceback
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -401,6 +402,17 @@ def shorten_word(word: str, limit: int = LONGEST_WORD_SHOWN) -> str:
     return word[:keep] + "..." + word[-keep:]
 
 
+def _pack_warnings_on_one_line(show_library_warning):
+    """warnings.showwarning: the pack's own warnings (e.g. a model file's malformed stored config) as
+    `warning: <message>`, like the error lines; any other warning as before."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.startswith(__package__ + "."):
+            print("warning: " + " ".join(shorten_word(w) for w in str(message).split()), file=file or sys.stderr)
+        else:
+            show_library_warning(message, category, filename, lineno, file, line)
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -408,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
 
     verbose = is_verbose()
     set_verbose(verbose or args.debug)     # --debug: library notices, warnings and progress bars as they come
+    show_warning = warnings.showwarning
+    warnings.showwarning = _pack_warnings_on_one_line(show_warning)
     try:
         check_arguments(args)
         with quiet_libraries():            # otherwise the pack's own lines only
@@ -422,4 +436,5 @@ def main(argv: list[str] | None = None) -> int:
         print(error_line(exc), file=sys.stderr)
         return EXIT_INTERRUPTED if isinstance(exc, WorkflowInterrupted) else EXIT_ERROR
     finally:
+        warnings.showwarning = show_warning
         set_verbose(verbose)

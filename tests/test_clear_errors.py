@@ -125,6 +125,101 @@ def test_a_very_long_instance_dir_is_one_short_line(capsys, tmp_path):
     assert len(one_line(err, "instance_dir", "...")) < 600
 
 
+# --- model files ----------------------------------------------------------------------------------------------------
+def _pickle_payload_bin(path: str, tensors: dict, marker: str) -> None:
+    import torch
+
+    class Payload:                       # unpickling it would run `touch marker`
+        def __reduce__(self):
+            return (os.system, (f"touch '{marker}'",))
+
+    torch.save({**tensors, "payload": Payload()}, path)
+
+
+def test_a_pickle_payload_in_a_diffusers_text_encoder_is_refused_and_never_runs(capsys, tmp_path, tiny_files):
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_files["sd1"]["diffusers"], folder)
+    te = folder / "text_encoder"
+    marker = tmp_path / "PAYLOAD_RAN"
+    _pickle_payload_bin(str(te / "pytorch_model.bin"), load_file(str(te / "model.safetensors")), str(marker))
+    (te / "model.safetensors").unlink()
+
+    for command in ("info", "sample"):
+        extra = ["--prompt", "x", "--out", str(tmp_path / "a.png")] if command == "sample" else []
+        code, _, err = run_cli(capsys, command, folder, *extra)
+        assert code == 1
+        line = one_line(err, os.path.join("text_encoder", "pytorch_model.bin"), "refused")
+        assert "unexpected" not in line and "UnpicklingError" not in line
+    assert not marker.exists(), "the pickle payload ran"
+    assert not (tmp_path / "a.png").exists()
+
+
+@pytest.mark.parametrize("family, stored", [
+    ("sd1", [1, 2]),                                               # a list where an object belongs
+    ("sd1", {"family": "sd1", "text_encoders": "abc"}),           # a string where a list belongs
+    ("sd1", {"family": "sd1", "text_encoders": [5]}),
+    ("sd1", {"family": "sd1", "unet": [1]}),
+    ("sd1", {"family": "sd1", "vae": "x"}),
+    ("sd1", {"family": "sd1", "unet": {"bogus_key": 1}}),          # a key the UNet does not take
+    ("sdxl", {"family": "sdxl", "text_encoders": [None]}),        # one entry for two encoders
+    ("sd1", "{not json"),
+])
+def test_malformed_pack_metadata_falls_back_to_the_weights(tmp_path, tiny_files, family, stored):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from comfyui_dreambooth.training.models import load_model
+    from comfyui_dreambooth.training.models.io import CONFIG_METADATA_KEY
+
+    source = tiny_files[family]["safetensors"]
+    with safe_open(source, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = dict(f.metadata() or {})
+    if isinstance(stored, dict) and "unet" in stored and isinstance(stored["unet"], dict):
+        stored = {**stored, "unet": {**json.loads(metadata[CONFIG_METADATA_KEY])["unet"], **stored["unet"]}}
+    metadata[CONFIG_METADATA_KEY] = stored if isinstance(stored, str) else json.dumps(stored)
+    bad = tmp_path / f"bad_{family}.safetensors"
+    save_file(tensors, str(bad), metadata=metadata)
+
+    good = load_model(source)
+    with pytest.warns(UserWarning, match=r"bad_\w+\.safetensors.*(ignored|ignoring)"):
+        model = load_model(str(bad))
+    # the same weights in the same architecture (inference cannot know e.g. sample_size: only the weights count)
+    assert list(model.unet.config.block_out_channels) == list(good.unet.config.block_out_channels)
+    assert [te.config.num_hidden_layers for te in model.text_encoders] == \
+        [te.config.num_hidden_layers for te in good.text_encoders]
+    assert model.unet.state_dict().keys() == good.unet.state_dict().keys()
+    for key, value in good.unet.state_dict().items():
+        assert model.unet.state_dict()[key].equal(value), key
+
+
+def test_the_cli_shows_a_malformed_stored_config_as_one_warning_line(capsys, tmp_path, tiny_files):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from comfyui_dreambooth.training.models.io import CONFIG_METADATA_KEY
+
+    with safe_open(tiny_files["sd1"]["safetensors"], "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = {**(f.metadata() or {}), CONFIG_METADATA_KEY: "[1, 2]"}
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=metadata)
+    code, out, err = run_cli(capsys, "info", bad)
+    assert code == 0 and json.loads(out)["family"] == "sd1"
+    assert err.splitlines() == [f"warning: {bad}: ignoring the pack's stored config ({CONFIG_METADATA_KEY} metadata): "
+                                f"it is a list, not an object; the architecture is inferred from the weights instead"]
+
+
+def test_well_formed_pack_metadata_loads_without_a_warning(tiny_files):
+    from comfyui_dreambooth.training.models import load_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        load_model(tiny_files["sd1"]["safetensors"])
+
+
 # --- sample options -------------------------------------------------------------------------------------------------
 def _sample(capsys, model, out, *options):
     return run_cli(capsys, "sample", model, "--prompt", "a photo", "--out", out, "--steps", "1", "--width", "64",

@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
 
 from . import detect, identity
@@ -27,6 +28,11 @@ KEEP_DTYPE = "keep"      # save dtype None / "keep": every tensor as it is (loss
 
 class ModelLoadError(ValueError):
     """A model file or folder that cannot be loaded; the message names the path and what to do."""
+
+
+class StoredConfigWarning(UserWarning):
+    """The pack's stored architecture config in a model file is malformed: the architecture comes from the
+    weights' shapes instead (the weights themselves are fine)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -213,21 +219,56 @@ def _single_file_identity(lazy: LazyStateDict, family: str, path: str, requested
                             weights_rule=sd2_rule)
 
 
-def _stored_config(metadata: dict) -> dict:
+def _ignore_stored(path: str, why: str) -> None:
+    warnings.warn(f"{path}: ignoring the pack's stored config ({CONFIG_METADATA_KEY} metadata): {why}; the "
+                  f"architecture is inferred from the weights instead", StoredConfigWarning, stacklevel=3)
+
+
+def _kind(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string"}.get(type(value), f"a {type(value).__name__}")
+
+
+def _stored_config(metadata: dict, path: str = "") -> dict:
+    """The pack's stored config, its malformed parts left out (with a StoredConfigWarning naming the file)."""
     raw = metadata.get(CONFIG_METADATA_KEY)
     if not raw:
         return {}
     try:
         stored = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
+        _ignore_stored(path, "it is not JSON")
         return {}
-    return stored if isinstance(stored, dict) else {}
+    if not isinstance(stored, dict):
+        _ignore_stored(path, f"it is {_kind(stored)}, not an object")
+        return {}
+    stored = dict(stored)
+    for key in ("unet", "vae"):
+        if stored.get(key) is not None and not isinstance(stored[key], dict):
+            _ignore_stored(path, f"its '{key}' is {_kind(stored.pop(key))}, not an object")
+    encoders = stored.get("text_encoders")
+    if encoders is not None and not (isinstance(encoders, list)
+                                     and all(e is None or isinstance(e, dict) for e in encoders)):
+        _ignore_stored(path, "its 'text_encoders' is not a list of objects")
+        stored.pop("text_encoders")
+    return stored
 
 
-def _family_stored_config(metadata: dict, family: str) -> dict:
+def _family_stored_config(metadata: dict, family: str, path: str = "") -> dict:
     """The pack's stored config, unless it names another family (then it is not about these weights)."""
-    stored = _stored_config(metadata)
+    stored = _stored_config(metadata, path)
     return stored if stored.get("family") in (None, family) else {}
+
+
+def _build_component(path: str, component: str, stored_cfg, infer, factory):
+    """(config, empty module): built from the pack's stored config when there is one and the class takes it,
+    else from the config inferred from the weights' shapes."""
+    if stored_cfg:
+        try:
+            return stored_cfg, _build_empty(lambda: factory(stored_cfg))
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            _ignore_stored(path, f"the {component} does not build from it ({type(e).__name__}: {str(e)[:160]})")
+    cfg = infer()
+    return cfg, _build_empty(lambda: factory(cfg))
 
 
 def load_single_file(path: str, *, prediction_type: str = "auto", dtype=None, vae_path: str | None = None) -> SDModel:
@@ -239,22 +280,30 @@ def load_single_file(path: str, *, prediction_type: str = "auto", dtype=None, va
     lazy = _normalized(open_state_dict(path))
     shapes = lazy.shapes
     family = detect.detect_family(shapes)
-    stored = _family_stored_config(lazy.metadata, family)
+    stored = _family_stored_config(lazy.metadata, family, path)
     dtype = _torch_dtype(dtype) if dtype else None
     consumed: set = set()
 
-    unet_cfg = stored.get("unet") or detect.infer_unet_config(shapes, family)
-    unet = _build_empty(lambda: UNet2DConditionModel(**unet_cfg))
+    unet_cfg, unet = _build_component(path, "UNet", stored.get("unet"), lambda: detect.infer_unet_config(shapes, family),
+                                      lambda cfg: UNet2DConditionModel(**cfg))
     rules, canon = _rules_for("unet", unet, dict(unet.config), family)
     _fill_module(unet, rules, canon, lazy, dtype, "UNet", consumed)
 
     text_encoders = []
-    for i, (kind, prefix) in enumerate(detect.text_encoder_prefixes(family, shapes)):
-        te_cfg = (stored.get("text_encoders") or [None, None])[i] or (
-            detect.infer_hf_clip_config(shapes, prefix) if kind == "hf" else detect.infer_open_clip_config(shapes, prefix))
+    stored_encoders = stored.get("text_encoders") or []
+    encoder_prefixes = detect.text_encoder_prefixes(family, shapes)
+    if stored_encoders and len(stored_encoders) != len(encoder_prefixes):
+        _ignore_stored(path, f"its 'text_encoders' has {len(stored_encoders)} entries for "
+                             f"{len(encoder_prefixes)} text encoder(s)")
+        stored_encoders = []
+    for i, (kind, prefix) in enumerate(encoder_prefixes):
         with_projection = family == "sdxl" and i == 1
         cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-        te = _build_empty(lambda: cls(CLIPTextConfig(**te_cfg)))
+        te_cfg, te = _build_component(
+            path, f"text encoder {i + 1}", stored_encoders[i] if i < len(stored_encoders) else None,
+            lambda: (detect.infer_hf_clip_config(shapes, prefix) if kind == "hf"
+                     else detect.infer_open_clip_config(shapes, prefix)),
+            lambda cfg: cls(CLIPTextConfig(**cfg)))
         rules, canon = _rules_for("te", te, te_cfg, family, kind, prefix)
         _fill_module(te, rules, canon, lazy, dtype, f"text encoder {i + 1}", consumed)
         text_encoders.append(te)
@@ -266,8 +315,8 @@ def load_single_file(path: str, *, prediction_type: str = "auto", dtype=None, va
         if not any(k.startswith(detect.VAE_PREFIX) for k in shapes):
             raise ModelLoadError(f"{path}: has no VAE ('first_stage_model.*'); choose a VAE file (vae_path / the "
                                  "node's vae input)")
-        vae_cfg = stored.get("vae") or detect.infer_vae_config(shapes, family)
-        vae = _build_empty(lambda: AutoencoderKL(**vae_cfg))
+        _, vae = _build_component(path, "VAE", stored.get("vae"), lambda: detect.infer_vae_config(shapes, family),
+                                  lambda cfg: AutoencoderKL(**cfg))
         rules, canon = _rules_for("vae", vae, dict(vae.config), family)
         _fill_module(vae, rules, canon, lazy, dtype, "VAE", consumed)
 
@@ -297,6 +346,7 @@ def load_vae(path: str, *, family: str = "sd1", dtype=None):
 
     if os.path.isdir(path):
         sub = path if os.path.exists(os.path.join(path, "config.json")) else os.path.join(path, "vae")
+        _refuse_pickled_weights(sub)
         try:
             return AutoencoderKL.from_pretrained(sub, local_files_only=True, torch_dtype=dtype).eval().requires_grad_(False)
         except (OSError, ValueError) as e:
@@ -323,6 +373,17 @@ def load_vae(path: str, *, family: str = "sd1", dtype=None):
 def is_diffusers_folder(path: str) -> bool:
     return os.path.isdir(path) and (os.path.exists(os.path.join(path, "model_index.json"))
                                     or os.path.isdir(os.path.join(path, "unet")))
+
+
+def _refuse_pickled_weights(folder: str) -> None:
+    """A component folder whose weights are pickle files (.bin/.pt/.pth/.ckpt, no .safetensors): each is read with
+    weights_only=True here first, so one holding more than tensors is refused by name (ModelLoadError, as for a
+    single .ckpt) and never reaches a library's own unpickling."""
+    if not os.path.isdir(folder) or glob.glob(os.path.join(glob.escape(folder), "*.safetensors")):
+        return                              # the libraries load .safetensors when there is one
+    for name in sorted(os.listdir(folder)):
+        if name.lower().endswith((".bin", ".pt", ".pth", ".ckpt")) and os.path.isfile(os.path.join(folder, name)):
+            _open_torch(os.path.join(folder, name))
 
 
 def _folder_family(path: str) -> str:
@@ -357,12 +418,14 @@ def load_diffusers_folder(path: str, *, prediction_type: str = "auto", dtype=Non
     te_extras: dict = {}
     if os.path.exists(extras_file):
         lazy = _open_safetensors(extras_file)
-        stored = _family_stored_config(lazy.metadata, family)
+        stored = _family_stored_config(lazy.metadata, family, extras_file)
         for k in lazy.shapes:
             if k.startswith(("text_encoder.", "text_encoder_2.")):
                 te_extras[k] = lazy.get(k)
             else:
                 extras[k] = lazy.get(k)
+    for sub in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        _refuse_pickled_weights(os.path.join(path, sub))
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True,
                                                     torch_dtype=dtype_of("unet"))
@@ -717,7 +780,7 @@ def inspect_model(path: str) -> dict:
             if k.startswith(prefix):
                 counts[name] += n
         dtype_counts[lazy.dtypes[k]] = dtype_counts.get(lazy.dtypes[k], 0) + n
-    ident = _single_file_identity(lazy, family, path, "auto", _family_stored_config(lazy.metadata, family))
+    ident = _single_file_identity(lazy, family, path, "auto", _family_stored_config(lazy.metadata, family, path))
     return {"path": os.path.abspath(path), "format": os.path.splitext(path)[1].lstrip(".").lower(),
             "family": family, **ident.as_dict(), "parameters": counts,
             "dtype": max(dtype_counts, key=dtype_counts.get) if dtype_counts else None,
