@@ -343,3 +343,35 @@ def test_save_names_within_the_limit_pass_and_unvalidated_ones_are_shortened(tmp
         pass
 
 
+# --- file names that are not UTF-8 ----------------------------------------------------------------------------------
+def test_a_non_utf8_broken_image_name_is_reported_and_training_runs(tmp_path, sd1, single_thread):
+    from trainer_fixtures import make_concept, tiny_settings
+
+    from comfyui_dreambooth.training.trainer import train
+
+    concept = make_concept(tmp_path, n=2)
+    bad = os.path.join(os.fsencode(concept.instance_dir), b"broken\xff\xfe.png")
+    with open(bad, "wb") as f:
+        f.write(b"not an image")
+    out = tmp_path / "out"
+    result = train(sd1, [concept], tiny_settings(steps_per_image=1), output_root=str(out))
+    report = open(os.path.join(result.run_dir, "dataset_report.txt"), encoding="utf-8").read()
+    assert "broken\\xff\\xfe.png" in report
+
+
+def test_a_failure_right_after_the_run_folder_is_made_leaves_no_empty_run(tmp_path, sd1, single_thread, monkeypatch):
+    from trainer_fixtures import make_concept, tiny_settings
+
+    from comfyui_dreambooth.training import runs
+    from comfyui_dreambooth.training.trainer import train
+
+    def no_lock(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runs.RunFolder, "lock", no_lock)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space"):
+        train(sd1, [make_concept(tmp_path, n=2)], tiny_settings(steps_per_image=1), output_root=str(out))
+    assert runs.RunFolder.all_runs(str(out)) == []
+    runs_root = out / runs.RUNS_SUBFOLDER
+    assert not list(runs_root.glob("dreambooth-*")), "the new run folder is removed"

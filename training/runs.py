@@ -72,10 +72,14 @@ class RunFolder:
         path, n = base, 2
         while os.path.exists(path):
             path, n = f"{base}-{n}", n + 1
-        os.makedirs(os.path.join(path, "previews"))
-        os.makedirs(os.path.join(path, "checkpoints"))
-        run = cls(path)
-        run.write_config(config)
+        try:
+            os.makedirs(os.path.join(path, "previews"))
+            os.makedirs(os.path.join(path, "checkpoints"))
+            run = cls(path)
+            run.write_config(config)
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)        # a half-made run folder is no run
+            raise
         return run
 
     @staticmethod

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -248,6 +249,15 @@ def _named_trainables(tm, unet_params, te_params) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------------------
+def _file_names_as_text(text: str) -> str:
+    """`text` with the bytes of non-UTF-8 file names (lone surrogates, as os.listdir gives them) shown as \\xNN
+    escapes, so a report naming them can be written as UTF-8."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:         # surrogates that are not escaped bytes
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def train(model, concepts, settings, *, output_root: str, resume: str = "auto", device=None,
           callbacks: TrainCallbacks | None = None, reuse_finished: bool = True) -> TrainResult:
     """Train `model` on `concepts` with `settings`; returns a new model (the input is untouched).
@@ -405,9 +415,14 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
                                                                     "parent_run_id": parent_run},
             "libraries": library_versions(), "total_steps": total_steps, "finished": False,
             "created": time.strftime("%Y-%m-%d %H:%M:%S")})
-        held.enter_context(run.lock())
-        with open(os.path.join(run.path, "dataset_report.txt"), "w", encoding="utf-8") as f:
-            f.write(report + "\n")
+        try:
+            held.enter_context(run.lock())
+            with open(os.path.join(run.path, "dataset_report.txt"), "w", encoding="utf-8",
+                      errors="backslashreplace") as f:
+                f.write(_file_names_as_text(report) + "\n")
+        except BaseException:
+            shutil.rmtree(run.path, ignore_errors=True)     # no run folder for a run that never started
+            raise
     say(f"training {total_steps} steps ({steps_per_epoch}/epoch) in {run.path}")
 
     def save(step: int, loss: float | None, *, final: bool = False) -> str | None:
