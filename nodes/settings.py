@@ -1,8 +1,8 @@
 """Settings nodes: build the `DB_CONFIG` (a `DreamBoothSettings`) in a few chainable nodes.
 
 `DreamBoothSettings` holds what most runs change (mode, length, batch, learning rate and its schedule,
-optimizer choice, what trains, precision, saving). `DreamBoothOptimizer`, `DreamBoothAdvanced` and
-`DreamBoothData` hold the rest. Each takes an optional `config` and returns a new one with its own widgets
+optimizer choice, what trains, precision, saving). `DreamBoothOptimizer`, `DreamBoothAdvanced`,
+`DreamBoothData` and `DreamBoothImagic` hold the rest. Each takes an optional `config` and returns a new one with its own widgets
 applied (the received config is never modified), so they chain in any order; without `config` a node
 starts from the defaults. Settings that depend on each other sit on the same node, so no node rejects a
 combination that a later node would fix. Every node validates the whole result and lists every problem.
@@ -24,7 +24,8 @@ CONFIG_TYPE = "DB_CONFIG"
 _FLOAT_STEPS = {"learning_rate": 1e-7, "text_encoder_lr": 1e-7, "lr_min": 1e-8, "adam_epsilon": 1e-9,
                 "ema_decay": 1e-5, "adam_beta1": 1e-3, "adam_beta2": 1e-4, "sgd_momentum": 1e-3,
                 "lora_alpha": 0.5, "pause_seconds": 1.0, "preview_cfg": 0.5, "lr_power": 0.1,
-                "max_grad_norm": 0.1, "min_snr_gamma": 0.5, "lora_dropout": 0.01, "offset_noise": 0.01}
+                "max_grad_norm": 0.1, "min_snr_gamma": 0.5, "lora_dropout": 0.01, "offset_noise": 0.01,
+                "imagic_embed_lr": 1e-4, "imagic_unet_lr": 1e-8}
 # The widget range can differ from the validated range when the auto sentinel lies outside it.
 _WIDGET_MAX = {"max_train_steps": 10_000_000, "steps_per_image": 100000}
 
@@ -136,6 +137,14 @@ class DreamBoothAdvancedNode(_FieldsNode):
               "preview_steps", "preview_cfg")
 
 
+class DreamBoothImagicNode(_FieldsNode):
+    DESCRIPTION = ("Imagic (Kawar et al. 2023; the A1111 extension's 'Train Imagic Only'): edit one real photo by a "
+                   "target text. The concept holds exactly one instance image; its instance_prompt is the target "
+                   "text. Stage 1 optimises the text embedding, stage 2 fine-tunes the UNet (LoRA with use_lora); "
+                   "SampleTrained's imagic_alpha then goes from the photo (0) to the edit (1).")
+    FIELDS = ("train_imagic_only", "imagic_embed_steps", "imagic_embed_lr", "imagic_unet_steps", "imagic_unet_lr")
+
+
 # DataSettings has no field metadata (it belongs to the data module): widgets spelled out here, ranges as in
 # DataSettings.validate; a test checks every DataSettings field has a widget with the dataclass default.
 _DATA_DEFAULTS = DataSettings()
@@ -219,13 +228,16 @@ NODE_CLASS_MAPPINGS = {
     "DreamBoothOptimizer": DreamBoothOptimizerNode,
     "DreamBoothAdvanced": DreamBoothAdvancedNode,
     "DreamBoothData": DreamBoothDataNode,
+    "DreamBoothImagic": DreamBoothImagicNode,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "DreamBoothSettings": "DreamBooth Settings",
     "DreamBoothOptimizer": "DreamBooth Optimizer",
     "DreamBoothAdvanced": "DreamBooth Advanced",
     "DreamBoothData": "DreamBooth Data",
+    "DreamBoothImagic": "DreamBooth Imagic",
 }
 
 __all__ = ["DreamBoothSettingsNode", "DreamBoothOptimizerNode", "DreamBoothAdvancedNode", "DreamBoothDataNode",
+           "DreamBoothImagicNode",
            "NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

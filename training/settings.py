@@ -53,6 +53,10 @@ _RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,99}$")
 # Recommended learning rates (A1111 extension guide: ~1e-6 full fine-tune, 1e-4 LoRA). Prodigy estimates
 # the step size itself and wants lr = 1.0; Lion takes steps of size lr on every weight (sign update), so it needs
 # about a third of AdamW's rate (Lion paper: 3-10x smaller). SGD has no per-weight scaling and needs much more.
+# Imagic (Kawar et al. 2023) fine-tunes the whole model at 5e-7.
+IMAGIC_FULL_UNET_LR = 5e-7
+IMAGIC_FIELDS = ("train_imagic_only", "imagic_embed_steps", "imagic_embed_lr", "imagic_unet_steps",
+                 "imagic_unet_lr")
 _RECOMMENDED_LR = {  # optimizer -> (LoRA, full fine-tune)
     "AdamW": (1e-4, 1e-6), "AdamW8bit": (1e-4, 1e-6), "Adafactor": (1e-4, 1e-6),
     "Lion": (3e-5, 3e-7), "Lion8bit": (3e-5, 3e-7),
@@ -210,6 +214,28 @@ class DreamBoothSettings:
                                       affects_result=False)
     preview_steps: int = _setting(20, "Sampler steps for preview images.", range=(1, 500), affects_result=False)
     preview_cfg: float = _setting(7.0, "CFG scale for preview images.", range=(1.0, 30.0), affects_result=False)
+    # --- Imagic (edit one real image by a text) -------------------------------------------------------------------
+    train_imagic_only: bool = _setting(False, "Imagic (Kawar et al. 2023; the A1111 extension's 'Train Imagic "
+                                       "Only'): edit one real photo by a text. The concept holds exactly one "
+                                       "instance image and its instance_prompt is the target text ('a photo of a "
+                                       "sitting dog'). Stage 1 optimises that text's embedding towards the photo "
+                                       "(model frozen), stage 2 fine-tunes the UNet (a LoRA with use_lora) on it; "
+                                       "then sample with SampleTrained's imagic_alpha (0 = the photo, 1 = the edit). "
+                                       "Epochs, text encoder, prior preservation, flips and EMA do not apply.")
+    imagic_embed_steps: int = _setting(1000, "Imagic stage 1: optimisation steps of the text embedding (Adam). "
+                                       "1000 as in the Imagic paper (Kawar et al. 2023, Stable Diffusion setup); "
+                                       "diffusers' community imagic_stable_diffusion.py uses 500.",
+                                       range=(1, 100000))
+    imagic_embed_lr: float = _setting(1e-3, "Imagic stage 1: learning rate of the embedding optimisation (Adam). "
+                                      "1e-3 as in the Imagic paper and diffusers' community "
+                                      "imagic_stable_diffusion.py.", range=(1e-10, 10.0))
+    imagic_unet_steps: int = _setting(1500, "Imagic stage 2: UNet fine-tuning steps on the optimised embedding. "
+                                      "1500 as in the Imagic paper (Kawar et al. 2023); diffusers' community "
+                                      "imagic_stable_diffusion.py uses 1000.", range=(1, 1_000_000))
+    imagic_unet_lr: float | None = _setting(None, "Imagic stage 2: UNet learning rate (optimizer and lr_scheduler "
+                                            "as set). Auto (0) = 5e-7 for a full fine-tune (the Imagic paper; "
+                                            "diffusers' community pipeline uses 2e-6), 1e-4 with use_lora.",
+                                            range=(1e-10, 10.0), kind=float, auto=0.0)
     # --- data ------------------------------------------------------------------------------------------------------
     data: DataSettings = _setting(DataSettings(), "Dataset-wide image, caption and cache settings.",
                                   kind=DataSettings)
@@ -242,6 +268,9 @@ class DreamBoothSettings:
             changes["steps_per_image"] = max(p["steps_per_image"] for p in presets)
         if self.text_encoder_ratio is None:
             changes["text_encoder_ratio"] = max(p["text_encoder_ratio"] for p in presets)
+        if self.train_imagic_only and self.imagic_unet_lr is None:
+            changes["imagic_unet_lr"] = IMAGIC_FULL_UNET_LR if not self.use_lora else recommended_learning_rate(
+                True, self.optimizer)
         return self.replace(**changes)
 
     @property
@@ -374,6 +403,9 @@ class DreamBoothSettings:
         if self.pause_seconds > 0 and self.pause_after_epochs == 0:
             p.append(f"pause_seconds = {self.pause_seconds} has no effect with pause_after_epochs = 0; set "
                      "pause_after_epochs (e.g. 10) or pause_seconds = 0")
+        if self.train_imagic_only and not self.train_unet:
+            p.append("train_imagic_only = True with train_unet = False: Imagic's second stage fine-tunes the UNet; "
+                     "enable train_unet")
         if not _RUN_NAME_RE.match(self.run_name) or self.run_name.strip() != self.run_name:
             p.append(f"run_name = {self.run_name!r} is not a plain folder name; use 1-100 letters, digits, '.', "
                      "'_', '-' or spaces, starting with a letter or digit, e.g. 'my_dog'")
@@ -469,6 +501,11 @@ class DreamBoothSettings:
         given as what they resolve to, so auto and its explicit value name the same run."""
         out = {f.name: getattr(self, f.name) for f in fields(self)
                if f.name != "data" and f.metadata["affects_result"]}
+        # Imagic settings name a run only when they can matter (Imagic on, or changed): the hashes of the runs
+        # made before they existed stay the same
+        for name in IMAGIC_FIELDS:
+            if not self.train_imagic_only and out[name] == settings_fields()[name].default:
+                del out[name]
         data_defaults = DataSettings()
         out["data"] = {k: (float(v) if isinstance(getattr(data_defaults, k), float) and isinstance(v, int)
                            and not isinstance(v, bool) else v)
@@ -575,7 +612,7 @@ def _data_from_dict(value: Any) -> tuple[list[str], DataSettings | None]:
         return [f"data: {e}"], None
 
 
-__all__ = ["DreamBoothSettings", "SettingsError", "recommended_learning_rate", "settings_fields",
+__all__ = ["DreamBoothSettings", "SettingsError", "IMAGIC_FIELDS", "IMAGIC_FULL_UNET_LR", "recommended_learning_rate", "settings_fields",
            "LORA_TYPES", "LORA_UNET_TARGETS", "LORA_TEXT_ENCODER_TARGETS", "LR_SCHEDULERS", "WARMUP_SCHEDULERS", "DECAYING_SCHEDULERS", "OPTIMIZERS",
            "MIXED_PRECISIONS", "VAE_DTYPES", "ATTENTIONS", "NOISE_SCHEDULERS", "PRIOR_MODES",
            "PREVIEW_SCHEDULERS"]
