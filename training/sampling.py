@@ -74,15 +74,19 @@ def _check_size(model, width: int, height: int):
 
 def generate(model, prompts, negative_prompt="", steps: int = 20, cfg: float = 7.0, seed: int = 0,
              width: int = 512, height: int = 512, batch_size: int = 1, scheduler: str = "euler",
-             clip_skip: int | None = None, long_prompts: str = "truncate", progress=None, should_stop=None):
+             clip_skip: int | None = None, long_prompts: str = "truncate", progress=None, should_stop=None,
+             imagic_alpha: float = 0.7):
     """Images as a (B, H, W, C) float tensor in [0, 1] (ComfyUI's IMAGE layout).
 
     `prompts`: one prompt (repeated `batch_size` times) or a list (one image each, batch_size ignored).
+    An Imagic model (training.imagic) is conditioned on imagic_alpha * target + (1 - imagic_alpha) * optimised
+    embedding instead of the prompts' (0 = the photo, 1 = the edit, > 1 allowed); other models ignore imagic_alpha.
     Image i uses seed `seed + i`. `progress(done, total)` is called after each step; `should_stop()` is polled
     between steps and raises SamplingInterrupted.
     """
     import torch
 
+    from .imagic import is_imagic
     from .models.text import check_clip_skip, encode_prompts
 
     prompts = [prompts] * batch_size if isinstance(prompts, str) else list(prompts)
@@ -111,6 +115,8 @@ def generate(model, prompts, negative_prompt="", steps: int = 20, cfg: float = 7
         neg = encode_prompts(model, negatives, clip_skip, long_prompts, min_chunks=chunks)
         if neg.embeds.shape[1] > pos.embeds.shape[1]:      # a longer negative: pad the positive to match
             pos = encode_prompts(model, prompts, clip_skip, long_prompts, min_chunks=neg.embeds.shape[1] // 77)
+        if is_imagic(model):
+            pos, neg = _imagic_conditioning(model, float(imagic_alpha), len(prompts), neg)
         generators = [torch.Generator("cpu").manual_seed(int(seed) + i) for i in range(len(prompts))]
         kwargs = dict(prompt_embeds=pos.embeds, negative_prompt_embeds=neg.embeds, num_inference_steps=steps,
                       guidance_scale=cfg, width=width, height=height, generator=generators, output_type="pt",
@@ -119,6 +125,24 @@ def generate(model, prompts, negative_prompt="", steps: int = 20, cfg: float = 7
             kwargs.update(pooled_prompt_embeds=pos.pooled, negative_pooled_prompt_embeds=neg.pooled)
         images = pipe(**kwargs).images
     return images.float().clamp(0, 1).permute(0, 2, 3, 1).cpu().contiguous()
+
+
+def _imagic_conditioning(model, alpha: float, n: int, neg):
+    """(positive, negative) TextEmbeds: the interpolated Imagic embedding for `n` images, and the negative cut to
+    its length (a chunked negative longer than 75 tokens keeps its first window)."""
+    import math
+
+    from .imagic import interpolated
+    from .models.text import TextEmbeds
+
+    if not math.isfinite(alpha):
+        raise ValueError(f"imagic_alpha {alpha}: must be a finite number (0 = the photo, 1 = the edit)")
+    embeds, pooled = interpolated(model, alpha)
+    embeds = embeds.to(device=neg.embeds.device, dtype=neg.embeds.dtype).expand(n, -1, -1).contiguous()
+    if pooled is not None:
+        pooled = pooled.to(device=neg.pooled.device, dtype=neg.pooled.dtype).expand(n, -1).contiguous()
+    neg = TextEmbeds(neg.embeds[:, :embeds.shape[1]], neg.pooled)
+    return TextEmbeds(embeds, pooled), neg
 
 
 def to_pil(images) -> list:

@@ -282,6 +282,10 @@ def train(model, concepts, settings, *, output_root: str, resume: str = "auto", 
 
 
 def _train(model, concepts, settings, output_root, resume, device, cb, reuse_finished, held):
+    if settings.train_imagic_only:             # Imagic: edit one photo by a text (its own two-stage loop)
+        from .imagic import train_imagic
+
+        return train_imagic(model, concepts, settings, output_root, resume, device, cb, reuse_finished, held)
     import torch
     from accelerate import Accelerator
 

@@ -1,0 +1,465 @@
+"""Imagic (Kawar et al. 2023, "Imagic: Text-Based Real Image Editing with Diffusion Models"): edit one real photo
+by a target text. The A1111 extension's "Train Imagic Only".
+
+Read `train_imagic()` top to bottom:
+
+    stage 1  the target text's embedding e_tgt is optimised towards the photo (UNet and text encoder frozen, plain
+             diffusion loss on the photo's latents; the embedding is the only trainable tensor) -> e_opt
+    stage 2  the UNet (all of it, or a LoRA with use_lora) is fine-tuned on the photo, conditioned on the frozen e_opt
+    sampling e = alpha * e_tgt + (1 - alpha) * e_opt: alpha 0 reconstructs the photo, 1 is the edit, > 1 pushes on
+             (training.sampling.generate's imagic_alpha; the prompt text is not used)
+
+The trained SDModel carries both embeddings in `extras` (IMAGIC_KEYS, (1, 77, D); SDXL also the pooled ones), so
+the checkpoint and diffusers writers store them as extra tensors and loading brings them back; a LoRA gets a
+sidecar `<name>.imagic.safetensors` (`save_sidecar` / `load_sidecar`).
+
+One run = imagic_embed_steps + imagic_unet_steps optimizer steps, counted as one global step; step s draws its noise
+and timestep from generators seeded by (seed, s) exactly like trainer.py, and a checkpoint records the stage and the
+global step, so a run resumed in either stage continues bit-identically (on CPU). Run folders, checkpoint files,
+seeds, the trainable model and the optimizers are trainer.py's.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+
+from .runs import RunFolder, compute_run_id, library_versions
+from .settings import SettingsError
+from .trainer import (CheckpointMismatch, TrainingDiverged, TrainingInterrupted, TrainingSaveError, TrainResult,
+                      _copy_weights, _file_names_as_text, _finish_model, _format_eta, _has_inference_tensors,
+                      _mixed_precision, _named_trainables, _names_a_checkpoint, _owned_modules, _read_checkpoint,
+                      _resume_target, _seed_global_rng, _set_attention, _step_seed, _trainable_copy, _vae_dtype,
+                      _write_state, build_trainable)
+
+TARGET_KEY = "imagic.target_embedding"
+OPTIMIZED_KEY = "imagic.optimized_embedding"
+TARGET_POOLED_KEY = "imagic.target_pooled"            # SDXL only
+OPTIMIZED_POOLED_KEY = "imagic.optimized_pooled"      # SDXL only
+IMAGIC_KEYS = (TARGET_KEY, OPTIMIZED_KEY, TARGET_POOLED_KEY, OPTIMIZED_POOLED_KEY)
+SIDECAR_SUFFIX = ".imagic.safetensors"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The embeddings a model carries
+# --------------------------------------------------------------------------------------------------------------
+def is_imagic(model) -> bool:
+    return TARGET_KEY in model.extras and OPTIMIZED_KEY in model.extras
+
+
+def interpolated(model, alpha: float):
+    """(embeds (1, 77k, D), pooled (1, P) or None): alpha * target + (1 - alpha) * optimised (Imagic eq. 3)."""
+    ex = model.extras
+    embeds = alpha * ex[TARGET_KEY].float() + (1.0 - alpha) * ex[OPTIMIZED_KEY].float()
+    pooled = None
+    if TARGET_POOLED_KEY in ex and OPTIMIZED_POOLED_KEY in ex:
+        pooled = alpha * ex[TARGET_POOLED_KEY].float() + (1.0 - alpha) * ex[OPTIMIZED_POOLED_KEY].float()
+    return embeds, pooled
+
+
+def imagic_tensors(model) -> dict:
+    return {k: v for k, v in model.extras.items() if k in IMAGIC_KEYS}
+
+
+def sidecar_path(lora_path: str) -> str:
+    """`x.safetensors` -> `x.imagic.safetensors` (beside the LoRA)."""
+    stem = lora_path[:-len(".safetensors")] if lora_path.lower().endswith(".safetensors") else lora_path
+    return stem + SIDECAR_SUFFIX
+
+
+def save_sidecar(model, lora_path: str) -> str | None:
+    """Write the model's Imagic embeddings beside a LoRA (fp32, atomically); None for a non-Imagic model."""
+    from safetensors.torch import save_file
+
+    from .fsutil import atomic_path
+
+    tensors = imagic_tensors(model)
+    if not is_imagic(model):
+        return None
+    path = sidecar_path(lora_path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, tmp,
+                  metadata={"format": "pt", "imagic.target_text": str(model.metadata.get("imagic", {})
+                                                                        .get("target_text", ""))})
+    return path
+
+
+def load_sidecar(path: str) -> dict:
+    """The Imagic tensors of a sidecar file (or of the LoRA it sits beside)."""
+    from safetensors.torch import load_file
+
+    if not path.endswith(SIDECAR_SUFFIX):
+        path = sidecar_path(path)
+    tensors = load_file(path)
+    return {k: v for k, v in tensors.items() if k in IMAGIC_KEYS}
+
+
+def with_imagic(model, tensors: dict):
+    """A new SDModel carrying `tensors` (IMAGIC_KEYS) in its extras (e.g. from load_sidecar)."""
+    return model.replace(extras={**model.extras, **tensors})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checks before any work
+# --------------------------------------------------------------------------------------------------------------
+def concept_problems(concepts) -> list[str]:
+    """Imagic edits one photo: exactly one concept with exactly one instance image and a target text."""
+    from .data.images import list_image_files
+
+    if len(concepts) != 1:
+        return [f"train_imagic_only: Imagic edits one photo, but {len(concepts)} concepts are connected; connect "
+                "exactly one ConceptDataset holding one image"]
+    c = concepts[0]
+    p = []
+    folder = c.instance_dir
+    if not folder.strip() or not os.path.isdir(folder):
+        p.append(f"train_imagic_only: instance_dir {folder!r} is not an existing folder; put the one photo to edit "
+                 "in a folder and name it")
+    else:
+        images, _ = list_image_files(folder)
+        if len(images) != 1:
+            shown = ", ".join(os.path.basename(x) for x in images[:5]) + (", ..." if len(images) > 5 else "")
+            p.append(f"train_imagic_only: instance_dir {folder} holds {len(images)} images"
+                     + (f" ({shown})" if images else "")
+                     + "; Imagic edits exactly one photo: leave only that image in the folder")
+    if not c.instance_prompt.strip() or c.instance_prompt.strip() == "[filewords]":
+        p.append("train_imagic_only: instance_prompt is the target text of the edit (e.g. 'a photo of a sitting "
+                 f"dog'), got {c.instance_prompt!r}; write the text")
+    return p
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------------------
+def train_imagic(model, concepts, settings, output_root, resume, device, cb, reuse_finished, held) -> TrainResult:
+    """Called by trainer._train (inside its inference_mode(False) / accelerate-state / RNG-fork context) when
+    settings.train_imagic_only; same arguments, same TrainResult."""
+    import torch
+    from accelerate import Accelerator
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from .data.dataset import prepare_training_data
+    from .models.text import encode_prompts
+    from .setup.noise import build_noise_scheduler, per_sample_mse, sample_noise, sample_timesteps, training_target
+    from .setup.optimizers import build_optimizer, training_param_groups
+    from .setup.schedulers import build_lr_scheduler
+
+    say = cb.log or (lambda msg: None)
+    # ---- 0. every problem at once, before any work ---------------------------------------------------------------
+    problems = concept_problems(concepts)
+    try:
+        settings = settings.resolved(concepts).check()
+    except SettingsError as e:
+        problems = e.problems + problems
+    if not problems:
+        problems = settings.run_length_problems(settings.imagic_unet_steps, " (imagic_unet_steps)")
+    if problems:
+        raise SettingsError(problems)
+    ignored = [name for name, on in (("use_ema", settings.use_ema), ("random_flip", settings.data.random_flip),
+                                     ("caption_dropout", settings.data.caption_dropout > 0),
+                                     ("shuffle_tags", settings.data.shuffle_tags),
+                                     ("text_encoder_ratio", settings.text_encoder_ratio > 0)) if on]
+    if ignored:
+        say(f"Imagic: {', '.join(ignored)} do not apply (one photo, frozen text encoder); ignored")
+    # the UNet stage as an ordinary run of trainer.py's machinery: UNet only, at imagic_unet_lr
+    unet_settings = settings.replace(learning_rate=settings.imagic_unet_lr, text_encoder_ratio=0.0, train_unet=True,
+                                     use_ema=False, prior_mode="class_images",
+                                     data=settings.data.replace(random_flip=False, caption_dropout=0.0,
+                                                                shuffle_tags=False))
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    mp = _mixed_precision(settings, device, say, model)
+    accelerator = Accelerator(mixed_precision=mp, cpu=device.type == "cpu")
+    device = accelerator.device if device.type != "cpu" else device
+    main = accelerator.is_main_process
+    if accelerator.num_processes > 1:
+        raise ValueError("train_imagic_only edits one photo and runs in one process; start it without "
+                         "accelerate launch")
+
+    # ---- 1. data: the one photo, its latents (cached like any run's) -----------------------------------------
+    for m in (model.vae, *model.text_encoders, model.unet):
+        m.to(device)
+    vae_dtype = _vae_dtype(settings, device, say)
+    model_for_data = model if model.vae.dtype == vae_dtype else model.replace(
+        vae=_trainable_copy(model.vae).to(dtype=vae_dtype).requires_grad_(False))
+    data = prepare_training_data(
+        model_for_data, concepts, unet_settings.data, cache_dir=os.path.join(output_root, "dreambooth", "cache"),
+        text_encoder_trained=True, batch_size=1, gradient_accumulation_steps=1, seed=settings.seed,
+        progress=(lambda d, t: cb.stage("data", d, t)) if cb.stage else None, should_stop=cb.should_stop,
+        clip_skip=settings.clip_skip_or_none, use_class_images=False, generate_class_images=False, log=say)
+    report = data.report_text()
+    plan = data.epoch_plan(0)[0]                        # the one photo, never flipped
+    target_text = data.caption_for(plan, 0)
+    embed_steps, unet_steps = settings.imagic_embed_steps, settings.imagic_unet_steps
+    total_steps = embed_steps + unet_steps
+    parent_run = model.metadata.get("trained_run_id")
+    model_identity = model.source_hash + (f"+run:{parent_run}" if parent_run else "")
+    run_id = compute_run_id(settings.config_hash(), [c.to_dict() for c in concepts],
+                            [item.content_hash for item in data.items], model_identity,
+                            "imagic-lora" if settings.use_lora else "imagic-full")
+
+    # ---- 2. the model: trainer.py's trainable copy; the embeddings -----------------------------------------
+    tm, unet_params, _ = build_trainable(model, unet_settings)
+    if tm.unet is model.unet or _has_inference_tensors(tm.unet):
+        tm = tm.replace(unet=_trainable_copy(tm.unet))    # stage 1 backpropagates through it
+    if tm.unet is not model.unet:
+        _set_attention(tm.unet, settings.attention)
+    tm = tm.replace(vae=model_for_data.vae)
+    for m in _owned_modules(tm, model):
+        m.to(device)
+    tm.vae.to(device)
+    if settings.gradient_checkpointing:
+        tm.unet.enable_gradient_checkpointing()
+    unet_named = _named_trainables(tm, unet_params, [])
+    with torch.no_grad():
+        target = encode_prompts(tm, [target_text], settings.clip_skip_or_none, settings.data.long_captions)
+    e_tgt = target.embeds.detach().float()
+    p_tgt = target.pooled.detach().float() if target.pooled is not None else None
+    e_opt = torch.nn.Parameter(e_tgt.clone())
+    embedding = {OPTIMIZED_KEY: e_opt}
+    if p_tgt is not None:
+        embedding[OPTIMIZED_POOLED_KEY] = torch.nn.Parameter(p_tgt.clone())
+    p_opt = embedding.get(OPTIMIZED_POOLED_KEY)
+    noise_scheduler = build_noise_scheduler(settings, model.prediction_type,
+                                            zero_terminal_snr=bool(settings.zero_terminal_snr or model.zero_terminal_snr))
+    tm = tm.replace(zero_terminal_snr=bool(settings.zero_terminal_snr or model.zero_terminal_snr))
+
+    def carrying_embeddings(m):
+        extras = {**m.extras, TARGET_KEY: e_tgt.cpu(), OPTIMIZED_KEY: e_opt.detach().float().cpu().clone()}
+        if p_opt is not None:
+            extras.update({TARGET_POOLED_KEY: p_tgt.cpu(), OPTIMIZED_POOLED_KEY: p_opt.detach().float().cpu().clone()})
+        return m.replace(extras=extras, metadata={**m.metadata, "imagic": {"target_text": target_text}})
+
+    def result_model(named):
+        out = carrying_embeddings(_finish_model(tm, model, named, unet_settings, None, run_id))
+        return out.replace(metadata={**out.metadata, "training": settings.result_dict()})
+
+    # ---- 3. a finished identical run is reused; an interrupted one resumed ---------------------------------
+    if reuse_finished and resume != "new":
+        done = RunFolder.find(output_root, run_id, finished=True)
+        if done is not None:
+            say(f"an identical run already finished: {done.path} (reusing its result)")
+            named = {**embedding, **unet_named}
+            _copy_weights(done.final_dir, named, _read_checkpoint(done.final_dir)["weights"])
+            cfg = done.read_config()
+            return TrainResult(result_model(named), done.path, cfg.get("steps", total_steps), reused=True,
+                               final_loss=cfg.get("final_loss"), report=report, info=cfg)
+    run, checkpoint = _resume_target(output_root, run_id, resume)
+    if run is not None and main:
+        held.enter_context(run.lock())
+        for path in run.remove_leftovers():
+            say(f"removed {path} (left by an interrupted save)")
+
+    # ---- 4. the two stages' optimizers (stage 2's is built when it starts) -----------------------------------
+    class Stage:
+        def __init__(self, number, named, optimizer, lr_scheduler):
+            self.number, self.named, self.optimizer, self.lr_scheduler = number, named, optimizer, lr_scheduler
+
+    def embedding_stage():
+        opt = torch.optim.Adam(list(embedding.values()), lr=settings.imagic_embed_lr)   # the paper's optimizer
+        return Stage(1, dict(embedding), accelerator.prepare(opt), LambdaLR(opt, _constant))
+
+    def unet_stage():
+        for p in embedding.values():
+            p.requires_grad_(False)
+        tm.unet.requires_grad_(False)
+        for p in unet_params:
+            p.requires_grad_(True)
+        tm.unet.train()
+        opt = build_optimizer(training_param_groups(unet_params, [], unet_settings), unet_settings)
+        return Stage(2, {**embedding, **unet_named}, accelerator.prepare(opt),
+                     build_lr_scheduler(opt, unet_settings, unet_steps))
+
+    tm.unet.requires_grad_(False)
+    tm.unet.eval()
+    stage = embedding_stage()
+    start_step = 0
+    if checkpoint:
+        loaded = _load_stage_checkpoint(run, checkpoint, run_id, say, fallback=not _names_a_checkpoint(resume))
+        if loaded is None:
+            say(f"no checkpoint of {run.path} loads; starting again in a new run folder (the old one is kept)")
+            checkpoint = None
+        else:
+            checkpoint, ckpt = loaded
+            start_step = int(ckpt["state"]["step"])
+            if int(ckpt["state"].get("stage", 1)) == 2:
+                stage = unet_stage()
+            _copy_weights(checkpoint, stage.named, ckpt["weights"])
+            stage.optimizer.load_state_dict(ckpt["optimizer"]["optimizer"])
+            stage.lr_scheduler.load_state_dict(ckpt["optimizer"]["lr_scheduler"])
+            if accelerator.scaler is not None and ckpt["optimizer"].get("scaler"):
+                accelerator.scaler.load_state_dict(ckpt["optimizer"]["scaler"])
+    if checkpoint:
+        say(f"resuming {run.path} from step {start_step} (Imagic stage {stage.number})")
+        if main:
+            run.truncate_loss(start_step)
+    elif main:
+        run = RunFolder.create(output_root, settings.run_name, {
+            "run_id": run_id, "settings": settings.to_dict(), "concepts": [c.to_dict() for c in concepts],
+            "dataset_report": data.report.to_dict(), "base_model": {"path": model.source, "hash": model.source_hash,
+                                                                    "family": model.family,
+                                                                    "prediction_type": model.prediction_type,
+                                                                    "parent_run_id": parent_run},
+            "imagic": {"target_text": target_text, "embed_steps": embed_steps, "unet_steps": unet_steps},
+            "libraries": library_versions(), "total_steps": total_steps, "finished": False,
+            "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+        try:
+            held.enter_context(run.lock())
+            with open(os.path.join(run.path, "dataset_report.txt"), "w", encoding="utf-8",
+                      errors="backslashreplace") as f:
+                f.write(_file_names_as_text(report) + "\n")
+        except BaseException:
+            shutil.rmtree(run.path, ignore_errors=True)
+            raise
+    say(f"Imagic: {embed_steps} embedding steps + {unet_steps} UNet steps for {target_text!r} in {run.path}")
+
+    def save(step: int, loss, *, final: bool = False) -> str | None:
+        if not main:
+            return None
+
+        def write(folder):
+            _write_state(folder, stage.named, stage.optimizer, stage.lr_scheduler, None,
+                         {"step": step, "stage": stage.number, "stage_step": step - (embed_steps if stage.number == 2
+                                                                                     else 0),
+                          "run_id": run_id, "loss": loss, "time": time.time()}, scaler=accelerator.scaler)
+        try:
+            return run.save_final(write) if final else run.save_checkpoint(step, write,
+                                                                           keep_last=settings.keep_last_checkpoints)
+        except OSError as e:
+            raise TrainingSaveError(f"could not save the checkpoint of step {step} in {run.path}: {e}. The previous "
+                                    f"checkpoint is intact: {run.latest_checkpoint() or 'none yet'}") from e
+
+    def preview(name: str, alphas):
+        if not (main and settings.preview_every_epochs):
+            return
+        from .sampling import generate, to_pil
+
+        was_training = tm.unet.training
+        tm.unet.eval()
+        shown = carrying_embeddings(tm)
+        res = settings.data.resolution
+        paths = []
+        for alpha in alphas:
+            with accelerator.autocast():
+                images = generate(shown, target_text, steps=settings.preview_steps, cfg=settings.preview_cfg,
+                                  seed=settings.seed, width=res, height=res, scheduler=settings.preview_scheduler,
+                                  clip_skip=settings.clip_skip_or_none, imagic_alpha=alpha)
+            path = os.path.join(run.previews_dir, f"{name}_alpha{alpha:g}.png")
+            to_pil(images)[0].save(path)
+            paths.append(path)
+        tm.unet.train(was_training)
+        if cb.preview:
+            cb.preview(paths)
+
+    # ---- 5. the loop: stage 1 (embedding), then stage 2 (UNet) ---------------------------------------------
+    step, last_loss = start_step, None
+    started, t_last, rate = time.time(), time.time(), None
+    control = cb.control
+    while step < total_steps:
+        if stage.number == 1 and step >= embed_steps:      # stage 1 done: show it, then fine-tune the UNet
+            preview("stage1", (0.0,))
+            stage = unet_stage()
+            say(f"Imagic stage 2: fine-tuning the UNet on the optimised embedding ({unet_steps} steps)")
+        _seed_global_rng(_step_seed(settings.seed, step), device)
+        gen = torch.Generator("cpu").manual_seed(_step_seed(settings.seed, step, 1))
+        batch = data.load_batch(plan, device=device, dtype=torch.float32, generator=gen)
+        with accelerator.autocast():
+            latents = batch.latents
+            noise = sample_noise(latents, settings.offset_noise, gen)
+            t = sample_timesteps(noise_scheduler, latents.shape[0], gen, device)
+            noisy = noise_scheduler.add_noise(latents, noise, t)
+            added = {"text_embeds": p_opt, "time_ids": batch.time_ids} if tm.is_sdxl else None
+            pred = tm.unet(noisy, t, e_opt, added_cond_kwargs=added).sample
+            loss = per_sample_mse(pred, training_target(noise_scheduler, latents, noise, t,
+                                                        model.prediction_type)).mean()
+        accelerator.backward(loss)
+        loss_value = float(loss.detach())
+        lr = stage.lr_scheduler.get_last_lr()[0]
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(
+                f"the loss became {loss_value} at step {step + 1} (Imagic stage {stage.number}, learning rate "
+                f"{lr:.3g}); training stopped without saving this state. Last good checkpoint: "
+                f"{run.latest_checkpoint() or 'none'} (lower imagic_embed_lr / imagic_unet_lr, or mixed_precision "
+                "bf16/no)")
+        if settings.max_grad_norm > 0 and stage.number == 2:
+            accelerator.clip_grad_norm_([p for p in unet_params if p.grad is not None], settings.max_grad_norm)
+        stage.optimizer.step()
+        stage.lr_scheduler.step()
+        stage.optimizer.zero_grad(set_to_none=True)
+        step += 1
+        last_loss = loss_value
+
+        # ---- bookkeeping: log, progress, controls --------------------------------------------------------
+        now = time.time()
+        dt, t_last = now - t_last, now
+        rate = 1.0 / dt if rate is None else 0.9 * rate + 0.1 / max(dt, 1e-9)
+        stage_step = step - (embed_steps if stage.number == 2 else 0)
+        if main:
+            run.append_loss({"step": step, "epoch": stage.number, "stage": stage.number, "stage_step": stage_step,
+                             "loss": loss_value, "lr": lr, "time": round(now - started, 4)})
+        if cb.progress:
+            cb.progress({"step": step, "total": total_steps, "epoch": stage.number, "epochs": 2,
+                         "stage": "embedding" if stage.number == 1 else "unet", "loss": loss_value, "lr": lr,
+                         "it_per_s": rate, "eta_s": (total_steps - step) / rate if rate else None,
+                         "eta": _format_eta((total_steps - step) / rate) if rate else ""})
+        stage_end = step in (embed_steps, total_steps)
+        saved = None
+        if control is not None and control.take_save_request():
+            saved = save(step, loss_value)
+            say(f"saved {saved} (requested)")
+        if stage_end and step < total_steps and settings.save_every_epochs and saved is None:
+            saved = save(step, loss_value)
+        stop_now = (cb.should_stop is not None and cb.should_stop()) or (
+            control is not None and control.should_stop(epoch_end=stage_end))
+        if stop_now and step < total_steps:
+            path = saved or save(step, loss_value)
+            raise TrainingInterrupted(f"training stopped at step {step}/{total_steps} (Imagic stage {stage.number});"
+                                      f" resumable checkpoint: {path}", run.path, step, path)
+
+    # ---- 6. finish ---------------------------------------------------------------------------------------------
+    if stage.number == 1:          # imagic_unet_steps is at least 1, so only an empty loop gets here
+        stage = unet_stage()
+    if main:
+        preview("final", (0.0, 1.0))
+        save(step, last_loss, final=True)
+        run.update_config(finished=True, steps=step, final_loss=last_loss,
+                          finished_at=time.strftime("%Y-%m-%d %H:%M:%S"))
+    return TrainResult(result_model(stage.named), run.path, step, final_loss=last_loss, report=report,
+                       info=run.read_config())
+
+
+def _constant(_step: int) -> float:
+    return 1.0
+
+
+def _load_stage_checkpoint(run, checkpoint, run_id, say, fallback):
+    """(folder, its contents) of `checkpoint`, or (with `fallback`) of the newest older one that loads; None when
+    none loads. Another run's checkpoint is an error."""
+    candidates = [checkpoint]
+    if fallback:
+        newest = run.checkpoints().index(checkpoint) if checkpoint in run.checkpoints() else 0
+        candidates += list(reversed(run.checkpoints()[:newest]))
+    for i, folder in enumerate(candidates):
+        try:
+            ckpt = _read_checkpoint(folder)
+        except Exception as e:
+            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            if not fallback:
+                raise ValueError(f"{folder}: the checkpoint is damaged and cannot be loaded ({reason}); resume "
+                                 f"from another checkpoint of {run.path}, or start a new run") from None
+            say(f"checkpoint {folder} is damaged ({reason}); trying an older one")
+            continue
+        if ckpt["state"].get("run_id") != run_id:
+            raise CheckpointMismatch(
+                f"{folder}: this checkpoint belongs to a run with other settings, data or base model (run id "
+                f"{ckpt['state'].get('run_id')} vs {run_id}); start a new run (resume = new) or restore the "
+                "original settings")
+        if i:
+            say(f"resuming from {folder} instead of the damaged {checkpoint}")
+        return folder, ckpt
+    return None
+
+
+__all__ = ["IMAGIC_KEYS", "TARGET_KEY", "OPTIMIZED_KEY", "TARGET_POOLED_KEY", "OPTIMIZED_POOLED_KEY",
+           "SIDECAR_SUFFIX", "concept_problems", "interpolated", "is_imagic", "imagic_tensors", "load_sidecar",
+           "save_sidecar", "sidecar_path", "train_imagic", "with_imagic"]
