@@ -163,6 +163,14 @@ class SampleTrained:
                                                "tooltip": "Saved as <output>/<prefix>_00001_.png; subfolders allowed, "
                                                           "nothing outside the output folder."}),
             },
+            "optional": {
+                "imagic_alpha": ("FLOAT", {"default": 0.7, "min": -10.0, "max": 10.0, "step": 0.05, "round": False,
+                                           "tooltip": "Imagic models only (train_imagic_only): alpha x target text + "
+                                                      "(1 - alpha) x optimised embedding. 0 = reconstruct the photo, "
+                                                      "1 = the target edit, between interpolates, > 1 pushes the edit "
+                                                      "further (0.6-0.8 usually keeps the photo best). The prompt is "
+                                                      "not used for them; other models ignore this input."}),
+            },
         }
 
     @classmethod
@@ -192,7 +200,7 @@ class SampleTrained:
         return "; ".join(problems) or True
 
     def sample(self, model, prompt, negative_prompt, steps, cfg, seed, width, height, batch_size, scheduler,
-               clip_skip, filename_prefix):
+               clip_skip, filename_prefix, imagic_alpha=0.7):
         from ..training.sampling import SamplingInterrupted, generate
 
         with compat.Progress(steps, label="sampling") as bar:
@@ -200,7 +208,7 @@ class SampleTrained:
                 images = generate(model, prompt, negative_prompt, steps=steps, cfg=cfg, seed=seed, width=width,
                                   height=height, batch_size=batch_size, scheduler=scheduler,
                                   clip_skip=clip_skip or None, progress=lambda d, t: bar.update_absolute(d, t),
-                                  should_stop=compat.interrupt_requested)
+                                  should_stop=compat.interrupt_requested, imagic_alpha=imagic_alpha)
             except SamplingInterrupted:
                 compat.check_interrupt()
                 raise

@@ -271,12 +271,56 @@ def train_then_generate_same_graph() -> dict:
     return c.to_json()
 
 
+def imagic_edit() -> dict:
+    c = Canvas("imagic_edit")
+    c.note("Imagic: edit one real photo by a text (Kawar et al. 2023; the A1111 extension's 'Train Imagic Only').\n\n"
+           "1. Put ONE photo in ComfyUI/input/dreambooth/imagic (exactly one image: the run refuses 0 or 2+).\n"
+           "2. Write the edit as Concept > instance_prompt, describing the photo as you want it: 'a photo of a "
+           "sitting dog' for a standing one.\n"
+           "3. Queue. Stage 1 optimises that text's embedding towards the photo (1000 steps), stage 2 fine-tunes "
+           "the UNet on it (1500 steps); both show loss and previews on the Train node, Cancel resumes.\n"
+           "4. The three Sample nodes show imagic_alpha 0 (the photo rebuilt), 0.7 (the edit, keeping the photo) "
+           "and 1 (the text alone). Try 0.6-0.9, or above 1 for a stronger edit; the prompt is not used.\n\n"
+           "Full fine-tune as in the paper (Settings use_lora off; the Imagic node's imagic_unet_lr auto = 5e-7). "
+           "steps_per_image and the epoch settings do not apply to Imagic.", (0, -40), width=420, height=400,
+           title="How to use")
+    x0 = 460
+    model = c.node("LoadBaseModel", (x0, 320), title="Base model", widgets={"model": BASE_MODEL, "dtype": "fp32"})
+    concept = c.node("ConceptDataset", (x0, 560), title="Concept", width=400, widgets=_concept_widgets(
+        instance_dir="dreambooth/imagic", instance_prompt="a photo of a sitting dog", instance_token="",
+        class_prompt="", class_token="", class_negative_prompt="", num_class_images_per_image=0,
+        sample_prompt="", concept_type="object"))
+    data = c.node("DreamBoothData", (x0 + COL, 0), title="Data", widgets={"resolution": 512, "random_flip": False})
+    settings = c.node("DreamBoothSettings", (x0 + 2 * COL, 0), title="Settings", widgets={
+        "use_lora": False, "steps_per_image": 150, "learning_rate": 1e-6, "lr_scheduler": "constant_with_warmup",
+        "lr_warmup_steps": 0, "text_encoder_ratio": 0.0, "mixed_precision": "fp16", "seed": 1234,
+        "save_every_epochs": 1, "preview_every_epochs": 1, "keep_last_checkpoints": 1, "run_name": "imagic_edit"})
+    imagic = c.node("DreamBoothImagic", (x0 + COL, 560), title="Imagic", widgets={
+        "train_imagic_only": True, "imagic_embed_steps": 1000, "imagic_embed_lr": 1e-3, "imagic_unet_steps": 1500,
+        "imagic_unet_lr": 0.0})
+    train = c.node("TrainDreamBooth", (x0 + 3 * COL, 320), title="Train", width=420, height=520)
+    c.link(data, "config", imagic, "config")
+    c.link(imagic, "config", settings, "config")
+    c.link(model, "model", train, "model")
+    c.link(concept, "concepts", train, "concepts")
+    c.link(settings, "config", train, "config")
+    for i, alpha in enumerate((0.0, 0.7, 1.0)):
+        sample = c.node("SampleTrained", (x0 + 4 * COL, i * 420), title=f"Sample alpha {alpha:g}", width=400,
+                        widgets={"prompt": "", "negative_prompt": NEGATIVE, "steps": 50, "cfg": 7.5, "seed": 7,
+                                 "scheduler": "ddim", "filename_prefix": f"dreambooth/imagic_alpha{alpha:g}",
+                                 "imagic_alpha": alpha})
+        c.link(train, "model", sample, "model")
+    c.group("Imagic: edit one photo by a text", (x0 - 20, -80, 5 * COL + 20, 1340))
+    return c.to_json()
+
+
 EXAMPLES = {
     "lora_person_prior_preservation": lora_person_prior_preservation,
     "full_finetune_object": full_finetune_object,
     "two_concepts": two_concepts,
     "train_then_generate_core_nodes": train_then_generate_core_nodes,
     "train_then_generate_same_graph": train_then_generate_same_graph,
+    "imagic_edit": imagic_edit,
 }
 
 

@@ -15,7 +15,7 @@ EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "example_workflows"
 EXAMPLES = sorted(EXAMPLES_DIR.glob("*.json"))
 IDS = [p.stem for p in EXAMPLES]
 EXPECTED = {"lora_person_prior_preservation", "full_finetune_object", "two_concepts",
-            "train_then_generate_core_nodes", "train_then_generate_same_graph"}
+            "train_then_generate_core_nodes", "train_then_generate_same_graph", "imagic_edit"}
 
 
 def load(path: Path) -> dict:
@@ -176,7 +176,8 @@ def test_settings_chains_build_valid_configs(path):
             built[node_id] = classes[node["type"]]().build(config=config, **widgets)[0]
         return built[node_id]
 
-    settings_types = {"DreamBoothSettings", "DreamBoothOptimizer", "DreamBoothAdvanced", "DreamBoothData"}
+    settings_types = {"DreamBoothSettings", "DreamBoothOptimizer", "DreamBoothAdvanced", "DreamBoothData",
+                      "DreamBoothImagic"}
     trains = [n for n in active_nodes(wf) if n["type"] == "TrainDreamBooth"]
     assert trains
     for train in trains:
