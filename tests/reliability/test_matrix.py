@@ -578,6 +578,139 @@ def _(tmp, sd1):
     assert "s3cr3t-value" not in resolved and "${DB_MATRIX_SECRET}" in resolved
 
 
+# ---- command line and workflows ---------------------------------------------------------------------------------
+def _cli(*argv) -> tuple[int, str]:
+    """`comfyui-dreambooth ARGV` in-process: (exit code, stderr)."""
+    import contextlib
+
+    from comfyui_dreambooth import cli
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = cli.main([str(a) for a in argv])
+    return code, err.getvalue()
+
+
+def _one_line_error(code, err, *needles):
+    assert code == 1, (code, err)
+    _no_traceback(err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and len(lines[0]) < 600, err[:2000]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def _model_file(tmp, sd1):
+    from comfyui_dreambooth.training.models import save_single_file
+
+    path = tmp / "tiny.safetensors"
+    if not path.exists():
+        save_single_file(sd1, str(path), dtype="fp32")
+    return str(path)
+
+
+@case("deep-workflow", "a workflow JSON nested 100,000 levels deep", "clear error: too deeply nested, not a workflow")
+def _(tmp, sd1):
+    path = tmp / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    _one_line_error(*_cli("run", path), "nested")
+
+
+@case("long-path", "a 6,000-character path (`x/y/y/...`) as model, workflow or output folder",
+      "clear error, the path shown shortened (start...end)")
+def _(tmp, sd1):
+    _one_line_error(*_cli("info", "x" + "/y" * 3000), "...", "model not found")
+
+
+@case("pickle-in-folder", "a diffusers folder whose text_encoder/pytorch_model.bin carries a code-running pickle",
+      "clear error naming the file: refused; the payload never runs")
+def _(tmp, sd1):
+    import torch
+
+    from comfyui_dreambooth.training.models import save_diffusers
+
+    folder = tmp / "model"
+    save_diffusers(sd1, str(folder), dtype="fp32")
+    te = folder / "text_encoder"
+    for name in os.listdir(te):
+        if name.endswith(".safetensors"):
+            os.remove(te / name)
+    marker = tmp / "pwned"
+    torch.save({"evil": _Payload(str(marker))}, te / "pytorch_model.bin")
+    _one_line_error(*_cli("info", folder), "pytorch_model.bin")
+    assert not marker.exists()
+
+
+@case("malformed-metadata", "a single file whose pack metadata is malformed (config a list, text_encoders a string)",
+      "handled: one warning line naming the file; the architecture is read from the weights")
+def _(tmp, sd1):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src = _model_file(tmp, sd1)
+    with safe_open(src, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = dict(f.metadata())
+    for bad in ("[1, 2]", '{"family": "sd1", "text_encoders": "oops"}'):
+        meta["comfyui_dreambooth.config"] = bad
+        path = tmp / "odd.safetensors"
+        save_file(tensors, str(path), metadata=meta)
+        code, err = _cli("info", path)
+        assert code == 0 and "warning" in err and "odd.safetensors" in err, err
+        _no_traceback(err)
+
+
+@case("bad-sample-numbers", "`sample --clip-skip 99`, `--clip-skip -1`, `--seed 2^64`, `--cfg nan`",
+      "clear error naming the option and its allowed range; nothing written")
+def _(tmp, sd1):
+    model = _model_file(tmp, sd1)
+    base = ["sample", model, "--prompt", "a dog", "--out", tmp / "x.png", "--steps", "1", "--width", "64",
+            "--height", "64"]
+    for option, value in (("--clip-skip", "99"), ("--clip-skip", "-1"), ("--seed", str(2**64)), ("--cfg", "nan")):
+        _one_line_error(*_cli(*base, option, value), option)
+    assert not (tmp / "x.png").exists()
+
+
+@case("empty-output-dir", '`run --output-dir ""`', "clear error: an empty path is refused (not the current folder)")
+def _(tmp, sd1):
+    path = tmp / "wf.json"
+    path.write_text("{}")
+    _one_line_error(*_cli("run", path, "--output-dir", ""), "--output-dir")
+
+
+@case("sample-overwrite", "`sample --out` naming an existing file",
+      "clear error: refused unless --overwrite is given; the file is kept")
+def _(tmp, sd1):
+    model = _model_file(tmp, sd1)
+    out = tmp / "keep.png"
+    out.write_bytes(b"mine")
+    _one_line_error(*_cli("sample", model, "--prompt", "a dog", "--out", out, "--steps", "1", "--width", "64",
+                          "--height", "64"), "--overwrite")
+    assert out.read_bytes() == b"mine"
+
+
+@case("invalid-graph", "SampleTrained width 65, or a SaveLoRA name of 200 multi-byte characters, after a training node",
+      "clear error before any node runs (the whole graph is validated first, as ComfyUI does)")
+def _(tmp, sd1):
+    from comfyui_dreambooth.nodes.models import SampleTrained
+    from comfyui_dreambooth.nodes.save import SaveLoRA
+
+    assert SampleTrained.VALIDATE_INPUTS(width=65, height=64) is not True
+    assert SampleTrained.VALIDATE_INPUTS(width=64, height=64) is True
+    assert SaveLoRA.VALIDATE_INPUTS(filename="é" * 200) is not True
+    assert SaveLoRA.VALIDATE_INPUTS(filename="my_dog") is True
+
+
+@case("control-route", "POST /dreambooth/control from a stale tab, a guessed node id or with a malformed body",
+      "refused: 409 (stale run) / 404 (no such run) / 400 (bad body) in one JSON line; no other run is touched")
+def _(tmp, sd1):
+    from comfyui_dreambooth.nodes import live
+
+    assert live.control_response({"node": "999", "run": "guess", "action": "stop_now"})[0] == 404
+    assert live.control_response(["not", "an", "object"])[0] == 400
+    assert live.control_response({"node": "1", "run": "r", "action": "rm -rf"})[0] == 400
+
+
 # ---- the matrix -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
 def test_case(c, tmp_path, sd1, single_thread):
