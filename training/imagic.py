@@ -167,7 +167,9 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
                                      use_ema=False, prior_mode="class_images",
                                      data=settings.data.replace(random_flip=False, caption_dropout=0.0,
                                                                 shuffle_tags=False))
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
     mp = _mixed_precision(settings, device, say, model)
     accelerator = Accelerator(mixed_precision=mp, cpu=device.type == "cpu")
     device = accelerator.device if device.type != "cpu" else device
@@ -220,9 +222,9 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
     if p_tgt is not None:
         embedding[OPTIMIZED_POOLED_KEY] = torch.nn.Parameter(p_tgt.clone())
     p_opt = embedding.get(OPTIMIZED_POOLED_KEY)
-    noise_scheduler = build_noise_scheduler(settings, model.prediction_type,
-                                            zero_terminal_snr=bool(settings.zero_terminal_snr or model.zero_terminal_snr))
-    tm = tm.replace(zero_terminal_snr=bool(settings.zero_terminal_snr or model.zero_terminal_snr))
+    zero_terminal_snr = bool(settings.zero_terminal_snr or model.zero_terminal_snr)
+    noise_scheduler = build_noise_scheduler(settings, model.prediction_type, zero_terminal_snr=zero_terminal_snr)
+    tm = tm.replace(zero_terminal_snr=zero_terminal_snr)
 
     def carrying_embeddings(m):
         extras = {**m.extras, TARGET_KEY: e_tgt.cpu(), OPTIMIZED_KEY: e_opt.detach().float().cpu().clone()}
