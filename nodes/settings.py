@@ -122,9 +122,10 @@ class DreamBoothSettingsNode(_FieldsNode):
 
 
 class DreamBoothOptimizerNode(_FieldsNode):
-    DESCRIPTION = "Optimizer details (betas, epsilon, momentum, weight decay, gradient clipping) and EMA."
+    DESCRIPTION = ("Optimizer details (betas, epsilon, momentum, weight decay, gradient clipping), EMA, and the "
+                   "optimizer's memory savers: fused_backward and weights_dtype.")
     FIELDS = ("adam_beta1", "adam_beta2", "adam_epsilon", "sgd_momentum", "weight_decay", "max_grad_norm",
-              "use_ema", "ema_decay", "ema_on_cpu")
+              "use_ema", "ema_decay", "ema_on_cpu", "fused_backward", "weights_dtype")
 
 
 class DreamBoothAdvancedNode(_FieldsNode):
@@ -134,7 +135,7 @@ class DreamBoothAdvancedNode(_FieldsNode):
               "gradient_checkpointing", "set_grads_to_none", "attention", "vae_dtype", "noise_scheduler",
               "zero_terminal_snr", "offset_noise", "min_snr_gamma", "freeze_clip_norm", "clip_skip",
               "prior_mode", "prior_loss_weight", "pause_after_epochs", "pause_seconds", "preview_scheduler",
-              "preview_steps", "preview_cfg")
+              "preview_steps", "preview_cfg", "frozen_dtype")
 
 
 class DreamBoothImagicNode(_FieldsNode):

@@ -41,6 +41,9 @@ OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit", "Prodigy", "Adafactor", 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 VAE_DTYPES = ("fp32", "fp16", "bf16")
 ATTENTIONS = ("sdpa", "xformers", "sliced")
+WEIGHTS_DTYPES = ("fp32", "bf16")
+FROZEN_DTYPES = ("auto", "bf16", "fp16", "fp8")
+MEMORY_ENGINE_FIELDS = ("fused_backward", "weights_dtype", "frozen_dtype")
 NOISE_SCHEDULERS = ("DDPM",)
 PRIOR_MODES = ("class_images", "base_model")
 # Names of training.sampling.SCHEDULERS (kept here so this module stays torch-free; a test checks they agree).
@@ -179,6 +182,20 @@ class DreamBoothSettings:
                               choices=VAE_DTYPES)
     attention: str = _setting("sdpa", "Attention kernel: sdpa (PyTorch, default), xformers (if installed), "
                               "sliced (lowest memory, slowest).", choices=ATTENTIONS)
+    # --- memory engine (training/setup/fused.py, training/setup/precision.py) --------------------------------------
+    fused_backward: bool = _setting(False, "Step each weight inside the backward pass and free its gradient at "
+                                    "once: no full set of gradients is ever held (saves one copy of the trained "
+                                    "weights). Same result as the normal step. Needs max_grad_norm 0, "
+                                    "gradient_accumulation_steps 1, mixed_precision bf16 or no, and not Prodigy.")
+    weights_dtype: str = _setting("fp32", "Precision the trained weights are stored in. bf16 halves their memory "
+                                  "(and the gradients'); every update is computed in fp32 and rounded "
+                                  "stochastically, so small steps are not lost. Needs mixed_precision bf16; "
+                                  "meant for full fine-tunes (LoRA adapters may use it too).",
+                                  choices=WEIGHTS_DTYPES)
+    frozen_dtype: str = _setting("auto", "Precision of the frozen (not trained) weights on the GPU. auto = the "
+                                 "mixed_precision's half type; bf16 / fp16 force one; fp8 keeps frozen UNet weights "
+                                 "in float8 and computes layer by layer in the compute precision (LoRA only; "
+                                 "for small cards; slightly lower quality).", choices=FROZEN_DTYPES)
     # --- what trains --------------------------------------------------------------------------------------------
     train_unet: bool = _setting(True, "Train the UNet (or its adapter).")
     text_encoder_ratio: float | None = _setting(None, "Fraction of the steps during which the text encoder(s) "
@@ -397,6 +414,7 @@ class DreamBoothSettings:
                 p.append(f"text_encoder_lr = {self.text_encoder_lr} with optimizer Prodigy: Prodigy shares one step "
                          "size across all weights and refuses a different text encoder rate; set text_encoder_lr "
                          "to auto (0)")
+        p += self._memory_engine_problems()
         if self.pause_after_epochs > 0 and self.pause_seconds == 0:
             p.append(f"pause_after_epochs = {self.pause_after_epochs} with pause_seconds = 0 pauses for nothing; "
                      "set pause_seconds (e.g. 60) or pause_after_epochs = 0")
@@ -409,6 +427,44 @@ class DreamBoothSettings:
         if not _RUN_NAME_RE.match(self.run_name) or self.run_name.strip() != self.run_name:
             p.append(f"run_name = {self.run_name!r} is not a plain folder name; use 1-100 letters, digits, '.', "
                      "'_', '-' or spaces, starting with a letter or digit, e.g. 'my_dog'")
+        return p
+
+    def _memory_engine_problems(self) -> list[str]:
+        """fused_backward / weights_dtype / frozen_dtype against the settings they cannot work with."""
+        p: list[str] = []
+        if self.fused_backward:
+            if self.gradient_accumulation_steps > 1:
+                p.append(f"fused_backward = True with gradient_accumulation_steps = "
+                         f"{self.gradient_accumulation_steps}: fused_backward steps each weight as soon as its "
+                         "gradient exists, so gradients cannot add up over several passes; set "
+                         "gradient_accumulation_steps = 1 (raise batch_size instead) or turn fused_backward off")
+            if self.max_grad_norm > 0:
+                p.append(f"fused_backward = True with max_grad_norm = {self.max_grad_norm:g}: clipping to a global "
+                         "norm needs every gradient before any step, which fused_backward never holds; set "
+                         "max_grad_norm = 0 or turn fused_backward off")
+            if self.mixed_precision == "fp16":
+                p.append("fused_backward = True with mixed_precision = 'fp16': fp16 loss scaling must see every "
+                         "gradient before any step (to skip steps that overflow); use mixed_precision 'bf16' "
+                         "(or 'no'), or turn fused_backward off")
+        if self.optimizer == "Prodigy" and (self.fused_backward or self.weights_dtype == "bf16"):
+            what = "fused_backward = True" if self.fused_backward else "weights_dtype = 'bf16'"
+            p.append(f"{what} with optimizer = 'Prodigy': these step each weight with its own optimizer, and "
+                     "Prodigy estimates one step size from all weights together; choose AdamW, AdamW8bit, "
+                     "Adafactor, Lion or SGD, or turn it off")
+        if self.weights_dtype == "bf16" and self.mixed_precision != "bf16":
+            p.append(f"weights_dtype = 'bf16' with mixed_precision = {self.mixed_precision!r}: bf16 weights need "
+                     "bf16 compute; set mixed_precision = 'bf16' or weights_dtype = 'fp32'")
+        if self.frozen_dtype == "fp8" and not self.use_lora:
+            p.append("frozen_dtype = 'fp8' with use_lora = False: fp8 stores the frozen base weights under a LoRA, "
+                     "and a full fine-tune trains them; use_lora = True, or frozen_dtype 'auto' (or weights_dtype "
+                     "'bf16' to save memory in a full fine-tune)")
+        if self.frozen_dtype in ("bf16", "fp16") and self.mixed_precision == "no":
+            p.append(f"frozen_dtype = {self.frozen_dtype!r} with mixed_precision = 'no': half-precision frozen "
+                     "weights would meet fp32 compute; set mixed_precision to "
+                     f"{self.frozen_dtype!r} or frozen_dtype 'auto'")
+        if self.frozen_dtype == "fp16" and self.mixed_precision == "bf16":
+            p.append("frozen_dtype = 'fp16' with mixed_precision = 'bf16': the frozen weights would meet bf16 "
+                     "compute; use frozen_dtype 'auto' or 'bf16', or mixed_precision 'fp16'")
         return p
 
     def _length_problems(self, num_examples: int) -> list[str]:
@@ -505,6 +561,10 @@ class DreamBoothSettings:
         # made before they existed stay the same
         for name in IMAGIC_FIELDS:
             if not self.train_imagic_only and out[name] == settings_fields()[name].default:
+                del out[name]
+        # the memory engine's settings likewise, at their defaults (runs made before they existed keep their hash)
+        for name in MEMORY_ENGINE_FIELDS:
+            if out[name] == settings_fields()[name].default:
                 del out[name]
         data_defaults = DataSettings()
         out["data"] = {k: (float(v) if isinstance(getattr(data_defaults, k), float) and isinstance(v, int)
@@ -614,5 +674,5 @@ def _data_from_dict(value: Any) -> tuple[list[str], DataSettings | None]:
 
 __all__ = ["DreamBoothSettings", "SettingsError", "IMAGIC_FIELDS", "IMAGIC_FULL_UNET_LR", "recommended_learning_rate", "settings_fields",
            "LORA_TYPES", "LORA_UNET_TARGETS", "LORA_TEXT_ENCODER_TARGETS", "LR_SCHEDULERS", "WARMUP_SCHEDULERS", "DECAYING_SCHEDULERS", "OPTIMIZERS",
-           "MIXED_PRECISIONS", "VAE_DTYPES", "ATTENTIONS", "NOISE_SCHEDULERS", "PRIOR_MODES",
+           "MIXED_PRECISIONS", "VAE_DTYPES", "ATTENTIONS", "WEIGHTS_DTYPES", "FROZEN_DTYPES", "NOISE_SCHEDULERS", "PRIOR_MODES",
            "PREVIEW_SCHEDULERS"]

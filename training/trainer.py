@@ -176,6 +176,7 @@ def build_trainable(model, settings):
     """(trained model, unet params, text-encoder params). The received model is never modified: every module
     that trains, or that training must change (attention kernel, dtype), is a copy; frozen ones are shared."""
     from .setup.adapters import adapter_parameters, add_adapters
+    from .setup.precision import cast_trained, trained_weight_dtype
 
     trains_te = settings.trains_text_encoder
     if settings.use_lora:
@@ -186,11 +187,14 @@ def build_trainable(model, settings):
                               text_encoder_targets=settings.lora_text_encoder_targets)
         unet_params = adapter_parameters(tm, unet=True, text_encoders=False) if settings.train_unet else []
         te_params = adapter_parameters(tm, unet=False, text_encoders=True) if trains_te else []
+        cast_trained([*unet_params, *te_params], trained_weight_dtype(settings))   # weights_dtype (fp32 / bf16)
         return _own_frozen_unet_if_needed(tm, model, settings), unet_params, te_params
     # trained weights are fp32 master copies whatever precision the model was loaded in: a bf16 weight cannot
     # take a 1e-6 step (it rounds back), and fp16 gradients cannot be unscaled; autocast computes in half
-    unet = _trainable_copy(model.unet).float() if settings.train_unet else model.unet
-    tes = [_trainable_copy(te).float() for te in model.text_encoders] if trains_te else list(model.text_encoders)
+    # (or bf16 with weights_dtype = bf16: the optimizer then rounds each update stochastically, setup/fused.py)
+    wdt = trained_weight_dtype(settings)
+    unet = _trainable_copy(model.unet).to(wdt) if settings.train_unet else model.unet
+    tes = [_trainable_copy(te).to(wdt) for te in model.text_encoders] if trains_te else list(model.text_encoders)
     unet_params, te_params = [], []
     if settings.train_unet:
         unet.requires_grad_(True)
@@ -294,7 +298,9 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
     from .setup.ema import EMA
     from .setup.noise import (build_noise_scheduler, min_snr_weights, per_sample_mse, sample_noise,
                               sample_timesteps, training_target, weighted_mean_loss)
-    from .setup.optimizers import build_optimizer, training_param_groups
+    from .setup.fused import build_training_optimizer
+    from .setup.optimizers import training_param_groups
+    from .setup import precision
     from .setup.schedulers import build_lr_scheduler
 
     say = cb.log or (lambda msg: None)
@@ -368,10 +374,11 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
     trained_modules = ([tm.unet] if settings.train_unet else []) + (tm.text_encoders if te_steps else [])
     for m in _owned_modules(tm, model):               # shared (received) modules keep their dtype
         m.to(device)
-        if mp != "no" and device.type != "cpu":      # frozen weights in half precision; trained ones stay fp32
+        frozen_dt = precision.frozen_weight_dtype(settings, mp, device)   # frozen_dtype (auto: compute's half)
+        if frozen_dt is not None:                     # frozen weights in half precision; trained ones as trained
             for p in m.parameters():
                 if not p.requires_grad:
-                    p.data = p.data.to(weight_dtype)
+                    p.data = p.data.to(frozen_dt)
     if device.type != "cpu" and tm.unet is not model.unet and settings.prior_mode != "base_model":
         model.unet.to("cpu")       # training uses its own copy: the received UNet's VRAM is free until the end
     tm = tm.replace(vae=model_for_data.vae, zero_terminal_snr=zero_terminal_snr)
@@ -385,7 +392,18 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
             enable_text_encoder_checkpointing(te)   # non-reentrant: TE LoRA learns on transformers 4 too
     for m in trained_modules:
         m.train()
-    optimizer = build_optimizer(training_param_groups(unet_params, te_params, settings), settings)
+    if settings.frozen_dtype == "fp8" and tm.unet is not model.unet:     # frozen UNet layers in float8
+        precision.apply_fp8_storage(tm.unet, precision.compute_dtype(mp))
+        held.callback(precision.restore_fp8_storage, tm.unet, model.unet)
+    offloaded = precision.offload_frozen(tm, settings, device, te_trained=bool(te_steps),
+                                         text_cached=data.text_cache is not None,
+                                         latents_cached=data.latent_cache is not None)
+    if settings.fused_backward and world > 1:
+        raise ValueError("fused_backward = True steps each weight before gradients are averaged across GPUs; "
+                         "train on one GPU or turn fused_backward off")
+    optimizer = build_training_optimizer(training_param_groups(unet_params, te_params, settings), settings)
+    if hasattr(optimizer, "close"):
+        held.callback(optimizer.close)                # fused_backward's hooks leave the trained weights
     lr_scheduler = build_lr_scheduler(optimizer, settings, total_steps)
     noise_scheduler = build_noise_scheduler(settings, model.prediction_type, zero_terminal_snr=zero_terminal_snr)
     ema = EMA(tm.unet, settings.ema_decay, on_cpu=settings.ema_on_cpu) if settings.use_ema and settings.train_unet else None
@@ -455,7 +473,7 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
         for m in trained_modules:
             m.eval()
         res = settings.data.resolution
-        with accelerator.autocast():
+        with accelerator.autocast(), precision.frozen_on(device, offloaded):
             images = generate(tm, prompts, steps=settings.preview_steps, cfg=settings.preview_cfg,
                               seed=settings.seed, width=res, height=res, scheduler=settings.preview_scheduler,
                               clip_skip=settings.clip_skip_or_none, long_prompts=settings.data.long_captions)
@@ -522,6 +540,9 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
                                                          settings, encode_prompts, per_sample_mse,
                                                          with_grad=not te_frozen)
                 loss = loss / len(micro_batches)
+            if settings.fused_backward and not math.isfinite(float(loss.detach())):
+                step_loss += loss.detach()        # fused_backward steps inside backward: stop before it
+                break
             accelerator.backward(loss)
             step_loss += loss.detach()
         loss_value = float(step_loss)
