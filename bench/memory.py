@@ -1,0 +1,258 @@
+"""Benchmark: peak memory (and speed) of training per memory-engine setting combination (issue 11).
+
+    python bench/memory.py --quick                       # CPU dry run: tiny model, a few combinations (~2 min)
+    python bench/memory.py                               # CPU: tiny + mid model, LoRA + full, every combination
+    python bench/memory.py --models tiny                 # CPU: only the tiny model
+    python bench/memory.py --device cuda                 # GPU: SD1.5-size @512 and SDXL-size @1024, batch 1
+
+Each combination trains in a fresh subprocess (`train()` with previews / checkpoints off), so its peak is its own:
+CPU reports the peak RSS (`ru_maxrss`), CUDA `torch.cuda.max_memory_allocated` (and reserved); both report it/s
+over the measured steps (after warm-up).
+
+Models. CPU: `tiny` (the test model, 64 px) and `mid` (training.models.tiny.build_random_sd15(unet="reduced"):
+an SD1.5-layout UNet of two levels at 320/640 channels (~100M) with the real-size SD VAE (84M) and CLIP-L (123M),
+~300M parameters in all, at 64 px). CUDA: `sd15` (SD1.5's UNet, VAE and CLIP-L, random init, 512 px) and `sdxl`
+(SDXL's UNet layout with CLIP-L + a bigG-size text encoder, random init, 1024 px; the VAE is the SD VAE, which has
+SDXL's architecture).
+
+Combinations. CPU: every (mode in lora/full) x fused_backward x weights_dtype x optimizer in (AdamW, Adafactor)
+x frozen_dtype in (auto, fp8 for LoRA). CUDA: the four presets of the issue:
+  lora-default   LoRA rank 16, AdamW, bf16 mixed precision, gradient checkpointing
+  lora-lowmem    + fused_backward, Adafactor (AdamW8bit when bitsandbytes works), frozen_dtype fp8
+  full-default   full fine-tune, AdamW, bf16 mixed precision, gradient checkpointing, fp32 master weights
+  full-lowmem    + fused_backward, weights_dtype bf16, Adafactor (or AdamW8bit)
+In every case latents and text embeddings are cached, so the VAE and text encoders leave the GPU.
+
+Results: a table on stdout and JSON in bench/results/memory-<device>-<time>.json (or --json PATH).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))   # the folder holding the comfyui_dreambooth package
+
+RESOLUTION = {"tiny": 64, "mid": 64, "sd15": 512, "sdxl": 1024}
+STEPS = {"tiny": (2, 6), "mid": (1, 3), "sd15": (3, 10), "sdxl": (3, 8)}        # (warm-up, measured)
+
+
+# ---- models -----------------------------------------------------------------------------------------------------
+def build_model(name: str):
+    from comfyui_dreambooth.training.models import build_tiny_model
+    from comfyui_dreambooth.training.models.tiny import build_random_sd15
+
+    if name == "tiny":
+        return build_tiny_model("sd1")
+    if name == "mid":
+        return build_random_sd15(unet="reduced")
+    if name == "sd15":
+        return build_random_sd15(unet="full")
+    if name == "sdxl":
+        return build_random_sdxl()
+    raise ValueError(f"unknown model {name!r}")
+
+
+def build_random_sdxl():
+    """SDXL's UNet (2.6B), CLIP-L + a bigG-size text encoder, the SD VAE architecture; random init."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from comfyui_dreambooth.training.models import build_tiny_model
+    from comfyui_dreambooth.training.models.tiny import VOCAB, sd15_text_encoder, sd15_vae
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=128, cross_attention_dim=2048, block_out_channels=(320, 640, 1280), layers_per_block=2,
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+    big_g = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=VOCAB, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+        max_position_embeddings=77, hidden_act="gelu", projection_dim=1280, bos_token_id=49406,
+        eos_token_id=49407, pad_token_id=0))
+    vae = sd15_vae()
+    vae.register_to_config(scaling_factor=0.13025)
+    for m in (unet, big_g, vae):
+        m.eval().requires_grad_(False)
+    te1 = sd15_text_encoder().eval().requires_grad_(False)
+    return build_tiny_model("sdxl").replace(unet=unet, vae=vae, text_encoders=[te1, big_g],
+                                            source_hash="random-sdxl-0")
+
+
+# ---- combinations -----------------------------------------------------------------------------------------------
+def cpu_combinations(quick: bool) -> list[dict]:
+    out = []
+    for mode, fused, wdt, opt, frozen in itertools.product(("lora", "full"), (False, True), ("fp32", "bf16"),
+                                                           ("AdamW", "Adafactor"), ("auto", "fp8")):
+        if frozen == "fp8" and mode == "full":
+            continue
+        out.append(dict(mode=mode, fused_backward=fused, weights_dtype=wdt, optimizer=opt, frozen_dtype=frozen))
+    if quick:
+        out = [c for c in out if c["optimizer"] == "AdamW" and c["frozen_dtype"] == "auto"
+               and c["fused_backward"] == (c["weights_dtype"] == "bf16")]
+    return out
+
+
+def bitsandbytes_works() -> bool:
+    try:
+        import bitsandbytes as bnb
+        import torch
+
+        p = torch.nn.Parameter(torch.ones(4096, device="cuda"))
+        opt = bnb.optim.AdamW8bit([p], lr=1e-3)
+        p.grad = torch.ones_like(p)
+        opt.step()
+        torch.cuda.synchronize()
+        return True
+    except Exception:
+        return False
+
+
+def gpu_combinations() -> list[dict]:
+    low_opt = "AdamW8bit" if bitsandbytes_works() else "Adafactor"
+    return [
+        dict(name="lora-default", mode="lora", optimizer="AdamW"),
+        dict(name="lora-lowmem", mode="lora", optimizer=low_opt, fused_backward=True, frozen_dtype="fp8"),
+        dict(name="full-default", mode="full", optimizer="AdamW"),
+        dict(name="full-lowmem", mode="full", optimizer=low_opt, fused_backward=True, weights_dtype="bf16"),
+    ]
+
+
+def settings_for(cfg: dict, model_name: str, device: str):
+    from comfyui_dreambooth.training.data.settings import DataSettings
+    from comfyui_dreambooth.training.settings import DreamBoothSettings
+
+    full = cfg["mode"] == "full"
+    warm, steps = STEPS[model_name]
+    bf16 = cfg.get("weights_dtype") == "bf16" or device == "cuda"
+    fused = cfg.get("fused_backward", False)
+    res = RESOLUTION[model_name]
+    return DreamBoothSettings(
+        use_lora=not full, lora_rank=16, lora_alpha=16.0, learning_rate=1e-5 if full else 1e-4,
+        optimizer=cfg.get("optimizer", "AdamW"), fused_backward=fused, weights_dtype=cfg.get("weights_dtype", "fp32"),
+        frozen_dtype=cfg.get("frozen_dtype", "auto"), max_grad_norm=0.0 if fused else 1.0,
+        lr_scheduler="constant", use_ema=False, steps_per_image=0, max_train_steps=warm + steps, batch_size=1,
+        text_encoder_ratio=0.0, mixed_precision="bf16" if bf16 else "no", gradient_checkpointing=device == "cuda",
+        save_every_epochs=0, preview_every_epochs=0, keep_last_checkpoints=1, run_name="bench-memory",
+        data=DataSettings(resolution=res, bucket_min_side=64, bucket_max_side=max(128, res)))
+
+
+# ---- one combination, in a child process ----------------------------------------------------------------------
+def child(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from comfyui_dreambooth.training.data.settings import ConceptSettings
+    from comfyui_dreambooth.training.trainer import TrainCallbacks, train
+
+    cfg = json.loads(args.child)
+    model_name, device = cfg.pop("model"), cfg.pop("device")
+    model = build_model(model_name)
+    settings = settings_for(cfg, model_name, device)
+    warm, steps = STEPS[model_name]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.join(tmp, "instance")
+        os.makedirs(folder)
+        import numpy as np
+        from PIL import Image
+
+        rng = np.random.default_rng(0)
+        for i in range(2):
+            Image.fromarray((rng.random((RESOLUTION[model_name],) * 2 + (3,)) * 255).astype("uint8")).save(
+                os.path.join(folder, f"{i}.png"))
+        concept = ConceptSettings(instance_dir=folder, instance_prompt="a photo of sks dog",
+                                  class_prompt="a photo of dog", num_class_images_per_image=0)
+        times = {}
+
+        def progress(p):
+            times[p["step"]] = time.perf_counter()
+            if device == "cuda" and p["step"] == 1:
+                torch.cuda.reset_peak_memory_stats()   # data preparation (VAE / text encoding) is not training
+
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        result = train(model, [concept], settings, output_root=tmp, device=device,
+                       callbacks=TrainCallbacks(progress=progress))
+        losses = []
+        with open(os.path.join(result.run_dir, "loss.jsonl"), encoding="utf-8") as f:
+            losses = [json.loads(line)["loss"] for line in f if line.strip()]
+    out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "it_per_s": (steps / (times[warm + steps] - times[warm])) if warm + steps in times and warm in times
+           else None, "losses": losses}
+    if device == "cuda":
+        out["max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        out["max_reserved_gib"] = torch.cuda.max_memory_reserved() / 2 ** 30
+    print("RESULT " + json.dumps(out))
+
+
+def run_one(cfg: dict, model_name: str, device: str, threads: int, timeout: int) -> dict:
+    payload = json.dumps({**cfg, "model": model_name, "device": device})
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    started = time.time()
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", payload, "--threads", str(threads)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    row = {"model": model_name, "device": device, **cfg, "wall_s": round(time.time() - started, 1)}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        row["error"] = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        return row
+    row.update(json.loads(lines[-1][len("RESULT "):]))
+    return row
+
+
+def label(cfg: dict) -> str:
+    if "name" in cfg:
+        return cfg["name"]
+    return (f"{cfg['mode']:4s} fused={'y' if cfg.get('fused_backward') else 'n'} w={cfg.get('weights_dtype', 'fp32')} "
+            f"{cfg.get('optimizer', 'AdamW'):9s} frozen={cfg.get('frozen_dtype', 'auto')}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--models", default=None, help="comma list (cpu: tiny,mid; cuda: sd15,sdxl)")
+    ap.add_argument("--quick", action="store_true", help="CPU dry run: tiny model, 4 combinations")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per combination")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+        return
+    if args.device == "cuda":
+        models = (args.models or "sd15,sdxl").split(",")
+        combos = gpu_combinations()
+    else:
+        models = (args.models or ("tiny" if args.quick else "tiny,mid")).split(",")
+        combos = cpu_combinations(args.quick)
+    rows = []
+    for model_name in models:
+        for cfg in combos:
+            row = run_one(cfg, model_name, args.device, args.threads, args.timeout)
+            rows.append(row)
+            peak = (f"{row['max_allocated_gib']:.2f} GiB alloc" if "max_allocated_gib" in row
+                    else f"{row['peak_rss_mib']:.0f} MiB RSS" if "peak_rss_mib" in row else row.get("error"))
+            speed = f"{row['it_per_s']:.2f} it/s" if row.get("it_per_s") else ""
+            print(f"{model_name:5s} {label(cfg):55s} {peak:>18s} {speed:>12s}  ({row['wall_s']} s)", flush=True)
+    path = args.json or os.path.join(HERE, "results", f"memory-{args.device}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"device": args.device, "platform": platform.platform(), "python": sys.version.split()[0],
+                   "rows": rows}, f, indent=2)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
