@@ -372,12 +372,15 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
     # ---- 3. the model to train, optimizer, schedules -------------------------------------------------------
     tm, unet_params, te_params = build_trainable(model, settings)
     trained_modules = ([tm.unet] if settings.train_unet else []) + (tm.text_encoders if te_steps else [])
+    if settings.frozen_dtype == "fp8" and tm.unet is not model.unet:     # frozen UNet layers in float8, cast
+        precision.apply_fp8_storage(tm.unet, precision.compute_dtype(mp))  # before the move: no full-size copy
+        held.callback(precision.restore_fp8_storage, tm.unet, model.unet)  # on the GPU at any time
     for m in _owned_modules(tm, model):               # shared (received) modules keep their dtype
         m.to(device)
         frozen_dt = precision.frozen_weight_dtype(settings, mp, device)   # frozen_dtype (auto: compute's half)
         if frozen_dt is not None:                     # frozen weights in half precision; trained ones as trained
             for p in m.parameters():
-                if not p.requires_grad:
+                if not p.requires_grad and p.dtype != precision.FP8:
                     p.data = p.data.to(frozen_dt)
     if device.type != "cpu" and tm.unet is not model.unet and settings.prior_mode != "base_model":
         model.unet.to("cpu")       # training uses its own copy: the received UNet's VRAM is free until the end
@@ -392,9 +395,6 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
             enable_text_encoder_checkpointing(te)   # non-reentrant: TE LoRA learns on transformers 4 too
     for m in trained_modules:
         m.train()
-    if settings.frozen_dtype == "fp8" and tm.unet is not model.unet:     # frozen UNet layers in float8
-        precision.apply_fp8_storage(tm.unet, precision.compute_dtype(mp))
-        held.callback(precision.restore_fp8_storage, tm.unet, model.unet)
     offloaded = precision.offload_frozen(tm, settings, device, te_trained=bool(te_steps),
                                          text_cached=data.text_cache is not None,
                                          latents_cached=data.latent_cache is not None)
