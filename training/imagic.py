@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
 
-from .runs import RunFolder, compute_run_id, library_versions
+from .runs import RunFolder, compute_run_id
 from .settings import SettingsError
 from .trainer import (CheckpointMismatch, TrainingDiverged, TrainingInterrupted, TrainingSaveError, TrainResult,
-                      _copy_weights, _file_names_as_text, _finish_model, _format_eta, _has_inference_tensors,
+                      _copy_weights, _create_run, _finish_model, _format_eta, _has_inference_tensors,
                       _mixed_precision, _named_trainables, _names_a_checkpoint, _owned_modules, _read_checkpoint,
                       _resume_target, _seed_global_rng, _set_attention, _step_seed, _trainable_copy, _vae_dtype,
                       _write_state, build_trainable)
@@ -296,23 +295,8 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
         if main:
             run.truncate_loss(start_step)
     elif main:
-        run = RunFolder.create(output_root, settings.run_name, {
-            "run_id": run_id, "settings": settings.to_dict(), "concepts": [c.to_dict() for c in concepts],
-            "dataset_report": data.report.to_dict(), "base_model": {"path": model.source, "hash": model.source_hash,
-                                                                    "family": model.family,
-                                                                    "prediction_type": model.prediction_type,
-                                                                    "parent_run_id": parent_run},
-            "imagic": {"target_text": target_text, "embed_steps": embed_steps, "unet_steps": unet_steps},
-            "libraries": library_versions(), "total_steps": total_steps, "finished": False,
-            "created": time.strftime("%Y-%m-%d %H:%M:%S")})
-        try:
-            held.enter_context(run.lock())
-            with open(os.path.join(run.path, "dataset_report.txt"), "w", encoding="utf-8",
-                      errors="backslashreplace") as f:
-                f.write(_file_names_as_text(report) + "\n")
-        except BaseException:
-            shutil.rmtree(run.path, ignore_errors=True)
-            raise
+        run = _create_run(output_root, settings, concepts, data, model, run_id, parent_run, total_steps, report, held,
+                          imagic={"target_text": target_text, "embed_steps": embed_steps, "unet_steps": unet_steps})
     say(f"Imagic: {embed_steps} embedding steps + {unet_steps} UNet steps for {target_text!r} in {run.path}")
 
     def save(step: int, loss, *, final: bool = False) -> str | None:

@@ -311,7 +311,6 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
     device = accelerator.device if device.type != "cpu" else device
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)
 
     # ---- 1. data: scan, class images, caches -----------------------------------------------------------------
     for m in (model.vae, *model.text_encoders):
@@ -429,22 +428,7 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
         if main:
             run.truncate_loss(start_step)
     elif main:
-        run = RunFolder.create(output_root, settings.run_name, {
-            "run_id": run_id, "settings": settings.to_dict(), "concepts": [c.to_dict() for c in concepts],
-            "dataset_report": data.report.to_dict(), "base_model": {"path": model.source, "hash": model.source_hash,
-                                                                    "family": model.family,
-                                                                    "prediction_type": model.prediction_type,
-                                                                    "parent_run_id": parent_run},
-            "libraries": library_versions(), "total_steps": total_steps, "finished": False,
-            "created": time.strftime("%Y-%m-%d %H:%M:%S")})
-        try:
-            held.enter_context(run.lock())
-            with open(os.path.join(run.path, "dataset_report.txt"), "w", encoding="utf-8",
-                      errors="backslashreplace") as f:
-                f.write(_file_names_as_text(report) + "\n")
-        except BaseException:
-            shutil.rmtree(run.path, ignore_errors=True)     # no run folder for a run that never started
-            raise
+        run = _create_run(output_root, settings, concepts, data, model, run_id, parent_run, total_steps, report, held)
     say(f"training {total_steps} steps ({steps_per_epoch}/epoch) in {run.path}")
 
     def save(step: int, loss: float | None, *, final: bool = False) -> str | None:
@@ -609,6 +593,29 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
                           finished_at=time.strftime("%Y-%m-%d %H:%M:%S"))
     result = _finish_model(tm, model, named, settings, ema.state_dict() if ema is not None else None, run_id)
     return TrainResult(result, run.path, step, final_loss=last_loss, report=report, info=run.read_config())
+
+
+def _create_run(output_root, settings, concepts, data, model, run_id, parent_run, total_steps, report, held,
+                **extra_config):
+    """A new run folder with config.json and dataset_report.txt, locked for this process (`held`); a failure here
+    leaves no run folder behind (nothing has started)."""
+    run = RunFolder.create(output_root, settings.run_name, {
+        "run_id": run_id, "settings": settings.to_dict(), "concepts": [c.to_dict() for c in concepts],
+        "dataset_report": data.report.to_dict(), "base_model": {"path": model.source, "hash": model.source_hash,
+                                                                "family": model.family,
+                                                                "prediction_type": model.prediction_type,
+                                                                "parent_run_id": parent_run},
+        **extra_config, "libraries": library_versions(), "total_steps": total_steps, "finished": False,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+    try:
+        held.enter_context(run.lock())
+        with open(os.path.join(run.path, "dataset_report.txt"), "w", encoding="utf-8",
+                  errors="backslashreplace") as f:
+            f.write(_file_names_as_text(report) + "\n")
+    except BaseException:
+        shutil.rmtree(run.path, ignore_errors=True)     # no run folder for a run that never started
+        raise
+    return run
 
 
 def _freeze(params):
