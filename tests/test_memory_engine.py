@@ -173,15 +173,16 @@ def test_every_combination_trains_with_falling_loss_and_exports(sd1, tmp_path, u
 
     lr = {"SGD": 0.5 if use_lora else 0.2, "Adafactor": 3e-2 if use_lora else 3e-3}.get(
         optimizer, 2e-2 if use_lora else 1e-3)
-    settings = tiny_settings(use_lora=use_lora, learning_rate=lr, steps_per_image=0, max_train_steps=12,
+    steps = 8          # bf16 matmuls are slow on a CPU: enough steps to see the loss fall, no more
+    settings = tiny_settings(use_lora=use_lora, learning_rate=lr, steps_per_image=0, max_train_steps=steps,
                              optimizer=optimizer, fused_backward=fused, weights_dtype=wdt, frozen_dtype=frozen,
                              max_grad_norm=0.0 if fused else 1.0,
                              mixed_precision="bf16" if wdt == "bf16" else "no")
     concept = make_concept(tmp_path, n=4)
     result = _train(sd1, tmp_path / "out", settings, concept)
     losses = [r["loss"] for r in read_losses(result.run_dir)]
-    assert len(losses) == 12
-    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert len(losses) == steps
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < first, losses
     if use_lora:
         path = str(tmp_path / "x.safetensors")
