@@ -11,7 +11,9 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: CI runs the same examples every time (a failure is reproducible, never a flake); run with
+# --hypothesis-seed=random (or drop derandomize locally) to search further
+PROPERTY = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 TOKEN = st.from_regex(r"[a-z][a-z0-9]{0,7}", fullmatch=True)
 # any text, including what os.fsdecode makes of a non-UTF-8 file name (lone surrogates) and regex syntax
 TEXT = st.lists(st.text(st.characters(blacklist_categories=("Cs",)), max_size=8)
@@ -24,6 +26,7 @@ TEXT = st.lists(st.text(st.characters(blacklist_categories=("Cs",)), max_size=8)
 @given(prompt=TEXT, words=TEXT, inst=TOKEN, cls=TOKEN | TEXT, is_class=st.booleans())
 @example(prompt="a sks photo", words="", inst="sks", cls="\\1", is_class=True)       # a token that is regex syntax
 @example(prompt="[filewords]", words="sks \\g<0>", inst="sks", cls="\\g<0>", is_class=True)
+@example(prompt="[filewords]", words="0\\G", inst="a", cls="g", is_class=False)     # a backslash glued "0a"
 def test_build_caption_never_fails_and_places_the_tokens(prompt, words, inst, cls, is_class):
     from comfyui_dreambooth.training.data.captions import _word, build_caption
 

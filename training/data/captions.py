@@ -31,6 +31,7 @@ from .settings import FILEWORDS
 
 _LEADING_NUMBERS = re.compile(r"^[-\d_\s]+")
 _SPACES = re.compile(r"\s+")
+_BRACKET_ESCAPE = re.compile(r"\\(?=[()\[\]{}])")
 
 
 def caption_file_for(image_path: str) -> str | None:
@@ -66,7 +67,9 @@ def _word(token: str) -> re.Pattern:
 
 
 def _tidy(text: str) -> str:
-    text = _SPACES.sub(" ", text.replace("\\", ""))
+    # A1111 escapes literal brackets ("\\(" in a tag); any other backslash separates words rather than gluing
+    # them ("0\\G" with an inserted token must keep it a word of its own)
+    text = _SPACES.sub(" ", _BRACKET_ESCAPE.sub("", text).replace("\\", " "))
     text = re.sub(r"\s+,", ",", text)
     text = re.sub(r",\s*,+", ",", text)
     return text.strip().strip(",").strip()
