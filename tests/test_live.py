@@ -335,7 +335,8 @@ class FakeRequest:
         self.content_length = len(data) if length == "auto" else length
 
 
-def test_register_routes_inside_comfyui(monkeypatch):
+def fake_route_table(monkeypatch) -> "FakeRoutes":
+    """A (fake) ComfyUI with a fake aiohttp.web, routes not registered yet: the table register_routes fills."""
     routes = FakeRoutes()
     fake_comfyui(monkeypatch, routes=routes, send_sync=lambda *a, **k: None)
     fake_aiohttp = types.ModuleType("aiohttp")
@@ -346,7 +347,11 @@ def test_register_routes_inside_comfyui(monkeypatch):
     monkeypatch.setitem(sys.modules, "aiohttp", fake_aiohttp)
     monkeypatch.setitem(sys.modules, "aiohttp.web", fake_web)
     monkeypatch.setattr(live, "_routes_registered", False)
+    return routes
 
+
+def test_register_routes_inside_comfyui(monkeypatch):
+    routes = fake_route_table(monkeypatch)
     assert live.register_routes() is True
     routes.handlers.clear()
     assert live.register_routes() is True            # idempotent: no second registration
@@ -422,16 +427,7 @@ def test_snapshots_while_training_are_consistent():
 # --- issue 10.3: the routes assume nothing of the caller ---------------------------------------------------------
 def installed_routes(monkeypatch):
     """(GET state handler, POST control handler) as registered inside a (fake) ComfyUI with a fake aiohttp.web."""
-    routes = FakeRoutes()
-    fake_comfyui(monkeypatch, routes=routes, send_sync=lambda *a, **k: None)
-    fake_aiohttp = types.ModuleType("aiohttp")
-    fake_web = types.ModuleType("aiohttp.web")
-    fake_web.json_response = lambda body, status=200, headers=None: {"status": status, "body": body,
-                                                                      "headers": headers or {}}
-    fake_aiohttp.web = fake_web
-    monkeypatch.setitem(sys.modules, "aiohttp", fake_aiohttp)
-    monkeypatch.setitem(sys.modules, "aiohttp.web", fake_web)
-    monkeypatch.setattr(live, "_routes_registered", False)
+    routes = fake_route_table(monkeypatch)
     assert live.register_routes()
     return routes.handlers[("GET", "/dreambooth/state")], routes.handlers[("POST", "/dreambooth/control")]
 
