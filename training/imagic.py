@@ -27,7 +27,7 @@ import time
 from .runs import RunFolder, compute_run_id
 from .settings import SettingsError
 from .trainer import (CheckpointMismatch, TrainingDiverged, TrainingInterrupted, TrainingSaveError, TrainResult,
-                      _copy_weights, _create_run, _finish_model, _format_eta, _has_inference_tensors,
+                      _copy_weights, _create_run, _finish_model, _first_loadable, _format_eta, _has_inference_tensors,
                       _mixed_precision, _named_trainables, _names_a_checkpoint, _owned_modules, _read_checkpoint,
                       _resume_target, _seed_global_rng, _set_attention, _step_seed, _trainable_copy, _vae_dtype,
                       _write_state, build_trainable)
@@ -276,12 +276,13 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
     stage = embedding_stage()
     start_step = 0
     if checkpoint:
-        loaded = _load_stage_checkpoint(run, checkpoint, run_id, say, fallback=not _names_a_checkpoint(resume))
+        loaded = _first_loadable(run, checkpoint, lambda folder: _read_own_checkpoint(folder, run_id), say,
+                                 fallback=not _names_a_checkpoint(resume))
         if loaded is None:
             say(f"no checkpoint of {run.path} loads; starting again in a new run folder (the old one is kept)")
             checkpoint = None
         else:
-            checkpoint, ckpt = loaded
+            ckpt, checkpoint = loaded
             start_step = int(ckpt["state"]["step"])
             if int(ckpt["state"].get("stage", 1)) == 2:
                 stage = unet_stage()
@@ -418,32 +419,15 @@ def _constant(_step: int) -> float:
     return 1.0
 
 
-def _load_stage_checkpoint(run, checkpoint, run_id, say, fallback):
-    """(folder, its contents) of `checkpoint`, or (with `fallback`) of the newest older one that loads; None when
-    none loads. Another run's checkpoint is an error."""
-    candidates = [checkpoint]
-    if fallback:
-        newest = run.checkpoints().index(checkpoint) if checkpoint in run.checkpoints() else 0
-        candidates += list(reversed(run.checkpoints()[:newest]))
-    for i, folder in enumerate(candidates):
-        try:
-            ckpt = _read_checkpoint(folder)
-        except Exception as e:
-            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-            if not fallback:
-                raise ValueError(f"{folder}: the checkpoint is damaged and cannot be loaded ({reason}); resume "
-                                 f"from another checkpoint of {run.path}, or start a new run") from None
-            say(f"checkpoint {folder} is damaged ({reason}); trying an older one")
-            continue
-        if ckpt["state"].get("run_id") != run_id:
-            raise CheckpointMismatch(
-                f"{folder}: this checkpoint belongs to a run with other settings, data or base model (run id "
-                f"{ckpt['state'].get('run_id')} vs {run_id}); start a new run (resume = new) or restore the "
-                "original settings")
-        if i:
-            say(f"resuming from {folder} instead of the damaged {checkpoint}")
-        return folder, ckpt
-    return None
+def _read_own_checkpoint(folder, run_id) -> dict:
+    """A checkpoint's contents, read whole; another run's checkpoint is an error."""
+    ckpt = _read_checkpoint(folder)
+    if ckpt["state"].get("run_id") != run_id:
+        raise CheckpointMismatch(
+            f"{folder}: this checkpoint belongs to a run with other settings, data or base model (run id "
+            f"{ckpt['state'].get('run_id')} vs {run_id}); start a new run (resume = new) or restore the "
+            "original settings")
+    return ckpt
 
 
 __all__ = ["IMAGIC_KEYS", "TARGET_KEY", "OPTIMIZED_KEY", "TARGET_POOLED_KEY", "OPTIMIZED_POOLED_KEY",

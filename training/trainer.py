@@ -416,8 +416,9 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
 
     start_step = 0
     if checkpoint:
-        loaded = _load_newest_loadable(run, checkpoint, named, optimizer, lr_scheduler, ema, run_id,
-                                       accelerator.scaler, say, fallback=not _names_a_checkpoint(resume))
+        loaded = _first_loadable(run, checkpoint, lambda folder: _load_checkpoint(
+            folder, named, optimizer, lr_scheduler, ema, run_id, scaler=accelerator.scaler),
+            say, fallback=not _names_a_checkpoint(resume))
         if loaded is None:
             say(f"no checkpoint of {run.path} loads; starting again in a new run folder (the old one is kept)")
             checkpoint = None
@@ -743,17 +744,18 @@ def _load_checkpoint(folder, named, optimizer, lr_scheduler, ema, run_id, scaler
     return int(state["step"])
 
 
-def _load_newest_loadable(run, checkpoint, named, optimizer, lr_scheduler, ema, run_id, scaler, say, fallback):
-    """(step, folder) of `checkpoint`, or (with `fallback`) of the newest older checkpoint of `run` that loads
-    when it is damaged (truncated by a full disk, cut by a crash); None when none loads. A checkpoint the user
-    named explicitly is not replaced: its damage is an error naming it."""
+def _first_loadable(run, checkpoint, load, say, fallback):
+    """(load(folder), folder) for `checkpoint`, or (with `fallback`) for the newest older checkpoint of `run` that
+    loads when it is damaged (truncated by a full disk, cut by a crash); None when none loads. A checkpoint the
+    user named explicitly is not replaced: its damage is an error naming it. Another run's checkpoint
+    (CheckpointMismatch) is always an error."""
     candidates = [checkpoint]
     if fallback:
         newest = run.checkpoints().index(checkpoint) if checkpoint in run.checkpoints() else 0
         candidates += list(reversed(run.checkpoints()[:newest]))
     for i, folder in enumerate(candidates):
         try:
-            step = _load_checkpoint(folder, named, optimizer, lr_scheduler, ema, run_id, scaler=scaler)
+            value = load(folder)
         except CheckpointMismatch:
             raise
         except Exception as e:         # SafetensorError, UnpicklingError, EOFError, JSON/OS errors: damaged
@@ -765,7 +767,7 @@ def _load_newest_loadable(run, checkpoint, named, optimizer, lr_scheduler, ema, 
             continue
         if i:
             say(f"resuming from {folder} instead of the damaged {checkpoint}")
-        return step, folder
+        return value, folder
     return None
 
 
