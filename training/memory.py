@@ -1,0 +1,361 @@
+"""VRAM estimator and performance wizard.
+
+`estimate(model, settings, resolution, batch)` returns the accelerator memory a training run needs, per part, in
+bytes. `model` is an SDModel, or a family size keyword ("sd15", "sd2", "sdxl"): then the architecture is built on
+the meta device (no weights, no memory) and only its tensor shapes are read.
+
+What is exact and what is estimated
+-----------------------------------
+Exact (computed from the tensor shapes the trainer builds; tests compare them with real tensors and real
+optimizer states on the CPU):
+- weights: trained tensors in `weights_dtype` (fp32 = the master copy itself: the trainer keeps no second copy;
+  bf16 = no fp32 copy at all), frozen UNet / trained-model parts in the frozen dtype (`frozen_dtype`: auto = the
+  compute precision's half type, fp8 = 1 byte for frozen Linear / Conv2d weights of the UNet),
+- gradients: one per trained tensor in its dtype; with `fused_backward` only the largest single tensor's (each
+  gradient is freed as soon as its weight is stepped),
+- optimizer: AdamW 2 x fp32 moments + a 4-byte step tensor per tensor; AdamW8bit / Lion8bit (bitsandbytes) 1 byte
+  per moment + one fp32 absmax per block of `BNB_BLOCK` elements for tensors of >= 4096 elements (smaller ones
+  keep fp32 moments, as bitsandbytes does); Lion 1 x fp32; Adafactor (transformers, beta1 None) a row and a
+  column vector for tensors of >= 2 dimensions, a full second moment for 1-D ones (+ its 0-d RMS tensor); SGD one momentum buffer
+  (none when sgd_momentum is 0); Prodigy exp_avg, exp_avg_sq, s and p0 (4 x fp32). With weights_dtype bf16 the
+  state is fp32 (fused.py computes every update in fp32),
+- ema: an fp32 copy of the trained UNet tensors (0 on the accelerator with ema_on_cpu),
+- text_encoders / vae: frozen encoders and the VAE while they stay on the accelerator (the trainer moves the
+  VAE off once latents are cached, and frozen text encoders once embeddings are cached, unless prior_mode is
+  base_model).
+Estimated (marked in `Estimate.estimated`):
+- activations: see `activation_bytes` (calibration and its sources there),
+- weight_casts: autocast keeps a half-precision cast of every fp32 trained weight during the forward/backward
+  (torch's autocast weight cache), 2 bytes per trained parameter; 0 with weights_dtype bf16 or no mixed precision,
+- overhead: CUDA context, cuBLAS/cuDNN workspaces and allocator fragmentation, a constant (`OVERHEAD_BYTES`).
+
+`choose_settings(...)` is the wizard: see its docstring for the order in which savings are applied.
+This module imports torch and diffusers only inside functions that need them (CLI --help stays instant).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass, field
+
+GB = 1024 ** 3
+BNB_BLOCK = 256            # bitsandbytes Optimizer8bit.init_state, block_wise: one fp32 absmax per 256 elements
+BNB_MIN_8BIT_SIZE = 4096   # bitsandbytes' min_8bit_size default: smaller tensors keep fp32 state
+OVERHEAD_BYTES = int(0.8 * GB)   # CUDA context (~300-500 MB) + workspaces + fragmentation (estimate)
+FAMILY_KEYWORDS = {"sd15": "sd1", "sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl"}
+PARTS = ("weights", "gradients", "optimizer", "ema", "weight_casts", "activations", "text_encoders", "vae",
+         "overhead")
+ESTIMATED_PARTS = frozenset({"activations", "weight_casts", "overhead"})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The model's shapes
+# ------------------------------------------------------------------------------------------------------------
+@dataclass
+class ModelShape:
+    """The modules of a model (real or on the meta device): all the estimator reads is their tensor shapes."""
+    family: str
+    unet: object
+    text_encoders: list
+    vae: object
+
+
+def _meta_model(family: str) -> ModelShape:
+    """The family's real architecture (diffusers / transformers configs of SD1.5, SD2.x, SDXL) on the meta device."""
+    return _meta_model_cached(family)
+
+
+@functools.lru_cache(maxsize=None)
+def _meta_model_cached(family: str) -> ModelShape:
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .models.tiny import VOCAB, sd15_text_encoder, sd15_vae
+
+    def open_clip(hidden, inter, layers, heads, projection=False):
+        cfg = CLIPTextConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                             num_attention_heads=heads, max_position_embeddings=77, hidden_act="gelu",
+                             projection_dim=hidden, bos_token_id=49406, eos_token_id=49407, pad_token_id=0)
+        return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
+
+    with init_empty_weights():
+        vae = sd15_vae()
+        if family == "sd1":       # runwayml/stable-diffusion-v1-5: diffusers' UNet defaults + CLIP ViT-L/14
+            unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+            tes = [sd15_text_encoder()]
+        elif family == "sd2":     # stabilityai/stable-diffusion-2-1: OpenCLIP ViT-H text tower (23 layers used)
+            unet = UNet2DConditionModel(sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                                        use_linear_projection=True)
+            tes = [open_clip(1024, 4096, 23, 16)]
+        elif family == "sdxl":    # stabilityai/stable-diffusion-xl-base-1.0: CLIP-L + OpenCLIP bigG
+            unet = UNet2DConditionModel(
+                sample_size=128, cross_attention_dim=2048, block_out_channels=(320, 640, 1280),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                addition_embed_type="text_time", addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816)
+            tes = [sd15_text_encoder(), open_clip(1280, 5120, 32, 20, projection=True)]
+        else:
+            raise ValueError(f"unknown family {family!r}; expected sd1, sd2 or sdxl")
+    return ModelShape(family, unet, tes, vae)
+
+
+def model_shape(model) -> ModelShape:
+    """An SDModel, a ModelShape, or a family keyword (sd15 / sd1 / sd2 / sdxl) -> ModelShape."""
+    if isinstance(model, ModelShape):
+        return model
+    if isinstance(model, str):
+        key = model.strip().lower()
+        if key not in FAMILY_KEYWORDS:
+            raise ValueError(f"model {model!r}: give an SDModel or one of {', '.join(FAMILY_KEYWORDS)}")
+        return _meta_model(FAMILY_KEYWORDS[key])
+    return ModelShape(model.family, model.unet, list(model.text_encoders), model.vae)
+
+
+def _numel(shape) -> int:
+    return math.prod(int(s) for s in shape)
+
+
+def _base_layer(module):
+    """A peft-wrapped layer's original layer (an SDModel that already carries adapters)."""
+    return getattr(module, "base_layer", module)
+
+
+def _adapter_shapes(module, lora_type: str, rank: int) -> list[tuple]:
+    """Shapes of the tensors peft adds to one Linear / Conv2d for `lora_type` at `rank`.
+
+    lora: A (r, in[, k, k]) and B (out, r[, 1, 1]); dora: + a magnitude vector (out,); loha: two Hadamard factor
+    pairs (out, r) + (r, in*k*k). lokr is counted as lora (an estimate: its Kronecker factors depend on peft's
+    factorisation of the shape)."""
+    import torch.nn as nn
+
+    m = _base_layer(module)
+    if isinstance(m, nn.Conv2d):
+        out_f, in_f, kh, kw = m.weight.shape
+        a, b = (rank, in_f, kh, kw), (out_f, rank, 1, 1)
+        fan_in = in_f * kh * kw
+    else:
+        out_f, in_f = m.weight.shape
+        a, b = (rank, in_f), (out_f, rank)
+        fan_in = in_f
+    if lora_type == "loha":
+        return [(out_f, rank), (rank, fan_in)] * 2
+    if lora_type == "dora":
+        return [a, b, (out_f,)]
+    return [a, b]
+
+
+@dataclass
+class TensorPlan:
+    """What the trainer would hold: trained tensor shapes, frozen parameters per place."""
+    trained_unet: list = field(default_factory=list)        # shapes
+    trained_te: list = field(default_factory=list)
+    frozen_unet: list = field(default_factory=list)         # (numel, fp8-eligible)
+    frozen_te: list = field(default_factory=list)           # numel per frozen encoder (whole encoders)
+    te_partly_frozen: int = 0                               # frozen params inside trained encoders (norms)
+    vae: int = 0
+    approximate: list = field(default_factory=list)
+
+
+def plan_tensors(model, settings) -> TensorPlan:
+    """The trained and frozen tensors of `settings` (resolved) on `model`."""
+    import torch.nn as nn
+
+    from .setup.adapters import text_encoder_target_names, unet_target_names
+
+    shape = model_shape(model)
+    s = settings
+    trains_te = s.trains_text_encoder
+    plan = TensorPlan(vae=sum(p.numel() for p in shape.vae.parameters()))
+    if s.use_lora:
+        if s.lora_type == "lokr":
+            plan.approximate.append("weights (lokr counted as lora)")
+        targets = set(unet_target_names(shape.unet, s.lora_unet_targets)) if s.train_unet else set()
+        for name, m in shape.unet.named_modules():
+            if name in targets:
+                plan.trained_unet += _adapter_shapes(m, s.lora_type, s.lora_rank)
+        for name, p in shape.unet.named_parameters():
+            if ".lora_" in name or ".hada_" in name or ".lokr_" in name or "lora_magnitude" in name:
+                continue            # an SDModel carrying adapters already: its own adapter tensors are not base
+            plan.frozen_unet.append((p.numel(), False))
+        _mark_fp8(shape.unet, plan)
+        for te in shape.text_encoders:
+            n = sum(p.numel() for p in te.parameters())
+            if trains_te:
+                tnames = set(text_encoder_target_names(te, s.lora_text_encoder_targets))
+                for name, m in te.named_modules():
+                    if name in tnames:
+                        plan.trained_te += _adapter_shapes(m, s.lora_type, s.lora_rank)
+                plan.te_partly_frozen += n          # the base encoder stays, frozen, where the adapter runs
+            else:
+                plan.frozen_te.append(n)
+        return plan
+    if s.train_unet:
+        plan.trained_unet = [tuple(p.shape) for p in shape.unet.parameters()]
+    else:
+        plan.frozen_unet = [(p.numel(), False) for p in shape.unet.parameters()]
+        _mark_fp8(shape.unet, plan)
+    for te in shape.text_encoders:
+        if not trains_te:
+            plan.frozen_te.append(sum(p.numel() for p in te.parameters()))
+            continue
+        for name, p in te.named_parameters():
+            norm = "layer_norm" in name or "final_layer_norm" in name
+            if s.freeze_clip_norm and norm:
+                plan.te_partly_frozen += p.numel()
+            else:
+                plan.trained_te.append(tuple(p.shape))
+    del nn
+    return plan
+
+
+def _mark_fp8(unet, plan: TensorPlan) -> None:
+    """Which frozen UNet parameters fp8 storage would hold in float8: weights of Linear / Conv2d layers whose
+    parameters are all frozen (precision.apply_fp8_storage). Rebuilds plan.frozen_unet in parameter order."""
+    import torch.nn as nn
+
+    fp8_ids = set()
+    for m in unet.modules():
+        if type(m) in (nn.Linear, nn.Conv2d) and not any(
+                n.startswith(("lora_", "hada_", "lokr_")) for n, _ in m.named_parameters()):
+            fp8_ids.add(id(m.weight))
+    plan.frozen_unet = [(p.numel(), id(p) in fp8_ids) for name, p in unet.named_parameters()
+                        if not any(t in name for t in (".lora_", ".hada_", ".lokr_", "lora_magnitude"))]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Bytes per part
+# ------------------------------------------------------------------------------------------------------------
+def _half_bytes(settings) -> int:
+    return 4 if settings.mixed_precision == "no" else 2
+
+
+def frozen_bytes_per_param(settings) -> int:
+    """Bytes of a frozen parameter on the accelerator (not fp8 storage): precision.frozen_weight_dtype."""
+    if settings.frozen_dtype in ("bf16", "fp16"):
+        return 2
+    return _half_bytes(settings)
+
+
+def optimizer_state_bytes(shape, settings) -> int:
+    """Bytes of the optimizer state of one trained tensor of `shape` (see the module docstring)."""
+    n = _numel(shape)
+    name = settings.optimizer
+    if name == "AdamW":
+        return 8 * n + 4                        # exp_avg, exp_avg_sq (fp32) + the step tensor (fp32 scalar)
+    if name == "SGD":
+        return 4 * n if settings.sgd_momentum > 0 else 0
+    if name == "Lion":
+        return 4 * n                            # exp_avg
+    if name == "Prodigy":
+        return 16 * n                           # exp_avg, exp_avg_sq, s, p0
+    if name in ("AdamW8bit", "Lion8bit"):
+        moments = 2 if name == "AdamW8bit" else 1
+        if n < BNB_MIN_8BIT_SIZE:
+            return 4 * n * moments
+        blocks = -(-n // BNB_BLOCK)
+        return moments * (n + 4 * blocks)       # uint8 moments + fp32 absmax per block
+    if name == "Adafactor":
+        if len(shape) >= 2:                     # factored: exp_avg_sq_row shape[:-1], exp_avg_sq_col shape[:-2]+[-1]
+            return 4 * (_numel(shape[:-1]) + _numel(shape[:-2]) * int(shape[-1])) + 4
+        return 4 * n + 4                        # exp_avg_sq; + "RMS" (a 0-d fp32 tensor after the first step)
+    raise ValueError(f"optimizer {name!r} is not known to the estimator")
+
+
+# Activation calibration (ESTIMATES). Bytes per sample per latent pixel ((H/8)*(W/8)), fp16/bf16 compute with a
+# memory-efficient attention kernel (sdpa / xformers), for the family's full-size UNet:
+#   (without gradient checkpointing, with it).
+# Derived from published figures: diffusers' train_dreambooth README (SD1.5 full fine-tune at 512, batch 1, fits
+# 12 GB with gradient checkpointing + 8-bit Adam + xformers: 860M x (4 weight + 4 grad + 2 state) = 8.6 GB plus
+# ~1 GB of frozen parts, leaving ~1-1.5 GB of activations at 4096 latent pixels) and kohya-ss/sd-scripts and the
+# A1111 extension's reports (SD1.5 LoRA at 512 without checkpointing ~6-7 GB, SDXL LoRA at 1024 batch 1 fits
+# 12 GB with checkpointing and not without at 24 GB batch 4). Not yet checked against
+# torch.cuda.max_memory_allocated on a GPU (issue 12, target <= 15 %): treat as +-30 %.
+_ACTIVATIONS = {"sd1": (0.85e6, 0.25e6), "sd2": (0.90e6, 0.27e6), "sdxl": (0.75e6, 0.16e6)}
+_REFERENCE_WIDTH = {"sd1": 320 + 640 + 1280 + 1280, "sd2": 320 + 640 + 1280 + 1280, "sdxl": 320 + 640 + 1280}
+_SLICED_FACTOR = 0.85       # sliced attention: a smaller attention peak (estimate)
+
+
+def activation_bytes(model, settings, resolution: int, batch: int) -> int:
+    """Calibrated estimate a * batch * (resolution/8)^2 * (checkpointing) * (attention) * (precision) * (width).
+
+    With bucketing, buckets keep about resolution^2 pixels, so the largest bucket's latent area is taken as
+    (resolution/8)^2. `width` scales the calibration to a narrower UNet (tiny test models) by the sum of its
+    block_out_channels over the family's full-size sum."""
+    shape = model_shape(model)
+    no_gc, gc = _ACTIVATIONS.get(shape.family, _ACTIVATIONS["sd1"])
+    per_px = gc if settings.gradient_checkpointing else no_gc
+    latent_px = (resolution / 8) ** 2
+    attention = _SLICED_FACTOR if settings.attention == "sliced" else 1.0
+    precision = 2.0 if settings.mixed_precision == "no" else 1.0
+    channels = getattr(getattr(shape.unet, "config", None), "block_out_channels", None)
+    width = sum(channels) / _REFERENCE_WIDTH.get(shape.family, 3520) if channels else 1.0
+    return int(per_px * latent_px * batch * attention * precision * min(width, 1.0))
+
+
+@dataclass
+class Estimate:
+    """Bytes per part (`parts`, keys PARTS), the total, and the facts behind them (`details`)."""
+    parts: dict
+    details: dict
+    estimated: frozenset = ESTIMATED_PARTS
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def gb(self) -> dict:
+        out = {k: round(v / GB, 3) for k, v in self.parts.items()}
+        out["total"] = round(self.total / GB, 3)
+        return out
+
+    def table(self) -> str:
+        lines = [f"{k:<14}{v / GB:8.2f} GB{'  (estimate)' if k in self.estimated else ''}"
+                 for k, v in self.parts.items()]
+        lines.append(f"{'total':<14}{self.total / GB:8.2f} GB")
+        return "\n".join(lines)
+
+
+def estimate(model, settings, resolution: int | None = None, batch: int | None = None,
+             concepts=()) -> Estimate:
+    """Accelerator memory of training `model` with `settings`, per part (bytes). resolution / batch default to
+    the settings' own (data.resolution, batch_size); auto settings are resolved with `concepts`."""
+    s = settings if settings.is_resolved else settings.resolved(concepts)
+    resolution = resolution or s.data.resolution
+    batch = batch or s.batch_size
+    plan = plan_tensors(model, s)
+    trained = plan.trained_unet + plan.trained_te
+    wbytes = 2 if s.weights_dtype == "bf16" else 4
+    n_trained = sum(_numel(t) for t in trained)
+    fb = frozen_bytes_per_param(s)
+    frozen_unet = sum(n * (1 if (fp8 and s.frozen_dtype == "fp8") else fb) for n, fp8 in plan.frozen_unet)
+    if not s.use_lora and s.train_unet and s.prior_mode == "base_model":
+        # the received UNet stays on the accelerator to give the base model's prediction
+        frozen_unet += sum(_numel(t) for t in plan.trained_unet) * fb
+    te_partly = plan.te_partly_frozen * fb
+    weights = n_trained * wbytes + frozen_unet + te_partly
+    if s.fused_backward:
+        gradients = max((_numel(t) for t in trained), default=0) * wbytes
+    else:
+        gradients = n_trained * wbytes
+    optimizer = sum(optimizer_state_bytes(t, s) for t in trained)
+    ema = 0
+    if s.use_ema and s.train_unet and not s.ema_on_cpu:
+        ema = 4 * sum(_numel(t) for t in plan.trained_unet)
+    casts = 2 * n_trained if (s.weights_dtype == "fp32" and s.mixed_precision != "no") else 0
+    text_cached = s.data.cache_text_embeds
+    te_resident = (not text_cached) or s.prior_mode == "base_model"
+    text_encoders = sum(plan.frozen_te) * fb if te_resident else 0
+    vae_bytes = {"fp32": 4, "fp16": 2, "bf16": 2}[s.vae_dtype]
+    vae = 0 if s.data.cache_latents else plan.vae * vae_bytes
+    parts = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "ema": ema, "weight_casts": casts,
+             "activations": activation_bytes(model, s, resolution, batch), "text_encoders": text_encoders,
+             "vae": vae, "overhead": OVERHEAD_BYTES}
+    details = {"trained_params": n_trained, "trained_tensors": len(trained),
+               "frozen_unet_params": sum(n for n, _ in plan.frozen_unet),
+               "frozen_text_encoder_params": sum(plan.frozen_te), "vae_params": plan.vae,
+               "resolution": resolution, "batch": batch, "approximate": plan.approximate}
+    return Estimate(parts, details)
