@@ -115,3 +115,118 @@ def test_family_keywords_count_the_real_architectures():
     assert 2.55e9 < counts["sdxl"] < 2.6e9         # SDXL UNet: 2.567B
     est = estimate("sdxl", DreamBoothSettings(use_lora=False), 1024, 1)
     assert est.parts["optimizer"] > 8 * 2.5e9      # AdamW: two fp32 moments of 2.5B+ parameters
+
+
+# ---- monotonicity: the A1111 guide's "raise VRAM" / "lower VRAM" settings -------------------------------------
+def _total(settings, model="sd15", **kw):
+    from comfyui_dreambooth.training.memory import estimate
+
+    return estimate(model, settings, **kw).total
+
+
+def _base(**changes):
+    from comfyui_dreambooth.training.settings import DreamBoothSettings
+
+    return DreamBoothSettings(**{"gradient_checkpointing": True, "text_encoder_ratio": 0.0, **changes})
+
+
+RAISING = {      # name: (lower-memory settings, higher-memory settings)
+    "batch 1 -> 2": (dict(batch_size=1), dict(batch_size=2)),
+    "no gradient checkpointing": (dict(), dict(gradient_checkpointing=False)),
+    "full fine-tune vs LoRA": (dict(use_lora=True), dict(use_lora=False)),
+    "EMA on the GPU": (dict(use_lora=False), dict(use_lora=False, use_ema=True)),
+    "AdamW vs AdamW8bit": (dict(use_lora=False, optimizer="AdamW8bit"), dict(use_lora=False, optimizer="AdamW")),
+    "text encoder trains": (dict(), dict(text_encoder_ratio=0.5)),
+    "higher LoRA rank": (dict(lora_rank=8), dict(lora_rank=64)),
+    "fp32 compute": (dict(), dict(mixed_precision="no")),
+    "uncached latents (VAE stays)": (dict(), dict(data={"cache_latents": False})),
+    "Prodigy vs AdamW": (dict(use_lora=False), dict(use_lora=False, optimizer="Prodigy")),
+}
+LOWERING = {     # name: (settings, the same with the saving)
+    "fused_backward": (dict(use_lora=False, mixed_precision="bf16", max_grad_norm=0.0),
+                       dict(use_lora=False, mixed_precision="bf16", max_grad_norm=0.0, fused_backward=True)),
+    "weights_dtype bf16": (dict(use_lora=False, mixed_precision="bf16"),
+                           dict(use_lora=False, mixed_precision="bf16", weights_dtype="bf16")),
+    "frozen_dtype fp8": (dict(), dict(frozen_dtype="fp8")),
+    "Adafactor vs AdamW": (dict(use_lora=False), dict(use_lora=False, optimizer="Adafactor")),
+    "ema_on_cpu": (dict(use_lora=False, use_ema=True), dict(use_lora=False, use_ema=True, ema_on_cpu=True)),
+    "sliced attention": (dict(), dict(attention="sliced")),
+    "SGD without momentum": (dict(use_lora=False, optimizer="SGD"),
+                             dict(use_lora=False, optimizer="SGD", sgd_momentum=0.0)),
+}
+
+
+def _settings(d):
+    from comfyui_dreambooth.training.data.settings import DataSettings
+
+    d = dict(d)
+    data = d.pop("data", None)
+    s = _base(**d)
+    return s.replace(data=DataSettings(**data)) if data else s
+
+
+@pytest.mark.parametrize("model", ["sd15", "sdxl"])
+@pytest.mark.parametrize("name", list(RAISING))
+def test_raising_settings_raise_the_estimate(name, model):
+    low, high = RAISING[name]
+    assert _total(_settings(high), model) > _total(_settings(low), model)
+
+
+@pytest.mark.parametrize("model", ["sd15", "sdxl"])
+@pytest.mark.parametrize("name", list(LOWERING))
+def test_lowering_settings_lower_the_estimate(name, model):
+    plain, saving = LOWERING[name]
+    assert _total(_settings(saving), model) < _total(_settings(plain), model)
+
+
+def test_resolution_raises_the_estimate():
+    s = _base()
+    assert _total(s, resolution=768) > _total(s, resolution=512) > _total(s, resolution=256)
+
+
+# ---- the wizard --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl"])
+@pytest.mark.parametrize("vram", [4, 6, 8, 12, 16, 24])
+def test_wizard_picks_fit(family, vram):
+    from comfyui_dreambooth.training.memory import GB, choose_settings, estimate
+
+    r = choose_settings(family, vram, images=10, concept_type="person")
+    if family == "sdxl" and vram == 4:          # SDXL at 1024 px: no combination fits 4 GB; said so
+        assert not r.fits and "DOES NOT FIT" in r.explanation
+        return
+    assert r.fits, r.explanation
+    assert r.estimate.total <= vram * GB
+    assert estimate(family, r.settings).total == r.estimate.total
+    assert 10 % r.settings.batch_size == 0
+    assert r.settings.validate(num_examples=10) == []
+
+
+def test_wizard_modes_and_batch_divides_images():
+    from comfyui_dreambooth.training.memory import choose_settings
+
+    assert choose_settings("sd15", 24, images=12, mode="lora").settings.use_lora is True
+    assert choose_settings("sd15", 24, images=12, mode="full").settings.use_lora is False
+    big = choose_settings("sd15", 80, images=12)
+    assert big.settings.use_lora is False and big.settings.batch_size == 4
+    assert "fits without any memory saving" in big.explanation
+    assert choose_settings("sd15", 80, images=7).settings.batch_size == 1      # 7 images: only 1 divides it
+    assert choose_settings("sd15", 80, images=6).settings.batch_size == 3
+    small = choose_settings("sd15", 4, images=10, mode="auto")
+    assert small.settings.use_lora is True and "so LoRA" in small.explanation
+    assert "gradient_checkpointing on" in small.explanation and "20% slower" in small.explanation
+
+
+def test_wizard_json_shape():
+    from comfyui_dreambooth.nodes.settings import DreamBoothSettingsNode
+    from comfyui_dreambooth.training.memory import choose_settings
+
+    out = choose_settings("sd15", 8, images=10).to_json_dict()
+    assert set(out) == {"settings", "estimate_gb", "explanation"}
+    assert {"weights", "gradients", "optimizer", "activations", "total"} <= set(out["estimate_gb"])
+    assert abs(sum(v for k, v in out["estimate_gb"].items() if k != "total") - out["estimate_gb"]["total"]) < 0.01
+    node_widgets = set()
+    for cls in ("DreamBoothSettingsNode", "DreamBoothOptimizerNode", "DreamBoothAdvancedNode", "DreamBoothDataNode"):
+        node_widgets |= set(getattr(__import__("comfyui_dreambooth.nodes.settings", fromlist=[cls]), cls).FIELDS)
+    assert set(out["settings"]) <= node_widgets
+    json.dumps(out)
+    del DreamBoothSettingsNode
