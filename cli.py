@@ -5,6 +5,9 @@
     comfyui-dreambooth sample MODEL --prompt "a photo of sks dog" --out dog.png [--steps 20 --seed 0 ...]
     comfyui-dreambooth run WORKFLOW.json [--set "Title.input=value" ...] [--output-dir DIR]
     comfyui-dreambooth demo [--output-dir DIR]
+    comfyui-dreambooth estimate MODEL|sd15|sd2|sdxl [--workflow WF.json] [--set name=value ...] [--json]
+    comfyui-dreambooth wizard MODEL|sd15|sd2|sdxl --vram GB [--images N] [--resolution R] [--mode auto|lora|full]
+                       [--concept-type person|object|style] [--json]
 
 Every failure ends with ONE line on stderr naming the file and the problem, and a non-zero exit
 (1 = error, 130 = interrupted); `--debug` prints the traceback instead.
@@ -336,6 +339,145 @@ def cmd_run(args: argparse.Namespace) -> int:
         for path in saved_files(result):
             print(path)
     return 0
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# estimate / wizard (training/memory.py)
+# ------------------------------------------------------------------------------------------------------------------
+MODEL_OR_FAMILY_HELP = ("checkpoint file or diffusers folder (loaded), or a family size keyword: sd15, sd2 or sdxl "
+                        "(the architecture is built without weights: nothing to download or load)")
+
+
+def _memory_model(spec: str):
+    from .training.memory import FAMILY_KEYWORDS
+
+    if spec.strip().lower() in FAMILY_KEYWORDS:
+        return spec.strip().lower()
+    with about(spec):
+        _require_exists(spec, "model")
+        from .training.models import load_model
+        return load_model(spec)
+
+
+def _setting_value(text: str):
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def apply_setting_overrides(settings, overrides):
+    """`name=value` pairs (setting names as on the settings nodes; data settings such as resolution too)."""
+    from .training.settings import DreamBoothSettings
+
+    d = settings.to_dict()
+    for item in overrides:
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise CliError(f"--set {item!r}: expected name=value, e.g. --set batch_size=2")
+        if name in d["data"]:
+            d["data"][name] = _setting_value(value)
+        elif name in d and name != "data":
+            d[name] = _setting_value(value)
+        else:
+            raise CliError(f"--set {name}: not a setting; use a widget name of the DreamBooth settings nodes")
+    return DreamBoothSettings.from_dict(d)
+
+
+def settings_from_workflow(path: str):
+    """The DB_CONFIG a workflow's settings nodes build (the chain that feeds a non-settings node, e.g. the Train
+    node), computed by the settings nodes themselves without running anything else."""
+    from .nodes.settings import NODE_CLASS_MAPPINGS as SETTINGS_NODES
+    from .runner import prepare_workflow
+
+    prompt = prepare_workflow(path).prompt
+    ids = [i for i, n in prompt.items() if n.get("class_type") in SETTINGS_NODES]
+    if not ids:
+        raise CliError("the workflow has no DreamBooth settings node")
+    built: dict = {}
+
+    def config(node_id):
+        if node_id not in built:
+            node = prompt[node_id]
+            inputs = dict(node.get("inputs", {}))
+            link = inputs.pop("config", None)
+            upstream = config(str(link[0])) if isinstance(link, list) else None
+            built[node_id] = SETTINGS_NODES[node["class_type"]]().build(config=upstream, **inputs)[0]
+        return built[node_id]
+
+    consumed = {str(v[0]) for i in ids for k, v in prompt[i].get("inputs", {}).items()
+                if k == "config" and isinstance(v, list)}
+    ends = [i for i in ids if i not in consumed]
+    return config(ends[0])
+
+
+def _estimate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help=MODEL_OR_FAMILY_HELP)
+    p.add_argument("--workflow", help="take the settings from this workflow's DreamBooth settings nodes")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
+                   help="a setting by its widget name, e.g. --set batch_size=2 --set resolution=768 (repeatable; "
+                        "VALUE is JSON when it parses, 'auto' for auto)")
+    p.add_argument("--json", action="store_true", help="print JSON: settings, estimate_gb, explanation")
+
+
+@command("estimate", "estimate the VRAM a training run needs, per part (weights, gradients, optimizer, "
+                     "activations, ...)", arguments=_estimate_arguments)
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from .training.memory import WIZARD_SETTINGS, estimate
+    from .training.settings import DreamBoothSettings
+
+    settings = DreamBoothSettings()
+    if args.workflow:
+        with about(args.workflow):
+            _require_exists(args.workflow, "workflow")
+            settings = settings_from_workflow(args.workflow)
+    settings = apply_setting_overrides(settings, args.overrides)
+    model = _memory_model(args.model)
+    est = estimate(model, settings)
+    explanation = ("activations, weight_casts and overhead are calibrated estimates (+-30%); weights, gradients, "
+                   "optimizer, ema, text_encoders and vae are exact for these settings")
+    if args.json:
+        shown = {k: getattr(settings, k) for k in WIZARD_SETTINGS} | {"resolution": settings.data.resolution}
+        print(json.dumps({"settings": shown, "estimate_gb": est.gb(), "explanation": explanation}, indent=2))
+    else:
+        print(est.table())
+        print(explanation)
+    return 0
+
+
+def _wizard_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help=MODEL_OR_FAMILY_HELP)
+    p.add_argument("--vram", type=float, required=True, help="GB of accelerator memory to fit")
+    p.add_argument("--images", type=int, default=10, help="number of training images (the batch size divides it)")
+    p.add_argument("--resolution", type=int, help="training resolution (default: 512 SD1, 768 SD2, 1024 SDXL)")
+    p.add_argument("--mode", choices=("auto", "lora", "full"), default="auto",
+                   help="auto = full fine-tune when it fits, else LoRA")
+    p.add_argument("--concept-type", choices=("person", "object", "style"), default="person")
+    p.add_argument("--json", action="store_true", help="print JSON: settings, estimate_gb, explanation")
+
+
+@command("wizard", "choose settings that fit a card's VRAM, and explain each choice", arguments=_wizard_arguments)
+def cmd_wizard(args: argparse.Namespace) -> int:
+    from .training.memory import choose_settings
+
+    if args.vram <= 0:
+        raise CliError(f"--vram {args.vram:g}: give the card's memory in GB, e.g. --vram 8")
+    if args.images < 1:
+        raise CliError(f"--images {args.images}: give the number of training images (1 or more)")
+    model = _memory_model(args.model)
+    result = choose_settings(model, args.vram, images=args.images, resolution=args.resolution, mode=args.mode,
+                             concept_type=args.concept_type)
+    out = result.to_json_dict()
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(result.explanation)
+        print("settings: " + ", ".join(f"{k}={v}" for k, v in out["settings"].items()))
+        print(result.estimate.table())
+    return 0 if result.fits else EXIT_ERROR
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -230,3 +230,53 @@ def test_wizard_json_shape():
     assert set(out["settings"]) <= node_widgets
     json.dumps(out)
     del DreamBoothSettingsNode
+
+
+# ---- the CLI -----------------------------------------------------------------------------------------------------
+def _cli(capsys, *argv):
+    from comfyui_dreambooth import cli
+
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_wizard_json_shape(capsys):
+    code, out, err = _cli(capsys, "wizard", "sd15", "--vram", "8", "--images", "12", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert set(data) == {"settings", "estimate_gb", "explanation"}
+    assert {"weights", "gradients", "optimizer", "activations", "total"} <= set(data["estimate_gb"])
+    assert data["estimate_gb"]["total"] <= 8 and 12 % data["settings"]["batch_size"] == 0
+    code, out, err = _cli(capsys, "wizard", "sdxl", "--vram", "4")
+    assert code == 1 and "DOES NOT FIT" in out
+
+
+def test_cli_estimate_set_and_workflow(capsys):
+    import os
+
+    code, out, err = _cli(capsys, "estimate", "sd15", "--json")
+    assert code == 0, err
+    plain = json.loads(out)
+    code, out, err = _cli(capsys, "estimate", "sd15", "--set", "batch_size=4", "--set", "resolution=768", "--json")
+    assert code == 0, err
+    bigger = json.loads(out)
+    assert bigger["settings"]["batch_size"] == 4 and bigger["settings"]["resolution"] == 768
+    assert bigger["estimate_gb"]["activations"] > plain["estimate_gb"]["activations"]
+    code, out, err = _cli(capsys, "estimate", "sd15", "--set", "no_such=1")
+    assert code == 1 and "no_such" in err
+    wf = os.path.join(os.path.dirname(__file__), "..", "example_workflows", "full_finetune_object.json")
+    code, out, err = _cli(capsys, "estimate", "sd15", "--workflow", wf, "--json")
+    assert code == 0, err
+    assert json.loads(out)["settings"]["use_lora"] is False       # taken from the workflow's settings nodes
+    code, out, err = _cli(capsys, "estimate", "sd15")
+    assert code == 0 and "activations" in out and "total" in out
+
+
+def test_cli_help_names_the_family_keywords(capsys):
+    from comfyui_dreambooth import cli
+
+    for name in ("estimate", "wizard"):
+        with pytest.raises(SystemExit):
+            cli.main([name, "--help"])
+        assert "sd15, sd2 or sdxl" in capsys.readouterr().out
