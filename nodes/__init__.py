@@ -7,7 +7,7 @@ node returns (the user's other nodes are not affected).
 import inspect
 
 from ..training.quiet import run_quietly
-from . import concepts, convert, models, save, settings, train
+from . import concepts, convert, models, save, settings, train, wizard
 from .live import register_routes
 
 NODE_CLASS_MAPPINGS = {
@@ -18,7 +18,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LoadBaseModel": "DreamBooth Load Base Model",
     "SampleTrained": "DreamBooth Sample",
 }
-for _module in (concepts, settings, train, save, convert):
+for _module in (concepts, settings, wizard, train, save, convert):
     NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
 for _cls in NODE_CLASS_MAPPINGS.values():

@@ -280,3 +280,38 @@ def test_cli_help_names_the_family_keywords(capsys):
         with pytest.raises(SystemExit):
             cli.main([name, "--help"])
         assert "sd15, sd2 or sdxl" in capsys.readouterr().out
+
+
+# ---- the PerformanceWizard node ----------------------------------------------------------------------------------
+def test_performance_wizard_node(sd1, tmp_path):
+    from comfyui_dreambooth.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    from comfyui_dreambooth.training.settings import DreamBoothSettings
+    from trainer_fixtures import make_concept
+
+    cls = NODE_CLASS_MAPPINGS["PerformanceWizard"]
+    assert NODE_DISPLAY_NAME_MAPPINGS["PerformanceWizard"] == "DreamBooth Performance Wizard"
+    spec = cls.INPUT_TYPES()
+    for section in ("required", "optional"):
+        for name, (_, options) in spec[section].items():
+            assert options.get("tooltip"), name
+    config, text = cls().choose(sd1, vram_gb=4.0, resolution=64, images=6, mode="auto", concept_type="object")
+    assert isinstance(config, DreamBoothSettings) and config.validate(num_examples=6) == []
+    assert 6 % config.batch_size == 0 and "total" in text and "GB" in text
+    concept = make_concept(tmp_path, n=4)
+    config, text = cls().choose(sd1, vram_gb=4.0, resolution=64, images=999, mode="lora", concept_type="style",
+                                concepts=[concept])
+    assert config.use_lora and 4 % config.batch_size == 0
+    start = DreamBoothSettings(run_name="mine", seed=7)
+    config, _ = cls().choose(sd1, vram_gb=4.0, resolution=64, images=4, mode="lora", concept_type="person",
+                             config=start)
+    assert config.run_name == "mine" and config.seed == 7          # only memory-related settings change
+
+
+def test_performance_wizard_node_vram_zero_on_a_cpu(sd1):
+    from comfyui_dreambooth.nodes import NODE_CLASS_MAPPINGS
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: vram_gb 0 reads its free memory")
+    with pytest.raises(ValueError, match="vram_gb"):
+        NODE_CLASS_MAPPINGS["PerformanceWizard"]().choose(sd1, vram_gb=0.0, resolution=64, images=4, mode="auto",
+                                                          concept_type="person")

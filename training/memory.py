@@ -508,3 +508,31 @@ def choose_settings(model, vram_gb: float, *, images: int = 10, resolution: int 
         lines.append("fits without any memory saving (fastest settings).")
     lines.append("activations and overhead are estimates (+-30%); the rest is exact.")
     return WizardResult(s, est, "\n".join(lines), fits, vram)
+
+
+def images_in(concepts) -> int:
+    """Examples per epoch of `concepts` (instance images x repeats, + as many prior examples with prior
+    preservation), from a folder scan: what batch_size should divide."""
+    from .data.report import scan_report
+
+    return scan_report(list(concepts)).examples_per_epoch
+
+
+def concept_type_of(concepts) -> str:
+    """The concept type whose preset wins (the most text-encoder training: person > object > style)."""
+    from .data.settings import concept_type_defaults
+
+    types = [getattr(c, "concept_type", "person") for c in concepts] or ["person"]
+    return max(types, key=lambda t: (concept_type_defaults(t)["text_encoder_ratio"],
+                                     concept_type_defaults(t)["steps_per_image"]))
+
+
+def free_device_memory_gb(device) -> float:
+    """Free memory of an accelerator (torch.cuda.mem_get_info); ValueError on a CPU or an unknown device."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(device)
+        return free / GB
+    raise ValueError(f"cannot read the free memory of device {device}; set vram_gb to the card's memory in GB")
