@@ -171,3 +171,96 @@ def test_kill_during_a_checkpoint_write_leaves_nothing_after_the_next_start(sd1,
     hidden = [n for root in (run_dir, ckpts) for n in os.listdir(root) if n.endswith((".tmp", ".old"))]
     assert hidden == []
     assert RunFolder(run_dir).latest_checkpoint() is not None
+
+
+# ---- review findings ----------------------------------------------------------------------------------------------
+def test_two_creates_racing_for_one_name_never_delete_each_other(tmp_path, monkeypatch):
+    """The name check and the mkdir were two steps: a process that lost the race deleted the winner's folder."""
+    from comfyui_dreambooth.training import runs
+    from comfyui_dreambooth.training.runs import RunFolder
+
+    first = RunFolder.create(str(tmp_path), "r", {"run_id": "a"})
+    marker = os.path.join(first.path, "loss.jsonl")
+    open(marker, "w").close()
+    with monkeypatch.context() as m:
+        m.setattr(runs.os.path, "exists", lambda p: False)           # the second process saw the name free
+        second = RunFolder.create(str(tmp_path), "r", {"run_id": "b"})
+    assert second.path != first.path and os.path.exists(marker)
+    assert first.read_config()["run_id"] == "a" and second.read_config()["run_id"] == "b"
+
+
+def test_a_damaged_checkpoint_passed_over_is_set_aside_and_never_outranks_good_ones(sd1, tmp_path):
+    """It kept the highest step: keep_last_checkpoints then pruned the checkpoint just written in its favour."""
+    from comfyui_dreambooth.training.runs import RunFolder
+
+    concept = make_concept(tmp_path)
+    run_dir, settings = _interrupted_run(sd1, tmp_path / "out", concept, stop_at=3)
+    run = RunFolder(run_dir)
+    newest = run.latest_checkpoint()
+    open(os.path.join(newest, "trainable.safetensors"), "wb").close()
+    result = _train(sd1, tmp_path / "out", settings.replace(keep_last_checkpoints=1), concept,
+                    callbacks=_save_every_step())
+    names = os.listdir(os.path.join(run_dir, "checkpoints"))
+    assert ".step-0000003.damaged" in names
+    assert RunFolder(run_dir).latest_checkpoint().endswith(f"step-{result.steps:07d}")
+
+
+def _save_every_step():
+    from comfyui_dreambooth.training.control import TrainingControl
+    from comfyui_dreambooth.training.trainer import TrainCallbacks
+
+    control = TrainingControl()
+    return TrainCallbacks(progress=lambda p: control.request_save(), control=control)
+
+
+def test_offloaded_frozen_parts_go_back_to_the_training_device(sd1, tmp_path, monkeypatch):
+    """On a GPU the VAE and frozen text encoders move to the CPU once cached; they stayed there after training
+    (the result, and the received model whose modules they are, could not sample)."""
+    from comfyui_dreambooth.training.setup import precision
+
+    moved_back = []
+
+    def offload(tm, settings, device, **kw):
+        modules = [tm.vae, *tm.text_encoders]
+        for m in modules:
+            real_to = m.to
+            m.to = lambda *a, _m=m, _to=real_to, **k: (moved_back.append((_m, a, k)), _to(*a, **k))[1]
+        return modules
+
+    monkeypatch.setattr(precision, "offload_frozen", offload)
+    concept = make_concept(tmp_path)
+    result = _train(sd1, tmp_path / "out", tiny_settings(steps_per_image=1), concept)
+    for m in (result.model.vae, *result.model.text_encoders):
+        m.__dict__.pop("to", None)
+    assert {id(m) for m, _, _ in moved_back} == {id(result.model.vae), *(id(te) for te in result.model.text_encoders)}
+    assert all(str(a[0]) == "cpu" for _, a, _ in moved_back)        # the training device, here the CPU
+
+
+def test_warmup_is_checked_against_the_run_shortened_by_a_text_encoder_only_run(sd1, tmp_path):
+    from comfyui_dreambooth.training.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="lr_warmup_steps = 3"):
+        _train(sd1, tmp_path / "out", tiny_settings(use_lora=False, train_unet=False, text_encoder_ratio=0.5,
+                                                    steps_per_image=0, max_train_steps=4, lr_warmup_steps=3,
+                                                    lr_scheduler="constant_with_warmup"), make_concept(tmp_path))
+
+
+def test_settings_are_checked_against_the_precision_actually_used(sd1, tmp_path):
+    """A bf16-loaded model with mixed_precision 'no' computes in bf16: frozen_dtype fp16 must be refused then."""
+    import copy
+
+    import torch
+
+    from comfyui_dreambooth.training.settings import SettingsError
+
+    half = sd1.replace(unet=copy.deepcopy(sd1.unet).to(torch.bfloat16),
+                       text_encoders=[copy.deepcopy(te).to(torch.bfloat16) for te in sd1.text_encoders])
+    with pytest.raises(SettingsError, match="frozen_dtype"):
+        _train(half, tmp_path / "out", tiny_settings(mixed_precision="no", frozen_dtype="fp16", steps_per_image=1),
+               make_concept(tmp_path))
+
+
+def test_imagic_refuses_the_memory_settings_it_does_not_apply():
+    settings = tiny_settings(train_imagic_only=True, weights_dtype="bf16", mixed_precision="bf16")
+    problems = settings.validate(check_environment=False)
+    assert any("train_imagic_only" in p and "weights_dtype" in p for p in problems), problems

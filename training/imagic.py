@@ -277,7 +277,7 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
     start_step = 0
     if checkpoint:
         loaded = _first_loadable(run, checkpoint, lambda folder: _read_own_checkpoint(folder, run_id), say,
-                                 fallback=not _names_a_checkpoint(resume))
+                                 fallback=not _names_a_checkpoint(resume), set_aside=main)
         if loaded is None:
             say(f"no checkpoint of {run.path} loads; starting again in a new run folder (the old one is kept)")
             checkpoint = None

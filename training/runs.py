@@ -69,10 +69,15 @@ class RunFolder:
     def create(cls, root: str, name: str, config: dict) -> "RunFolder":
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         base = os.path.join(root, RUNS_SUBFOLDER, f"{_clean_name(name)}-{stamp}")
+        os.makedirs(os.path.dirname(base), exist_ok=True)
         path, n = base, 2
-        while os.path.exists(path):
-            path, n = f"{base}-{n}", n + 1
-        try:
+        while True:          # claim the name atomically: two processes starting in the same second get two
+            try:
+                os.mkdir(path)
+                break
+            except FileExistsError:
+                path, n = f"{base}-{n}", n + 1
+        try:                 # from here the folder is this process's own
             os.makedirs(os.path.join(path, "previews"))
             os.makedirs(os.path.join(path, "checkpoints"))
             run = cls(path)

@@ -421,6 +421,13 @@ class DreamBoothSettings:
         if self.pause_seconds > 0 and self.pause_after_epochs == 0:
             p.append(f"pause_seconds = {self.pause_seconds} has no effect with pause_after_epochs = 0; set "
                      "pause_after_epochs (e.g. 10) or pause_seconds = 0")
+        if self.train_imagic_only:
+            changed = [f"{n} = {getattr(self, n)!r}" for n, default in (("fused_backward", False),
+                       ("weights_dtype", "fp32"), ("frozen_dtype", "auto")) if getattr(self, n) != default]
+            if changed:
+                p.append(f"train_imagic_only = True with {', '.join(changed)}: Imagic's two stages use the plain "
+                         "optimizer step in fp32 (a bf16 weight would not move at its 5e-7 learning rate); reset "
+                         "them to fused_backward False / weights_dtype fp32 / frozen_dtype auto")
         if self.train_imagic_only and not self.train_unet:
             p.append("train_imagic_only = True with train_unet = False: Imagic's second stage fine-tunes the UNet; "
                      "enable train_unet")

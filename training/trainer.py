@@ -307,6 +307,8 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
     settings = settings.resolved(concepts).check()
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mp = _mixed_precision(settings, device, say, model)
+    if mp != settings.mixed_precision:      # checks that depend on it (fused_backward, frozen_dtype) see the real one
+        settings.replace(mixed_precision=mp).check(check_environment=False)
     accelerator = Accelerator(mixed_precision=mp, cpu=device.type == "cpu")
     device = accelerator.device if device.type != "cpu" else device
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -342,6 +344,7 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
         say(f"train_unet is off: the run ends when the text encoder freezes, after {te_steps} of {total_steps} "
             f"steps (text_encoder_ratio {settings.text_encoder_ratio:g})")
         total_steps = te_steps
+        settings.check_run_length(total_steps)          # the warm-up must fit the shortened run too
     zero_terminal_snr = bool(settings.zero_terminal_snr or model.zero_terminal_snr)   # a ZTSNR base keeps it
     # a model that is itself the result of a run keeps its base's source_hash: name its weights by that run too
     parent_run = model.metadata.get("trained_run_id")
@@ -397,6 +400,9 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
     offloaded = precision.offload_frozen(tm, settings, device, te_trained=bool(te_steps),
                                          text_cached=data.text_cache is not None,
                                          latents_cached=data.latent_cache is not None)
+    # back where they were however the run ends: the result samples with them, and the VAE / text encoders may
+    # be the received model's own (a later node samples the base model)
+    held.callback(lambda: [m.to(device) for m in offloaded])
     if settings.fused_backward and world > 1:
         raise ValueError("fused_backward = True steps each weight before gradients are averaged across GPUs; "
                          "train on one GPU or turn fused_backward off")
@@ -418,7 +424,7 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
     if checkpoint:
         loaded = _first_loadable(run, checkpoint, lambda folder: _load_checkpoint(
             folder, named, optimizer, lr_scheduler, ema, run_id, scaler=accelerator.scaler),
-            say, fallback=not _names_a_checkpoint(resume))
+            say, fallback=not _names_a_checkpoint(resume), set_aside=main)
         if loaded is None:
             say(f"no checkpoint of {run.path} loads; starting again in a new run folder (the old one is kept)")
             checkpoint = None
@@ -744,11 +750,13 @@ def _load_checkpoint(folder, named, optimizer, lr_scheduler, ema, run_id, scaler
     return int(state["step"])
 
 
-def _first_loadable(run, checkpoint, load, say, fallback):
+def _first_loadable(run, checkpoint, load, say, fallback, set_aside: bool = True):
     """(load(folder), folder) for `checkpoint`, or (with `fallback`) for the newest older checkpoint of `run` that
     loads when it is damaged (truncated by a full disk, cut by a crash); None when none loads. A checkpoint the
     user named explicitly is not replaced: its damage is an error naming it. Another run's checkpoint
-    (CheckpointMismatch) is always an error."""
+    (CheckpointMismatch) is always an error. A damaged checkpoint passed over is renamed `.step-N.damaged`
+    (`set_aside`, the main process): kept for a look, but no longer the newest, so keep_last_checkpoints never
+    prunes a good checkpoint in its favour."""
     candidates = [checkpoint]
     if fallback:
         newest = run.checkpoints().index(checkpoint) if checkpoint in run.checkpoints() else 0
@@ -764,6 +772,11 @@ def _first_loadable(run, checkpoint, load, say, fallback):
                 raise ValueError(f"{folder}: the checkpoint is damaged and cannot be loaded ({reason}); resume "
                                  f"from another checkpoint of {run.path}, or start a new run") from None
             say(f"checkpoint {folder} is damaged ({reason}); trying an older one")
+            if set_aside:
+                aside = os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.damaged")
+                if not os.path.exists(aside):
+                    with contextlib.suppress(OSError):
+                        os.replace(folder, aside)
             continue
         if i:
             say(f"resuming from {folder} instead of the damaged {checkpoint}")
