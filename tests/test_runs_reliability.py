@@ -264,3 +264,19 @@ def test_imagic_refuses_the_memory_settings_it_does_not_apply():
     settings = tiny_settings(train_imagic_only=True, weights_dtype="bf16", mixed_precision="bf16")
     problems = settings.validate(check_environment=False)
     assert any("train_imagic_only" in p and "weights_dtype" in p for p in problems), problems
+
+
+def test_a_kill_between_the_two_renames_of_a_save_keeps_the_old_copy(tmp_path):
+    """atomic_folder moves the old folder aside, then the new one in: killed in between, the '.old' copy is the only
+    one and must be put back, not deleted as a leftover."""
+    from comfyui_dreambooth.training.runs import RunFolder
+
+    run = RunFolder.create(str(tmp_path), "r", {"run_id": "x"})
+    aside = os.path.join(run.checkpoints_dir, ".step-0000002.0123abcd.old")
+    os.makedirs(aside)
+    open(os.path.join(aside, "state.json"), "w").write("{}")
+    os.makedirs(os.path.join(run.checkpoints_dir, ".step-0000002.89abcdef.tmp"))
+    with run.lock():
+        run.remove_leftovers()
+    assert os.listdir(run.checkpoints_dir) == ["step-0000002"]
+    assert os.path.exists(os.path.join(run.checkpoints_dir, "step-0000002", "state.json"))

@@ -140,6 +140,12 @@ class RunFolder:
             if not os.path.isdir(folder):
                 continue
             for name in os.listdir(folder):
+                if name.startswith(".") and name.endswith(".old"):
+                    # killed between atomic_folder's two renames: the old copy is the only one; put it back
+                    original = os.path.join(folder, name[1:].rsplit(".", 2)[0])
+                    if not os.path.lexists(original):
+                        os.replace(os.path.join(folder, name), original)
+                        continue
                 if name.startswith(".") and name.endswith((".tmp", ".old")):
                     target = os.path.join(folder, name)
                     if os.path.isdir(target) and not os.path.islink(target):
