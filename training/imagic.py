@@ -26,11 +26,11 @@ import time
 
 from .runs import RunFolder, compute_run_id
 from .settings import SettingsError
-from .trainer import (CheckpointMismatch, TrainingDiverged, TrainingInterrupted, TrainingSaveError, TrainResult,
-                      _copy_weights, _create_run, _finish_model, _first_loadable, _format_eta, _has_inference_tensors,
+from .trainer import (TrainingDiverged, TrainingInterrupted, TrainingSaveError, TrainResult, _copy_weights,
+                      _create_run, _finish_model, _first_loadable, _format_eta, _has_inference_tensors,
                       _mixed_precision, _named_trainables, _names_a_checkpoint, _owned_modules, _read_checkpoint,
-                      _resume_target, _seed_global_rng, _set_attention, _step_seed, _trainable_copy, _vae_dtype,
-                      _write_state, build_trainable)
+                      _read_own_checkpoint, _resume_target, _seed_global_rng, _set_attention, _step_seed,
+                      _trainable_copy, _vae_dtype, _write_state, build_trainable)
 
 TARGET_KEY = "imagic.target_embedding"
 OPTIMIZED_KEY = "imagic.optimized_embedding"
@@ -417,17 +417,6 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
 
 def _constant(_step: int) -> float:
     return 1.0
-
-
-def _read_own_checkpoint(folder, run_id) -> dict:
-    """A checkpoint's contents, read whole; another run's checkpoint is an error."""
-    ckpt = _read_checkpoint(folder)
-    if ckpt["state"].get("run_id") != run_id:
-        raise CheckpointMismatch(
-            f"{folder}: this checkpoint belongs to a run with other settings, data or base model (run id "
-            f"{ckpt['state'].get('run_id')} vs {run_id}); start a new run (resume = new) or restore the "
-            "original settings")
-    return ckpt
 
 
 __all__ = ["IMAGIC_KEYS", "TARGET_KEY", "OPTIMIZED_KEY", "TARGET_POOLED_KEY", "OPTIMIZED_POOLED_KEY",

@@ -422,14 +422,18 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
 
     start_step = 0
     if checkpoint:
-        loaded = _first_loadable(run, checkpoint, lambda folder: _load_checkpoint(
-            folder, named, optimizer, lr_scheduler, ema, run_id, scaler=accelerator.scaler),
-            say, fallback=not _names_a_checkpoint(resume), set_aside=main)
+        # only reading decides "damaged": an error while applying a readable checkpoint (e.g. out of memory) is
+        # raised as it is, before the training state has been half overwritten by a fallback attempt
+        loaded = _first_loadable(run, checkpoint, lambda folder: _read_own_checkpoint(folder, run_id), say,
+                                 fallback=not _names_a_checkpoint(resume), set_aside=main)
         if loaded is None:
             say(f"no checkpoint of {run.path} loads; starting again in a new run folder (the old one is kept)")
             checkpoint = None
         else:
-            start_step, checkpoint = loaded
+            ckpt, checkpoint = loaded
+            start_step = _apply_checkpoint(checkpoint, ckpt, named, optimizer, lr_scheduler, ema,
+                                           scaler=accelerator.scaler)
+            del ckpt
     if checkpoint:
         say(f"resuming {run.path} from step {start_step}")
         if main:
@@ -732,13 +736,19 @@ def _read_checkpoint(folder) -> dict:
             "ema": torch.load(ema_path, map_location="cpu", weights_only=True) if os.path.exists(ema_path) else None}
 
 
-def _load_checkpoint(folder, named, optimizer, lr_scheduler, ema, run_id, scaler=None) -> int:
+def _read_own_checkpoint(folder, run_id) -> dict:
+    """A checkpoint's contents, read whole; another run's checkpoint is an error (CheckpointMismatch)."""
     ckpt = _read_checkpoint(folder)
-    state = ckpt["state"]
-    if state.get("run_id") != run_id:
+    if ckpt["state"].get("run_id") != run_id:
         raise CheckpointMismatch(
             f"{folder}: this checkpoint belongs to a run with other settings, data or base model (run id "
-            f"{state.get('run_id')} vs {run_id}); start a new run (resume = new) or restore the original settings")
+            f"{ckpt['state'].get('run_id')} vs {run_id}); start a new run (resume = new) or restore the "
+            "original settings")
+    return ckpt
+
+
+def _apply_checkpoint(folder, ckpt, named, optimizer, lr_scheduler, ema, scaler=None) -> int:
+    """A checkpoint read by _read_own_checkpoint into the training state; returns its step."""
     _copy_weights(folder, named, ckpt["weights"])
     opt = ckpt["optimizer"]
     optimizer.load_state_dict(opt["optimizer"])
@@ -747,7 +757,12 @@ def _load_checkpoint(folder, named, optimizer, lr_scheduler, ema, run_id, scaler
         scaler.load_state_dict(opt["scaler"])
     if ema is not None and ckpt["ema"] is not None:
         ema.load_state_dict(ckpt["ema"])
-    return int(state["step"])
+    return int(ckpt["state"]["step"])
+
+
+def _load_checkpoint(folder, named, optimizer, lr_scheduler, ema, run_id, scaler=None) -> int:
+    return _apply_checkpoint(folder, _read_own_checkpoint(folder, run_id), named, optimizer, lr_scheduler, ema,
+                             scaler)
 
 
 def _first_loadable(run, checkpoint, load, say, fallback, set_aside: bool = True):
