@@ -40,6 +40,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))   # the folder holding the comfyui_dreambooth package
+sys.path.insert(0, HERE)
+from bench_train_step import bitsandbytes_works  # noqa: E402  (one 8-bit probe for both benchmarks)
 
 RESOLUTION = {"tiny": 64, "mid": 64, "sd15": 512, "sdxl": 1024}
 STEPS = {"tiny": (2, 6), "mid": (1, 3), "sd15": (3, 10), "sdxl": (3, 8)}        # (warm-up, measured)
@@ -102,21 +104,6 @@ def cpu_combinations(quick: bool) -> list[dict]:
         out = [c for c in out if c["optimizer"] == "AdamW" and c["frozen_dtype"] == "auto"
                and c["fused_backward"] == (c["weights_dtype"] == "bf16")]
     return out
-
-
-def bitsandbytes_works() -> bool:
-    try:
-        import bitsandbytes as bnb
-        import torch
-
-        p = torch.nn.Parameter(torch.ones(4096, device="cuda"))
-        opt = bnb.optim.AdamW8bit([p], lr=1e-3)
-        p.grad = torch.ones_like(p)
-        opt.step()
-        torch.cuda.synchronize()
-        return True
-    except Exception:
-        return False
 
 
 def gpu_combinations() -> list[dict]:
