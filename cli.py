@@ -5,7 +5,8 @@
     comfyui-dreambooth sample MODEL --prompt "a photo of sks dog" --out dog.png [--steps 20 --seed 0 ...]
     comfyui-dreambooth run WORKFLOW.json [--set "Title.input=value" ...] [--output-dir DIR]
     comfyui-dreambooth demo [--output-dir DIR]
-    comfyui-dreambooth estimate MODEL|sd15|sd2|sdxl [--workflow WF.json] [--set name=value ...] [--json]
+    comfyui-dreambooth estimate MODEL|sd15|sd2|sdxl [--workflow WF.json] [--set name=value ...] [--vram GB]
+                         [--json]
     comfyui-dreambooth wizard MODEL|sd15|sd2|sdxl --vram GB [--images N] [--resolution R] [--mode auto|lora|full]
                        [--concept-type person|object|style] [--json]
 
@@ -403,6 +404,7 @@ def settings_from_workflow(path: str):
         if node_id not in built:
             node = prompt[node_id]
             inputs = dict(node.get("inputs", {}))
+            inputs.pop("model", None)       # only for the node's own memory estimate
             link = inputs.pop("config", None)
             upstream = config(str(link[0])) if isinstance(link, list) else None
             built[node_id] = SETTINGS_NODES[node["class_type"]]().build(config=upstream, **inputs)[0]
@@ -420,13 +422,14 @@ def _estimate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
                    help="a setting by its widget name, e.g. --set batch_size=2 --set resolution=768 (repeatable; "
                         "VALUE is JSON when it parses, 'auto' for auto)")
+    p.add_argument("--vram", type=float, help="compare with a card of this many GB (default: the detected GPU)")
     p.add_argument("--json", action="store_true", help="print JSON: settings, estimate_gb, explanation")
 
 
 @command("estimate", "estimate the VRAM a training run needs, per part (weights, gradients, optimizer, "
                      "activations, ...)", arguments=_estimate_arguments)
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from .training.memory import WIZARD_SETTINGS, estimate
+    from .training.memory import ESTIMATE_NOTE, GB, WIZARD_SETTINGS, DeviceMemory, estimate, estimate_report
     from .training.settings import DreamBoothSettings
 
     settings = DreamBoothSettings()
@@ -435,16 +438,21 @@ def cmd_estimate(args: argparse.Namespace) -> int:
             _require_exists(args.workflow, "workflow")
             settings = settings_from_workflow(args.workflow)
     settings = apply_setting_overrides(settings, args.overrides)
+    if args.vram is not None and args.vram <= 0:
+        raise CliError(f"--vram {args.vram:g}: give the card's memory in GB, e.g. --vram 8")
     model = _memory_model(args.model)
-    est = estimate(model, settings)
-    explanation = ("activations, weight_casts and overhead are calibrated estimates (+-30%); weights, gradients, "
-                   "optimizer, ema, text_encoders and vae are exact for these settings")
     if args.json:
+        est = estimate(model, settings)
         shown = {k: getattr(settings, k) for k in WIZARD_SETTINGS} | {"resolution": settings.data.resolution}
-        print(json.dumps({"settings": shown, "estimate_gb": est.gb(), "explanation": explanation}, indent=2))
-    else:
-        print(est.table())
-        print(explanation)
+        print(json.dumps({"settings": shown, "estimate_gb": est.gb(), "explanation": ESTIMATE_NOTE}, indent=2))
+    elif args.vram is not None:
+        print(estimate_report(model, settings, DeviceMemory(f"a {args.vram:g} GB card", int(args.vram * GB))))
+    else:                       # the settings nodes' text, for the device training would use here
+        from .nodes.comfy_compat import comfy_torch_device
+        from .training.memory import read_device
+
+        memory, found = read_device(comfy_torch_device())
+        print(estimate_report(model, settings, memory, device_label=found))
     return 0
 
 

@@ -9,6 +9,12 @@ combination that a later node would fix. Every node validates the whole result a
 
 Widget names are the settings' field names (a stable contract). Widgets, tooltips and ranges come from the
 field metadata in training/settings.py; "auto" fields use a sentinel widget value (0 or -1, see tooltips).
+
+Every node also returns `memory_estimate` (its second output, also shown on the node): the accelerator memory
+the config it produces needs, per part, for the optionally connected `model` (SD1.5 without one), compared
+with the detected device's memory, with a WARNING first line when it does not fit (training/memory.py
+settings_estimate_text). Estimating never makes the node fail. `build()` returns the config alone (`(config,)`),
+for callers that only want the settings (the CLI, tests).
 """
 from __future__ import annotations
 
@@ -70,7 +76,16 @@ def _from_widget(name: str, value):
 
 
 _CONFIG_INPUT = {"config": (CONFIG_TYPE, {"tooltip": "Optional settings to start from (from another DreamBooth "
-                                                     "settings node); this node's widgets override its values."})}
+                                                     "settings node); this node's widgets override its values."}),
+                 "model": ("DB_MODEL", {"tooltip": "Optional: the base model you will train, for the memory "
+                                                   "estimate only (its own sizes). Without it the estimate is "
+                                                   "for SD1.5."})}
+_RETURN_TYPES = (CONFIG_TYPE, "STRING")
+_RETURN_NAMES = ("config", "memory_estimate")
+_OUTPUT_TOOLTIPS = ("DreamBooth training settings; connect to TrainDreamBooth or another settings node.",
+                    "The GPU memory these settings need, per part (weights, gradients, optimizer, activations, "
+                    "...), for the connected model (SD1.5 without one), compared with the detected GPU; starts "
+                    "with WARNING when it does not fit. Also shown on the node.")
 
 
 def _check(settings: DreamBoothSettings, node: str) -> DreamBoothSettings:
@@ -78,6 +93,19 @@ def _check(settings: DreamBoothSettings, node: str) -> DreamBoothSettings:
     if problems:
         raise SettingsError(problems, f"{node}: invalid settings")
     return settings
+
+
+def _with_estimate(settings: DreamBoothSettings, model) -> dict:
+    """The node's return: the config, and the memory estimate as output and as text shown on the node."""
+    from ..training.memory import settings_estimate_text
+    from .comfy_compat import comfy_torch_device
+
+    try:
+        device = comfy_torch_device()
+    except Exception:           # noqa: BLE001 - the estimate then says no device was found
+        device = None
+    text = settings_estimate_text(model, settings, device)
+    return {"ui": {"text": [text]}, "result": (settings, text)}
 
 
 def _start(config) -> DreamBoothSettings:
@@ -92,10 +120,10 @@ class _FieldsNode:
     """A node whose widgets are DreamBoothSettings fields."""
 
     FIELDS: tuple = ()
-    RETURN_TYPES = (CONFIG_TYPE,)
-    RETURN_NAMES = ("config",)
-    OUTPUT_TOOLTIPS = ("DreamBooth training settings; connect to TrainDreamBooth or another settings node.",)
-    FUNCTION = "build"
+    RETURN_TYPES = _RETURN_TYPES
+    RETURN_NAMES = _RETURN_NAMES
+    OUTPUT_TOOLTIPS = _OUTPUT_TOOLTIPS
+    FUNCTION = "configure"
     CATEGORY = CATEGORY
 
     @classmethod
@@ -108,6 +136,10 @@ class _FieldsNode:
             raise TypeError(f"{type(self).__name__}: unexpected inputs {unknown}")
         changes = {name: _from_widget(name, value) for name, value in widgets.items()}
         return (_check(_start(config).replace(**changes), type(self).__name__),)
+
+    def configure(self, config=None, model=None, **widgets):
+        (settings,) = self.build(config=config, **widgets)
+        return _with_estimate(settings, model)
 
 
 class DreamBoothSettingsNode(_FieldsNode):
@@ -204,10 +236,10 @@ def _from_data_widget(name: str, value):
 
 class DreamBoothDataNode:
     DESCRIPTION = "Dataset-wide image, caption and cache settings (resolution, buckets, crops, flips, caches)."
-    RETURN_TYPES = (CONFIG_TYPE,)
-    RETURN_NAMES = ("config",)
-    OUTPUT_TOOLTIPS = _FieldsNode.OUTPUT_TOOLTIPS
-    FUNCTION = "build"
+    RETURN_TYPES = _RETURN_TYPES
+    RETURN_NAMES = _RETURN_NAMES
+    OUTPUT_TOOLTIPS = _OUTPUT_TOOLTIPS
+    FUNCTION = "configure"
     CATEGORY = CATEGORY
     FIELDS = tuple(_DATA_WIDGETS)
 
@@ -222,6 +254,10 @@ class DreamBoothDataNode:
         base = _start(config)
         data = dataclasses.replace(base.data, **{k: _from_data_widget(k, v) for k, v in widgets.items()})
         return (_check(base.replace(data=data), "DreamBoothDataNode"),)
+
+    def configure(self, config=None, model=None, **widgets):
+        (settings,) = self.build(config=config, **widgets)
+        return _with_estimate(settings, model)
 
 
 NODE_CLASS_MAPPINGS = {

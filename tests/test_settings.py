@@ -319,10 +319,11 @@ def widget_defaults(cls):
 def test_node_contract():
     assert set(nodes.NODE_CLASS_MAPPINGS) == set(nodes.NODE_DISPLAY_NAME_MAPPINGS)
     for cls in NODE_CLASSES:
-        assert cls.RETURN_TYPES == ("DB_CONFIG",) and cls.CATEGORY == "DreamBooth/settings"
+        assert cls.RETURN_TYPES == ("DB_CONFIG", "STRING") and cls.CATEGORY == "DreamBooth/settings"
+        assert cls.RETURN_NAMES == ("config", "memory_estimate") and len(cls.OUTPUT_TOOLTIPS) == 2
         assert callable(getattr(cls(), cls.FUNCTION))
         inputs = cls.INPUT_TYPES()
-        assert inputs["optional"]["config"][0] == "DB_CONFIG"
+        assert inputs["optional"]["config"][0] == "DB_CONFIG" and inputs["optional"]["model"][0] == "DB_MODEL"
         for section in ("required", "optional"):
             for name, spec in inputs[section].items():
                 assert spec[1].get("tooltip"), f"{cls.__name__}.{name} has no tooltip"

@@ -30,6 +30,9 @@ Estimated (marked in `Estimate.estimated`):
 - overhead: CUDA context, cuBLAS/cuDNN workspaces and allocator fragmentation, a constant (`OVERHEAD_BYTES`).
 
 `choose_settings(...)` is the wizard: see its docstring for the order in which savings are applied.
+`estimate_report(...)` is the estimate as text against a device's memory (`device_memory`), WARNING first when it
+does not fit: the `comfyui-dreambooth estimate` output, and through `settings_estimate_text` (which never raises)
+the settings nodes' memory_estimate output.
 This module imports torch and diffusers only inside functions that need them (CLI --help stays instant).
 """
 from __future__ import annotations
@@ -529,10 +532,128 @@ def concept_type_of(concepts) -> str:
 
 def free_device_memory_gb(device) -> float:
     """Free memory of an accelerator (torch.cuda.mem_get_info); ValueError on a CPU or an unknown device."""
+    memory = device_memory(device)
+    if memory is None or memory.free is None:
+        raise ValueError(f"cannot read the free memory of device {device}; set vram_gb to the card's memory in GB")
+    return memory.free / GB
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The estimate of a config, as text (the settings nodes' memory_estimate output and `comfyui-dreambooth estimate`)
+# ------------------------------------------------------------------------------------------------------------
+FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+DEFAULT_FAMILY = "sd15"       # what a settings node estimates for when no model is connected
+TIGHT_FRACTION = 0.9          # above this share of the card: a note that the estimate is close to the limit
+WIZARD_HINT = "the DreamBooth Performance Wizard node (or `comfyui-dreambooth wizard`)"
+ESTIMATE_NOTE = ("activations, weight_casts and overhead are calibrated estimates (+-30%); weights, gradients, "
+                 "optimizer, ema, text_encoders and vae are exact for these settings")
+
+
+@dataclass
+class DeviceMemory:
+    """An accelerator's memory in bytes (free: None when it cannot be read)."""
+    name: str
+    total: int
+    free: int | None = None
+
+
+def device_memory(device) -> DeviceMemory | None:
+    """The memory of `device` when it is an accelerator whose memory can be read (CUDA / ROCm, Apple MPS), else
+    None (the CPU, or a device torch cannot report on)."""
     import torch
 
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info(device)
-        return free / GB
-    raise ValueError(f"cannot read the free memory of device {device}; set vram_gb to the card's memory in GB")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        free, total = torch.cuda.mem_get_info(index)
+        return DeviceMemory(f"cuda:{index} ({torch.cuda.get_device_name(index)})", int(total), int(free))
+    mps = getattr(torch, "mps", None)
+    if device.type == "mps" and mps is not None and hasattr(mps, "recommended_max_memory"):
+        total = int(mps.recommended_max_memory())
+        used = int(mps.driver_allocated_memory()) if hasattr(mps, "driver_allocated_memory") else None
+        return DeviceMemory("mps (Apple GPU, recommended limit)", total, None if used is None else total - used)
+    return None
+
+
+def read_device(device) -> tuple[DeviceMemory | None, str]:
+    """(its memory, "") for an accelerator; (None, what was found instead) for the CPU, a device whose memory
+    cannot be read, or None (not known). `device` may already be a DeviceMemory."""
+    if device is None:
+        return None, "no device detected"
+    if isinstance(device, DeviceMemory):
+        return device, ""
+    memory = device_memory(device)
+    if memory is not None:
+        return memory, ""
+    if getattr(device, "type", str(device)) == "cpu":
+        return None, f"{device}, no accelerator found (training on the CPU uses system RAM)"
+    return None, f"{device}, its memory cannot be read"
+
+
+def _what(shape: ModelShape, s) -> str:
+    if s.use_lora:
+        mode = f"{s.lora_type} rank {s.lora_rank}"
+    else:
+        mode = "full fine-tune"
+    trains = [name for name, on in (("UNet", s.train_unet), ("text encoder", s.trains_text_encoder)) if on]
+    return (f"{mode} of {' + '.join(trains) or 'nothing'}, {s.data.resolution}px, batch {s.batch_size}, "
+            f"{s.optimizer}, mixed_precision {s.mixed_precision}, gradient_checkpointing "
+            f"{'on' if s.gradient_checkpointing else 'off'}")
+
+
+def estimate_report(model, settings, device: DeviceMemory | None = None, *, device_label: str = "",
+                    model_label: str = "") -> str:
+    """The memory estimate of `settings` on `model` (an SDModel or a family keyword) as text: the parts and the
+    total, compared with `device` (DeviceMemory, or None: no accelerator; `device_label` names what was found).
+    `model_label` names the model in the text (default: its family).
+
+    When the total exceeds the device's memory, the first line is a WARNING naming the total, the device's
+    memory and the largest parts, and pointing to the wizard. Raises what estimate() raises."""
+    shape = model_shape(model)
+    s = settings if settings.is_resolved else settings.resolved()
+    est = estimate(shape, s)
+    model_label = model_label or f"an {FAMILY_NAMES.get(shape.family, shape.family)} model"
+    total_gb = est.total / GB
+    largest = sorted(((v, k) for k, v in est.parts.items() if v > 0), reverse=True)[:3]
+    largest_text = ", ".join(f"{k} {v / GB:.2f} GB" for v, k in largest)
+    lines = []
+    if device is not None and est.total > device.total:
+        lines.append(f"WARNING: these settings need about {total_gb:.2f} GB but {device.name} has "
+                     f"{device.total / GB:.2f} GB: training will run out of memory. Largest parts: {largest_text}. "
+                     f"Turn on memory savings (gradient_checkpointing, an 8-bit optimizer, fused_backward, a "
+                     f"smaller batch or resolution, LoRA), or use {WIZARD_HINT} to choose settings that fit.")
+    lines.append(f"Memory estimate for {model_label}: {_what(shape, s)}")
+    if s.train_imagic_only:
+        lines.append("(Imagic is counted as DreamBooth training with these settings: an approximation.)")
+    lines.append(est.table())
+    if device is None:
+        lines.append(f"device: {device_label or 'no accelerator found'}; nothing to compare with.")
+    else:
+        free = f", {device.free / GB:.2f} GB free now" if device.free is not None else ""
+        lines.append(f"device: {device.name}, {device.total / GB:.2f} GB{free}.")
+        if est.total <= device.total:
+            verdict = f"fits, {(device.total - est.total) / GB:.2f} GB to spare"
+            if est.total > TIGHT_FRACTION * device.total:
+                verdict += (f" - tight: within {100 - int(TIGHT_FRACTION * 100)}% of the card's memory and the "
+                            f"activations are +-30%; {WIZARD_HINT} can choose settings with more room")
+            lines.append(verdict + ".")
+    lines.append(ESTIMATE_NOTE + ".")
+    return "\n".join(lines)
+
+
+def settings_estimate_text(model, settings, device) -> str:
+    """The settings nodes' memory_estimate text; never raises (a settings node must still return its config).
+
+    `model`: the connected SDModel, or None: estimated for DEFAULT_FAMILY and the text says so. `device`: the
+    torch device training will use (its memory is read here), a DeviceMemory, or None (not known)."""
+    label = "" if model is not None else ("SD1.5 (no model connected to this node: connect the base model for "
+                                          "its own numbers)")
+    try:
+        memory, found = read_device(device)
+    except Exception as e:      # noqa: BLE001 - still show the estimate, without the comparison
+        memory, found = None, f"{device}, its memory could not be read ({type(e).__name__}: {e})"
+    try:
+        return estimate_report(DEFAULT_FAMILY if model is None else model, settings, memory, device_label=found,
+                               model_label=label)
+    except Exception as e:      # noqa: BLE001 - the estimate is a courtesy; the config is what the node is for
+        return f"No memory estimate for these settings: {type(e).__name__}: {e}"
