@@ -244,8 +244,9 @@ class TrainingData:
         return self.latent_cache.get_or_compute(self.latent_key(item, flipped),
                                                 lambda: self.encode_latent_stats([(item, flipped)])[0], expect)
 
-    def fill_latent_cache(self, progress=None, should_stop=None) -> None:
-        """Encode every (image, flip) not yet cached, VAE_BATCH same-bucket images per call."""
+    def fill_latent_cache(self, progress=None, should_stop=None, shard: tuple[int, int] = (0, 1)) -> None:
+        """Encode every (image, flip) not yet cached, VAE_BATCH same-bucket images per call (with a disk cache
+        and `shard=(rank, processes)`: only this process's share)."""
         if self.latent_cache is None:
             return
         flips = (False, True) if self.settings.random_flip else (False,)
@@ -256,6 +257,7 @@ class TrainingData:
                 key = self.latent_key(item, f)
                 if self.latent_cache.get(key, lambda t: tuple(t["mean"].shape) == shape) is None:
                     todo.append((item, f))
+        todo = self._share(todo, shard)
         groups: dict[tuple, list] = {}
         for item, f in todo:
             groups.setdefault(item.bucket, []).append((item, f))
@@ -312,7 +314,11 @@ class TrainingData:
                 found[c] = entry
         return [found[c] for c in captions]
 
-    def fill_text_cache(self, progress=None, should_stop=None) -> None:
+    def _share(self, todo: list, shard: tuple[int, int]) -> list:
+        rank, processes = shard
+        return todo[rank::processes] if processes > 1 and self.settings.cache_mode == "disk" else todo
+
+    def fill_text_cache(self, progress=None, should_stop=None, shard: tuple[int, int] = (0, 1)) -> None:
         """Encode every fixed caption (and "" when dropout is on). Tag-shuffled variants are cached on use."""
         if self.text_cache is None:
             return
@@ -322,7 +328,7 @@ class TrainingData:
         if self.settings.long_captions == "chunk":
             captions.append("")            # the padding chunk for batches mixing caption lengths
         captions = list(dict.fromkeys(captions))
-        missing = [c for c in captions if self.text_cache.get(self.text_key(c)) is None]
+        missing = self._share([c for c in captions if self.text_cache.get(self.text_key(c)) is None], shard)
         for s in range(0, len(missing), TEXT_BATCH):
             if should_stop is not None and should_stop():
                 raise PreparationStopped("stopped while caching text embeddings")
@@ -362,7 +368,8 @@ class TrainingData:
 
     def load_batch(self, plan_item: PlanItem, *, device=None, dtype=None, generator=None) -> Batch:
         """The tensors of one planned batch. `generator` draws the VAE posterior sample (so cached latents
-        still vary like freshly encoded ones); pass a seeded generator for reproducible runs."""
+        still vary like freshly encoded ones); pass a seeded generator for reproducible runs, or a list of
+        them, one per example."""
         import torch
 
         # ComfyUI runs nodes under inference_mode; tensors made there cannot enter autograd. Build the
@@ -377,8 +384,12 @@ class TrainingData:
         stats = [self.latent_stats(item, f) for item, f in zip(items, plan_item.flips)]
         mean = torch.stack([s["mean"] for s in stats])
         std = torch.stack([s["std"] for s in stats])
-        gen_device = generator.device if generator is not None else torch.device("cpu")
-        noise = torch.randn(mean.shape, generator=generator, device=gen_device, dtype=torch.float32)
+        if isinstance(generator, (list, tuple)):     # one generator per example: a draw that does not depend on
+            noise = torch.stack([torch.randn(mean.shape[1:], generator=g, device=g.device, dtype=torch.float32)
+                                 .to(mean.device) for g in generator])   # which batch or process holds it
+        else:
+            gen_device = generator.device if generator is not None else torch.device("cpu")
+            noise = torch.randn(mean.shape, generator=generator, device=gen_device, dtype=torch.float32)
         latents = mean + std * noise.to(mean.device)
         cfg = self.model.vae.config
         shift = getattr(cfg, "shift_factor", None) or 0.0
@@ -452,7 +463,7 @@ def prepare_training_data(model, concepts: list[ConceptSettings], data_settings:
                           use_class_images: bool = True, generate_class_images: bool = True,
                           class_batch_size: int = 4,
                           class_scheduler: str = "euler", log: Callable[[str], None] | None = None,
-                          generate_fn=None) -> TrainingData:
+                          generate_fn=None, shard: tuple[int, int] = (0, 1)) -> TrainingData:
     """Scan, check, complete and encode the data of `concepts`; see the module docstring.
 
     - `model`: the SDModel to train (its VAE and text encoders are used where they are; move them to the
@@ -463,6 +474,8 @@ def prepare_training_data(model, concepts: list[ConceptSettings], data_settings:
     - `use_class_images=False` trains without prior-preservation class images even where a concept asks for
       them (e.g. another prior method); `generate_class_images=False` uses the class images present but
       generates none (the report lists the shortfall).
+    - `shard=(rank, processes)`: with a disk cache, this process encodes only its share of the missing entries
+      (the caller waits for every process before training); memory caches are filled whole in each process.
     - `progress(done, total)` is called per stage (class images, latents, text); `log(message)` names the
       stage. `should_stop()` -> `PreparationStopped` at the next check.
     - Raises `DatasetError` listing every problem (settings, no usable images, broken images with
@@ -491,21 +504,10 @@ def prepare_training_data(model, concepts: list[ConceptSettings], data_settings:
 
     generated = [0] * len(concepts)
     if generate_class_images:
-        from .class_images import ensure_class_images, plan_class_generation
-
-        for i, (c, sc) in enumerate(zip(concepts, scans)):
-            todo = plan_class_generation(c, data_settings, sc)
-            if not todo:
-                continue
-            say(f"concept {i + 1}: generating {len(todo)} class images in {c.class_dir}")
-            before = sc.class_present
-            ensure_class_images(model, c, data_settings, batch_size=class_batch_size, scheduler=class_scheduler,
-                                progress=progress, should_stop=should_stop, generate_fn=generate_fn,
-                                clip_skip=clip_skip)
-            if should_stop is not None and should_stop():
-                raise PreparationStopped("stopped while generating class images")
-            scans[i] = scan_concept(c)
-            generated[i] = max(0, scans[i].class_present - before)
+        generated = generate_missing_class_images(model, concepts, data_settings, scans, batch_size=class_batch_size,
+                                                  scheduler=class_scheduler, progress=progress,
+                                                  should_stop=should_stop, generate_fn=generate_fn,
+                                                  clip_skip=clip_skip, log=say)
 
     items: list[Item] = []
     report = DatasetReport()
@@ -545,15 +547,42 @@ def prepare_training_data(model, concepts: list[ConceptSettings], data_settings:
 
     if latent_cache is not None:
         say(f"caching latents ({mode})")
-        data.fill_latent_cache(progress=progress, should_stop=should_stop)
+        data.fill_latent_cache(progress=progress, should_stop=should_stop, shard=shard)
         report.cache["latents"] = latent_cache.stats()
     if text_cache is not None:
         say(f"caching text embeddings ({mode})")
-        data.fill_text_cache(progress=progress, should_stop=should_stop)
+        data.fill_text_cache(progress=progress, should_stop=should_stop, shard=shard)
         report.cache["text"] = text_cache.stats()
 
     _fill_epoch_numbers(data, report, gradient_accumulation_steps)
     return data
+
+
+def generate_missing_class_images(model, concepts, data_settings: DataSettings, scans: list | None = None, *,
+                                  batch_size: int = 4, scheduler: str = "euler", progress=None, should_stop=None,
+                                  generate_fn=None, clip_skip: int | None = None, log=None) -> list[int]:
+    """Generate the class images each prior-preservation concept lacks; `scans` (one per concept) are updated in
+    place. Returns how many were generated per concept. Several processes: rank 0 alone calls this, the others
+    wait and then find the images (their file names are not coordinated across processes)."""
+    from .class_images import ensure_class_images, plan_class_generation
+
+    say = log or (lambda msg: None)
+    scans = [scan_concept(c) for c in concepts] if scans is None else scans
+    generated = [0] * len(concepts)
+    for i, (c, sc) in enumerate(zip(concepts, scans)):
+        todo = plan_class_generation(c, data_settings, sc)
+        if not todo:
+            continue
+        say(f"concept {i + 1}: generating {len(todo)} class images in {c.class_dir}")
+        before = sc.class_present
+        ensure_class_images(model, c, data_settings, batch_size=batch_size, scheduler=scheduler,
+                            progress=progress, should_stop=should_stop, generate_fn=generate_fn,
+                            clip_skip=clip_skip)
+        if should_stop is not None and should_stop():
+            raise PreparationStopped("stopped while generating class images")
+        scans[i] = scan_concept(c)
+        generated[i] = max(0, scans[i].class_present - before)
+    return generated
 
 
 def _fill_epoch_numbers(data: TrainingData, report: DatasetReport, grad_accum: int) -> None:
@@ -581,4 +610,4 @@ def _fill_epoch_numbers(data: TrainingData, report: DatasetReport, grad_accum: i
 
 
 __all__ = ["DatasetError", "PreparationStopped", "Item", "PlanItem", "Batch", "TrainingData",
-           "prepare_training_data", "TOKEN_LIMIT"]
+           "prepare_training_data", "generate_missing_class_images", "TOKEN_LIMIT"]
