@@ -321,16 +321,45 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", default="output", help="folder used in place of ComfyUI's output folder")
     p.add_argument("--quiet", action="store_true", help="no per-node progress lines")
     p.add_argument("--json", action="store_true", help="print the result (outputs, timings) as JSON")
+    p.add_argument("--num-processes", type=int, default=1, metavar="N",
+                   help="train data-parallel in N processes on this machine (one per GPU; on a CPU-only machine N "
+                        "CPU processes): the same as `accelerate launch --num_processes N -m comfyui_dreambooth run "
+                        "...`. Effective batch = N x batch_size x gradient_accumulation_steps")
+
+
+def _relaunch(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run this same command in `--num-processes` processes under torch's launcher (torchrun, single machine)."""
+    import subprocess
+
+    if args.num_processes < 1:
+        raise CliError(f"--num-processes {args.num_processes}: give 1 or more")
+    rest, skip = [], False
+    for a in argv:                       # the command line without --num-processes
+        if skip:
+            skip = False
+        elif a == "--num-processes":
+            skip = True
+        elif not a.startswith("--num-processes="):
+            rest.append(a)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                "--nproc_per_node", str(args.num_processes), "-m", __package__ or "comfyui_dreambooth", *rest]
+    return subprocess.call(launcher)
 
 
 @command("run", "execute a workflow of this pack's nodes headless", arguments=_run_arguments)
 def cmd_run(args: argparse.Namespace) -> int:
     from .runner import run_workflow, saved_files
+    from .training.distributed import process_info
 
+    rank, processes = process_info()
+    if args.num_processes > 1 and processes == 1:
+        return _relaunch(args, args.argv)
     check_output_dir(args.output_dir)
     with about(args.workflow):
         result = run_workflow(args.workflow, overrides=args.overrides, output_dir=args.output_dir,
                               show_progress=not args.quiet)
+    if rank > 0:                          # rank 0 reports for all processes
+        return 0
     if args.json:
         summary = {k: result[k] for k in ("status", "format", "output_dir", "executed", "outputs", "timings")}
         print(json.dumps(summary, indent=2, default=str))
@@ -566,6 +595,7 @@ def _pack_warnings_on_one_line(show_library_warning):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)     # `run --num-processes` relaunches it
     from .training.quiet import is_verbose, quiet_libraries, set_verbose
 
     verbose = is_verbose()

@@ -49,6 +49,7 @@ class TrainDreamBooth:
                        "Dataset report and training summary.")
     OUTPUT_NODE = True
     FUNCTION = "train"
+    TRAINS = True       # several processes (accelerate launch): every rank runs this node and what it needs
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -11,6 +11,7 @@ import time
 from typing import Any, Iterable, Mapping, TextIO
 
 from ..nodes import comfy_compat
+from ..training.distributed import process_info
 from .errors import NodeExecutionError, WorkflowError, WorkflowInterrupted
 from .formats import PreparedWorkflow, prepare_workflow
 from .specs import _hidden_values, _input_spec, _input_types, _is_link, _title, runner_package, shorten
@@ -199,6 +200,10 @@ def run_workflow(workflow: dict | str | os.PathLike, *, overrides: Iterable[str]
         with comfy_compat.using_output_directory(output_dir):
             prepared = prepare_workflow(workflow, node_classes, display_names, overrides)
             order = validate_workflow(prepared, node_classes)
+            rank, processes = process_info()
+            if processes > 1 and rank > 0:     # several processes: the others train alongside rank 0, nothing else
+                order = training_share(prepared, node_classes, order)
+                stream = None
             os.makedirs(output_dir, exist_ok=True)
             guard = _ctrl_c_interrupts(stream) if handle_ctrl_c else contextlib.nullcontext()
             with guard:
@@ -210,6 +215,21 @@ def run_workflow(workflow: dict | str | os.PathLike, *, overrides: Iterable[str]
         comfy_compat.clear_interrupt()
     result["output_dir"] = output_dir
     return result
+
+
+def training_share(prepared: PreparedWorkflow, node_classes: Mapping[str, type], order: list[str]) -> list[str]:
+    """The nodes a process other than rank 0 runs: the training nodes (class attribute TRAINS) and what they
+    need. Saving, sampling and previews happen once, in rank 0."""
+    prompt = prepared.prompt
+    needed: set[str] = set()
+    todo = [n for n in order if getattr(node_classes[prompt[n]["class_type"]], "TRAINS", False)]
+    while todo:
+        node_id = todo.pop()
+        if node_id in needed:
+            continue
+        needed.add(node_id)
+        todo += [str(v[0]) for v in prompt[node_id]["inputs"].values() if _is_link(v)]
+    return [n for n in order if n in needed]
 
 
 def _checked_output_dir(output_dir: str | os.PathLike) -> str:

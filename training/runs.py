@@ -46,10 +46,12 @@ def library_versions() -> dict:
 
 
 def compute_run_id(settings_hash: str, concepts: list, item_hashes: list[str], model_hash: str,
-                   adapter_or_full: str) -> str:
+                   adapter_or_full: str, processes: int = 1) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"settings": settings_hash, "concepts": concepts, "model": model_hash,
-                         "kind": adapter_or_full}, sort_keys=True, default=str).encode())
+    identity = {"settings": settings_hash, "concepts": concepts, "model": model_hash, "kind": adapter_or_full}
+    if processes > 1:          # other effective batch and data split (one process keeps its old ids)
+        identity["processes"] = processes
+    h.update(json.dumps(identity, sort_keys=True, default=str).encode())
     for item in sorted(item_hashes):
         h.update(item.encode())
     return h.hexdigest()[:16]

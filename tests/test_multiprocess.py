@@ -1,0 +1,166 @@
+"""Data-parallel training in several processes, on the CPU with gloo (torch's launcher, as `accelerate launch`
+and `comfyui-dreambooth run --num-processes N` start it). Each launch costs ~15 s on 2 cores: the cases share
+launches where they can."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from trainer_fixtures import make_images, tiny_settings
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__import__("comfyui_dreambooth").__file__)))
+# the same data order needs both images in every optimizer step: 2 images, effective batch 2
+SETTINGS = dict(text_encoder_ratio=1.0, steps_per_image=3)
+# float32 sums in another order, through 3 AdamW steps (measured: <= 1.1e-4; Adam's normalisation magnifies
+# the rounding of gradients near zero); a rank that missed the other's gradients is off by ~1
+RELATIVE_TOLERANCE = 1e-3
+
+
+def _env():
+    path = os.pathsep.join(p for p in (PACKAGE_PARENT, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": path,
+            "COMFYUI_DREAMBOOTH_COLLECTIVE_TIMEOUT_MIN": "2"}
+
+
+def _launch(tmp_path, name, timeout=240, **spec):
+    """Two ranks of tests/multiprocess_worker.py; returns (launcher exit code, output, [rank records])."""
+    out = tmp_path / name
+    spec = {"instance_dir": str(tmp_path / "instance"), "output_root": str(tmp_path / "runs"),
+            "out_dir": str(out), **spec}
+    spec_path = tmp_path / f"{name}.json"
+    spec_path.write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                           "--nproc_per_node", "2", os.path.join(HERE, "multiprocess_worker.py"), str(spec_path)],
+                          capture_output=True, text=True, timeout=timeout, env=_env())
+    records = []
+    for rank in (0, 1):
+        path = out / f"rank-{rank}.json"
+        records.append(json.loads(path.read_text()) if path.exists() else None)
+    return proc.returncode, proc.stdout + proc.stderr, records
+
+
+def _tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+@pytest.fixture(scope="module")
+def interrupted_then_resumed(tmp_path_factory):
+    """2 processes stopped at step 2 (rank 0's stop request), then resumed by 2 processes to the end."""
+    tmp = tmp_path_factory.mktemp("mp")
+    make_images(str(tmp / "instance"), 2)
+    first = _launch(tmp, "first", settings=SETTINGS, stop_at=2)
+    assert first[0] == 0, first[1][-4000:]
+    second = _launch(tmp, "second", settings=SETTINGS)
+    assert second[0] == 0, second[1][-4000:]
+    return tmp, first[2], second[2]
+
+
+def test_two_processes_stop_together_and_resume(interrupted_then_resumed):
+    tmp, first, second = interrupted_then_resumed
+    assert [r["interrupted"] for r in first] == [True, True]          # rank 1 stopped with rank 0, no hang
+    assert first[0]["steps"] == first[1]["steps"] == 2
+    assert first[0]["run"] == first[1]["run"] == second[0]["run"] == second[1]["run"]   # resumed, one run folder
+    assert second[0]["steps"] == 3 and second[0]["progress_steps"] == [3]
+    assert second[1]["progress_steps"] == []                           # only rank 0 reports progress
+    runs = [d for d in os.listdir(tmp / "runs" / "dreambooth") if (tmp / "runs" / "dreambooth" / d / "config.json").exists()]
+    assert len(runs) == 1
+    run = tmp / "runs" / "dreambooth" / runs[0]
+    losses = [json.loads(line) for line in (run / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in losses] == [1, 2, 3]                    # each step once, written by rank 0 only
+    config = json.loads((run / "config.json").read_text())
+    assert config["processes"] == 2 and config["finished"] and config["total_steps"] == 3
+    assert "effective batch 2 x 1 x 1 = 2" in (run / "dataset_report.txt").read_text()
+
+
+def test_both_ranks_hold_identical_weights_equal_to_one_process_at_the_same_effective_batch(
+        interrupted_then_resumed, sd1, tmp_path):
+    import torch
+
+    from comfyui_dreambooth.training.data.settings import ConceptSettings
+    from comfyui_dreambooth.training.trainer import train
+
+    tmp, _, second = interrupted_then_resumed
+    rank0, rank1 = _tensors(tmp / "second" / "rank-0.safetensors"), _tensors(tmp / "second" / "rank-1.safetensors")
+    assert any(k.startswith("te0.") for k in rank0)                    # the text encoder LoRA trained too
+    for k in rank0:
+        assert torch.equal(rank0[k], rank1[k]), k                      # gradients averaged: the same update
+
+    concept = ConceptSettings(instance_dir=str(tmp / "instance"), instance_prompt="a photo of sks dog",
+                              class_prompt="a photo of dog", num_class_images_per_image=0)
+    one = train(sd1, [concept], tiny_settings(**SETTINGS, batch_size=2), output_root=str(tmp_path / "one"))
+    assert one.steps == 3                                              # 2 processes x batch 1 = 1 process x batch 2
+    single = {f"unet.{k}": v for k, v in one.model.unet.state_dict().items() if "lora" in k}
+    single.update({f"te0.{k}": v for k, v in one.model.text_encoders[0].state_dict().items() if "lora" in k})
+    assert set(single) == set(rank0)
+    for k, v in single.items():
+        v = v.float()
+        assert float((rank0[k] - v).norm() / v.norm()) < RELATIVE_TOLERANCE, k
+    # one process at batch 1 takes twice the steps of two processes at batch 1 over the same epochs
+    per_process = train(sd1, [concept], tiny_settings(**SETTINGS),
+                        output_root=str(tmp_path / "b1"))
+    assert per_process.steps == 2 * 3
+
+
+def test_resuming_with_another_number_of_processes_is_refused(interrupted_then_resumed, sd1, tmp_path):
+    from comfyui_dreambooth.training.data.settings import ConceptSettings
+    from comfyui_dreambooth.training.trainer import train
+
+    tmp, first, _ = interrupted_then_resumed
+    concept = ConceptSettings(instance_dir=str(tmp / "instance"), instance_prompt="a photo of sks dog",
+                              class_prompt="a photo of dog", num_class_images_per_image=0)
+    with pytest.raises(ValueError, match=r"trained by 2 process\(es\).*same number \(this run has 1\)"):
+        train(sd1, [concept], tiny_settings(**SETTINGS), output_root=str(tmp_path), resume=first[0]["run"])
+
+
+def test_base_model_prior_trains_then_a_failing_rank_ends_the_others_with_its_message(tmp_path):
+    """prior_mode base_model runs the UNet twice before one backward (a DDP wrapper rejects that): steps 1 and 2
+    complete on both ranks; rank 1 then fails in step 3 while rank 0 waits for its gradients."""
+    make_images(str(tmp_path / "instance"), 2)
+    code, output, records = _launch(tmp_path, "fail", timeout=180,
+                                    settings=dict(steps_per_image=20, prior_mode="base_model"), fail_rank=1, fail_at=3)
+    assert code != 0
+    assert "injected failure on rank 1 at step 3" in output
+    assert records == [None, None]                     # no rank finished as if nothing happened
+
+
+def test_cli_run_with_num_processes_trains_once_and_saves_once(tmp_path):
+    """`comfyui-dreambooth run --num-processes 2` on the demo workflow: prior preservation with class images that
+    rank 0 generates while rank 1 waits; rank 1 runs only the training and what it needs."""
+    from comfyui_dreambooth import demo
+
+    out = tmp_path / "out"
+    demo.make_tiny_checkpoint(str(out / "checkpoints" / demo.CHECKPOINT_NAME))
+    concept = out / "input" / "concept"
+    demo.make_concept_images(str(concept), count=2)
+    overrides = demo.demo_overrides(demo.CHECKPOINT_NAME, str(concept), epochs=2)
+    cmd = [sys.executable, "-m", "comfyui_dreambooth", "run", demo.example_workflow_path(), "--num-processes", "2",
+           "--output-dir", str(out), "--quiet", "--json"]
+    for o in overrides + [f"{demo.SAMPLE}.steps=2"]:
+        cmd += ["--set", o]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert proc.stdout.count("training 4 steps (2/epoch)") == 1         # rank 1 trains silently
+    report = json.loads(proc.stdout[proc.stdout.index("\n{\n") + 1:])   # one report, from rank 0 (two would not parse)
+    assert report["status"] == "success"
+    loras = list((out / "loras").rglob("*.safetensors"))
+    assert [p.name for p in loras] == [f"{demo.LORA_NAME}.safetensors"]
+    reported = {item["filename"] for ui in report["outputs"].values() for items in ui.values()
+                for item in (items if isinstance(items, list) else []) if isinstance(item, dict) and "filename" in item}
+    samples = {p.name for p in (out / os.path.dirname(demo.SAMPLE_PREFIX)).glob("*.png")}
+    assert samples and samples <= reported                   # only rank 0 sampled and saved
+    runs = [d for d in (out / "dreambooth").iterdir() if (d / "config.json").exists()]
+    assert len(runs) == 1
+    config = json.loads((runs[0] / "config.json").read_text())
+    assert config["processes"] == 2 and config["finished"]
+    class_dir = config["concepts"][0]["class_dir"]
+    assert len([f for f in os.listdir(class_dir) if f.endswith(".png")]) == 2        # 1 per image, made once
+    losses = [json.loads(line)["step"] for line in (runs[0] / "loss.jsonl").read_text().splitlines()]
+    # 2 images + 2 class images = 4 batches of 1 per epoch, 2 per process; 2 epochs
+    assert losses == [1, 2, 3, 4]
