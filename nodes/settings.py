@@ -167,7 +167,7 @@ class DreamBoothAdvancedNode(_FieldsNode):
               "gradient_checkpointing", "set_grads_to_none", "attention", "vae_dtype", "noise_scheduler",
               "zero_terminal_snr", "offset_noise", "min_snr_gamma", "freeze_clip_norm", "clip_skip",
               "prior_mode", "prior_loss_weight", "pause_after_epochs", "pause_seconds", "preview_scheduler",
-              "preview_steps", "preview_cfg", "frozen_dtype")
+              "preview_steps", "preview_cfg", "frozen_dtype", "auto_fit")
 
 
 class DreamBoothImagicNode(_FieldsNode):

@@ -286,7 +286,8 @@ def test_config_hash_cosmetic_choices():
     cosmetic = {n for n, f in FIELDS.items() if n != "data" and not f.metadata["affects_result"]}
     assert cosmetic == {"pause_after_epochs", "pause_seconds", "save_every_epochs", "preview_every_epochs",
                         "set_grads_to_none", "gradient_checkpointing", "ema_on_cpu", "keep_last_checkpoints",
-                        "run_name", "preview_scheduler", "preview_steps", "preview_cfg"}
+                        "run_name", "preview_scheduler", "preview_steps", "preview_cfg",
+                        "auto_fit"}     # what auto_fit changes is recorded as the settings it changed
     base = DreamBoothSettings()
     assert base.replace(data=DataSettings(cache_mode="memory")).config_hash() == base.config_hash()
     assert base.replace(data=DataSettings(resolution=768)).config_hash() != base.config_hash()

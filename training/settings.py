@@ -196,6 +196,11 @@ class DreamBoothSettings:
                                  "mixed_precision's half type; bf16 / fp16 force one; fp8 keeps frozen UNet weights "
                                  "in float8 and computes layer by layer in the compute precision (LoRA only; "
                                  "for small cards; slightly lower quality).", choices=FROZEN_DTYPES)
+    auto_fit: bool = _setting(False, "On a GPU, a pre-flight step at the largest bucket and batch runs before "
+                              "training; when it would run out of memory the run stops at once with the estimate "
+                              "and the next saving to try. auto_fit on applies the Performance Wizard's savings "
+                              "in order (gradient checkpointing, a smaller optimizer, ...) until it fits, and "
+                              "says which.", affects_result=False)
     # --- what trains --------------------------------------------------------------------------------------------
     train_unet: bool = _setting(True, "Train the UNet (or its adapter).")
     text_encoder_ratio: float | None = _setting(None, "Fraction of the steps during which the text encoder(s) "
@@ -583,7 +588,8 @@ class DreamBoothSettings:
         """Stable 16-hex-digit hash of the result-relevant settings.
 
         Left out (they cannot change the weights): run_name, save/preview/pause cadence and preview sampler,
-        keep_last_checkpoints, ema_on_cpu, gradient_checkpointing, set_grads_to_none, data.cache_mode.
+        keep_last_checkpoints, ema_on_cpu, gradient_checkpointing, set_grads_to_none, auto_fit (the settings it
+        changes are hashed as changed), data.cache_mode.
         Hash resolved settings (`resolved(concepts)`), so that auto and its explicit value name the same run.
         The run identity also needs the data hash and the base model hash (the trainer combines them).
         """

@@ -273,14 +273,26 @@ def train(model, concepts, settings, *, output_root: str, resume: str = "auto", 
     """
     import torch
 
+    from .preflight import DoesNotFit
+
     cb = callbacks or TrainCallbacks()
     unet_home = next(model.unet.parameters()).device
     try:
-        with torch.inference_mode(False), _fresh_accelerate_state(), torch.random.fork_rng(
-                devices=[] if device is None or str(device) == "cpu" else None):
-            with contextlib.ExitStack() as held:         # the run folder's lock, released however the run ends
-                return _train(model, list(concepts), settings, output_root, resume, device, cb, reuse_finished,
-                              held)
+        while True:
+            try:
+                with torch.inference_mode(False), _fresh_accelerate_state(), torch.random.fork_rng(
+                        devices=[] if device is None or str(device) == "cpu" else None):
+                    with contextlib.ExitStack() as held:     # the run folder's lock, released however the run ends
+                        return _train(model, list(concepts), settings, output_root, resume, device, cb,
+                                      reuse_finished, held)
+            except DoesNotFit as e:       # the pre-flight step would not fit: with auto_fit, the next saving
+                if not settings.auto_fit or e.next_settings is None:
+                    raise
+                if cb.log:
+                    cb.log(f"pre-flight: does not fit; auto_fit turns on {e.change}")
+                settings = e.next_settings
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
     finally:
         if next(model.unet.parameters()).device != unet_home:     # parked during training: put it back
             model.unet.to(unet_home)
@@ -334,7 +346,12 @@ class _Job:
 
 def _train(model, concepts, settings, output_root, resume, device, cb, reuse_finished, held):
     if settings.train_imagic_only:             # Imagic: edit one photo by a text (its own two-stage loop)
+        from .distributed import process_info
         from .imagic import train_imagic
+
+        if process_info()[1] > 1:
+            raise ValueError("Imagic (train_imagic_only) edits one image and trains in one process; run it without "
+                             "accelerate launch / --num-processes")
 
         return train_imagic(model, concepts, settings, output_root, resume, device, cb, reuse_finished, held)
     job = _start(model, concepts, settings, output_root, device, cb, held)   # settings, precision, processes
@@ -347,6 +364,7 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
     _claim_run(job, resume)             # the interrupted run to continue (locked), if any
     _build_model(job)                   # the trained copy: adapters, precision, checkpointing, offloading
     _build_optimizer(job)               # optimizer, LR and noise schedules, EMA
+    _preflight(job)                     # one step at the largest bucket and batch: does it fit the device?
     _resume_or_create_run(job, resume)  # a checkpoint's state loaded, or a new run folder
     step, last_loss = _loop(job)
     return _finish(job, step, last_loss)
@@ -441,8 +459,7 @@ def _plan_length(job: _Job) -> None:
     model_identity = model.source_hash + (f"+run:{job.parent_run}" if job.parent_run else "")
     job.run_id = compute_run_id(settings.config_hash(), [c.to_dict() for c in job.concepts],
                                 [item.content_hash for item in data.items], model_identity,
-                                "lora" if settings.use_lora else "full",
-                                *([f"processes:{world}"] if world > 1 else []))
+                                "lora" if settings.use_lora else "full", processes=world)
 
 
 def _reused_result(job: _Job):
@@ -533,6 +550,41 @@ def _build_optimizer(job: _Job) -> None:
     # gradients are averaged by Dist (not a DDP wrapper, see distributed.py); accelerate adds the loss scaling
     # of fp16 and the autocast of mixed precision
     job.optimizer = job.accelerator.prepare(optimizer)
+
+
+def _preflight(job: _Job) -> None:
+    """Measure one forward/backward at the largest bucket with a full batch (training/preflight.py); raise
+    preflight.DoesNotFit before anything is trained or written when it would not fit. Skipped where the device
+    cannot report its memory (CPU)."""
+    from . import preflight
+    from .memory import estimate
+
+    budget = preflight.device_budget(job.device)
+    if budget is None:
+        return
+    item = job.data.largest_batch_plan()
+    te_frozen = job.te_steps == 0
+
+    def one_step():
+        job.accelerator.backward(_micro_batch_loss(job, item, job.start_step, te_frozen))
+
+    est = estimate(job.model, job.settings, resolution=max(item.bucket), batch=len(item.items))
+    with preflight.no_optimizer_steps(job.optimizer):
+        peak = preflight.measure_step(job.device, one_step)
+    job.optimizer.zero_grad(set_to_none=True)
+    optimizer_bytes = est.parts["optimizer"]
+    need = None if peak is None else peak + optimizer_bytes
+    problem = preflight.verdict(device=job.device, need=need, budget=budget, peak=peak,
+                                optimizer_bytes=optimizer_bytes, bucket=item.bucket, batch=len(item.items),
+                                settings=job.settings, images=job.data.examples_per_epoch, estimate_text=est.table())
+    if job.dist.sum([float(problem is not None)], job.device)[0]:       # one process short of memory: all stop
+        if problem is None:
+            change, changed = preflight.next_saving(job.settings, job.data.examples_per_epoch)
+            problem = preflight.DoesNotFit("pre-flight: another process's step does not fit its device", changed,
+                                           change or "")
+        raise problem
+    job.say(f"pre-flight: one step at {item.bucket[0]}x{item.bucket[1]}, batch {len(item.items)} needs "
+            f"{need / 2**30:.2f} GB of {budget / 2**30:.2f} GB")
 
 
 def _resume_or_create_run(job: _Job, resume) -> None:

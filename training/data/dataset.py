@@ -159,6 +159,16 @@ class TrainingData:
     def examples_per_epoch(self) -> int:
         return sum(self._bucket_sizes().values())
 
+    def largest_batch_plan(self) -> PlanItem:
+        """A full batch of the largest bucket (by area): the most memory one step of this data can need."""
+        by_bucket: dict[tuple, list[int]] = {}
+        for i, item in enumerate(self.items):
+            by_bucket.setdefault(item.bucket, []).append(i)
+        bucket = max(by_bucket, key=lambda b: (b[0] * b[1], b))
+        idx = by_bucket[bucket]
+        items = tuple(idx[k % len(idx)] for k in range(self.batch_size))
+        return PlanItem(epoch=0, position=0, bucket=bucket, items=items, flips=(False,) * len(items))
+
     def epoch_plan(self, epoch: int) -> list[PlanItem]:
         """The batches of `epoch`, in order. A function of (seed, epoch) only."""
         instance, pools, quotas = self._layout
