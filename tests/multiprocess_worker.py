@@ -1,10 +1,12 @@
-"""One rank of a data-parallel training, launched by tests/test_multiprocess.py through torch's launcher:
+"""One rank of data-parallel trainings, launched by tests/test_multiprocess.py through torch's launcher:
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 multiprocess_worker.py SPEC.json
 
-SPEC: {"instance_dir", "output_root", "out_dir", "settings": {changes to tiny_settings}, "resume": "auto",
-"stop_at": step or null, "fail_rank": rank or null, "fail_at": step}. Each rank writes out_dir/rank-R.json (run
-path, steps, interrupted) and out_dir/rank-R.safetensors (its trained tensors), so the test can compare ranks.
+SPEC: {"instance_dir", "output_root", "phases": [PHASE, ...]}; the phases run one after another in the same
+processes (as a long-lived process runs queued prompts). PHASE: {"out_dir", "settings": {changes to
+tiny_settings}, "resume": "auto", "stop_at": step or null, "fail_rank": rank or null, "fail_at": step}. Each rank
+writes out_dir/rank-R.json (run path, steps, interrupted) and out_dir/rank-R.safetensors (its trained tensors),
+so the test can compare ranks.
 """
 from __future__ import annotations
 
@@ -14,6 +16,14 @@ import sys
 
 
 def main(spec_path: str) -> int:
+    with open(spec_path, encoding="utf-8") as f:
+        spec = json.load(f)
+    for phase in spec["phases"]:
+        run_phase(spec, phase)
+    return 0
+
+
+def run_phase(spec: dict, phase: dict) -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from safetensors.torch import save_file
     from trainer_fixtures import tiny_settings
@@ -22,44 +32,42 @@ def main(spec_path: str) -> int:
     from comfyui_dreambooth.training.data.settings import ConceptSettings
     from comfyui_dreambooth.training.models import build_tiny_model
 
-    with open(spec_path, encoding="utf-8") as f:
-        spec = json.load(f)
     rank = int(os.environ["RANK"])
-    settings = tiny_settings(**spec["settings"])
+    settings = tiny_settings(**phase["settings"])
     concept = ConceptSettings(instance_dir=spec["instance_dir"], instance_prompt="a photo of sks dog",
                               class_prompt="a photo of dog", num_class_images_per_image=0)
     steps = []
-    if spec.get("fail_rank") == rank:           # this rank fails mid-run; the others must not hang
+    if phase.get("fail_rank") == rank:           # this rank fails mid-run; the others must not hang
         real = trainer._micro_batch_loss
 
         def failing(job, plan_item, step, te_frozen):
-            if step + 1 >= spec["fail_at"]:
+            if step + 1 >= phase["fail_at"]:
                 raise RuntimeError(f"injected failure on rank {rank} at step {step + 1}")
             return real(job, plan_item, step, te_frozen)
         trainer._micro_batch_loss = failing
-    stop_at = spec.get("stop_at")
+    stop_at = phase.get("stop_at")
     callbacks = trainer.TrainCallbacks(progress=lambda p: steps.append(p["step"]),
                                        should_stop=(lambda: bool(steps) and steps[-1] >= stop_at) if stop_at else None)
     record = {"rank": rank}
     try:
-        result = trainer.train(build_tiny_model("sd1"), [concept], settings, output_root=spec["output_root"],
-                               resume=spec.get("resume", "auto"), callbacks=callbacks)
+        result = trainer.train(build_tiny_model("sd1"), [concept], settings,
+                               output_root=phase.get("output_root", spec["output_root"]),
+                               resume=phase.get("resume", "auto"), callbacks=callbacks)
         record.update(run=result.run_dir, steps=result.steps, loss=result.final_loss)
         model = result.model
     except trainer.TrainingInterrupted as e:
         record.update(run=e.run_dir, steps=e.step, interrupted=True, checkpoint=e.checkpoint)
         model = None
     record["progress_steps"] = steps
-    os.makedirs(spec["out_dir"], exist_ok=True)
+    os.makedirs(phase["out_dir"], exist_ok=True)
     if model is not None:
         tensors = {f"unet.{k}": v for k, v in model.unet.state_dict().items() if "lora" in k}
         for i, te in enumerate(model.text_encoders):
             tensors.update({f"te{i}.{k}": v for k, v in te.state_dict().items() if "lora" in k})
         save_file({k: v.detach().float().contiguous() for k, v in tensors.items()},
-                  os.path.join(spec["out_dir"], f"rank-{rank}.safetensors"))
-    with open(os.path.join(spec["out_dir"], f"rank-{rank}.json"), "w", encoding="utf-8") as f:
+                  os.path.join(phase["out_dir"], f"rank-{rank}.safetensors"))
+    with open(os.path.join(phase["out_dir"], f"rank-{rank}.json"), "w", encoding="utf-8") as f:
         json.dump(record, f)
-    return 0
 
 
 if __name__ == "__main__":

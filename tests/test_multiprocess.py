@@ -27,20 +27,20 @@ def _env():
             "COMFYUI_DREAMBOOTH_COLLECTIVE_TIMEOUT_MIN": "2"}
 
 
-def _launch(tmp_path, name, timeout=240, **spec):
-    """Two ranks of tests/multiprocess_worker.py; returns (launcher exit code, output, [rank records])."""
-    out = tmp_path / name
+def _launch(tmp_path, phases, timeout=300):
+    """Two ranks of tests/multiprocess_worker.py running `phases` in turn; returns (launcher exit code, output,
+    {phase name: [rank records, None where a rank wrote none]})."""
     spec = {"instance_dir": str(tmp_path / "instance"), "output_root": str(tmp_path / "runs"),
-            "out_dir": str(out), **spec}
-    spec_path = tmp_path / f"{name}.json"
+            "phases": [{"out_dir": str(tmp_path / name), **phase} for name, phase in phases.items()]}
+    spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(spec))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
                            "--nproc_per_node", "2", os.path.join(HERE, "multiprocess_worker.py"), str(spec_path)],
                           capture_output=True, text=True, timeout=timeout, env=_env())
-    records = []
-    for rank in (0, 1):
-        path = out / f"rank-{rank}.json"
-        records.append(json.loads(path.read_text()) if path.exists() else None)
+    records = {}
+    for name in phases:
+        paths = [tmp_path / name / f"rank-{rank}.json" for rank in (0, 1)]
+        records[name] = [json.loads(p.read_text()) if p.exists() else None for p in paths]
     return proc.returncode, proc.stdout + proc.stderr, records
 
 
@@ -51,15 +51,24 @@ def _tensors(path):
 
 
 @pytest.fixture(scope="module")
-def interrupted_then_resumed(tmp_path_factory):
-    """2 processes stopped at step 2 (rank 0's stop request), then resumed by 2 processes to the end."""
+def launched(tmp_path_factory):
+    """One launch of 2 processes running, in turn: a run stopped at step 2 (rank 0's stop request), the same
+    run resumed to its end, then a base_model-prior run in which rank 1 fails at step 3."""
     tmp = tmp_path_factory.mktemp("mp")
     make_images(str(tmp / "instance"), 2)
-    first = _launch(tmp, "first", settings=SETTINGS, stop_at=2)
-    assert first[0] == 0, first[1][-4000:]
-    second = _launch(tmp, "second", settings=SETTINGS)
-    assert second[0] == 0, second[1][-4000:]
-    return tmp, first[2], second[2]
+    code, output, records = _launch(tmp, {
+        "first": dict(settings=SETTINGS, stop_at=2),
+        "second": dict(settings=SETTINGS),
+        "fail": dict(settings=dict(steps_per_image=20, prior_mode="base_model"), fail_rank=1, fail_at=3,
+                     output_root=str(tmp / "fail_runs"))})
+    return tmp, code, output, records
+
+
+@pytest.fixture(scope="module")
+def interrupted_then_resumed(launched):
+    tmp, _, output, records = launched
+    assert None not in records["first"] + records["second"], output[-4000:]
+    return tmp, records["first"], records["second"]
 
 
 def test_two_processes_stop_together_and_resume(interrupted_then_resumed):
@@ -119,20 +128,35 @@ def test_resuming_with_another_number_of_processes_is_refused(interrupted_then_r
         train(sd1, [concept], tiny_settings(**SETTINGS), output_root=str(tmp_path), resume=first[0]["run"])
 
 
-def test_base_model_prior_trains_then_a_failing_rank_ends_the_others_with_its_message(tmp_path):
+def test_base_model_prior_trains_then_a_failing_rank_ends_the_others_with_its_message(launched):
     """prior_mode base_model runs the UNet twice before one backward (a DDP wrapper rejects that): steps 1 and 2
     complete on both ranks; rank 1 then fails in step 3 while rank 0 waits for its gradients."""
-    make_images(str(tmp_path / "instance"), 2)
-    code, output, records = _launch(tmp_path, "fail", timeout=180,
-                                    settings=dict(steps_per_image=20, prior_mode="base_model"), fail_rank=1, fail_at=3)
+    _, code, output, records = launched
     assert code != 0
     assert "injected failure on rank 1 at step 3" in output
-    assert records == [None, None]                     # no rank finished as if nothing happened
+    assert records["fail"] == [None, None]             # no rank finished as if nothing happened
+    assert "Timeout" not in output                     # ended by the launcher, not by waiting out the timeout
 
 
-def test_cli_run_with_num_processes_trains_once_and_saves_once(tmp_path):
-    """`comfyui-dreambooth run --num-processes 2` on the demo workflow: prior preservation with class images that
-    rank 0 generates while rank 1 waits; rank 1 runs only the training and what it needs."""
+def test_run_num_processes_relaunches_itself_under_torchs_launcher(monkeypatch):
+    import subprocess as sp
+
+    from comfyui_dreambooth import cli
+
+    calls = []
+    monkeypatch.setattr(sp, "call", lambda argv: calls.append(argv) or 0)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert cli.main(["run", "wf.json", "--num-processes", "3", "--set", "A.b=1", "--output-dir", "o"]) == 0
+    (argv,) = calls
+    assert argv[:9] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                        "--nproc_per_node", "3", "-m"]
+    assert argv[9:] == ["comfyui_dreambooth", "run", "wf.json", "--set", "A.b=1", "--output-dir", "o"]
+
+
+def test_accelerate_launch_runs_the_workflow_once_and_saves_once(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2 -m comfyui_dreambooth run` (gloo on this CPU) on the demo
+    workflow: prior preservation with class images that rank 0 generates while rank 1 waits; rank 1 runs only
+    the training and what it needs."""
     from comfyui_dreambooth import demo
 
     out = tmp_path / "out"
@@ -140,8 +164,9 @@ def test_cli_run_with_num_processes_trains_once_and_saves_once(tmp_path):
     concept = out / "input" / "concept"
     demo.make_concept_images(str(concept), count=2)
     overrides = demo.demo_overrides(demo.CHECKPOINT_NAME, str(concept), epochs=2)
-    cmd = [sys.executable, "-m", "comfyui_dreambooth", "run", demo.example_workflow_path(), "--num-processes", "2",
-           "--output-dir", str(out), "--quiet", "--json"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "comfyui_dreambooth", "run", demo.example_workflow_path(), "--output-dir", str(out), "--quiet", "--json"]
     for o in overrides + [f"{demo.SAMPLE}.steps=2"]:
         cmd += ["--set", o]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
