@@ -462,3 +462,46 @@ def test_problem_files_are_logged_one_line_each(sd1, tmp_path):
                                           "caching latents (disk)", "training 4 steps (2/epoch) in /r"))
     first_cache = next(i for i, m in enumerate(said) if m.startswith("caching"))
     assert max(i for i, m in enumerate(said) if m.startswith("concept 1: ")) < first_cache
+
+
+def test_processes_share_class_image_generation_and_make_the_same_set(sd1, tmp_path):
+    """Two processes (run one after the other here, with the plan made before either writes, as the barrier
+    orders it) make disjoint halves of the batches; together the same files, seeds and pixels as one process."""
+    import threading
+
+    from comfyui_dreambooth.training.data.dataset import generate_missing_class_images
+
+    make_images(tmp_path / "inst", sizes=SIZES[:3], captions=["a dog on grass"] * 3)
+
+    def concept(folder):
+        return ConceptSettings(instance_dir=str(tmp_path / "inst"), instance_token="sks", class_token="dog",
+                               class_dir=str(tmp_path / folder), class_prompt="photo of [filewords]",
+                               num_class_images_per_image=2)
+    one_calls = []
+    generate_missing_class_images(sd1, [concept("one")], wide(), generate_fn=fake_generate(one_calls), batch_size=1)
+    barrier = threading.Barrier(2)
+    calls, generated, errors = {0: [], 1: []}, {}, []
+
+    def process(rank):
+        try:
+            generated[rank] = generate_missing_class_images(
+                sd1, [concept("two")], wide(), generate_fn=fake_generate(calls[rank]), batch_size=1,
+                shard=(rank, 2), sync=barrier.wait)
+        except Exception as e:        # surfaced below
+            errors.append(e)
+    threads = [threading.Thread(target=process, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert len(calls[0]) == len(calls[1]) == 3                    # 6 batches of 1, alternating
+    assert {c[3] for c in calls[0]}.isdisjoint({c[3] for c in calls[1]})
+    assert sorted(c[3] for c in calls[0] + calls[1]) == sorted(c[3] for c in one_calls)   # same seeds
+    assert generated == {0: [6], 1: [6]}                          # each counts the whole set after the last sync
+    one = sorted(p.name for p in (tmp_path / "one").glob("*.png"))
+    two = sorted(p.name for p in (tmp_path / "two").glob("*.png"))
+    assert one == two and len(one) == 6
+    for name in one:
+        a = np.asarray(Image.open(tmp_path / "one" / name))
+        assert np.array_equal(a, np.asarray(Image.open(tmp_path / "two" / name)))

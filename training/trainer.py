@@ -414,13 +414,11 @@ def _prepare_data(job: _Job) -> None:
     progress = (lambda d, t: cb.stage("data", d, t)) if cb.stage else None
     from_class_images = settings.prior_mode == "class_images"
     generate = from_class_images
-    if dist.active and from_class_images:       # rank 0 generates, the others wait and find the images
-        if dist.main:
-            generate_missing_class_images(job.model_for_data, job.concepts, settings.data,
-                                          scheduler=settings.preview_scheduler, progress=progress,
-                                          should_stop=cb.should_stop, clip_skip=settings.clip_skip_or_none,
-                                          log=job.say)
-        dist.barrier()
+    if dist.active and from_class_images:       # every process makes its share of the class images
+        generate_missing_class_images(job.model_for_data, job.concepts, settings.data,
+                                      scheduler=settings.preview_scheduler, progress=progress,
+                                      should_stop=cb.should_stop, clip_skip=settings.clip_skip_or_none,
+                                      log=job.say, shard=(dist.rank, dist.world), sync=dist.barrier)
         generate = False
     job.data = prepare_training_data(
         job.model_for_data, job.concepts, settings.data,

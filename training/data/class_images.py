@@ -67,7 +67,8 @@ def plan_class_generation(concept: ConceptSettings, data_settings: DataSettings,
 def ensure_class_images(model, concept: ConceptSettings, data_settings: DataSettings, *, batch_size: int = 4,
                         scheduler: str = "euler", progress: Callable[[int, int], None] | None = None,
                         should_stop: Callable[[], bool] | None = None, generate_fn=None,
-                        clip_skip: int | None = None) -> list[str]:
+                        clip_skip: int | None = None, planned: tuple[list, int] | None = None,
+                        shard: tuple[int, int] = (0, 1)) -> list[str]:
     """Make sure `concept.class_dir` holds the class images the concept needs; return the paths to train on.
 
     Missing images are generated with `model` in batches of `batch_size` (same size per batch) using
@@ -77,23 +78,31 @@ def ensure_class_images(model, concept: ConceptSettings, data_settings: DataSett
     images; when `should_stop()` turns true, generation stops after the current batch and the paths made so
     far are returned (the caller sees fewer than required). `generate_fn` replaces
     `training.sampling.generate` (tests, benchmarks).
+
+    Several processes: each passes the same `planned` = (todo, first file number) from `plan_with_numbers`
+    (made before any of them writes) and its `shard` = (rank, processes); process r makes batches r, r + N, ...
+    File names and seeds are those one process would use, so the set is the same whoever makes it. The paths
+    returned are this process's share only.
     """
     if not concept.uses_prior_preservation:
         return []
     if batch_size < 1:
         raise ValueError(f"class image batch_size = {batch_size}; use 1 or more")
     os.makedirs(concept.class_dir, exist_ok=True)
-    scan = scan_concept(concept)
-    existing, _ = match_class_images(scan, data_settings)
-    todo = plan_class_generation(concept, data_settings, scan)
-    paths = [img.path for img in existing]
+    if planned is None:
+        scan = scan_concept(concept)
+        existing, _ = match_class_images(scan, data_settings)
+        paths = [img.path for img in existing]
+        todo, index = plan_class_generation(concept, data_settings, scan), _next_index(concept.class_dir)
+    else:
+        paths, (todo, index) = [], planned
+    rank, processes = shard
     if not todo:
         return paths
     if generate_fn is None:
         from ..sampling import generate as generate_fn
 
-    total, done = len(todo), 0
-    index = _next_index(concept.class_dir)
+    total, done, batch_number = len(todo), 0, -1
     if progress:
         progress(0, total)
     # PNG encoding + fsync take ~50 ms per 512² image: done by writer threads while the sampler makes the
@@ -110,6 +119,11 @@ def ensure_class_images(model, concept: ConceptSettings, data_settings: DataSett
             while start + len(batch) < total and len(batch) < batch_size and todo[start + len(batch)][1] == size:
                 batch.append(todo[start + len(batch)])
             prompts = [p for p, _ in batch]
+            batch_number += 1
+            if batch_number % processes != rank:       # another process's batch: same numbers, not made here
+                index += len(prompts)
+                start += len(prompts)
+                continue
             try:
                 images = generate_fn(model, prompts, negative_prompt=concept.class_negative_prompt,
                                      steps=concept.class_steps, cfg=concept.class_guidance_scale, seed=index,
@@ -131,7 +145,7 @@ def ensure_class_images(model, concept: ConceptSettings, data_settings: DataSett
             start += len(prompts)
             done += len(pils)
             if progress:
-                progress(done, total)
+                progress(done, total if processes == 1 else -(-total // processes))
             if len(pils) < len(prompts):   # generate() stopped early
                 break
     finally:
@@ -141,4 +155,13 @@ def ensure_class_images(model, concept: ConceptSettings, data_settings: DataSett
     return paths
 
 
-__all__ = ["plan_class_generation", "ensure_class_images"]
+def plan_with_numbers(concept: ConceptSettings, data_settings: DataSettings, scan: ConceptScan | None = None):
+    """(todo, first file number) of `concept`'s missing class images: what `ensure_class_images(planned=...)`
+    takes when several processes share the work (computed by each before any of them writes)."""
+    scan = scan or scan_concept(concept)
+    todo = plan_class_generation(concept, data_settings, scan)
+    index = _next_index(concept.class_dir) if os.path.isdir(concept.class_dir) else 0
+    return todo, index
+
+
+__all__ = ["plan_class_generation", "plan_with_numbers", "ensure_class_images"]

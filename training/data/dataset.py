@@ -570,28 +570,40 @@ def prepare_training_data(model, concepts: list[ConceptSettings], data_settings:
 
 def generate_missing_class_images(model, concepts, data_settings: DataSettings, scans: list | None = None, *,
                                   batch_size: int = 4, scheduler: str = "euler", progress=None, should_stop=None,
-                                  generate_fn=None, clip_skip: int | None = None, log=None) -> list[int]:
+                                  generate_fn=None, clip_skip: int | None = None, log=None,
+                                  shard: tuple[int, int] = (0, 1), sync: Callable[[], None] | None = None
+                                  ) -> list[int]:
     """Generate the class images each prior-preservation concept lacks; `scans` (one per concept) are updated in
-    place. Returns how many were generated per concept. Several processes: rank 0 alone calls this, the others
-    wait and then find the images (their file names are not coordinated across processes)."""
-    from .class_images import ensure_class_images, plan_class_generation
+    place. Returns how many were generated per concept.
+
+    Several processes share the work: each calls this with its `shard` = (rank, processes) and a `sync()` that
+    waits for all of them (a barrier). Every process plans all file numbers first, then (after a sync, so no
+    plan sees another's new files) makes its share of the batches; a last sync, and every process rescans."""
+    from .class_images import ensure_class_images, plan_with_numbers
 
     say = log or (lambda msg: None)
+    sync = sync or (lambda: None)
     scans = [scan_concept(c) for c in concepts] if scans is None else scans
-    generated = [0] * len(concepts)
-    for i, (c, sc) in enumerate(zip(concepts, scans)):
-        todo = plan_class_generation(c, data_settings, sc)
+    plans = [plan_with_numbers(c, data_settings, sc) if c.uses_prior_preservation else ([], 0)
+             for c, sc in zip(concepts, scans)]
+    sync()
+    before = [sc.class_present for sc in scans]
+    for i, (c, (todo, first)) in enumerate(zip(concepts, plans)):
         if not todo:
             continue
-        say(f"concept {i + 1}: generating {len(todo)} class images in {c.class_dir}")
-        before = sc.class_present
+        say(f"concept {i + 1}: generating {len(todo)} class images in {c.class_dir}"
+            + (f" ({shard[1]} processes share them)" if shard[1] > 1 else ""))
         ensure_class_images(model, c, data_settings, batch_size=batch_size, scheduler=scheduler,
                             progress=progress, should_stop=should_stop, generate_fn=generate_fn,
-                            clip_skip=clip_skip)
+                            clip_skip=clip_skip, planned=(todo, first), shard=shard)
         if should_stop is not None and should_stop():
             raise PreparationStopped("stopped while generating class images")
-        scans[i] = scan_concept(c)
-        generated[i] = max(0, scans[i].class_present - before)
+    sync()
+    generated = [0] * len(concepts)
+    for i, (c, (todo, _)) in enumerate(zip(concepts, plans)):
+        if todo:
+            scans[i] = scan_concept(c)
+            generated[i] = max(0, scans[i].class_present - before[i])
     return generated
 
 
