@@ -161,41 +161,61 @@ def _combinations():
     return out
 
 
+COMBINATION_STEPS = 8     # bf16 matmuls are slow on a CPU: enough steps to see the loss fall, no more
+
+
+def _combination_settings(use_lora, fused, wdt, optimizer, frozen):
+    lr = {"SGD": 0.5 if use_lora else 0.2, "Adafactor": 3e-2 if use_lora else 3e-3}.get(
+        optimizer, 2e-2 if use_lora else 1e-3)
+    return tiny_settings(use_lora=use_lora, learning_rate=lr, steps_per_image=0, max_train_steps=COMBINATION_STEPS,
+                         optimizer=optimizer, fused_backward=fused, weights_dtype=wdt, frozen_dtype=frozen,
+                         max_grad_norm=0.0 if fused else 1.0, mixed_precision="bf16" if wdt == "bf16" else "no")
+
+
+@pytest.fixture(scope="module")
+def combination_runs(tmp_path_factory):
+    """Every combination's run, trained two at a time in worker processes (tests/memory_engine_worker.py: the same
+    train + export each test used to do in turn, on one thread each), the slow bf16 ones first. combination ->
+    (Future of the worker's answer, the run's folder)."""
+    from memory_engine_worker import start_pool, train_and_export
+
+    combos = [c for c in _combinations() if c[3] != "AdamW8bit" or HAS_BNB]
+    runs = {}
+    with start_pool(2) as pool:
+        for combo in sorted(combos, key=lambda c: c[2] != "bf16"):         # stable: bf16 first, else in order
+            root = tmp_path_factory.mktemp("combination")
+            concept = make_concept(root, n=4)
+            future = pool.submit(train_and_export, _combination_settings(*combo), concept, str(root / "out"),
+                                 str(root / "x.safetensors"), combo[0])
+            runs[combo] = (future, root)
+        yield runs
+        pool.shutdown(cancel_futures=True)
+
+
 @pytest.mark.parametrize("use_lora, fused, wdt, optimizer, frozen", _combinations(),
                          ids=lambda v: str(v))
-def test_every_combination_trains_with_falling_loss_and_exports(sd1, tmp_path, use_lora, fused, wdt, optimizer,
+def test_every_combination_trains_with_falling_loss_and_exports(combination_runs, use_lora, fused, wdt, optimizer,
                                                                frozen):
     if optimizer == "AdamW8bit" and not HAS_BNB:
         pytest.skip("bitsandbytes is not installed (optional)")
-    from comfyui_dreambooth.training.export.checkpoint import export_checkpoint
-    from comfyui_dreambooth.training.export.lora import load_kohya_lora, save_kohya_lora
+    from comfyui_dreambooth.training.export.lora import load_kohya_lora
     from comfyui_dreambooth.training.models import load_model
 
-    lr = {"SGD": 0.5 if use_lora else 0.2, "Adafactor": 3e-2 if use_lora else 3e-3}.get(
-        optimizer, 2e-2 if use_lora else 1e-3)
-    steps = 8          # bf16 matmuls are slow on a CPU: enough steps to see the loss fall, no more
-    settings = tiny_settings(use_lora=use_lora, learning_rate=lr, steps_per_image=0, max_train_steps=steps,
-                             optimizer=optimizer, fused_backward=fused, weights_dtype=wdt, frozen_dtype=frozen,
-                             max_grad_norm=0.0 if fused else 1.0,
-                             mixed_precision="bf16" if wdt == "bf16" else "no")
-    concept = make_concept(tmp_path, n=4)
-    result = _train(sd1, tmp_path / "out", settings, concept)
-    losses = [r["loss"] for r in read_losses(result.run_dir)]
-    assert len(losses) == steps
+    future, root = combination_runs[(use_lora, fused, wdt, optimizer, frozen)]
+    result = future.result()          # trained with _combination_settings(...) and exported (fp16) to x.safetensors
+    losses = [r["loss"] for r in read_losses(result["run_dir"])]
+    assert len(losses) == COMBINATION_STEPS
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < first, losses
+    path = str(root / "x.safetensors")
     if use_lora:
-        path = str(tmp_path / "x.safetensors")
-        save_kohya_lora(result.model, path, dtype="fp16")
         state, _ = load_kohya_lora(path)
         assert state and all(torch.isfinite(t.float()).all() for t in state.values())
     else:
-        path = str(tmp_path / "x.safetensors")
-        export_checkpoint(result.model, path, dtype="fp16")
         back = load_model(path)
         assert all(torch.isfinite(p.float()).all() for p in back.unet.parameters())
     # the trained model's frozen base is back in full precision after fp8 training
-    assert not any(p.dtype == getattr(torch, "float8_e4m3fn", None) for p in result.model.unet.parameters())
+    assert not any(d == str(getattr(torch, "float8_e4m3fn", None)) for d in result["unet_dtypes"])
 
 
 # ---- fp8 frozen storage and frozen parts off the accelerator --------------------------------------------------

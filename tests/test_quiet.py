@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
@@ -39,51 +40,93 @@ def noise_in(text: str) -> list[str]:
     return [line for line in text.splitlines() if any(n in line for n in NOISE)]
 
 
+def transformers_draws_load_bars() -> bool:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0]) >= 5
+
+
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def runs(tmp_path_factory):
+    """The module's CLI commands, each run once, two at a time (each is a fresh interpreter doing mostly imports and
+    tiny-model work on one thread, so two side by side take about the time of one): `convert` and then the two
+    commands that sample its diffusers folder in one chain, the training `run` and then the single-file `sample`
+    in the other. Each test waits for its own command only and checks that one's output.
+
+    "done": name -> Future of (returncode, stdout, stderr); "out_png": layout -> the image its sample writes."""
     root = tmp_path_factory.mktemp("quiet")
     single = demo.make_tiny_checkpoint(str(root / "checkpoints" / demo.CHECKPOINT_NAME))
-    code, out, err = cli("convert", single, str(root / "tiny_diffusers"))
-    assert code == 0, out + err
-    return {"root": root, "single": single, "diffusers": str(root / "tiny_diffusers")}
+    diffusers = str(root / "tiny_diffusers")
+    pngs = {name: str(tmp_path_factory.mktemp(name) / "s.png") for name in ("single", "diffusers", "debug")}
+
+    # the run's concept folder: its images plus a broken image, a duplicate and a stray file
+    concept = root / "input" / "concept"
+    images = demo.make_concept_images(str(concept))
+    (concept / "broken.png").write_text("not an image")
+    (concept / "copy.png").write_bytes(open(images[0], "rb").read())
+    (concept / "notes.md").write_text("x")
+    run_argv = ["run", demo.example_workflow_path(), "--output-dir", str(root)]
+    for o in demo.demo_overrides(demo.CHECKPOINT_NAME, str(concept), epochs=1):
+        run_argv += ["--set", o]
+
+    def sample(model, out_png):
+        return cli("sample", model, "--prompt", "a photo of sks toy", "--out", out_png, "--steps", "2",
+                   "--width", "64", "--height", "64")
+
+    def debug_sample():
+        return cli("--debug", "sample", diffusers, "--prompt", "a photo", "--out", pngs["debug"], "--steps", "1",
+                   "--width", "64", "--height", "64")
+
+    done = {name: Future() for name in ("convert", "sample diffusers", "debug sample", "run", "sample single")}
+
+    def after_convert(job):
+        def run():
+            code, out, err = done["convert"].result()
+            if code != 0:                              # nothing to sample: the convert failure is the answer
+                return code, "convert failed:\n" + out, err
+            return job()
+        return run
+
+    def chain(*steps):
+        for name, job in steps:
+            try:
+                done[name].set_result(job())
+            except BaseException as exc:               # a timeout, say: the test of that command reports it
+                done[name].set_exception(exc)
+
+    diffusers_steps = [("convert", lambda: cli("convert", single, diffusers)),
+                       ("sample diffusers", after_convert(lambda: sample(diffusers, pngs["diffusers"])))]
+    if transformers_draws_load_bars():                 # else test_debug_run_keeps_the_library_output skips
+        diffusers_steps.append(("debug sample", after_convert(debug_sample)))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        pool.submit(chain, *diffusers_steps)
+        pool.submit(chain, ("run", lambda: cli(*run_argv)), ("sample single", lambda: sample(single, pngs["single"])))
+        yield {"done": done, "out_png": pngs, "concept": concept}
 
 
 @pytest.mark.parametrize("layout", ["single", "diffusers"])
-def test_sample_prints_only_its_own_lines(models, layout, tmp_path):
-    out_png = tmp_path / "s.png"
-    code, out, err = cli("sample", models[layout], "--prompt", "a photo of sks toy", "--out", str(out_png),
-                         "--steps", "2", "--width", "64", "--height", "64")
+def test_sample_prints_only_its_own_lines(runs, layout):
+    out_png = runs["out_png"][layout]
+    code, out, err = runs["done"][f"sample {layout}"].result()
     assert code == 0, out + err
     assert out.splitlines() == [str(out_png)], out + err
     assert not noise_in(out + err), "\n".join(noise_in(out + err))
     assert all(line.startswith("sampling |") for line in err.replace("\r", "\n").splitlines() if line.strip()), err
 
 
-def test_debug_run_keeps_the_library_output(models, tmp_path):
-    import transformers
-
-    if int(transformers.__version__.split(".")[0]) < 5:
+def test_debug_run_keeps_the_library_output(runs):
+    if not transformers_draws_load_bars():
         pytest.skip("transformers 4 draws no bar while loading a text encoder")
-    code, out, err = cli("--debug", "sample", models["diffusers"], "--prompt", "a photo", "--out",
-                         str(tmp_path / "s.png"), "--steps", "1", "--width", "64", "--height", "64")
+    code, out, err = runs["done"]["debug sample"].result()
     assert code == 0 and "Loading weights" in err, out + err
 
 
-def test_run_prints_the_pack_lines_and_each_problem_file_but_no_library_noise(models):
+def test_run_prints_the_pack_lines_and_each_problem_file_but_no_library_noise(runs):
     """A real training run through `comfyui-dreambooth run` (the demo's graph: class images, text encoder
     training with gradient checkpointing, sampling, saving): clean output; the broken image, the duplicate and
     the stray file in the concept folder are named on the console."""
-    root = models["root"]
-    concept = root / "input" / "concept"
-    images = demo.make_concept_images(str(concept))
-    (concept / "broken.png").write_text("not an image")
-    (concept / "copy.png").write_bytes(open(images[0], "rb").read())
-    (concept / "notes.md").write_text("x")
-    overrides = [o for o in demo.demo_overrides(demo.CHECKPOINT_NAME, str(concept), epochs=1)]
-    argv = ["run", demo.example_workflow_path(), "--output-dir", str(root)]
-    for o in overrides:
-        argv += ["--set", o]
-    code, out, err = cli(*argv)
+    concept = runs["concept"]
+    code, out, err = runs["done"]["run"].result()
     assert code == 0, out + err
     assert not noise_in(out + err), "\n".join(noise_in(out + err))
     lines = out.splitlines()
