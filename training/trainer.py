@@ -547,7 +547,11 @@ def _build_optimizer(job: _Job) -> None:
         if settings.use_ema and settings.train_unet else None
     # gradients are averaged by Dist (not a DDP wrapper, see distributed.py); accelerate adds the loss scaling
     # of fp16 and the autocast of mixed precision
-    job.optimizer = job.accelerator.prepare(optimizer)
+    if job.dist.active:
+        job.optimizer = job.accelerator.prepare(optimizer)
+    else:     # one process, as before: the trained modules keep accelerate's autocast forward, which sampling the
+        # result of a half-precision model relies on (a review found it broken without)
+        job.optimizer = job.accelerator.prepare(*job.trained_modules, optimizer)[-1]
 
 
 def _preflight(job: _Job) -> None:
