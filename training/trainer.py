@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import hashlib
 import json
 import math
@@ -291,6 +292,8 @@ def train(model, concepts, settings, *, output_root: str, resume: str = "auto", 
                 if cb.log:
                     cb.log(f"pre-flight: does not fit; auto_fit turns on {e.change}")
                 settings = e.next_settings
+                del e                     # its traceback holds the failed attempt's model copy and optimizer
+                gc.collect()              # a reference cycle: freed only by a collection, before the next probe
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
     finally:
