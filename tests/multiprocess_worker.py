@@ -4,9 +4,9 @@
 
 SPEC: {"instance_dir", "output_root", "phases": [PHASE, ...]}; the phases run one after another in the same
 processes (as a long-lived process runs queued prompts). PHASE: {"out_dir", "settings": {changes to
-tiny_settings}, "resume": "auto", "stop_at": step or null, "fail_rank": rank or null, "fail_at": step}. Each rank
-writes out_dir/rank-R.json (run path, steps, interrupted) and out_dir/rank-R.safetensors (its trained tensors),
-so the test can compare ranks.
+tiny_settings}, "resume": "auto", "stop_at": step or null, "fail_rank": rank or null, "fail_at": step,
+"expect_error": false}. Each rank writes out_dir/rank-R.json (run path, steps, interrupted, its log lines, the
+error when expect_error) and out_dir/rank-R.safetensors (its trained tensors), so the test can compare ranks.
 """
 from __future__ import annotations
 
@@ -46,9 +46,11 @@ def run_phase(spec: dict, phase: dict) -> None:
             return real(job, plan_item, step, te_frozen)
         trainer._micro_batch_loss = failing
     stop_at = phase.get("stop_at")
-    callbacks = trainer.TrainCallbacks(progress=lambda p: steps.append(p["step"]),
+    said = []
+    callbacks = trainer.TrainCallbacks(progress=lambda p: steps.append(p["step"]), log=said.append,
                                        should_stop=(lambda: bool(steps) and steps[-1] >= stop_at) if stop_at else None)
-    record = {"rank": rank}
+    record = {"rank": rank, "log": said}
+    model = None
     try:
         result = trainer.train(build_tiny_model("sd1"), [concept], settings,
                                output_root=phase.get("output_root", spec["output_root"]),
@@ -57,7 +59,10 @@ def run_phase(spec: dict, phase: dict) -> None:
         model = result.model
     except trainer.TrainingInterrupted as e:
         record.update(run=e.run_dir, steps=e.step, interrupted=True, checkpoint=e.checkpoint)
-        model = None
+    except Exception as e:
+        if not phase.get("expect_error"):
+            raise
+        record["error"] = f"{type(e).__name__}: {e}"
     record["progress_steps"] = steps
     os.makedirs(phase["out_dir"], exist_ok=True)
     if model is not None:

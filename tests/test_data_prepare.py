@@ -505,3 +505,49 @@ def test_processes_share_class_image_generation_and_make_the_same_set(sd1, tmp_p
     for name in one:
         a = np.asarray(Image.open(tmp_path / "one" / name))
         assert np.array_equal(a, np.asarray(Image.open(tmp_path / "two" / name)))
+
+
+def test_processes_share_the_disk_caches_each_entry_once(sd1, tmp_path, monkeypatch):
+    """Two processes fill a disk cache in shares. The second here lists what is missing only after the first
+    has had every chance to write (the worst order); the shares must still cover every latent and caption
+    exactly once, because each process lists before any of them writes."""
+    import threading
+    import time
+
+    make_images(tmp_path / "inst", captions=[f"a dog number {i}" for i in range(5)])
+    concept = ConceptSettings(instance_dir=str(tmp_path / "inst"), instance_token="sks", class_token="dog")
+    data_settings = settings(random_flip=True, cache_mode="disk")
+    barrier = threading.Barrier(2, timeout=120)
+    prepared, errors = {}, []
+    from comfyui_dreambooth.training.data.dataset import TrainingData
+
+    encoded = {"latents": {}, "text": {}}          # per process (thread name): how many entries it encoded
+    for kind, name in (("latents", "encode_latent_stats"), ("text", "encode_text")):
+        def counting(self, entries, _real=getattr(TrainingData, name), _kind=kind):
+            who = threading.current_thread().name
+            encoded[_kind][who] = encoded[_kind].get(who, 0) + len(entries)
+            return _real(self, entries)
+        monkeypatch.setattr(TrainingData, name, counting)
+
+    def process(rank):
+        try:
+            prepared[rank] = prepare(sd1, [concept], data_settings, tmp_path / "cache", shard=(rank, 2),
+                                     sync=barrier.wait)
+        except Exception as e:        # surfaced below
+            errors.append(e)
+    first = threading.Thread(target=process, args=(0,), name="rank0")
+    first.start()
+    deadline = time.time() + 120
+    while first.is_alive() and barrier.n_waiting == 0 and time.time() < deadline:   # done, or held at the sync
+        time.sleep(0.01)
+    second = threading.Thread(target=process, args=(1,), name="rank1")
+    second.start()
+    for t in (first, second):
+        t.join(timeout=120)
+    assert not errors, errors
+    for kind, entries in (("latents", 10), ("text", 5)):          # 5 images x (plain, flipped); 5 captions
+        counts = [encoded[kind].get(f"rank{r}", 0) for r in (0, 1)]
+        assert sum(counts) == entries and min(counts) > 0, (kind, counts)
+    again = prepare(sd1, [concept], data_settings, tmp_path / "cache")
+    assert again.report.cache["latents"]["misses"] == 0 and again.report.cache["text"]["misses"] == 0
+    assert set(prepared) == {0, 1}

@@ -50,15 +50,32 @@ def _tensors(path):
     return load_file(str(path))
 
 
+def _concept(tmp):
+    from comfyui_dreambooth.training.data.settings import ConceptSettings
+
+    return ConceptSettings(instance_dir=str(tmp / "instance"), instance_prompt="a photo of sks dog",
+                           class_prompt="a photo of dog", num_class_images_per_image=0)
+
+
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory):
+def launched(tmp_path_factory, sd1):
     """One launch of 2 processes running, in turn: a run stopped at step 2 (rank 0's stop request), the same
-    run resumed to its end, then a base_model-prior run in which rank 1 fails at step 3."""
+    run resumed to its end, a run left interrupted at step 1 (for a later one-process run), an attempt to resume a
+    one-process run, then a base_model-prior run in which rank 1 fails at step 3."""
+    from comfyui_dreambooth.training.trainer import TrainCallbacks, TrainingInterrupted, train
+
     tmp = tmp_path_factory.mktemp("mp")
     make_images(str(tmp / "instance"), 2)
+    with pytest.raises(TrainingInterrupted) as one_process:        # a one-process run interrupted at step 1
+        done = []
+        train(sd1, [_concept(tmp)], tiny_settings(**SETTINGS), output_root=str(tmp / "one_runs"),
+              callbacks=TrainCallbacks(progress=lambda p: done.append(p), should_stop=lambda: bool(done)))
     code, output, records = _launch(tmp, {
         "first": dict(settings=SETTINGS, stop_at=2),
         "second": dict(settings=SETTINGS),
+        "left": dict(settings=SETTINGS, stop_at=1, output_root=str(tmp / "left_runs")),
+        "mismatch": dict(settings=SETTINGS, resume=one_process.value.run_dir, expect_error=True,
+                         output_root=str(tmp / "one_runs")),
         "fail": dict(settings=dict(steps_per_image=20, prior_mode="base_model"), fail_rank=1, fail_at=3,
                      output_root=str(tmp / "fail_runs"))})
     return tmp, code, output, records
@@ -128,6 +145,32 @@ def test_resuming_with_another_number_of_processes_is_refused(interrupted_then_r
         train(sd1, [concept], tiny_settings(**SETTINGS), output_root=str(tmp_path), resume=first[0]["run"])
 
 
+def test_resuming_a_one_process_run_with_two_ends_both_with_the_reason(launched):
+    """Rank 0 decides which run continues (it holds the lock); the other learns its decision, or its error."""
+    _, _, output, records = launched
+    rank0, rank1 = records["mismatch"]
+    assert rank0 is not None and rank1 is not None, output[-4000:]
+    assert "trained by 1 process(es)" in rank0["error"] and "this run has 2" in rank0["error"]
+    assert "process 0" in rank1["error"] and "trained by 1 process(es)" in rank1["error"]
+
+
+def test_one_process_says_why_it_does_not_continue_a_two_process_run(launched, sd1):
+    """resume auto: the same settings and data interrupted under 2 processes are not continued by 1 (another
+    effective batch); the run says so instead of silently starting over, and keeps the old run."""
+    from comfyui_dreambooth.training.trainer import TrainCallbacks, train
+
+    tmp, _, output, records = launched
+    left = records["left"][0]
+    assert left is not None and left["interrupted"], output[-4000:]
+    assert not any("trained by" in line for r in records["left"] for line in r["log"])
+    said = []
+    result = train(sd1, [_concept(tmp)], tiny_settings(**SETTINGS), output_root=str(tmp / "left_runs"),
+                   callbacks=TrainCallbacks(log=said.append))
+    assert result.run_dir != left["run"] and os.path.isdir(left["run"])
+    (line,) = [m for m in said if "trained by 2 process(es)" in m]
+    assert left["run"] in line and "--num-processes 2" in line
+
+
 def test_base_model_prior_trains_then_a_failing_rank_ends_the_others_with_its_message(launched):
     """prior_mode base_model runs the UNet twice before one backward (a DDP wrapper rejects that): steps 1 and 2
     complete on both ranks; rank 1 then fails in step 3 while rank 0 waits for its gradients."""
@@ -144,13 +187,24 @@ def test_run_num_processes_relaunches_itself_under_torchs_launcher(monkeypatch):
     from comfyui_dreambooth import cli
 
     calls = []
-    monkeypatch.setattr(sp, "call", lambda argv: calls.append(argv) or 0)
+
+    class Launched:
+        def __init__(self, argv, env, start_new_session):
+            calls.append(argv)
+            assert int(env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]) >= 600    # time for a graceful stop's checkpoint
+            assert os.path.isdir(env["COMFYUI_DREAMBOOTH_SUPERVISOR"])  # where the processes register for Ctrl-C
+            assert start_new_session == (os.name == "posix")           # Ctrl-C reaches the launcher only via us
+
+        def wait(self):
+            return 0
+    monkeypatch.setattr(sp, "Popen", Launched)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
     assert cli.main(["run", "wf.json", "--num-processes", "3", "--set", "A.b=1", "--output-dir", "o"]) == 0
     (argv,) = calls
-    assert argv[:9] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-                        "--nproc_per_node", "3", "-m"]
-    assert argv[9:] == ["comfyui_dreambooth", "run", "wf.json", "--set", "A.b=1", "--output-dir", "o"]
+    assert argv[:8] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                        "--nproc_per_node", "3"]
+    assert argv[8:] == ["-m", "comfyui_dreambooth", "run", "wf.json", "--set", "A.b=1", "--output-dir", "o"]
 
 
 def test_accelerate_launch_runs_the_workflow_once_and_saves_once(tmp_path):
@@ -189,3 +243,65 @@ def test_accelerate_launch_runs_the_workflow_once_and_saves_once(tmp_path):
     losses = [json.loads(line)["step"] for line in (runs[0] / "loss.jsonl").read_text().splitlines()]
     # 2 images + 2 class images = 4 batches of 1 per epoch, 2 per process; 2 epochs
     assert losses == [1, 2, 3, 4]
+
+
+def test_each_process_uses_its_own_gpu_from_the_start(monkeypatch):
+    import torch
+
+    from comfyui_dreambooth.training.distributed import pin_local_device
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")                  # second GPU of the second machine
+    pin_local_device()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    pin_local_device()                                     # one process: the device is left as it is
+    assert chosen == [1]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="sends SIGINT as a terminal's Ctrl-C does")
+def test_ctrl_c_under_num_processes_stops_every_process_with_a_checkpoint(tmp_path):
+    """`run --num-processes 2`, Ctrl-C once during training: every process stops at its next check, rank 0
+    saves a checkpoint, the command exits as interrupted, and no process is left running."""
+    import signal
+    import time
+
+    from comfyui_dreambooth import demo
+
+    out = tmp_path / "out"
+    demo.make_tiny_checkpoint(str(out / "checkpoints" / demo.CHECKPOINT_NAME))
+    concept = out / "input" / "concept"
+    demo.make_concept_images(str(concept), count=2)
+    cmd = [sys.executable, "-m", "comfyui_dreambooth", "run", demo.example_workflow_path(), "--output-dir", str(out),
+           "--num-processes", "2"]
+    for o in demo.demo_overrides(demo.CHECKPOINT_NAME, str(concept), epochs=400):
+        cmd += ["--set", o]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                            start_new_session=True)      # the test's own Ctrl-C must not reach it
+    seen, deadline = [], time.time() + 240
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if ("training " in line and " steps (" in line) or time.time() > deadline:
+                break
+        time.sleep(3)                                     # a few steps in
+        proc.send_signal(signal.SIGINT)                   # to the command only, as the terminal's is now
+        rest, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:        # the launcher and the processes run in sessions of their own
+            subprocess.run(["pkill", "-9", "-f", str(out)], check=False)
+    output = "".join(seen) + rest
+    assert proc.returncode == 130, output[-4000:]
+    runs = [d for d in (out / "dreambooth").iterdir() if (d / "config.json").exists()]
+    assert len(runs) == 1, output[-4000:]
+    config = json.loads((runs[0] / "config.json").read_text())
+    assert not config["finished"]
+    checkpoints = [d for d in (runs[0] / "checkpoints").iterdir() if (d / "state.json").exists()]
+    assert checkpoints, output[-4000:]
+    assert "Traceback" not in output and "SIGKILL" not in output and "ChildFailedError" not in output
+    assert output.count("interrupt requested") == 1 and output.count("interrupted while running") == 1
+    listed = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    assert str(out) not in listed                         # no process of the run left behind

@@ -122,3 +122,15 @@ def test_the_probe_leaves_training_bit_identical(sd1, tmp_path, simulated_device
     assert len(simulated_device["probes"]) == 1
     a, b = plain.model.unet.state_dict(), probed.model.unet.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_several_processes_skip_the_fused_backward_saving():
+    """fused_backward steps each weight before gradients are averaged, so several processes refuse it: auto_fit
+    must go on to the next saving instead of choosing a setting the run then rejects."""
+    from comfyui_dreambooth.training.preflight import next_saving
+
+    s = tiny_settings(use_lora=False, gradient_checkpointing=True, optimizer="Adafactor")
+    one_text, one = next_saving(s, images=4)
+    assert one.fused_backward and "fused_backward" in one_text
+    many_text, many = next_saving(s, images=4, processes=2)
+    assert many is not None and not many.fused_backward and "fused_backward" not in many_text

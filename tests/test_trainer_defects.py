@@ -186,3 +186,8 @@ def test_a_bf16_model_trains_with_mixed_precision_off(sd1, tmp_path, use_lora):
                     callbacks=TrainCallbacks(log=logs.append))
     assert result.steps == 4
     assert any("loaded in bf16" in line for line in logs), logs
+    # the result samples (fp32 trained weights beside bf16 frozen ones: the training autocast stays with them)
+    from comfyui_dreambooth.training.sampling import generate
+
+    images = generate(result.model, "a photo of sks dog", steps=2, width=64, height=64)
+    assert images.shape == (1, 64, 64, 3) and torch.isfinite(images).all()

@@ -65,12 +65,15 @@ def no_optimizer_steps(optimizer):
         inner._step_one = step_one
 
 
-def next_saving(settings, images: int):
-    """(description, changed settings) of the wizard's first saving that applies to `settings`, or (None, None)."""
+def next_saving(settings, images: int, processes: int = 1):
+    """(description, changed settings) of the wizard's first saving that applies to `settings`, or (None, None).
+    Several processes: savings they refuse (fused_backward steps before gradients are averaged) are skipped."""
     from .memory import _savings
 
     for text, change in _savings(settings.use_lora, max(1, images)):
         changed = change(settings)
+        if changed is not None and processes > 1 and changed.fused_backward:
+            continue
         if changed is not None:
             try:
                 changed.check(check_environment=False)
@@ -81,11 +84,11 @@ def next_saving(settings, images: int):
 
 
 def verdict(*, device, need: int | None, budget: int, peak: int | None, optimizer_bytes: int, bucket, batch: int,
-            settings, images: int, estimate_text: str) -> DoesNotFit | None:
+            settings, images: int, estimate_text: str, processes: int = 1) -> DoesNotFit | None:
     """None when the step fits `budget`; else the error to raise (carrying the next saving for auto_fit)."""
     if need is not None and need <= budget * HEADROOM:
         return None
-    change, changed = next_saving(settings, images)
+    change, changed = next_saving(settings, images, processes)
     w, h = bucket
     measured = ("ran out of memory" if peak is None else
                 f"needs {need / GB:.2f} GB (peak {peak / GB:.2f} GB + optimizer state {optimizer_bytes / GB:.2f} GB)")

@@ -274,6 +274,7 @@ def train(model, concepts, settings, *, output_root: str, resume: str = "auto", 
     """
     import torch
 
+    from .distributed import process_info
     from .preflight import DoesNotFit
 
     cb = callbacks or TrainCallbacks()
@@ -289,7 +290,7 @@ def train(model, concepts, settings, *, output_root: str, resume: str = "auto", 
             except DoesNotFit as e:       # the pre-flight step would not fit: with auto_fit, the next saving
                 if not settings.auto_fit or e.next_settings is None:
                     raise
-                if cb.log:
+                if cb.log and process_info()[0] == 0:        # one voice, as in the run
                     cb.log(f"pre-flight: does not fit; auto_fit turns on {e.change}")
                 settings = e.next_settings
                 del e                     # its traceback holds the failed attempt's model copy and optimizer
@@ -325,6 +326,7 @@ class _Job:
     te_steps: int = 0
     zero_terminal_snr: bool = False
     run_id: str = ""
+    base_run_id: str = ""               # the id one process would give this run (resume across process counts)
     parent_run: str | None = None
     # the run folder
     run: RunFolder | None = None
@@ -430,7 +432,7 @@ def _prepare_data(job: _Job) -> None:
         gradient_accumulation_steps=settings.gradient_accumulation_steps, seed=settings.seed, progress=progress,
         should_stop=cb.should_stop, clip_skip=settings.clip_skip_or_none, use_class_images=from_class_images,
         generate_class_images=generate, class_scheduler=settings.preview_scheduler, log=job.say,
-        shard=(dist.rank, dist.world))
+        shard=(dist.rank, dist.world), sync=dist.barrier)
     dist.barrier()                              # every process's share of a disk cache is written
     job.report = job.data.report_text()
     if dist.active:
@@ -458,9 +460,10 @@ def _plan_length(job: _Job) -> None:
     # a model that is itself the result of a run keeps its base's source_hash: name its weights by that run too
     job.parent_run = model.metadata.get("trained_run_id")
     model_identity = model.source_hash + (f"+run:{job.parent_run}" if job.parent_run else "")
-    job.run_id = compute_run_id(settings.config_hash(), [c.to_dict() for c in job.concepts],
-                                [item.content_hash for item in data.items], model_identity,
-                                "lora" if settings.use_lora else "full", processes=world)
+    identity = (settings.config_hash(), [c.to_dict() for c in job.concepts],
+                [item.content_hash for item in data.items], model_identity, "lora" if settings.use_lora else "full")
+    job.run_id = compute_run_id(*identity, processes=world)
+    job.base_run_id = compute_run_id(*identity)
 
 
 def _reused_result(job: _Job):
@@ -478,18 +481,45 @@ def _reused_result(job: _Job):
 
 
 def _claim_run(job: _Job, resume) -> None:
-    run, checkpoint = _resume_target(job.output_root, job.run_id, resume)
-    if run is not None:
-        processes = run.read_config().get("processes", 1)
-        if processes != job.dist.world:
-            raise ValueError(f"resume: {run.path} was trained by {processes} process(es); continue it with the same "
-                             f"number (this run has {job.dist.world}), or start a new run (resume 'new')")
-        if job.main:
-            job.held.enter_context(run.lock())             # before anything reads or writes the run's files
-            for path in run.remove_leftovers():
-                job.say(f"removed {path} (left by an interrupted save)")
-    job.dist.barrier()                                     # the others read it only after the clean-up
-    job.run, job.checkpoint = run, checkpoint
+    """The interrupted run to continue, if any: rank 0 decides (it holds the lock and cleans up what an
+    interrupted save left), the others follow; an error there ends every process with rank 0's message."""
+    decided = None
+    if job.main:
+        try:
+            run, checkpoint = _resume_target(job.output_root, job.run_id, resume)
+            if run is not None:
+                processes = run.read_config().get("processes", 1)
+                if processes != job.dist.world:
+                    raise ValueError(f"resume: {run.path} was trained by {processes} process(es); continue it with "
+                                     f"the same number (this run has {job.dist.world}), or start a new run "
+                                     "(resume 'new')")
+                job.held.enter_context(run.lock())         # before anything reads or writes the run's files
+                for path in run.remove_leftovers():
+                    job.say(f"removed {path} (left by an interrupted save)")
+            elif resume == "auto":
+                _say_other_process_count(job)
+            decided = ("ok", run.path if run else None, checkpoint)
+        except Exception as e:
+            job.dist.broadcast(("error", f"{type(e).__name__}: {e}", None))
+            raise
+    kind, path, checkpoint = job.dist.broadcast(decided)
+    if kind == "error":
+        raise RuntimeError(f"process 0 could not open the run to resume: {path}")
+    job.run, job.checkpoint = (RunFolder(path) if path else None), checkpoint
+
+
+def _say_other_process_count(job: _Job) -> None:
+    """resume auto found nothing to continue: say so when the same run was interrupted with another number of
+    processes (its effective batch and data split differ, so it is not continued silently either way)."""
+    for run in reversed(RunFolder.all_runs(job.output_root)):
+        cfg = run.read_config()
+        if (cfg.get("base_run_id", cfg.get("run_id")) == job.base_run_id and cfg.get("run_id") != job.run_id
+                and not cfg.get("finished") and run.latest_checkpoint()):
+            n = cfg.get("processes", 1)
+            job.say(f"resume: {run.path} has the same settings and data but was trained by {n} process(es) "
+                    f"(this run has {job.dist.world}); it is kept, and continues only with {n} "
+                    f"(--num-processes {n}); starting a new run")
+            return
 
 
 def _build_model(job: _Job) -> None:
@@ -581,10 +611,11 @@ def _preflight(job: _Job) -> None:
     need = None if peak is None else peak + optimizer_bytes
     problem = preflight.verdict(device=job.device, need=need, budget=budget, peak=peak,
                                 optimizer_bytes=optimizer_bytes, bucket=item.bucket, batch=len(item.items),
-                                settings=job.settings, images=job.data.examples_per_epoch, estimate_text=est.table())
+                                settings=job.settings, images=job.data.examples_per_epoch, estimate_text=est.table(),
+                                processes=job.dist.world)
     if job.dist.sum([float(problem is not None)], job.device)[0]:       # one process short of memory: all stop
         if problem is None:
-            change, changed = preflight.next_saving(job.settings, job.data.examples_per_epoch)
+            change, changed = preflight.next_saving(job.settings, job.data.examples_per_epoch, job.dist.world)
             problem = preflight.DoesNotFit("pre-flight: another process's step does not fit its device", changed,
                                            change or "")
         raise problem
@@ -621,7 +652,8 @@ def _resume_or_create_run(job: _Job, resume) -> None:
         if job.main:
             run = _create_run(job.output_root, job.settings, job.concepts, job.data, job.model, job.run_id,
                               job.parent_run, job.total_steps, job.report, job.held,
-                              **({"processes": job.dist.world} if job.dist.active else {}))
+                              **({"processes": job.dist.world, "base_run_id": job.base_run_id}
+                                 if job.dist.active else {}))
         run = RunFolder(job.dist.broadcast(run.path if job.main else None))   # rank 0 created it
     job.run, job.checkpoint = run, checkpoint
     job.say(f"training {job.total_steps} steps ({job.steps_per_epoch}/epoch) in {run.path}")

@@ -254,9 +254,10 @@ class TrainingData:
         return self.latent_cache.get_or_compute(self.latent_key(item, flipped),
                                                 lambda: self.encode_latent_stats([(item, flipped)])[0], expect)
 
-    def fill_latent_cache(self, progress=None, should_stop=None, shard: tuple[int, int] = (0, 1)) -> None:
+    def fill_latent_cache(self, progress=None, should_stop=None, shard: tuple[int, int] = (0, 1),
+                          sync: Callable[[], None] | None = None) -> None:
         """Encode every (image, flip) not yet cached, VAE_BATCH same-bucket images per call (with a disk cache
-        and `shard=(rank, processes)`: only this process's share)."""
+        and `shard=(rank, processes)`: only this process's share; `sync()` waits for every process)."""
         if self.latent_cache is None:
             return
         flips = (False, True) if self.settings.random_flip else (False,)
@@ -267,7 +268,7 @@ class TrainingData:
                 key = self.latent_key(item, f)
                 if self.latent_cache.get(key, lambda t: tuple(t["mean"].shape) == shape) is None:
                     todo.append((item, f))
-        todo = self._share(todo, shard)
+        todo = self._share(todo, shard, sync)
         groups: dict[tuple, list] = {}
         for item, f in todo:
             groups.setdefault(item.bucket, []).append((item, f))
@@ -324,11 +325,19 @@ class TrainingData:
                 found[c] = entry
         return [found[c] for c in captions]
 
-    def _share(self, todo: list, shard: tuple[int, int]) -> list:
+    def _share(self, todo: list, shard: tuple[int, int], sync) -> list:
+        """This process's share of the missing entries. Every process lists them before any writes (`sync`):
+        a list made after another process's first writes would be shorter, the shares would shift, and some
+        entries would be encoded twice and others by nobody."""
         rank, processes = shard
-        return todo[rank::processes] if processes > 1 and self.settings.cache_mode == "disk" else todo
+        if processes <= 1 or self.settings.cache_mode != "disk":
+            return todo
+        if sync is not None:
+            sync()
+        return todo[rank::processes]
 
-    def fill_text_cache(self, progress=None, should_stop=None, shard: tuple[int, int] = (0, 1)) -> None:
+    def fill_text_cache(self, progress=None, should_stop=None, shard: tuple[int, int] = (0, 1),
+                        sync: Callable[[], None] | None = None) -> None:
         """Encode every fixed caption (and "" when dropout is on). Tag-shuffled variants are cached on use."""
         if self.text_cache is None:
             return
@@ -338,7 +347,7 @@ class TrainingData:
         if self.settings.long_captions == "chunk":
             captions.append("")            # the padding chunk for batches mixing caption lengths
         captions = list(dict.fromkeys(captions))
-        missing = self._share([c for c in captions if self.text_cache.get(self.text_key(c)) is None], shard)
+        missing = self._share([c for c in captions if self.text_cache.get(self.text_key(c)) is None], shard, sync)
         for s in range(0, len(missing), TEXT_BATCH):
             if should_stop is not None and should_stop():
                 raise PreparationStopped("stopped while caching text embeddings")
@@ -473,7 +482,8 @@ def prepare_training_data(model, concepts: list[ConceptSettings], data_settings:
                           use_class_images: bool = True, generate_class_images: bool = True,
                           class_batch_size: int = 4,
                           class_scheduler: str = "euler", log: Callable[[str], None] | None = None,
-                          generate_fn=None, shard: tuple[int, int] = (0, 1)) -> TrainingData:
+                          generate_fn=None, shard: tuple[int, int] = (0, 1),
+                          sync: Callable[[], None] | None = None) -> TrainingData:
     """Scan, check, complete and encode the data of `concepts`; see the module docstring.
 
     - `model`: the SDModel to train (its VAE and text encoders are used where they are; move them to the
@@ -486,6 +496,7 @@ def prepare_training_data(model, concepts: list[ConceptSettings], data_settings:
       generates none (the report lists the shortfall).
     - `shard=(rank, processes)`: with a disk cache, this process encodes only its share of the missing entries
       (the caller waits for every process before training); memory caches are filled whole in each process.
+      `sync()` (a barrier of all processes) makes every process list the missing entries before any writes.
     - `progress(done, total)` is called per stage (class images, latents, text); `log(message)` names the
       stage. `should_stop()` -> `PreparationStopped` at the next check.
     - Raises `DatasetError` listing every problem (settings, no usable images, broken images with
@@ -557,11 +568,11 @@ def prepare_training_data(model, concepts: list[ConceptSettings], data_settings:
 
     if latent_cache is not None:
         say(f"caching latents ({mode})")
-        data.fill_latent_cache(progress=progress, should_stop=should_stop, shard=shard)
+        data.fill_latent_cache(progress=progress, should_stop=should_stop, shard=shard, sync=sync)
         report.cache["latents"] = latent_cache.stats()
     if text_cache is not None:
         say(f"caching text embeddings ({mode})")
-        data.fill_text_cache(progress=progress, should_stop=should_stop, shard=shard)
+        data.fill_text_cache(progress=progress, should_stop=should_stop, shard=shard, sync=sync)
         report.cache["text"] = text_cache.stats()
 
     _fill_epoch_numbers(data, report, gradient_accumulation_steps)
