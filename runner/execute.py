@@ -11,7 +11,7 @@ import time
 from typing import Any, Iterable, Mapping, TextIO
 
 from ..nodes import comfy_compat
-from ..training.distributed import process_info
+from ..training.distributed import SUPERVISOR_ENV, process_info
 from .errors import NodeExecutionError, WorkflowError, WorkflowInterrupted
 from .formats import PreparedWorkflow, prepare_workflow
 from .specs import _hidden_values, _input_spec, _input_types, _is_link, _title, runner_package, shorten
@@ -154,8 +154,9 @@ def _say(stream: TextIO | None, line: str) -> None:
 
 
 @contextlib.contextmanager
-def _ctrl_c_interrupts(stream: TextIO | None):
-    """First Ctrl-C asks the running node to stop at its next check; the second aborts at once."""
+def _ctrl_c_interrupts(stream: TextIO | None, quiet: bool = False):
+    """First Ctrl-C asks the running node to stop at its next check; the second aborts at once (`quiet`: without
+    saying so: another process speaks for this one)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -166,8 +167,9 @@ def _ctrl_c_interrupts(stream: TextIO | None):
         presses[0] += 1
         if presses[0] == 1:
             comfy_compat.request_interrupt()
-            _say(stream if stream is not None else sys.stderr,
-                 "\ninterrupt requested: stopping at the next check (press Ctrl-C again to abort now)")
+            if not quiet:
+                _say(stream if stream is not None else sys.stderr,
+                     "\ninterrupt requested: stopping at the next check (press Ctrl-C again to abort now)")
             return
         signal.signal(signal.SIGINT, signal.default_int_handler)
         raise KeyboardInterrupt
@@ -205,7 +207,9 @@ def run_workflow(workflow: dict | str | os.PathLike, *, overrides: Iterable[str]
                 order = training_share(prepared, node_classes, order)
                 stream = None
             os.makedirs(output_dir, exist_ok=True)
-            guard = _ctrl_c_interrupts(stream) if handle_ctrl_c else contextlib.nullcontext()
+            # several processes: one voice (rank 0, or the `run --num-processes` command that launched them)
+            quiet = processes > 1 and (rank > 0 or bool(os.environ.get(SUPERVISOR_ENV)))
+            guard = _ctrl_c_interrupts(stream, quiet) if handle_ctrl_c else contextlib.nullcontext()
             with guard:
                 result = execute_workflow(prepared, node_classes, order, stream=stream, inference_mode=inference_mode)
     except WorkflowInterrupted as exc:

@@ -19,6 +19,9 @@ import os
 
 BUCKET_ELEMENTS = 32 * 1024 * 1024          # gradients are averaged in flat buckets of at most this many values
 DEFAULT_TIMEOUT_MIN = 30.0
+# set by `comfyui-dreambooth run --num-processes` for the processes it launches: a folder where each registers
+# its pid (the command passes Ctrl-C on to them) and a sign that the command reports their interrupt
+SUPERVISOR_ENV = "COMFYUI_DREAMBOOTH_SUPERVISOR"
 
 
 def collective_timeout() -> datetime.timedelta:
@@ -127,3 +130,15 @@ def process_info() -> tuple[int, int]:
         return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     except ValueError:
         return 0, 1
+
+
+def pin_local_device() -> None:
+    """Several processes on one machine: each uses its own GPU (LOCAL_RANK) from the start. Without it every
+    process loads its model onto GPU 0 before the Accelerator exists (N copies on one card, then a move)."""
+    rank, world = process_info()
+    if world <= 1:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
