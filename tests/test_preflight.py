@@ -134,3 +134,38 @@ def test_several_processes_skip_the_fused_backward_saving():
     assert one.fused_backward and "fused_backward" in one_text
     many_text, many = next_saving(s, images=4, processes=2)
     assert many is not None and not many.fused_backward and "fused_backward" not in many_text
+
+
+def test_auto_fit_frees_the_failed_attempt_before_the_next_probe(sd1, tmp_path, simulated_device, monkeypatch):
+    """The next attempt's probe must not count the failed attempt's copy of the UNet and its optimizer state
+    (a DoesNotFit's traceback holds them: on a GPU the retry would measure both and never fit)."""
+    import gc
+    import weakref
+
+    from comfyui_dreambooth.training import trainer
+
+    attempts = []
+    real_build = trainer._build_model
+
+    def recording_build(job):
+        real_build(job)
+        attempts.append(weakref.ref(job.tm.unet))
+    monkeypatch.setattr(trainer, "_build_model", recording_build)
+    alive_at_probe = []
+    from comfyui_dreambooth.training import preflight
+
+    measure = preflight.measure_step       # the simulated device's
+
+    def checking_measure(device, run_step):
+        alive_at_probe.append([ref() is not None for ref in attempts[:-1]])
+        return measure(device, run_step)
+    monkeypatch.setattr(preflight, "measure_step", checking_measure)
+    gc.disable()                     # only the trainer's own collection may free the cycle
+    try:
+        concept = make_concept(tmp_path, n=2)
+        settings = tiny_settings(use_lora=False, batch_size=2, auto_fit=True)
+        simulated_device["budget"] = _budget_between(sd1, concept, settings)
+        trainer.train(sd1, [concept], settings, output_root=str(tmp_path / "out"))
+    finally:
+        gc.enable()
+    assert alive_at_probe == [[], [False]]     # the first attempt's UNet copy was gone when the second probed

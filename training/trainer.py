@@ -293,10 +293,12 @@ def train(model, concepts, settings, *, output_root: str, resume: str = "auto", 
                 if cb.log and process_info()[0] == 0:        # one voice, as in the run
                     cb.log(f"pre-flight: does not fit; auto_fit turns on {e.change}")
                 settings = e.next_settings
-                del e                     # its traceback holds the failed attempt's model copy and optimizer
-                gc.collect()              # a reference cycle: freed only by a collection, before the next probe
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+            # out of the except block: the handled exception's traceback (it holds the failed attempt's model
+            # copy and optimizer) is released only there; a reference cycle, freed by a collection, before the
+            # next attempt's probe measures
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     finally:
         if next(model.unet.parameters()).device != unet_home:     # parked during training: put it back
             model.unet.to(unet_home)
