@@ -341,91 +341,33 @@ def _relaunch(args: argparse.Namespace, argv: list[str]) -> int:
             skip = True
         elif not a.startswith("--num-processes="):
             rest.append(a)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-                "--nproc_per_node", str(args.num_processes), "-m", __package__ or "comfyui_dreambooth", *rest]
-    import tempfile
+    from .runner.launch import launch_processes
 
-    from .training.distributed import SUPERVISOR_ENV
-
-    with tempfile.TemporaryDirectory(prefix="comfyui-dreambooth-processes-") as registry:
-        env = {**os.environ, SUPERVISOR_ENV: registry}
-        env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(GRACEFUL_STOP_SECONDS))
-        proc = subprocess.Popen(launcher, env=env, start_new_session=os.name == "posix")
-        return _supervise(proc, registry)
-
-
-# how long torch's launcher lets the processes finish a graceful stop (step + checkpoint) before it kills them,
-# when it passes a Ctrl-C on itself (before the processes have registered)
-GRACEFUL_STOP_SECONDS = 900
-
-
-def _supervise(proc, registry: str) -> int:
-    """Wait for the launched processes; Ctrl-C stops them as it stops one process. The launcher and each process
-    run in sessions of their own (torch's launcher starts them so), so the terminal's Ctrl-C reaches only this
-    command, which passes each press to every process exactly once: the first makes them stop at their next
-    check (rank 0 saves a checkpoint), the second aborts them. The processes register their pid in `registry`
-    as they start; before that, the launcher gets the signal and passes it on."""
-    import signal
-
-    presses = 0
-    while True:
-        try:
-            code = proc.wait()
-            return EXIT_INTERRUPTED if presses else code
-        except KeyboardInterrupt:
-            presses += 1
-            if presses == 1:
-                print("\ninterrupt requested: every process stops at its next check and saves a checkpoint "
-                      "(press Ctrl-C again to abort now)", file=sys.stderr, flush=True)
-            pids = _registered_pids(registry)
-            for pid in pids:
-                with contextlib.suppress(OSError):      # already gone
-                    os.kill(pid, signal.SIGINT)
-            if not pids:
-                proc.send_signal(signal.SIGINT)
-
-
-def _registered_pids(registry: str) -> list[int]:
-    pids = []
-    for name in os.listdir(registry) if os.path.isdir(registry) else []:
-        with contextlib.suppress(OSError, ValueError):
-            with open(os.path.join(registry, name), encoding="ascii") as f:
-                pids.append(int(f.read().strip()))
-    return pids
-
-
-def _register_with_supervisor(rank: int) -> None:
-    """A process launched by `run --num-processes`: tell the command our pid, for Ctrl-C (see `_supervise`)."""
-    from .training.distributed import SUPERVISOR_ENV
-
-    registry = os.environ.get(SUPERVISOR_ENV)
-    if registry and os.path.isdir(registry):
-        with contextlib.suppress(OSError):
-            with open(os.path.join(registry, f"rank-{rank}.pid"), "w", encoding="ascii") as f:
-                f.write(str(os.getpid()))
+    return launch_processes(rest, args.num_processes, __package__ or "comfyui_dreambooth")
 
 
 @command("run", "execute a workflow of this pack's nodes headless", arguments=_run_arguments)
 def cmd_run(args: argparse.Namespace) -> int:
-    from .runner import WorkflowInterrupted, run_workflow, saved_files
-    from .training.distributed import SUPERVISOR_ENV, pin_local_device, process_info
+    from .runner import run_workflow, saved_files
+    from .training.distributed import SUPERVISOR_ENV, pin_local_device, process_info, stopped_together
 
     rank, processes = process_info()
     if args.num_processes > 1 and processes == 1:
         return _relaunch(args, args.argv)
     pin_local_device()
-    if processes > 1:
-        _register_with_supervisor(rank)
     check_output_dir(args.output_dir)
     try:
         with about(args.workflow):
             result = run_workflow(args.workflow, overrides=args.overrides, output_dir=args.output_dir,
                                   show_progress=not args.quiet)
-    except WorkflowInterrupted as exc:
-        if processes > 1 and os.environ.get(SUPERVISOR_ENV):    # `run --num-processes` reports the interrupt
+    except Exception as exc:
+        # training stopped on every process at the same step (a checkpoint is written): exit cleanly, so the
+        # launcher reports no failure; `run --num-processes` reports the interrupt. Any other stop or error exits
+        # with its code, and the launcher ends the processes that may be waiting for this one
+        if processes > 1 and stopped_together() and os.environ.get(SUPERVISOR_ENV):
             if rank == 0:
                 print(error_line(exc), file=sys.stderr)
-            return 0                      # a clean exit: the launcher shows no failure report for it
+            return 0
         raise
     if rank > 0:                          # rank 0 reports for all processes
         return 0

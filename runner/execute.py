@@ -11,7 +11,7 @@ import time
 from typing import Any, Iterable, Mapping, TextIO
 
 from ..nodes import comfy_compat
-from ..training.distributed import SUPERVISOR_ENV, process_info
+from ..training.distributed import SUPERVISOR_ENV, process_info, register_with_supervisor
 from .errors import NodeExecutionError, WorkflowError, WorkflowInterrupted
 from .formats import PreparedWorkflow, prepare_workflow
 from .specs import _hidden_values, _input_spec, _input_types, _is_link, _title, runner_package, shorten
@@ -181,6 +181,20 @@ def _ctrl_c_interrupts(stream: TextIO | None, quiet: bool = False):
         signal.signal(signal.SIGINT, previous)
 
 
+@contextlib.contextmanager
+def _registered(rank: int, register: bool):
+    """Several processes launched by `run --num-processes`: the command learns this process's pid once Ctrl-C is
+    handled here (it passes presses on to it), and forgets it when the run ends (a later press must not reach
+    another process that reuses the pid)."""
+    path = register_with_supervisor(rank) if register else None
+    try:
+        yield
+    finally:
+        if path:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
+
 def run_workflow(workflow: dict | str | os.PathLike, *, overrides: Iterable[str] = (),
                  output_dir: str | os.PathLike = "output", node_classes: Mapping[str, type] | None = None,
                  display_names: Mapping[str, str] | None = None, show_progress: bool = True,
@@ -210,7 +224,7 @@ def run_workflow(workflow: dict | str | os.PathLike, *, overrides: Iterable[str]
             # several processes: one voice (rank 0, or the `run --num-processes` command that launched them)
             quiet = processes > 1 and (rank > 0 or bool(os.environ.get(SUPERVISOR_ENV)))
             guard = _ctrl_c_interrupts(stream, quiet) if handle_ctrl_c else contextlib.nullcontext()
-            with guard:
+            with guard, _registered(rank, processes > 1 and handle_ctrl_c):
                 result = execute_workflow(prepared, node_classes, order, stream=stream, inference_mode=inference_mode)
     except WorkflowInterrupted as exc:
         exc.result["output_dir"] = output_dir

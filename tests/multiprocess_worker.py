@@ -5,7 +5,7 @@
 SPEC: {"instance_dir", "output_root", "phases": [PHASE, ...]}; the phases run one after another in the same
 processes (as a long-lived process runs queued prompts). PHASE: {"out_dir", "settings": {changes to
 tiny_settings}, "resume": "auto", "stop_at": step or null, "fail_rank": rank or null, "fail_at": step,
-"expect_error": false}. Each rank writes out_dir/rank-R.json (run path, steps, interrupted, its log lines, the
+"expect_error": false, "half": false (the model loaded in bf16), "sample": false (rank 0 samples the result)}. Each rank writes out_dir/rank-R.json (run path, steps, interrupted, its log lines, the
 error when expect_error) and out_dir/rank-R.safetensors (its trained tensors), so the test can compare ranks.
 """
 from __future__ import annotations
@@ -52,11 +52,24 @@ def run_phase(spec: dict, phase: dict) -> None:
     record = {"rank": rank, "log": said}
     model = None
     try:
-        result = trainer.train(build_tiny_model("sd1"), [concept], settings,
+        model = build_tiny_model("sd1")
+        if phase.get("half"):
+            import torch
+
+            model = model.replace(unet=model.unet.to(torch.bfloat16),
+                                  text_encoders=[te.to(torch.bfloat16) for te in model.text_encoders])
+        result = trainer.train(model, [concept], settings,
                                output_root=phase.get("output_root", spec["output_root"]),
                                resume=phase.get("resume", "auto"), callbacks=callbacks)
         record.update(run=result.run_dir, steps=result.steps, loss=result.final_loss)
         model = result.model
+        if phase.get("sample") and rank == 0:
+            import torch
+
+            from comfyui_dreambooth.training.sampling import generate
+
+            images = generate(model, "a photo of sks dog", steps=2, width=64, height=64)
+            record["sampled"] = [list(images.shape), bool(torch.isfinite(images).all())]
     except trainer.TrainingInterrupted as e:
         record.update(run=e.run_dir, steps=e.step, interrupted=True, checkpoint=e.checkpoint)
     except Exception as e:

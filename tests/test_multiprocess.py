@@ -76,6 +76,8 @@ def launched(tmp_path_factory, sd1):
         "left": dict(settings=SETTINGS, stop_at=1, output_root=str(tmp / "left_runs")),
         "mismatch": dict(settings=SETTINGS, resume=one_process.value.run_dir, expect_error=True,
                          output_root=str(tmp / "one_runs")),
+        "half": dict(settings=dict(mixed_precision="no", steps_per_image=1), half=True, sample=True,
+                     output_root=str(tmp / "half_runs")),
         "fail": dict(settings=dict(steps_per_image=20, prior_mode="base_model"), fail_rank=1, fail_at=3,
                      output_root=str(tmp / "fail_runs"))})
     return tmp, code, output, records
@@ -154,6 +156,15 @@ def test_resuming_a_one_process_run_with_two_ends_both_with_the_reason(launched)
     assert "process 0" in rank1["error"] and "trained by 1 process(es)" in rank1["error"]
 
 
+def test_the_result_of_a_bf16_loaded_model_samples_after_training_in_two_processes(launched):
+    """The trained modules keep accelerate's autocast forward with several processes too (rank 0 samples the
+    result: fp32 trained LoRA weights beside bf16 frozen ones)."""
+    _, _, output, records = launched
+    rank0, rank1 = records["half"]
+    assert rank0 is not None and rank1 is not None, output[-4000:]
+    assert rank0["sampled"] == [[1, 64, 64, 3], True]
+
+
 def test_one_process_says_why_it_does_not_continue_a_two_process_run(launched, sd1):
     """resume auto: the same settings and data interrupted under 2 processes are not continued by 1 (another
     effective batch); the run says so instead of silently starting over, and keeps the old run."""
@@ -189,13 +200,18 @@ def test_run_num_processes_relaunches_itself_under_torchs_launcher(monkeypatch):
     calls = []
 
     class Launched:
+        pid = -1
+
         def __init__(self, argv, env, start_new_session):
             calls.append(argv)
             assert int(env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]) >= 600    # time for a graceful stop's checkpoint
             assert os.path.isdir(env["COMFYUI_DREAMBOOTH_SUPERVISOR"])  # where the processes register for Ctrl-C
             assert start_new_session == (os.name == "posix")           # Ctrl-C reaches the launcher only via us
 
-        def wait(self):
+        def wait(self, timeout=None):
+            return 0
+
+        def poll(self):
             return 0
     monkeypatch.setattr(sp, "Popen", Launched)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
@@ -252,6 +268,7 @@ def test_each_process_uses_its_own_gpu_from_the_start(monkeypatch):
 
     chosen = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
@@ -260,15 +277,25 @@ def test_each_process_uses_its_own_gpu_from_the_start(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     pin_local_device()                                     # one process: the device is left as it is
     assert chosen == [1]
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "2")                  # more processes than GPUs: said so, by name
+    with pytest.raises(RuntimeError, match=r"process 3 wants GPU 2 \(LOCAL_RANK\) but this machine shows 2 GPU"):
+        pin_local_device()
 
 
-@pytest.mark.skipif(os.name != "posix", reason="sends SIGINT as a terminal's Ctrl-C does")
-def test_ctrl_c_under_num_processes_stops_every_process_with_a_checkpoint(tmp_path):
-    """`run --num-processes 2`, Ctrl-C once during training: every process stops at its next check, rank 0
-    saves a checkpoint, the command exits as interrupted, and no process is left running."""
-    import signal
-    import time
+def test_cli_run_pins_the_device_before_anything_loads(monkeypatch):
+    from comfyui_dreambooth import cli
+    from comfyui_dreambooth.training import distributed
 
+    order = []
+    monkeypatch.setattr(distributed, "pin_local_device", lambda: order.append("pin"))
+    monkeypatch.setattr("comfyui_dreambooth.runner.run_workflow", lambda *a, **k: order.append("run") or {
+        "status": "success", "format": "api", "output_dir": "o", "executed": [], "outputs": {}, "timings": {}})
+    assert cli.main(["run", "wf.json", "--quiet"]) == 0
+    assert order == ["pin", "run"]
+
+
+def _launch_demo_in_two_processes(tmp_path, epochs):
     from comfyui_dreambooth import demo
 
     out = tmp_path / "out"
@@ -277,10 +304,71 @@ def test_ctrl_c_under_num_processes_stops_every_process_with_a_checkpoint(tmp_pa
     demo.make_concept_images(str(concept), count=2)
     cmd = [sys.executable, "-m", "comfyui_dreambooth", "run", demo.example_workflow_path(), "--output-dir", str(out),
            "--num-processes", "2"]
-    for o in demo.demo_overrides(demo.CHECKPOINT_NAME, str(concept), epochs=400):
+    for o in demo.demo_overrides(demo.CHECKPOINT_NAME, str(concept), epochs=epochs):
         cmd += ["--set", o]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
                             start_new_session=True)      # the test's own Ctrl-C must not reach it
+    return out, proc
+
+
+def _finish(proc, out):
+    """The rest of the command's output; kills what is left of the run if the command does not end."""
+    import signal
+
+    try:
+        rest, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:        # the launcher and the processes run in sessions of their own
+            proc.send_signal(signal.SIGKILL)
+            subprocess.run(["pkill", "-9", "-f", str(out)], check=False)
+    return rest
+
+
+def _running(out) -> int:
+    """How many processes have `out` on their command line (read whole from /proc: ps cuts long lines)."""
+    import glob
+
+    count = 0
+    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            with open(cmdline, "rb") as f:
+                count += str(out).encode() in f.read()
+        except OSError:
+            continue
+    return count
+
+
+def _left_running(out) -> bool:
+    return _running(out) > 0
+
+
+def _registry_of(proc) -> str:
+    """The folder where the processes of the command `proc` register (from the launcher's environment)."""
+    import glob
+
+    for environ in glob.glob("/proc/[0-9]*/environ"):
+        try:
+            with open(environ, "rb") as f:
+                entries = f.read().split(b"\0")
+            with open(os.path.join(os.path.dirname(environ), "stat")) as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == proc.pid:
+            for entry in entries:
+                if entry.startswith(b"COMFYUI_DREAMBOOTH_SUPERVISOR="):
+                    return entry.split(b"=", 1)[1].decode()
+    raise AssertionError("the launcher's environment has no registry")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="sends SIGINT as a terminal's Ctrl-C does; reads /proc")
+def test_ctrl_c_under_num_processes_stops_every_process_with_a_checkpoint(tmp_path):
+    """`run --num-processes 2`, Ctrl-C once during training: every process stops at its next check, rank 0
+    saves a checkpoint, the command exits as interrupted, and no process is left running."""
+    import signal
+    import time
+
+    out, proc = _launch_demo_in_two_processes(tmp_path, epochs=400)
     seen, deadline = [], time.time() + 240
     try:
         for line in proc.stdout:
@@ -288,11 +376,9 @@ def test_ctrl_c_under_num_processes_stops_every_process_with_a_checkpoint(tmp_pa
             if ("training " in line and " steps (" in line) or time.time() > deadline:
                 break
         time.sleep(3)                                     # a few steps in
-        proc.send_signal(signal.SIGINT)                   # to the command only, as the terminal's is now
-        rest, _ = proc.communicate(timeout=240)
     finally:
-        if proc.poll() is None:        # the launcher and the processes run in sessions of their own
-            subprocess.run(["pkill", "-9", "-f", str(out)], check=False)
+        proc.send_signal(signal.SIGINT)                   # to the command only, as the terminal's is now
+        rest = _finish(proc, out)
     output = "".join(seen) + rest
     assert proc.returncode == 130, output[-4000:]
     runs = [d for d in (out / "dreambooth").iterdir() if (d / "config.json").exists()]
@@ -303,5 +389,23 @@ def test_ctrl_c_under_num_processes_stops_every_process_with_a_checkpoint(tmp_pa
     assert checkpoints, output[-4000:]
     assert "Traceback" not in output and "SIGKILL" not in output and "ChildFailedError" not in output
     assert output.count("interrupt requested") == 1 and output.count("interrupted while running") == 1
-    listed = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    assert str(out) not in listed                         # no process of the run left behind
+    assert not _left_running(out)                         # no process of the run left behind
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="sends SIGINT as a terminal's Ctrl-C does; reads /proc")
+def test_ctrl_c_during_start_up_ends_every_process(tmp_path):
+    """A press before the processes handle Ctrl-C (start-up: nothing to save) goes to the launcher, which ends
+    them; the command exits as interrupted and nothing is left running or waiting."""
+    import signal
+    import time
+
+    out, proc = _launch_demo_in_two_processes(tmp_path, epochs=400)
+    deadline = time.time() + 120
+    while _running(out) < 4 and time.time() < deadline:   # the command, the launcher and its 2 processes
+        time.sleep(0.05)
+    assert not os.listdir(_registry_of(proc))             # the processes are starting: none handles Ctrl-C yet
+    proc.send_signal(signal.SIGINT)
+    output = _finish(proc, out)
+    assert proc.returncode == 130, output[-4000:]
+    assert "interrupt requested" in output
+    assert not _left_running(out)

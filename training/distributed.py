@@ -76,6 +76,24 @@ class Dist:
         td.broadcast_object_list(box, src=0)
         return box[0]
 
+    def decide(self, choose, what: str):
+        """`choose()` run by rank 0 alone (it holds the run folder's lock and writes its files); its result on
+        every rank. When it raises, every rank raises too: rank 0 its own error, the others one that quotes it
+        (a rank that raised before a collective call would leave the others waiting in it)."""
+        if not self.active:
+            return choose()
+        if self.main:
+            try:
+                value = choose()
+            except Exception as e:
+                self.broadcast(("error", f"{type(e).__name__}: {e}"))
+                raise
+            return self.broadcast(("ok", value))[1]
+        kind, value = self.broadcast(None)
+        if kind == "error":
+            raise RuntimeError(f"process 0 could not {what}: {value}")
+        return value
+
     def broadcast_tensors(self, tensors) -> None:
         """Copy rank 0's values into `tensors` on every rank (freshly initialised adapters differ)."""
         if not self.active:
@@ -141,4 +159,48 @@ def pin_local_device() -> None:
     import torch
 
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        count = torch.cuda.device_count()
+        if local >= count:
+            raise RuntimeError(f"process {rank} wants GPU {local} (LOCAL_RANK) but this machine shows {count} "
+                               f"GPU(s) (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+                               "start at most one process per GPU")
+        torch.cuda.set_device(local)
+
+
+# ---- `run --num-processes`: the command supervises the processes it launched (see cli._supervise) ----------------
+STOPPED_TOGETHER = "stopped-together"
+_stopped_together = [False]
+
+
+def mark_stopped_together() -> None:
+    """The training loop stopped on every process at the same step (agreed by all-reduce, checkpoint written):
+    the one kind of interrupt after which every process can exit cleanly, with no process left waiting."""
+    _stopped_together[0] = True
+    registry = os.environ.get(SUPERVISOR_ENV)
+    if registry and os.path.isdir(registry):
+        _write_atomic(os.path.join(registry, STOPPED_TOGETHER), "1")
+
+
+def stopped_together() -> bool:
+    return _stopped_together[0]
+
+
+def register_with_supervisor(rank: int) -> str | None:
+    """Tell the launching command this process's pid (it passes Ctrl-C on to it); call once this process handles
+    Ctrl-C itself. Returns the file to remove at exit (a later press must not reach a reused pid)."""
+    registry = os.environ.get(SUPERVISOR_ENV)
+    if not registry or not os.path.isdir(registry):
+        return None
+    path = os.path.join(registry, f"rank-{rank}.pid")
+    _write_atomic(path, str(os.getpid()))
+    return path
+
+
+def _write_atomic(path: str, text: str) -> None:
+    try:
+        with open(path + ".tmp", "w", encoding="ascii") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    except OSError:
+        pass

@@ -20,7 +20,7 @@ from typing import Callable
 
 from .compat import enable_text_encoder_checkpointing
 from .control import TrainingControl
-from .distributed import Dist, collective_timeout, shard_plan
+from .distributed import Dist, collective_timeout, mark_stopped_together, shard_plan
 from .runs import RunFolder, compute_run_id, library_versions
 
 
@@ -469,9 +469,11 @@ def _plan_length(job: _Job) -> None:
 
 
 def _reused_result(job: _Job):
-    done = RunFolder.find(job.output_root, job.run_id, finished=True)
-    if done is None:
+    found = job.dist.decide(lambda: getattr(RunFolder.find(job.output_root, job.run_id, finished=True), "path", None),
+                            "look for a finished identical run")
+    if found is None:
         return None
+    done = RunFolder(found)
     job.say(f"an identical run already finished: {done.path} (reusing its result)")
     tm, unet_params, te_params = build_trainable(job.model, job.settings)
     named = _named_trainables(tm, unet_params, te_params)
@@ -485,29 +487,23 @@ def _reused_result(job: _Job):
 def _claim_run(job: _Job, resume) -> None:
     """The interrupted run to continue, if any: rank 0 decides (it holds the lock and cleans up what an
     interrupted save left), the others follow; an error there ends every process with rank 0's message."""
-    decided = None
-    if job.main:
-        try:
-            run, checkpoint = _resume_target(job.output_root, job.run_id, resume)
-            if run is not None:
-                processes = run.read_config().get("processes", 1)
-                if processes != job.dist.world:
-                    raise ValueError(f"resume: {run.path} was trained by {processes} process(es); continue it with "
-                                     f"the same number (this run has {job.dist.world}), or start a new run "
-                                     "(resume 'new')")
-                job.held.enter_context(run.lock())         # before anything reads or writes the run's files
-                for path in run.remove_leftovers():
-                    job.say(f"removed {path} (left by an interrupted save)")
-            elif resume == "auto":
-                _say_other_process_count(job)
-            decided = ("ok", run.path if run else None, checkpoint)
-        except Exception as e:
-            job.dist.broadcast(("error", f"{type(e).__name__}: {e}", None))
-            raise
-    kind, path, checkpoint = job.dist.broadcast(decided)
-    if kind == "error":
-        raise RuntimeError(f"process 0 could not open the run to resume: {path}")
-    job.run, job.checkpoint = (RunFolder(path) if path else None), checkpoint
+    def choose():
+        run, checkpoint = _resume_target(job.output_root, job.run_id, resume)
+        if run is not None:
+            processes = run.read_config().get("processes", 1)
+            if processes != job.dist.world:
+                raise ValueError(f"resume: {run.path} was trained by {processes} process(es); continue it with "
+                                 f"the same number (this run has {job.dist.world}), or start a new run "
+                                 "(resume 'new')")
+            job.held.enter_context(run.lock())         # before anything reads or writes the run's files
+            for path in run.remove_leftovers():
+                job.say(f"removed {path} (left by an interrupted save)")
+        elif resume == "auto":
+            _say_other_process_count(job)
+        return (run.path if run else None), checkpoint
+
+    path, job.checkpoint = job.dist.decide(choose, "open the run to resume")
+    job.run = RunFolder(path) if path else None
 
 
 def _say_other_process_count(job: _Job) -> None:
@@ -582,7 +578,9 @@ def _build_optimizer(job: _Job) -> None:
         if settings.use_ema and settings.train_unet else None
     # gradients are averaged by Dist (not a DDP wrapper, see distributed.py); accelerate adds the loss scaling
     # of fp16 and the autocast of mixed precision
-    if job.dist.active:
+    if job.dist.active:       # the modules get the autocast forward, not the DDP wrapper (evaluation_mode)
+        for m in job.trained_modules:
+            job.accelerator.prepare_model(m, evaluation_mode=True)
         job.optimizer = job.accelerator.prepare(optimizer)
     else:     # one process, as before: the trained modules keep accelerate's autocast forward, which sampling the
         # result of a half-precision model relies on (a review found it broken without)
@@ -631,11 +629,14 @@ def _resume_or_create_run(job: _Job, resume) -> None:
         # rank 0 decides which checkpoint loads (and sets damaged ones aside); the others load the same one.
         # Only reading decides "damaged": an error while applying a readable checkpoint (e.g. out of memory) is
         # raised as it is, before the training state has been half overwritten by a fallback attempt
-        loaded = None
-        if job.main:
-            loaded = _first_loadable(run, checkpoint, lambda folder: _read_own_checkpoint(folder, job.run_id),
-                                     job.say, fallback=not _names_a_checkpoint(resume))
-        chosen = job.dist.broadcast(loaded[1] if loaded else None)
+        loaded = [None]
+
+        def choose():
+            loaded[0] = _first_loadable(run, checkpoint, lambda folder: _read_own_checkpoint(folder, job.run_id),
+                                        job.say, fallback=not _names_a_checkpoint(resume))
+            return loaded[0][1] if loaded[0] else None
+        chosen = job.dist.decide(choose, "read the checkpoint to resume")
+        loaded = loaded[0]
         if chosen is not None and loaded is None:
             loaded = (_read_own_checkpoint(chosen, job.run_id), chosen)
         if loaded is None:
@@ -651,12 +652,11 @@ def _resume_or_create_run(job: _Job, resume) -> None:
         if job.main:
             run.truncate_loss(job.start_step)
     else:
-        if job.main:
-            run = _create_run(job.output_root, job.settings, job.concepts, job.data, job.model, job.run_id,
-                              job.parent_run, job.total_steps, job.report, job.held,
-                              **({"processes": job.dist.world, "base_run_id": job.base_run_id}
-                                 if job.dist.active else {}))
-        run = RunFolder(job.dist.broadcast(run.path if job.main else None))   # rank 0 created it
+        run = RunFolder(job.dist.decide(lambda: _create_run(
+            job.output_root, job.settings, job.concepts, job.data, job.model, job.run_id, job.parent_run,
+            job.total_steps, job.report, job.held,
+            **({"processes": job.dist.world, "base_run_id": job.base_run_id} if job.dist.active else {})).path,
+            "create the run folder"))
     job.run, job.checkpoint = run, checkpoint
     job.say(f"training {job.total_steps} steps ({job.steps_per_epoch}/epoch) in {run.path}")
 
@@ -740,6 +740,8 @@ def _loop(job: _Job) -> tuple[int, float | None]:
             control is not None and control.should_stop(epoch_end=epoch_end))
         if dist.sum([float(stop_now)], device)[0] and step < job.total_steps:     # one stops: all stop together
             path = saved or _save(job, step, loss_value)
+            if dist.active:
+                mark_stopped_together()
             raise TrainingInterrupted(f"training stopped at step {step}/{job.total_steps}; resumable checkpoint: "
                                       f"{path}", job.run.path, step, path)
     return step, last_loss
