@@ -93,7 +93,8 @@ def test_the_probe_uses_the_largest_bucket_with_a_full_batch(sd1, tmp_path, simu
 
     concept = make_concept(tmp_path, n=1)
     Image.new("RGB", (256, 64), (200, 30, 30)).save(os.path.join(concept.instance_dir, "wide.png"))
-    settings = tiny_settings(batch_size=3, data=dict(resolution=128, bucket_min_side=64, bucket_max_side=256))
+    settings = tiny_settings(batch_size=3, steps_per_image=0, max_train_steps=1,     # the probe is what counts
+                             data=dict(resolution=128, bucket_min_side=64, bucket_max_side=256))
     data = prepare_training_data(sd1, [concept], settings.resolved([concept]).data, cache_dir=str(tmp_path / "c"),
                                  text_encoder_trained=False, batch_size=3)
     buckets = {item.bucket for item in data.items}
