@@ -348,7 +348,7 @@ def _relaunch(args: argparse.Namespace, argv: list[str]) -> int:
 
 @command("run", "execute a workflow of this pack's nodes headless", arguments=_run_arguments)
 def cmd_run(args: argparse.Namespace) -> int:
-    from .runner import run_workflow, saved_files
+    from .runner import WorkflowInterrupted, run_workflow, saved_files
     from .training.distributed import SUPERVISOR_ENV, pin_local_device, process_info, stopped_together
 
     rank, processes = process_info()
@@ -368,6 +368,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             if rank == 0:
                 print(error_line(exc), file=sys.stderr)
             return 0
+        if processes > 1 and rank > 0 and isinstance(exc, WorkflowInterrupted):
+            return EXIT_INTERRUPTED       # process 0 says it (a real error on this process is still printed)
         raise
     if rank > 0:                          # rank 0 reports for all processes
         return 0

@@ -409,3 +409,28 @@ def test_ctrl_c_during_start_up_ends_every_process(tmp_path):
     assert proc.returncode == 130, output[-4000:]
     assert "interrupt requested" in output
     assert not _left_running(out)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_under_other_launchers_only_process_0_reports_an_interrupt(monkeypatch, capsys, rank):
+    """accelerate launch / torchrun: every process is interrupted; one line says so, not one per process. A real
+    error of any process is still printed by it."""
+    from comfyui_dreambooth import cli
+    from comfyui_dreambooth.runner import WorkflowInterrupted
+
+    def interrupted(*args, **kwargs):
+        raise WorkflowInterrupted("6", {})
+    monkeypatch.setattr("comfyui_dreambooth.runner.run_workflow", interrupted)
+    monkeypatch.setattr("comfyui_dreambooth.training.distributed.pin_local_device", lambda: None)
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("COMFYUI_DREAMBOOTH_SUPERVISOR", raising=False)
+    assert cli.main(["run", "wf.json", "--quiet"]) == 130
+    said = capsys.readouterr().err
+    assert ("interrupted while running node 6" in said) == (rank == 0)
+
+    def failing(*args, **kwargs):
+        raise ValueError("out of disk space")
+    monkeypatch.setattr("comfyui_dreambooth.runner.run_workflow", failing)
+    assert cli.main(["run", "wf.json", "--quiet"]) == 1
+    assert "out of disk space" in capsys.readouterr().err
