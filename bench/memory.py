@@ -7,7 +7,8 @@
 
 Each combination trains in a fresh subprocess (`train()` with previews / checkpoints off), so its peak is its own:
 CPU reports the peak RSS (`ru_maxrss`), CUDA `torch.cuda.max_memory_allocated` (and reserved); both report it/s
-over the measured steps (after warm-up).
+over the measured steps (after warm-up), and the estimator's total for the same settings (training/memory.py; on
+CUDA with its error against max_allocated, the check of issue 12).
 
 Models. CPU: `tiny` (the test model, 64 px) and `mid` (training.models.tiny.build_random_sd15(unet="reduced"):
 an SD1.5-layout UNet of two levels at 320/640 channels (~100M) with the real-size SD VAE (84M) and CLIP-L (123M),
@@ -180,6 +181,14 @@ def child(args) -> None:
     if device == "cuda":
         out["max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
         out["max_reserved_gib"] = torch.cuda.max_memory_reserved() / 2 ** 30
+    # the estimator's answer for the same settings (issue 12: within 15 % of max_allocated on a GPU)
+    from comfyui_dreambooth.training.memory import estimate
+
+    est = estimate(model, settings.resolved([concept]), resolution=RESOLUTION[model_name], batch=1)
+    out["estimate_gib"] = est.total / 2 ** 30
+    out["estimate_parts_gib"] = {k: v / 2 ** 30 for k, v in est.parts.items()}
+    if "max_allocated_gib" in out:
+        out["estimate_error"] = out["estimate_gib"] / out["max_allocated_gib"] - 1
     print("RESULT " + json.dumps(out))
 
 
@@ -232,7 +241,11 @@ def main() -> None:
             peak = (f"{row['max_allocated_gib']:.2f} GiB alloc" if "max_allocated_gib" in row
                     else f"{row['peak_rss_mib']:.0f} MiB RSS" if "peak_rss_mib" in row else row.get("error"))
             speed = f"{row['it_per_s']:.2f} it/s" if row.get("it_per_s") else ""
-            print(f"{model_name:5s} {label(cfg):55s} {peak:>18s} {speed:>12s}  ({row['wall_s']} s)", flush=True)
+            est = (f"est {row['estimate_gib']:.2f} GiB" + (f" ({100 * row['estimate_error']:+.0f}%)"
+                                                          if "estimate_error" in row else "")
+                   if "estimate_gib" in row else "")
+            print(f"{model_name:5s} {label(cfg):55s} {peak:>18s} {speed:>12s} {est:>20s}  ({row['wall_s']} s)",
+                  flush=True)
     path = args.json or os.path.join(HERE, "results", f"memory-{args.device}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
