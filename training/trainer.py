@@ -328,7 +328,7 @@ class _Job:
     te_steps: int = 0
     zero_terminal_snr: bool = False
     run_id: str = ""
-    base_run_id: str = ""               # the id one process would give this run (resume across process counts)
+    identity: tuple = ()                # what compute_run_id hashes, less the process count
     parent_run: str | None = None
     # the run folder
     run: RunFolder | None = None
@@ -465,7 +465,7 @@ def _plan_length(job: _Job) -> None:
     identity = (settings.config_hash(), [c.to_dict() for c in job.concepts],
                 [item.content_hash for item in data.items], model_identity, "lora" if settings.use_lora else "full")
     job.run_id = compute_run_id(*identity, processes=world)
-    job.base_run_id = compute_run_id(*identity)
+    job.identity = identity
 
 
 def _reused_result(job: _Job):
@@ -511,9 +511,9 @@ def _say_other_process_count(job: _Job) -> None:
     processes (its effective batch and data split differ, so it is not continued silently either way)."""
     for run in reversed(RunFolder.all_runs(job.output_root)):
         cfg = run.read_config()
-        if (cfg.get("base_run_id", cfg.get("run_id")) == job.base_run_id and cfg.get("run_id") != job.run_id
-                and not cfg.get("finished") and run.latest_checkpoint()):
-            n = cfg.get("processes", 1)
+        n = cfg.get("processes", 1)
+        same = n != job.dist.world and cfg.get("run_id") == compute_run_id(*job.identity, processes=n)
+        if same and not cfg.get("finished") and run.latest_checkpoint():
             job.say(f"resume: {run.path} has the same settings and data but was trained by {n} process(es) "
                     f"(this run has {job.dist.world}); it is kept, and continues only with {n} "
                     f"(--num-processes {n}); starting a new run")
@@ -655,7 +655,7 @@ def _resume_or_create_run(job: _Job, resume) -> None:
         run = RunFolder(job.dist.decide(lambda: _create_run(
             job.output_root, job.settings, job.concepts, job.data, job.model, job.run_id, job.parent_run,
             job.total_steps, job.report, job.held,
-            **({"processes": job.dist.world, "base_run_id": job.base_run_id} if job.dist.active else {})).path,
+            **({"processes": job.dist.world} if job.dist.active else {})).path,
             "create the run folder"))
     job.run, job.checkpoint = run, checkpoint
     job.say(f"training {job.total_steps} steps ({job.steps_per_epoch}/epoch) in {run.path}")
