@@ -349,7 +349,7 @@ def _relaunch(args: argparse.Namespace, argv: list[str]) -> int:
 @command("run", "execute a workflow of this pack's nodes headless", arguments=_run_arguments)
 def cmd_run(args: argparse.Namespace) -> int:
     from .runner import WorkflowInterrupted, run_workflow, saved_files
-    from .training.distributed import SUPERVISOR_ENV, pin_local_device, process_info, stopped_together
+    from .training.distributed import pin_local_device, process_info, stopped_together
 
     rank, processes = process_info()
     if args.num_processes > 1 and processes == 1:
@@ -364,7 +364,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         # training stopped on every process at the same step (a checkpoint is written): exit cleanly, so the
         # launcher reports no failure; `run --num-processes` reports the interrupt. Any other stop or error exits
         # with its code, and the launcher ends the processes that may be waiting for this one
-        if processes > 1 and stopped_together() and os.environ.get(SUPERVISOR_ENV):
+        if processes > 1 and stopped_together():
             if rank == 0:
                 print(error_line(exc), file=sys.stderr)
             return 0

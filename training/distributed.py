@@ -14,8 +14,11 @@ The rules every rank follows, so that collective calls stay in step:
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+
+from .fsutil import atomic_write_text
 
 BUCKET_ELEMENTS = 32 * 1024 * 1024          # gradients are averaged in flat buckets of at most this many values
 DEFAULT_TIMEOUT_MIN = 30.0
@@ -168,39 +171,37 @@ def pin_local_device() -> None:
         torch.cuda.set_device(local)
 
 
-# ---- `run --num-processes`: the command supervises the processes it launched (see cli._supervise) ----------------
+# ---- `run --num-processes`: the command supervises the processes it launched (runner/launch.py) ----------------
 STOPPED_TOGETHER = "stopped-together"
-_stopped_together = [False]
+
+
+def _registry() -> str | None:
+    registry = os.environ.get(SUPERVISOR_ENV)
+    return registry if registry and os.path.isdir(registry) else None
 
 
 def mark_stopped_together() -> None:
     """The training loop stopped on every process at the same step (agreed by all-reduce, checkpoint written):
     the one kind of interrupt after which every process can exit cleanly, with no process left waiting."""
-    _stopped_together[0] = True
-    registry = os.environ.get(SUPERVISOR_ENV)
-    if registry and os.path.isdir(registry):
-        _write_atomic(os.path.join(registry, STOPPED_TOGETHER), "1")
+    registry = _registry()
+    if registry:
+        with contextlib.suppress(OSError):
+            atomic_write_text(os.path.join(registry, STOPPED_TOGETHER), "1")
 
 
 def stopped_together() -> bool:
-    return _stopped_together[0]
+    """A supervised process's training stopped together with the others (see mark_stopped_together)."""
+    registry = _registry()
+    return bool(registry) and os.path.exists(os.path.join(registry, STOPPED_TOGETHER))
 
 
 def register_with_supervisor(rank: int) -> str | None:
     """Tell the launching command this process's pid (it passes Ctrl-C on to it); call once this process handles
     Ctrl-C itself. Returns the file to remove at exit (a later press must not reach a reused pid)."""
-    registry = os.environ.get(SUPERVISOR_ENV)
-    if not registry or not os.path.isdir(registry):
+    registry = _registry()
+    if not registry:
         return None
     path = os.path.join(registry, f"rank-{rank}.pid")
-    _write_atomic(path, str(os.getpid()))
+    with contextlib.suppress(OSError):
+        atomic_write_text(path, str(os.getpid()))
     return path
-
-
-def _write_atomic(path: str, text: str) -> None:
-    try:
-        with open(path + ".tmp", "w", encoding="ascii") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
-    except OSError:
-        pass

@@ -20,7 +20,7 @@ from typing import Callable
 
 from .compat import enable_text_encoder_checkpointing
 from .control import TrainingControl
-from .distributed import Dist, collective_timeout, mark_stopped_together, shard_plan
+from .distributed import Dist, collective_timeout, mark_stopped_together, process_info, shard_plan
 from .runs import RunFolder, compute_run_id, library_versions
 
 
@@ -274,7 +274,6 @@ def train(model, concepts, settings, *, output_root: str, resume: str = "auto", 
     """
     import torch
 
-    from .distributed import process_info
     from .preflight import DoesNotFit
 
     cb = callbacks or TrainCallbacks()
@@ -353,7 +352,6 @@ class _Job:
 
 def _train(model, concepts, settings, output_root, resume, device, cb, reuse_finished, held):
     if settings.train_imagic_only:             # Imagic: edit one photo by a text (its own two-stage loop)
-        from .distributed import process_info
         from .imagic import train_imagic
 
         if process_info()[1] > 1:
