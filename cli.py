@@ -5,6 +5,7 @@
     comfyui-dreambooth sample MODEL --prompt "a photo of sks dog" --out dog.png [--steps 20 --seed 0 ...]
     comfyui-dreambooth run WORKFLOW.json [--set "Title.input=value" ...] [--output-dir DIR]
     comfyui-dreambooth demo [--output-dir DIR]
+    comfyui-dreambooth toyworld base OUT.safetensors | toyworld draw DIR [--subject S | --toy T] [--count N]
     comfyui-dreambooth estimate MODEL|sd15|sd2|sdxl [--workflow WF.json] [--set name=value ...] [--vram GB]
                          [--json]
     comfyui-dreambooth wizard MODEL|sd15|sd2|sdxl --vram GB [--images N] [--resolution R] [--mode auto|lora|full]
@@ -543,6 +544,21 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import main as demo_main
     return demo_main(args)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# toyworld (training/toyworld/commands.py)
+# ------------------------------------------------------------------------------------------------------------------
+def _toyworld_arguments(p: argparse.ArgumentParser) -> None:
+    from .training.toyworld.commands import add_arguments
+    add_arguments(p)
+
+
+@command("toyworld", "the toy world: write its pretrained base (toyworld base OUT) or draw its images "
+         "(toyworld draw DIR)", arguments=_toyworld_arguments)
+def cmd_toyworld(args: argparse.Namespace) -> int:
+    from .training.toyworld.commands import main as toyworld_main
+    return toyworld_main(args)
 
 
 # ------------------------------------------------------------------------------------------------------------------

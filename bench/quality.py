@@ -1,0 +1,145 @@
+"""DreamBench in miniature (issue 19): does training teach the toy base a subject, and what does it forget?
+
+    python bench/quality.py                        # every row, every subject (the README table)
+    python bench/quality.py --subjects split_circle --rows LoRA "LoRA + prior preservation" --per-prompt 8
+    python bench/quality.py --quick                # one subject, three rows, few samples (a smoke run)
+
+Rows: the untrained base, then each dreambench.VARIANTS entry (LoRA, LoRA + prior preservation, full fine-tune,
+full + prior preservation, base_model prior, text encoder frozen), then the instance images themselves (the upper
+bound). Columns: subject fidelity and similarity (the DINO / CLIP-I analogue), prompt fidelity (CLIP-T analogue),
+recontextualised subject share, PRES (lower is better) and DIV (with its ratio to the base's), averaged over the
+subjects. Everything runs on the CPU with the pack's own trainer (training.trainer.train) and sampler
+(training.sampling.generate); the evaluator (training/toyworld/evaluate.py) is an analysis calibrated on renders
+only. Out: bench/results/quality.json, quality.md and quality-grid.png (rows: models; columns: "a sks toy", one
+recontextualised prompt, "a toy").
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+COLUMNS = ["subject_fidelity", "subject_similarity", "prompt_fidelity", "recontext_subject", "pres", "div"]
+
+
+def run(subjects: list[str], rows: list[str] | None, per_prompt: int, instances: int, out_dir: str,
+        steps: int | None = None, threads: int = 1) -> dict:
+    import torch
+
+    from comfyui_dreambooth.training.models import load_model
+    from comfyui_dreambooth.training.toyworld import dreambench as db
+    from comfyui_dreambooth.training.toyworld.commands import base_path
+    from comfyui_dreambooth.training.toyworld.world import SUBJECTS
+
+    torch.set_num_threads(threads)
+    base = load_model(base_path(), dtype="fp32")
+    variants = [v for v in db.VARIANTS if rows is None or v.name in rows]
+    if steps:
+        variants = [dataclasses.replace(v, steps=steps) for v in variants]
+    results = {"rows": {}, "settings": {v.name: db.variant_dict(v) for v in variants}, "grid": []}
+    start = time.time()
+    with tempfile.TemporaryDirectory(prefix="dreambench-") as work:
+        for name in subjects:
+            subject = SUBJECTS[name]
+            inst_dir = os.path.join(work, name, "instance")
+            images = db.write_instance_images(subject, inst_dir, instances)
+            judge = db.judge_for(subject, images)
+            per = {"base (untrained)": db.measure(base, subject, judge, per_prompt=per_prompt, keep_images=True)}
+            for v in variants:
+                t0 = time.time()
+                result = db.train_variant(base, v, inst_dir, os.path.join(work, name), count=instances)
+                per[v.name] = db.measure(result.model, subject, judge, per_prompt=per_prompt, keep_images=True)
+                per[v.name]["train_s"] = round(time.time() - t0, 1)
+                print(f"[quality] {name} / {v.name}: " + ", ".join(f"{k} {per[v.name][k]}" for k in COLUMNS),
+                      flush=True)
+            per["instance images (upper bound)"] = db.measure_instances(subject, judge)
+            for row, numbers in per.items():
+                pictures = numbers.pop("images", None)
+                results["rows"].setdefault(row, {})[name] = numbers
+                if pictures and name == subjects[0]:
+                    results["grid"].append((row, pictures))
+    results["seconds"] = round(time.time() - start, 1)
+    return results
+
+
+def summarise(results: dict) -> dict:
+    table = {}
+    for row, per_subject in results["rows"].items():
+        cols = {}
+        for c in COLUMNS:
+            values = [v[c] for v in per_subject.values() if c in v]
+            if values:
+                cols[c] = round(sum(values) / len(values), 3)
+        table[row] = cols
+    base_div = table.get("base (untrained)", {}).get("div")
+    for cols in table.values():
+        if base_div and "div" in cols:
+            cols["div_vs_base"] = round(cols["div"] / base_div, 3)
+    return table
+
+
+def markdown(table: dict, results: dict, subjects: list[str], per_prompt: int) -> str:
+    cols = COLUMNS + ["div_vs_base"]
+    lines = [f"subjects: {', '.join(subjects)}; {per_prompt} samples per prompt; {results['seconds']} s on "
+             f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)", "",
+             "| row | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for row, values in table.items():
+        lines.append(f"| {row} | " + " | ".join(str(values.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def save_grid(grid: list, path: str) -> None:
+    from PIL import Image, ImageDraw
+
+    cell, label = 64, 220
+    picks = []
+    for row, pictures in grid:
+        picks.append((row, pictures["own"][:4] + pictures["recontext"][:2] + pictures["prior"][:4]))
+    width = label + cell * max(len(p) for _, p in picks)
+    sheet = Image.new("RGB", (width, cell * len(picks)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for r, (row, pictures) in enumerate(picks):
+        draw.text((4, r * cell + 26), row, fill=(0, 0, 0))
+        for c, im in enumerate(pictures):
+            sheet.paste(im, (label + c * cell, r * cell))
+    sheet.save(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="DreamBench in miniature on the toy base")
+    p.add_argument("--subjects", nargs="*", default=None)
+    p.add_argument("--rows", nargs="*", default=None, help="variant names (dreambench.VARIANTS); default all")
+    p.add_argument("--per-prompt", type=int, default=16)
+    p.add_argument("--instances", type=int, default=5)
+    p.add_argument("--steps", type=int, default=None, help="override every variant's steps")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    a = p.parse_args(argv)
+    from comfyui_dreambooth.training.toyworld.world import SUBJECTS
+
+    subjects = a.subjects or (["split_circle"] if a.quick else list(SUBJECTS))
+    rows = a.rows or (["LoRA", "LoRA + prior preservation", "full fine-tune"] if a.quick else None)
+    per_prompt = 6 if a.quick and a.per_prompt == 16 else a.per_prompt
+    results = run(subjects, rows, per_prompt, a.instances, a.out_dir, a.steps)
+    table = summarise(results)
+    os.makedirs(a.out_dir, exist_ok=True)
+    grid = results.pop("grid")
+    with open(os.path.join(a.out_dir, "quality.json"), "w", encoding="utf-8") as f:
+        json.dump({"table": table, **results, "subjects": subjects, "per_prompt": per_prompt}, f, indent=1)
+    text = markdown(table, results, subjects, per_prompt)
+    with open(os.path.join(a.out_dir, "quality.md"), "w", encoding="utf-8") as f:
+        f.write(text)
+    save_grid(grid, os.path.join(a.out_dir, "quality-grid.png"))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The toy world: rendering is deterministic, the evaluator reads held-out degraded renders (>= 98 % per
+attribute) and tells a subject from near misses, and the CLI draws images and writes the base."""
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+from comfyui_dreambooth.training.toyworld import evaluate, world
+
+
+def test_render_is_deterministic_and_in_the_contract():
+    a = world.draw_world(6, seed=3)
+    b = world.draw_world(6, seed=3)
+    assert [x[0].tobytes() for x in a] == [x[0].tobytes() for x in b]
+    for image, text, toy, bg in a:
+        assert image.size == (64, 64) and image.mode == "RGB"
+        assert toy.nameable and toy.colour != bg or world.COLOURS[toy.colour] != world.BACKGROUNDS[bg]
+        assert text == "" or text.startswith("a ") and "toy" in text
+
+
+def test_captions_leave_parts_out_so_each_can_be_asked_alone():
+    rng = random.Random(0)
+    toy = world.Toy("star", "red")
+    seen = {world.pretraining_caption(toy, "blue", rng) for _ in range(400)}
+    for text in ("a red star toy on a blue background", "a star toy", "a red toy", "a toy on a blue background",
+                 "a toy", ""):
+        assert text in seen, text
+
+
+def test_subjects_cannot_be_named_by_the_vocabulary():
+    for s in world.SUBJECTS.values():
+        assert not s.toy.nameable
+        assert s.allowed_backgrounds() and all(b not in s.toy.colours for b in s.allowed_backgrounds())
+
+
+def test_parse_toy_and_its_errors():
+    assert world.parse_toy("red/blue split circle") == world.Toy("circle", "red", "split", "blue")
+    assert world.parse_toy("green heart") == world.Toy("heart", "green")
+    with pytest.raises(ValueError, match="shape 'blob'"):
+        world.parse_toy("red blob")
+    with pytest.raises(ValueError, match="COLOUR SHAPE"):
+        world.parse_toy("red")
+
+
+def test_evaluator_reads_held_out_degraded_renders():
+    acc = evaluate.check_accuracy(count=400, seed=321)
+    assert min(acc.values()) >= 0.98, acc
+
+
+@pytest.mark.parametrize("name", sorted(world.SUBJECTS))
+def test_evaluator_tells_the_subject_from_near_misses(name):
+    subject = world.SUBJECTS[name]
+    judge = evaluate.calibrate_subject(subject, world.draw_subject(subject, 5, seed=11), count=120, seed=1)
+    pos, neg = evaluate._calibration_sets(subject, 100, random.Random(777))     # held out: another seed
+    right = sum(judge.shows(im) for im in pos) + sum(not judge.shows(im) for im in neg)
+    assert right / (len(pos) + len(neg)) >= 0.95, (name, judge.threshold)
+
+
+def test_diversity_and_entropy_tell_spread_from_collapse():
+    rng = random.Random(5)
+    spread = [evaluate.analyse(world.render(*world.random_world_toy(rng), rng)) for _ in range(40)]
+    same = [evaluate.analyse(world.render(world.Toy("circle", "red"), "white", rng)) for _ in range(40)]
+    assert evaluate.diversity(spread) > 2 * evaluate.diversity(same)
+    assert evaluate.attribute_entropy(spread) > 0.7 > evaluate.attribute_entropy(same)
+
+
+def test_cli_draws_subject_and_world_images(tmp_path):
+    cmd = [sys.executable, "-m", "comfyui_dreambooth", "toyworld", "draw"]
+    out = subprocess.run(cmd + [str(tmp_path / "s"), "--subject", "split_circle", "--count", "3"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert len(os.listdir(tmp_path / "s")) == 3
+    out = subprocess.run(cmd + [str(tmp_path / "w"), "--count", "2", "--captions"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert sorted(os.listdir(tmp_path / "w")) == ["toy_000.png", "toy_000.txt", "toy_001.png", "toy_001.txt"]
+    bad = subprocess.run(cmd + [str(tmp_path / "x"), "--toy", "red blob"], capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "shape 'blob'" in bad.stderr

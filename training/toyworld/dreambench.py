@@ -1,0 +1,192 @@
+"""DreamBench in miniature: train a subject into the toy base with the pack's own trainer, sample it with the pack's
+own sampler, and read the samples with the evaluator.
+
+Metrics (the DreamBooth paper's, in this world):
+- subject_fidelity: share of "a {token} toy" samples that show the subject (evaluate.SubjectModel.shows);
+- subject_similarity: their mean colour-layout agreement with the instance images (the DINO / CLIP-I analogue);
+- prompt_fidelity: share of "a {token} toy on a {background} background" samples with the asked background
+  (the CLIP-T analogue); recontext_subject: the share of those that still show the subject;
+- pres: share of "a toy" samples that show the subject (prior preservation: lower is better);
+- div: diversity of "a toy" samples (evaluate.diversity; compare with the base's).
+Used by bench/quality.py (the table), the guard tests and the demo.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+from .evaluate import SubjectModel, analyse, calibrate_subject, diversity
+from .world import CLASS_NOUN, Subject, caption, draw_subject, instance_prompt
+
+TOKEN = "sks"
+CLASS_PROMPT = caption()      # "a toy"
+SAMPLE_STEPS = 20
+SAMPLE_CFG = 5.0
+SAMPLER = "euler"
+
+
+@dataclass
+class Variant:
+    """One row of the table: how the subject is trained (every field is a DreamBoothSettings choice)."""
+    name: str
+    use_lora: bool = True
+    prior: str = "none"              # none | class_images | base_model
+    text_encoder: bool = True        # the text encoder trains (text_encoder_ratio 1) or stays frozen (0)
+    steps: int = 300
+    learning_rate: float = 1e-3
+    text_encoder_lr: float | None = None
+    lora_rank: int = 8
+    class_images_per_image: int = 10
+    prior_loss_weight: float = 1.0
+    batch_size: int = 2
+    extra: dict = field(default_factory=dict)    # any other DreamBoothSettings fields
+
+
+# the settings that work on the toy base (bench/quality.py's rows; the demo and the example workflow use LORA)
+LORA = Variant("LoRA", use_lora=True, learning_rate=1e-3)
+LORA_PRIOR = Variant("LoRA + prior preservation", use_lora=True, prior="class_images", learning_rate=1e-3)
+FULL = Variant("full fine-tune", use_lora=False, learning_rate=1e-4)
+FULL_PRIOR = Variant("full + prior preservation", use_lora=False, prior="class_images", learning_rate=1e-4)
+BASE_PRIOR = Variant("LoRA + base_model prior", use_lora=True, prior="base_model", learning_rate=1e-3)
+FROZEN_TE = Variant("LoRA, text encoder frozen", use_lora=True, text_encoder=False, learning_rate=1e-3)
+VARIANTS = [LORA, LORA_PRIOR, FULL, FULL_PRIOR, BASE_PRIOR, FROZEN_TE]
+
+
+def write_instance_images(subject: Subject, folder: str, count: int = 5, seed: int = 0) -> list:
+    """Draw `count` instance images of `subject` into `folder` (PNG); returns the images."""
+    os.makedirs(folder, exist_ok=True)
+    images = draw_subject(subject, count, seed=seed)
+    for i, im in enumerate(images):
+        im.save(os.path.join(folder, f"{subject.name}_{i:02d}.png"))
+    return images
+
+
+def settings_for(variant: Variant, *, seed: int = 0, run_name: str = "toyworld"):
+    """DreamBoothSettings of one variant on the toy base (64 px, fp32 on a CPU, no checkpoints or previews)."""
+    from ..data.settings import DataSettings
+    from ..settings import DreamBoothSettings
+
+    kw = dict(use_lora=variant.use_lora, lora_rank=variant.lora_rank, lora_alpha=float(variant.lora_rank),
+              learning_rate=variant.learning_rate, text_encoder_lr=variant.text_encoder_lr,
+              steps_per_image=0, max_train_steps=variant.steps, batch_size=variant.batch_size,
+              text_encoder_ratio=1.0 if variant.text_encoder else 0.0, mixed_precision="no",
+              gradient_checkpointing=False, lr_scheduler="constant", save_every_epochs=0, preview_every_epochs=0,
+              prior_mode="base_model" if variant.prior == "base_model" else "class_images",
+              prior_loss_weight=variant.prior_loss_weight if variant.prior != "none" else None,
+              seed=seed, run_name=run_name,
+              data=DataSettings(resolution=64, bucket_min_side=64, bucket_max_side=64, cache_mode="memory"))
+    kw.update(variant.extra)
+    return DreamBoothSettings(**kw)
+
+
+def concept_for(variant: Variant, instance_dir: str, class_dir: str, count: int):
+    from ..data.settings import ConceptSettings
+
+    prior_images = variant.class_images_per_image if variant.prior == "class_images" else 0
+    return ConceptSettings(instance_dir=instance_dir, instance_prompt=instance_prompt(TOKEN),
+                           instance_token=TOKEN, class_token=CLASS_NOUN, class_prompt=CLASS_PROMPT,
+                           class_dir=class_dir if prior_images else "", num_class_images_per_image=prior_images,
+                           class_steps=SAMPLE_STEPS, class_guidance_scale=SAMPLE_CFG, concept_type="object",
+                           prior_loss_weight=variant.prior_loss_weight,
+                           sample_prompt=instance_prompt(TOKEN))
+
+
+def train_variant(base, variant: Variant, instance_dir: str, work_dir: str, *, count: int, seed: int = 0,
+                  callbacks=None):
+    """Train `variant` with the pack's trainer; returns its TrainResult. Class images (when asked) are generated
+    by the base model itself into work_dir/class_images (shared by the variants that use them)."""
+    from ..trainer import train
+
+    settings = settings_for(variant, seed=seed)
+    problems = settings.validate()
+    if problems:
+        raise ValueError("; ".join(problems))
+    concept = concept_for(variant, instance_dir, os.path.join(work_dir, "class_images"), count)
+    return train(base, [concept], settings, output_root=os.path.join(work_dir, "runs"), resume="new",
+                 callbacks=callbacks)
+
+
+def sample(model, prompts: list[str], seed: int = 1000):
+    """One image per prompt (PIL), the pack's sampler at the toy world's settings."""
+    from ..sampling import generate, to_pil
+
+    out = []
+    for i in range(0, len(prompts), 32):
+        images = generate(model, prompts[i:i + 32], steps=SAMPLE_STEPS, cfg=SAMPLE_CFG, seed=seed + i,
+                          width=64, height=64, scheduler=SAMPLER)
+        out.extend(to_pil(images))
+    return out
+
+
+def measure(model, subject: Subject, judge: SubjectModel, *, per_prompt: int = 16, seed: int = 1000,
+            backgrounds: list[str] | None = None, keep_images: bool = False) -> dict:
+    """The metrics of one model for one subject (see the module docstring)."""
+    bgs = backgrounds or subject.allowed_backgrounds()
+    own = [instance_prompt(TOKEN)] * per_prompt
+    recontext = [instance_prompt(TOKEN, bg) for bg in bgs for _ in range(max(1, per_prompt // len(bgs) + 1))]
+    prior = [CLASS_PROMPT] * per_prompt
+    images = sample(model, own + recontext + prior, seed)
+    readings = [analyse(im) for im in images]
+    r_own = readings[:len(own)]
+    r_ctx = readings[len(own):len(own) + len(recontext)]
+    r_prior = readings[len(own) + len(recontext):]
+    asked = [p.split(" on a ")[1].split()[0] for p in recontext]
+    out = {
+        "subject_fidelity": _share(judge.shows(r) for r in r_own),
+        "subject_similarity": round(sum(judge.similarity(r) for r in r_own) / len(r_own), 4),
+        "prompt_fidelity": _share(r.background == bg for r, bg in zip(r_ctx, asked)),
+        "recontext_subject": _share(judge.shows(r) for r in r_ctx),
+        "pres": _share(judge.shows(r) for r in r_prior),
+        "div": round(diversity(r_prior), 4),
+        "samples": len(images),
+    }
+    if keep_images:
+        out["images"] = {"own": images[:len(own)], "recontext": images[len(own):len(own) + len(recontext)],
+                         "prior": images[len(own) + len(recontext):]}
+    return out
+
+
+def measure_instances(subject: Subject, judge: SubjectModel, count: int = 16, seed: int = 4242) -> dict:
+    """The upper bound: fresh renders of the subject read like samples (subject metrics only)."""
+    images = draw_subject(subject, count, seed=seed)
+    readings = [analyse(im) for im in images]
+    return {"subject_fidelity": _share(judge.shows(r) for r in readings),
+            "subject_similarity": round(sum(judge.similarity(r) for r in readings) / len(readings), 4),
+            "samples": len(images)}
+
+
+def judge_for(subject: Subject, instance_images, count: int = 150) -> SubjectModel:
+    return calibrate_subject(subject, instance_images, count=count)
+
+
+def _share(flags) -> float:
+    flags = list(flags)
+    return round(sum(bool(f) for f in flags) / max(1, len(flags)), 4)
+
+
+def variant_dict(v: Variant) -> dict:
+    return asdict(v)
+
+
+__all__ = ["Variant", "VARIANTS", "LORA", "LORA_PRIOR", "FULL", "FULL_PRIOR", "BASE_PRIOR", "FROZEN_TE", "TOKEN",
+           "CLASS_PROMPT", "write_instance_images", "settings_for", "concept_for", "train_variant", "sample",
+           "measure", "measure_instances", "judge_for", "variant_dict"]
+
+
+def base_quality(model, count: int = 216, seed: int = 7) -> dict:
+    """How well a base follows the vocabulary: `count` full captions at fixed seeds (colour, shape and background
+    as asked) and `count // 2` "a toy" samples (normalised entropy of their colour and shape)."""
+    import random
+
+    from .evaluate import attribute_entropy
+    from .world import random_world_toy
+
+    rng = random.Random(seed)
+    asked = [random_world_toy(rng) for _ in range(count)]
+    prompts = [caption(toy.colour, toy.shape, bg) for toy, bg in asked]
+    readings = [analyse(im) for im in sample(model, prompts, seed=seed)]
+    plain = [analyse(im) for im in sample(model, [CLASS_PROMPT] * (count // 2), seed=seed + 100000)]
+    return {"colour": _share(r.colour == t.colour for r, (t, _) in zip(readings, asked)),
+            "background": _share(r.background == bg for r, (_, bg) in zip(readings, asked)),
+            "shape": _share(r.shape == t.shape for r, (t, _) in zip(readings, asked)),
+            "toy_entropy": round(attribute_entropy(plain), 4), "samples": count + count // 2}

@@ -1,0 +1,289 @@
+"""Pretrain the toy base: a small SD1-layout model (AutoencoderKL + CLIP text model + UNet) that knows the toy world.
+
+    python -m comfyui_dreambooth.training.toyworld.pretrain --out toy_base.safetensors [--unet-steps N]
+
+Two stages, both on rendered images (world.draw_world): the VAE learns to reconstruct 64×64 images through a 16×16×4
+latent; then the UNet and the text encoder learn together to denoise those latents from captions with parts left out
+(and 10 % empty captions, so classifier-free guidance works). The UNet's EMA weights are saved. The file is an
+ordinary single-file SD1 checkpoint: LoadBaseModel, the trainer and the samplers use it like any other.
+Log lines (JSON) go to --log; a checkpoint is written every --save-every steps, so a run can be looked at early.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+from .world import SIZE, draw_world, pretraining_caption
+
+LATENT_SIZE = 16
+TEXT_WIDTH = 64
+
+
+def build_toy_model(seed: int = 0):
+    """The toy base's architecture, random init (sizes: see the README's toy-world section)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ..models.components import SDModel
+    from ..models.tokenizing import tokenizers_for_family
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 64),
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        layers_per_block=1, norm_num_groups=16, sample_size=SIZE, scaling_factor=1.0)
+    unet = UNet2DConditionModel(sample_size=LATENT_SIZE, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64, 128), cross_attention_dim=TEXT_WIDTH,
+                                attention_head_dim=8, norm_num_groups=32,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=TEXT_WIDTH, intermediate_size=TEXT_WIDTH * 4,
+                                      num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                                      hidden_act="quick_gelu", projection_dim=TEXT_WIDTH, bos_token_id=49406,
+                                      eos_token_id=49407, pad_token_id=1))
+    return SDModel(family="sd1", prediction_type="epsilon", unet=unet, vae=vae, text_encoders=[te],
+                   tokenizers=tokenizers_for_family("sd1"), source_hash=f"toy-world-{seed}")
+
+
+def _to_tensor(images):
+    import numpy as np
+    import torch
+
+    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def _lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class _Log:
+    def __init__(self, path: str | None):
+        self.file = open(path, "a", encoding="utf-8") if path else None
+        self.start = time.time()
+
+    def __call__(self, **record):
+        record["elapsed_s"] = round(time.time() - self.start, 1)
+        line = json.dumps(record)
+        print(line, flush=True)
+        if self.file:
+            self.file.write(line + "\n")
+            self.file.flush()
+
+
+def train_vae(vae, images, steps: int, batch: int, lr: float, log, seed: int = 0, crop: int = 32) -> float:
+    """Reconstruction (L1 + MSE) with a small KL term; returns the last logged reconstruction MSE."""
+    import torch
+
+    data = _to_tensor(images)
+    gen = torch.Generator().manual_seed(seed)
+    vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    running = 0.0
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, steps, lr, 50)
+        x = data[torch.randint(0, len(data), (batch,), generator=gen)]
+        if crop:      # the VAE is convolutional: crops teach it the same edges and colours at a quarter of the cost
+            top, left = (int(v) for v in torch.randint(0, x.shape[-1] - crop + 1, (2,), generator=gen))
+            x = x[:, :, top:top + crop, left:left + crop]
+        dist = vae.encode(x).latent_dist
+        recon = vae.decode(dist.sample(generator=gen)).sample
+        mse = (recon - x).pow(2).mean()
+        loss = mse + 0.5 * (recon - x).abs().mean() + 1e-6 * dist.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        running += mse.item()
+        if (step + 1) % 50 == 0:
+            log(stage="vae", step=step + 1, mse=round(running / 50, 5))
+            last, running = running / 50, 0.0
+    vae.eval().requires_grad_(False)
+    return last
+
+
+def polish_decoder(vae, images, steps: int, batch: int, lr: float, log, seed: int = 0) -> float:
+    """Stage 1b: train the decoder alone on whole images (the encoder, so the latent space the UNet learns, stays
+    as it is): stage 1's short run on crops leaves colours off; this makes decoding exact. Returns the last MSE."""
+    import torch
+
+    data = _to_tensor(images)
+    gen = torch.Generator().manual_seed(seed + 1)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    vae.eval().requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    vae.decoder.train()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    running, last = 0.0, float("nan")
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, steps, lr, 50)
+        x = data[torch.randint(0, len(data), (batch,), generator=gen)]
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample(generator=gen)
+        recon = vae.decode(z).sample
+        mse = (recon - x).pow(2).mean()
+        loss = mse + 0.5 * (recon - x).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        running += mse.item()
+        if (step + 1) % 50 == 0:
+            log(stage="decoder", step=step + 1, mse=round(running / 50, 5))
+            last, running = running / 50, 0.0
+    vae.eval().requires_grad_(False)
+    return last
+
+
+def encode_latents(vae, images, batch: int = 256):
+    """(mean, std) of the VAE's latent distribution for each image."""
+    import torch
+
+    means, stds = [], []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            dist = vae.encode(_to_tensor(images[i:i + batch])).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_denoiser(model, means, stds, toys, steps: int, batch: int, lr: float, log, *, seed: int = 0,
+                   save_every: int = 0, save=None, ema_decay: float = 0.999, min_snr_gamma: float = 5.0):
+    """UNet + text encoder, epsilon prediction on the SD noise schedule, min-SNR weighting, EMA of the UNet."""
+    import copy
+
+    import torch
+    from diffusers import DDPMScheduler
+
+    from ..models.components import SD_NOISE_SCHEDULE
+    from ..models.text import encode_tokens, tokenize
+
+    sched = DDPMScheduler(**SD_NOISE_SCHEDULE)
+    alphas = sched.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    unet, te = model.unet, model.text_encoders[0]
+    unet.train().requires_grad_(True)
+    te.train().requires_grad_(True)
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    opt = torch.optim.AdamW([{"params": unet.parameters()}, {"params": te.parameters()}], lr=lr, weight_decay=1e-2)
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    scale = model.vae.config.scaling_factor
+    token_cache: dict[str, object] = {}
+    running, count = 0.0, 0
+
+    def tokens(caps):
+        missing = [c for c in set(caps) if c not in token_cache]
+        if missing:
+            for c, ids in zip(missing, tokenize(model, missing)[0]):
+                token_cache[c] = ids
+        return [torch.stack([token_cache[c] for c in caps])]
+
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, steps, lr, 200)
+        idx = torch.randint(0, len(means), (batch,), generator=gen)
+        latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scale
+        caps = [pretraining_caption(toys[i][0], toys[i][1], rng) for i in idx.tolist()]
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
+        noisy = sched.add_noise(latents, noise, t)
+        embeds = encode_tokens(model, tokens(caps)).embeds
+        pred = unet(noisy, t, embeds).sample
+        weight = torch.clamp(snr[t], max=min_snr_gamma) / snr[t]
+        loss = (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(te.parameters()), 1.0)
+        opt.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), unet.parameters()):
+                e.lerp_(p, 1 - decay)
+        running += loss.item()
+        count += 1
+        if (step + 1) % 25 == 0:
+            log(stage="unet", step=step + 1, loss=round(running / count, 5), lr=round(opt.param_groups[0]["lr"], 7))
+            running, count = 0.0, 0
+        if save is not None and save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+            save(ema, step + 1)
+    unet.eval().requires_grad_(False)
+    te.eval().requires_grad_(False)
+    return ema
+
+
+def pretrain(out: str, *, images: int = 30000, vae_steps: int = 400, unet_steps: int = 3000, batch: int = 64,
+             seed: int = 0, log_path: str | None = None, save_every: int = 500, threads: int | None = None):
+    import torch
+
+    from ..models.io import save_single_file
+
+    if threads:
+        torch.set_num_threads(threads)
+    log = _Log(log_path)
+    log(stage="start", images=images, vae_steps=vae_steps, unet_steps=unet_steps, batch=batch, seed=seed,
+        torch=torch.__version__, threads=torch.get_num_threads())
+    model = build_toy_model(seed)
+    world = draw_world(images, seed=seed, drop=0.0)
+    toys = [(w[2], w[3]) for w in world]
+    log(stage="drawn", images=len(world))
+    # stage 1 is cached beside the output: a second run (other UNet settings) starts at stage 2
+    cache = f"{out}.stage1-{images}-{vae_steps}-{seed}.pt"
+    if os.path.isfile(cache):
+        saved = torch.load(cache, weights_only=True)
+        model.vae.load_state_dict(saved["vae"])
+        means, stds, vae_mse = saved["means"], saved["stds"], float(saved["vae_mse"])
+        log(stage="stage1 cached", path=cache)
+    else:
+        pictures = [w[0] for w in world]
+        vae_mse = train_vae(model.vae, pictures[:8192], vae_steps, 32, 2e-3, log, seed)
+        means, stds = encode_latents(model.vae, pictures)
+        torch.save({"vae": model.vae.state_dict(), "means": means, "stds": stds, "vae_mse": vae_mse}, cache)
+        del pictures
+    del world
+    scale = 1.0 / float(means.std())
+    model.vae.register_to_config(scaling_factor=scale)
+    log(stage="latents", count=len(means), scaling_factor=round(scale, 5), vae_mse=round(vae_mse, 5))
+
+    def save(unet, step):
+        snapshot = model.replace(unet=unet)
+        save_single_file(snapshot, out, dtype="fp16", metadata={"toyworld.steps": str(step)})
+        log(stage="saved", step=step, path=out)
+
+    ema = train_denoiser(model, means, stds, toys, unet_steps, batch, 4e-4, log, seed=seed,
+                         save_every=save_every, save=save)
+    save(ema, unet_steps)
+    log(stage="done")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--log", default=None)
+    p.add_argument("--images", type=int, default=30000)
+    p.add_argument("--vae-steps", type=int, default=400)
+    p.add_argument("--unet-steps", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--threads", type=int, default=None)
+    a = p.parse_args(argv)
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    pretrain(a.out, images=a.images, vae_steps=a.vae_steps, unet_steps=a.unet_steps, batch=a.batch, seed=a.seed,
+             log_path=a.log, save_every=a.save_every, threads=a.threads)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
