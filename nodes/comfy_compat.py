@@ -265,6 +265,14 @@ def check_interrupt() -> None:
         raise InterruptRequested("interrupted by the user")
 
 
+def interrupt_exception(message: str = "interrupted") -> BaseException:
+    """A new interrupt exception of this world (ComfyUI's InterruptProcessingException inside it): work stopped on
+    request with nothing to hand on ends its prompt the way Cancel does (no error dialog, nothing after it runs)."""
+    model_management = _comfy("comfy.model_management")
+    exc_type = getattr(model_management, "InterruptProcessingException", None) if model_management else None
+    return (exc_type or InterruptRequested)(message)
+
+
 def is_interrupt(exc: BaseException) -> bool:
     """True for the interrupt exception of either world (to save partial work, then re-raise)."""
     if isinstance(exc, InterruptRequested):

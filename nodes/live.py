@@ -299,6 +299,8 @@ class LiveReporter:
         message = public_text(message)   # every tab sees it: no absolute paths (error texts name files)
         with self._lock:
             self._state.update({"state": state, "message": message, "updated": time.time()})
+            if state in TERMINAL_STATES and state != "done":   # nothing remains to be estimated
+                self._state["eta_s"] = None
         if state in TERMINAL_STATES:
             release_control(self.node)   # a finished run takes no more requests; the route answers 404
         self._send(STATUS_EVENT, self._status_payload())

@@ -10,7 +10,7 @@ import torch
 
 from comfyui_dreambooth.nodes import comfy_compat as compat
 from comfyui_dreambooth.nodes import live
-from comfyui_dreambooth.nodes.train import TrainDreamBooth, TrainingStopped
+from comfyui_dreambooth.nodes.train import TrainDreamBooth
 from trainer_fixtures import make_concept, read_losses, tiny_settings
 
 
@@ -139,17 +139,44 @@ def test_headless_cancel_saves_a_resumable_checkpoint_then_raises_the_interrupt(
     assert out["result"][1] == run_dir and [r["step"] for r in read_losses(run_dir)] == [1, 2, 3, 4]
 
 
-def test_stop_from_the_panel_is_a_resumable_stop(sd1, tmp_path, headless):
+def _checkpoint_weights(run_dir, step):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(run_dir, "checkpoints", f"step-{step:07d}", "trainable.safetensors"))
+
+
+@pytest.mark.parametrize("action, stop_step", [("stop_now", 1), ("stop_after_epoch", 2)])
+def test_stop_from_the_panel_ends_the_node_with_the_checkpoint_model(sd1, tmp_path, headless, action, stop_step):
+    """Issue 23.2: a requested stop is not an error: the node returns the model its checkpoint holds (nodes after
+    it run), says "stopped at step N (checkpoint saved)" on the node and the panel (no ETA), and the run resumes on
+    the next queue, which ComfyUI does not answer from its cache."""
     from comfyui_dreambooth.training.control import find_control
 
     concept = make_concept(tmp_path, n=2)
-    remove = compat.add_ui_listener(_interrupt_at_first_progress(headless, lambda: find_control("9").stop_now()))
+    settings = tiny_settings(steps_per_image=2)          # 2 images: 2 steps an epoch, 4 in all
+    changed_before = TrainDreamBooth.IS_CHANGED(model=None, concepts=None, config=None, resume="auto")
+    remove = compat.add_ui_listener(_interrupt_at_first_progress(headless, lambda: find_control("9").apply(action)))
     try:
-        with pytest.raises(TrainingStopped, match="Queue the graph again"):
-            TrainDreamBooth().train(sd1, [concept], tiny_settings(steps_per_image=2), unique_id="9")
+        out = TrainDreamBooth().train(sd1, [concept], settings, unique_id="9")
     finally:
         remove()
-    assert live.get_state("9")["state"] == "stopped"
+    model, run_dir, summary = out["result"]
+    assert summary.startswith(f"Stopped at step {stop_step} (checkpoint saved)") and run_dir in summary
+    assert out["ui"]["text"] == [summary]
+    assert os.listdir(os.path.join(run_dir, "checkpoints")) == [f"step-{stop_step:07d}"]
+    saved = _checkpoint_weights(run_dir, stop_step)
+    params = dict(model.unet.named_parameters())
+    assert saved and all(torch.equal(params[name[len("unet."):]].detach().cpu(), tensor)
+                         for name, tensor in saved.items() if name.startswith("unet."))
+    assert model is not sd1 and not any(p.requires_grad for p in params.values())
+    state = live.get_state("9")
+    assert state["state"] == "stopped" and state["message"] == f"stopped at step {stop_step} (checkpoint saved)"
+    assert state["eta_s"] is None
+    assert TrainDreamBooth.IS_CHANGED(model=None, concepts=None, config=None, resume="auto") != changed_before
+
+    again = TrainDreamBooth().train(sd1, [concept], settings, unique_id="9")   # queue again: resumes, finishes
+    assert again["result"][1] == run_dir and [r["step"] for r in read_losses(run_dir)] == [1, 2, 3, 4]
+    assert again["result"][2].startswith("Trained 4 steps")
 
 
 def test_errors_reach_the_panel(sd1, tmp_path, headless):

@@ -248,3 +248,16 @@ def test_a_stale_panel_is_refused_then_shows_and_controls_the_current_run(site):
     assert [call["route"] for call in report["calls"]] == [
         "/dreambooth/state", "/dreambooth/control", "/dreambooth/state", "/dreambooth/control"]
     assert report["afterRetry"]["message"] == "harness accepted save_now"
+
+
+@needs_chromium
+def test_a_stopped_run_says_so_and_shows_no_eta(site):
+    """Issue 23.2: a stop requested from the panel ends as "stopped at step N (checkpoint saved)", not failed, and
+    the STOPPED panel shows no ETA."""
+    report = harness_report(site, "stopped")
+    state = json.loads((HARNESS / "state.json").read_text())["nodes"][NODE_ID]
+    assert report["node"]["fields"]["eta"] == "15s"                      # running: an ETA
+    stopped = report["afterStop"]
+    assert stopped["state"] == "stopped" and stopped["message"] == f"stopped at step {state['step']} (checkpoint saved)"
+    assert stopped["fields"]["eta"] == "–" and stopped["fields"]["step"] == f"{state['step']} / {state['total']}"
+    assert all(button["disabled"] for button in stopped["buttons"])

@@ -401,7 +401,9 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
         if stop_now and step < total_steps:
             path = saved or save(step, loss_value)
             raise TrainingInterrupted(f"training stopped at step {step}/{total_steps} (Imagic stage {stage.number});"
-                                      f" resumable checkpoint: {path}", run.path, step, path)
+                                      f" resumable checkpoint: {path}", run.path, step, path,
+                                      TrainResult(result_model(stage.named), run.path, step, final_loss=loss_value,
+                                                  report=report, info={"stopped": True}))
 
     # ---- 6. finish ---------------------------------------------------------------------------------------------
     if stage.number == 1:          # imagic_unet_steps is at least 1, so only an empty loop gets here

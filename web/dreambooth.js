@@ -408,7 +408,9 @@ class Panel {
     this.fields.loss.textContent = formatLoss(model?.loss);
     this.fields.lr.textContent = formatLr(model?.lr);
     this.fields.speed.textContent = formatSpeed(model?.it_per_s);
-    this.fields.eta.textContent = formatDuration(model?.eta_s);
+    // a stopped / failed run has nothing left to estimate (a finished one shows its 0 s)
+    const ended = TERMINAL_STATES.has(state) && state !== "done";
+    this.fields.eta.textContent = ended ? DASH : formatDuration(model?.eta_s);
 
     this.renderPreviews(model);
     this.renderButtons(model);

@@ -5,6 +5,7 @@
 //                      with a newer state must refresh the panel
 //   ?scenario=buttons  restore, then click both buttons (the fake api records the POST bodies), then a click
 //                      the server refuses (the panel must show its error)
+//   ?scenario=stopped  restore, then the run is stopped from the panel: the status message says so, no ETA is left
 //   ?scenario=stale    restore, then the server starts a newer run on the node unseen by the page: a click must
 //                      be refused (409), the panel must fetch the state and show the new run; the next click
 //                      names the new run
@@ -106,6 +107,14 @@ async function main() {
     trainer.frame.querySelector('button[data-action="save_now"]').click();
     await settle();
     report.afterFailedClick = describe(trainer);
+  }
+  if (scenario === "stopped") {
+    const run = state.nodes["5"];
+    api.dispatchEvent(new CustomEvent("dreambooth.status", { detail: {
+      node: "5", run: run.run, prompt: run.prompt, state: "stopped",
+      message: `stopped at step ${run.step} (checkpoint saved)`, control: null } }));
+    await settle();
+    report.afterStop = describe(trainer);
   }
   if (scenario === "stale") {
     const newer = structuredClone(state);
