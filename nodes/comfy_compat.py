@@ -421,6 +421,18 @@ def _prompt_server():
     return getattr(prompt_server, "instance", None) if prompt_server is not None else None
 
 
+def current_prompt_id() -> str | None:
+    """The id of the prompt ComfyUI is executing now (the one POST /prompt answered to the tab that queued it);
+    None headless or when this ComfyUI does not say."""
+    utils = _comfy("comfy_execution.utils")
+    try:
+        context = utils.get_executing_context() if utils is not None else None
+    except Exception:  # noqa: BLE001 - an older/newer ComfyUI: fall back to what the server remembers
+        context = None
+    prompt_id = getattr(context, "prompt_id", None) or getattr(_prompt_server(), "last_prompt_id", None)
+    return str(prompt_id) if prompt_id else None
+
+
 def add_ui_listener(fn: Callable[[str, dict], None]) -> Callable[[], None]:
     """Headless: also hand every send_ui_message to `fn(event, data)` (logging, tests). Returns a remover."""
     _ui_listeners.append(fn)

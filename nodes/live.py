@@ -1,12 +1,13 @@
 """Live training state for the web panel: progress/preview/status messages, the state store and two routes.
 
-The TrainDreamBooth node creates one `LiveReporter(node_id, run_dir)` per run and hands its `.control` (a
-`training.control.TrainingControl`) to the trainer. The reporter
+The TrainDreamBooth node creates one `LiveReporter(node_id, run_dir, prompt_id=...)` per run and hands its `.control`
+(a `training.control.TrainingControl`) to the trainer. The reporter
   * keeps the latest full state of the run (loss history, downsampled when long; lr, step/total, it/s, ETA,
     latest previews, state) in a module-level store, so a page reloaded mid-run can fetch it
     (GET /dreambooth/state), and
   * sends ComfyUI messages ("dreambooth.progress", "dreambooth.preview", "dreambooth.status", each carrying
-    "node" and "run") that web/dreambooth.js draws. Progress messages are throttled (at most one per
+    "node", "run" and "prompt": the id of the ComfyUI prompt that started the run) that web/dreambooth.js draws.
+    A panel shows only the runs of prompts its own workflow queued: node ids repeat across workflows. Progress messages are throttled (at most one per
     `min_interval_s`) but the points skipped in between travel with the next one, and the last step is always
     sent.
 POST /dreambooth/control {node, run, action} turns the panel's buttons into TrainingControl requests.
@@ -50,6 +51,7 @@ MIN_PROGRESS_INTERVAL_S = 0.25  # <= 4 progress messages per second
 SAVE_REQUEST_MIN_INTERVAL_S = 30.0   # Save now: one accepted request per run per this many seconds (and one pending)
 MAX_CONTROL_BODY_BYTES = 4096    # {node, run, action} is ~60 bytes
 MAX_ID_CHARS = 64                # node and run ids (ComfyUI node ids look like "12" or "7:3")
+MAX_KEPT_RUNS = 16               # runs whose state GET /dreambooth/state still returns (the latest of each node too)
 
 _ACTION_MESSAGES = {
     "save_now": "Save requested: a checkpoint is written at the next step.",
@@ -181,10 +183,29 @@ class LossHistory:
 
 
 # --- state store ---------------------------------------------------------------------------------------------
-# The latest reporter of each node. States are built when asked for (a page load), not on every training step:
-# copying a long loss history per step would cost the trainer milliseconds each time.
+# The latest reporter of each node, and the latest MAX_KEPT_RUNS runs of any node (by run id, oldest first): the same
+# node id in another workflow must not hide this workflow's run. States are built when asked for (a page load), not
+# on every training step: copying a long loss history per step would cost the trainer milliseconds each time.
 _reporters: dict[str, "LiveReporter"] = {}
+_runs: dict[str, "LiveReporter"] = {}
 _reporters_lock = threading.Lock()
+
+
+def _register(reporter: "LiveReporter") -> None:
+    with _reporters_lock:
+        _reporters[reporter.node] = reporter
+        _runs.pop(reporter.run, None)
+        _runs[reporter.run] = reporter
+        latest = {id(r) for r in _reporters.values()}
+        for run in [run for run, r in _runs.items() if id(r) not in latest][:max(0, len(_runs) - MAX_KEPT_RUNS)]:
+            del _runs[run]
+
+
+def get_runs() -> list[dict]:
+    """The states of the runs kept (oldest first): what a reloaded page matches against its workflow's prompts."""
+    with _reporters_lock:
+        reporters = list(_runs.values())
+    return [reporter.snapshot() for reporter in reporters]
 
 
 def get_state(node=None) -> dict | None:
@@ -203,6 +224,7 @@ def clear_states() -> None:
     """Forget every stored state (tests; a fresh server starts empty anyway)."""
     with _reporters_lock:
         _reporters.clear()
+        _runs.clear()
 
 
 class LiveReporter:
@@ -215,8 +237,10 @@ class LiveReporter:
     def __init__(self, node_id, run_dir: str = "", *, min_interval_s: float = MIN_PROGRESS_INTERVAL_S,
                  max_history_points: int = MAX_HISTORY_POINTS, clock: Callable[[], float] = time.monotonic,
                  send: Callable[[str, dict], None] | None = None, run_id: str | None = None,
-                 save_interval_s: float = SAVE_REQUEST_MIN_INTERVAL_S) -> None:
+                 save_interval_s: float = SAVE_REQUEST_MIN_INTERVAL_S, prompt_id: str | None = None) -> None:
         self.node = str(node_id)
+        # the ComfyUI prompt that started the run: panels show a run only in the workflow that queued that prompt
+        self.prompt = str(prompt_id)[:MAX_ID_CHARS] if prompt_id else None
         # a new id per reporter: the panel starts a fresh chart when it changes (also for a resumed run)
         self.run = str(run_id) if run_id else uuid.uuid4().hex[:12]
         self.min_interval_s = float(min_interval_s)
@@ -231,15 +255,14 @@ class LiveReporter:
         self.control = new_control(self.node)   # fresh: requests aimed at an earlier run must not stop this one
         self._run_dir = str(run_dir or "")
         self._state = {
-            "node": self.node, "run": self.run, "run_dir": public_path(self._run_dir),
+            "node": self.node, "run": self.run, "prompt": self.prompt, "run_dir": public_path(self._run_dir),
             "state": "starting", "message": "",
             "step": 0, "total": None, "epoch": None,
             "loss": None, "lr": None, "it_per_s": None, "eta_s": None,
             "previews": [], "preview_step": None,
             "updated": time.time(),
         }
-        with _reporters_lock:
-            _reporters[self.node] = self
+        _register(self)
         self._send(STATUS_EVENT, self._status_payload())
 
     # --- public API used by the node / trainer -----------------------------------------------------------
@@ -288,7 +311,7 @@ class LiveReporter:
         with self._lock:
             preview_step = _json_int(step) if step is not None else self._state["step"]
             self._state.update({"previews": refs, "preview_step": preview_step, "updated": time.time()})
-        self._send(PREVIEW_EVENT, {"node": self.node, "run": self.run, "step": preview_step,
+        self._send(PREVIEW_EVENT, {"node": self.node, "run": self.run, "prompt": self.prompt, "step": preview_step,
                                    "images": [dict(ref) for ref in refs]})
 
     def status(self, state: str, message: str = "") -> None:
@@ -319,7 +342,7 @@ class LiveReporter:
             if not self._progress_unsent:
                 return
             payload = {key: self._state[key] for key in
-                       ("node", "run", "state", "step", "total", "epoch", "loss", "lr", "it_per_s", "eta_s")}
+                       ("node", "run", "prompt", "state", "step", "total", "epoch", "loss", "lr", "it_per_s", "eta_s")}
             payload["points"] = self._unsent_points
             self._unsent_points = []
             self._progress_unsent = False
@@ -351,7 +374,7 @@ class LiveReporter:
     def _status_payload(self) -> dict:
         control = find_control(self.node)
         with self._lock:
-            return {"node": self.node, "run": self.run, "state": self._state["state"],
+            return {"node": self.node, "run": self.run, "prompt": self.prompt, "state": self._state["state"],
                     "message": self._state["message"], "control": control.snapshot() if control else None}
 
 
@@ -375,9 +398,10 @@ def _short(value) -> str:
 
 
 def state_response(node=None) -> tuple[int, dict]:
-    """(HTTP status, JSON body) for GET /dreambooth/state[?node=ID]."""
+    """(HTTP status, JSON body) for GET /dreambooth/state[?node=ID]: without a node, {"nodes": the latest run of
+    each node, "runs": the runs kept, oldest first}."""
     if node in (None, ""):
-        return 200, {"nodes": get_state()}
+        return 200, {"nodes": get_state(), "runs": get_runs()}
     state = get_state(node) if len(str(node)) <= MAX_ID_CHARS else None
     if state is None:
         return 404, {"error": f"no DreamBooth training state for node {_short(node)}: "
@@ -447,7 +471,8 @@ def control_response(payload, now: float | None = None) -> tuple[int, dict]:
         changed = control.snapshot() != before   # a repeated stop changes nothing and tells nobody again
     message = _ACTION_MESSAGES[action]
     if changed:   # tell every open tab, not only the one that clicked
-        _send_ui_message(STATUS_EVENT, {"node": node, "run": reporter.run, "state": reporter.current_state(),
+        _send_ui_message(STATUS_EVENT, {"node": node, "run": reporter.run, "prompt": reporter.prompt,
+                                        "state": reporter.current_state(),
                                         "message": message, "control": control.snapshot()})
     return 200, {"ok": True, "node": node, "run": reporter.run, "action": action, "message": message,
                  "control": control.snapshot()}

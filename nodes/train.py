@@ -82,7 +82,8 @@ class TrainDreamBooth:
 
         resume = resume_setting(resume)       # before anything else: a refused folder is never touched
         compat.free_comfy_memory()
-        reporter = LiveReporter(unique_id if unique_id is not None else "headless")
+        reporter = LiveReporter(unique_id if unique_id is not None else "headless",
+                                prompt_id=compat.current_prompt_id())   # the panel of the workflow that queued it
         bar = compat.Progress(1, label="training")
         cancelled = []       # the interrupt the progress bar raised (raising it consumed ComfyUI's flag)
 

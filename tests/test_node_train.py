@@ -227,6 +227,7 @@ def fake_comfy(tmp_path, monkeypatch):
 
     class Instance:
         routes = []
+        last_prompt_id = "prompt-7"      # main.py's prompt worker sets it before executing a prompt
 
         def send_sync(self, event, data, sid=None):
             calls.append(("send_sync", event, data))
@@ -254,6 +255,9 @@ def test_inside_comfyui_under_inference_mode(sd1, tmp_path, fake_comfy):
     assert calls.index(("update", 2, 2)) < len(calls) - 1 - calls[::-1].index("soft_empty_cache")   # and after
     assert [c for c in calls if c[0] == "update"] == [("update", 1, 2), ("update", 2, 2)]
     assert any(c[0] == "send_sync" and c[1] == live.PROGRESS_EVENT for c in calls)
+    # issue 23.1: the run is bound to the prompt that started it (panels of other workflows do not show it)
+    assert live.get_state("3")["prompt"] == "prompt-7"
+    assert all(c[2]["prompt"] == "prompt-7" for c in calls if c[0] == "send_sync")
     # the trained model works for sampling afterwards (outside the executor's inference mode too)
     assert not model.unet.conv_in.weight.is_inference()
 

@@ -175,6 +175,9 @@ def test_replayed_run_fills_the_panel(replay, site):
     assert {(r["filename"], r["subfolder"], r["type"]) for r in requested} == {
         (i["filename"], i["subfolder"], i["type"]) for i in last_preview["images"]}
     assert replay["calls"] == [{"route": "/dreambooth/state", "method": "GET", "body": None}]   # restore on setup
+    # issue 23.1: before its workflow was queued the panel showed nothing; the queue bound it to its prompt
+    assert replay["beforeQueue"]["state"] == "idle" and replay["beforeQueue"]["message"].startswith("Queue the workflow")
+    assert replay["boundPrompts"] == [messages[0]["data"]["prompt"]] == [replay["queueAnswer"]["prompt_id"]]
 
 
 @needs_chromium
@@ -261,3 +264,26 @@ def test_a_stopped_run_says_so_and_shows_no_eta(site):
     assert stopped["state"] == "stopped" and stopped["message"] == f"stopped at step {state['step']} (checkpoint saved)"
     assert stopped["fields"]["eta"] == "–" and stopped["fields"]["step"] == f"{state['step']} / {state['total']}"
     assert all(button["disabled"] for button in stopped["buttons"])
+
+
+@needs_chromium
+def test_a_panel_shows_and_controls_only_its_own_workflows_run(site):
+    """Issue 23.1: node 5 of a new workflow showed the run of node 5 of another workflow, and its buttons would
+    have acted on it. A panel shows only runs of prompts its own workflow queued; one that has not run shows
+    nothing and has no buttons to press."""
+    report = harness_report(site, "workflows")
+    state = json.loads((HARNESS / "state.json").read_text())["nodes"][NODE_ID]
+    assert report["node"]["fields"]["step"] == f"{state['step']} / {state['total']}"    # its own run
+    for empty in (report["newTab"], report["unknown"]):
+        assert empty["state"] == "idle" and empty["message"].startswith("Queue the workflow")
+        assert set(empty["fields"].values()) == {"–"} and empty["previews"] == [] and empty["previewLabel"] == ""
+        assert all(button["disabled"] for button in empty["buttons"])
+        assert empty["chart"]["smooth"] == 0 and empty["chart"]["raw"] == 0
+    after = report["afterQueue"]
+    assert after["newTabPrompts"] == ["prompt-b"] and after["firstPrompts"] == [state["prompt"]]
+    assert after["newTab"]["fields"]["step"] == "2 / 10" and after["newTab"]["state"] == "running"
+    assert after["first"]["fields"]["step"] == f"{state['step']} / {state['total']}"   # still its own run
+    assert after["first"]["fields"] == report["node"]["fields"]
+    assert after["unknown"]["state"] == "idle"
+    posts = [call["body"] for call in report["calls"] if call["method"] == "POST"]
+    assert posts == [{"node": NODE_ID, "run": "run-b", "action": "save_now"}]    # the run that panel shows

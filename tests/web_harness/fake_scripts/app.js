@@ -9,6 +9,8 @@ class FakeNode {
     this.comfyClass = type;
     this.size = [300, 120];
     this.widgets = [];
+    this.properties = {};
+    this.graph = null;
     this.frame = document.createElement("div");
     this.frame.className = "fake-node";
     this.frame.dataset.type = type;
@@ -39,6 +41,7 @@ class FakeNode {
 
 export const app = {
   extensions,
+  graph: { name: "workflow 1" },   // the active workflow's graph (app.rootGraph in newer frontends)
   registerExtension(extension) {
     extensions.push(extension);
   },
@@ -46,11 +49,14 @@ export const app = {
     for (const extension of extensions) await extension.init?.(this);
     for (const extension of extensions) await extension.setup?.(this);
   },
-  // The order ComfyUI uses when a workflow is loaded: create (hooks see id -1), configure (id), loadedGraphNode.
-  loadNode(type, id, host = document.getElementById("graph")) {
+  // The order ComfyUI uses when a workflow is loaded: create (hooks see id -1), configure (id, the properties saved
+  // with the workflow, its graph), loadedGraphNode.
+  loadNode(type, id, { host = document.getElementById("graph"), properties = {}, graph = this.graph } = {}) {
     const node = new FakeNode(type, host);
     for (const extension of extensions) extension.nodeCreated?.(node, this);
     node.id = id;
+    node.properties = structuredClone(properties);
+    node.graph = graph;
     for (const extension of extensions) extension.loadedGraphNode?.(node, this);
     return node;
   },
