@@ -253,6 +253,9 @@ class LiveReporter:
         self._last_progress_sent: float | None = None
         self.save_interval_s = float(save_interval_s)
         self.control = new_control(self.node)   # fresh: requests aimed at an earlier run must not stop this one
+        # what the trainer polls: a Save-now request it takes is shown ("saving ...", then "saved step N")
+        self.trainer_control = _TrainerControl(self.control, self._saving)
+        self._save_pending: int | None = None   # the step of a requested checkpoint being written
         self._run_dir = str(run_dir or "")
         self._state = {
             "node": self.node, "run": self.run, "prompt": self.prompt, "run_dir": public_path(self._run_dir),
@@ -280,6 +283,7 @@ class LiveReporter:
 
     def progress(self, step, total=None, epoch=None, loss=None, lr=None, it_per_s=None, eta_s=None) -> None:
         """One training step finished. Sends at most one message per `min_interval_s`, always the last step."""
+        self._confirm_save()
         step = _json_int(step) or 0
         loss_value = _json_number(loss)
         with self._lock:
@@ -306,6 +310,7 @@ class LiveReporter:
 
     def preview(self, images: list[dict], step=None) -> None:
         """New preview images, as ComfyUI image refs {filename, subfolder, type} (what /view serves)."""
+        self._confirm_save()
         refs = [_image_ref(image) for image in images or []]
         refs = [ref for ref in refs if ref is not None][-MAX_PREVIEWS:]
         with self._lock:
@@ -321,6 +326,8 @@ class LiveReporter:
         self.flush()   # the chart must show every step before the final state
         message = public_text(message)   # every tab sees it: no absolute paths (error texts name files)
         with self._lock:
+            if state != "saving":
+                self._save_pending = None     # a save that failed ends as "error"; one at a stop says so itself
             self._state.update({"state": state, "message": message, "updated": time.time()})
             if state in TERMINAL_STATES and state != "done":   # nothing remains to be estimated
                 self._state["eta_s"] = None
@@ -330,7 +337,8 @@ class LiveReporter:
 
     def stage(self, message: str) -> None:
         """What the run is preparing (scanning, class images, caching, with counts): the status message until
-        the first training step; ignored after it."""
+        the first training step; ignored after it (but it tells that a requested checkpoint is written)."""
+        self._confirm_save()
         with self._lock:
             starting = self._state["state"] == "starting"
         if starting:
@@ -371,11 +379,46 @@ class LiveReporter:
         return self.snapshot()
 
     # --- internals ---------------------------------------------------------------------------------------
+    def _saving(self) -> None:
+        """The trainer took a Save-now request: it writes the checkpoint of the step it just reported, now."""
+        with self._lock:
+            step = self._save_pending = self._state["step"]
+        self.status("saving", f"saving a checkpoint at step {step}…")
+
+    def _confirm_save(self) -> None:
+        """The trainer's next word after taking a save request comes once the checkpoint is written (it saves before
+        anything else; a failed save raises instead): the panel's notice is replaced by "saved step N"."""
+        with self._lock:
+            step = self._save_pending
+        if step is not None:
+            self.status("running", f"saved step {step}")
+
     def _status_payload(self) -> dict:
         control = find_control(self.node)
         with self._lock:
             return {"node": self.node, "run": self.run, "prompt": self.prompt, "state": self._state["state"],
                     "message": self._state["message"], "control": control.snapshot() if control else None}
+
+
+class _TrainerControl:
+    """A run's TrainingControl as the trainer sees it (TrainCallbacks.control): the same flags, but taking a Save-now
+    request also tells the reporter, which then confirms the checkpoint on the panel."""
+
+    def __init__(self, control, on_save: Callable[[], None]) -> None:
+        self._control = control
+        self._on_save = on_save
+
+    def take_save_request(self) -> bool:
+        taken = self._control.take_save_request()
+        if taken:
+            try:
+                self._on_save()
+            except Exception:  # noqa: BLE001 - reporting never breaks a run
+                log.debug("could not report the requested save", exc_info=True)
+        return taken
+
+    def __getattr__(self, name):
+        return getattr(self._control, name)
 
 
 def _image_ref(image) -> dict | None:

@@ -114,7 +114,7 @@ class TrainDreamBooth:
             reporter.preview([_ui_image(p) for p in paths])
 
         callbacks = TrainCallbacks(progress=progress, preview=preview, log=log,
-                                   should_stop=should_stop, control=reporter.control, stage=stage)
+                                   should_stop=should_stop, control=reporter.trainer_control, stage=stage)
         try:
             result = train(model, concepts, config, output_root=compat.output_directory(), resume=resume,
                            device=compat.comfy_torch_device(), callbacks=callbacks)

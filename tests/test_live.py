@@ -288,6 +288,39 @@ def test_kept_runs_are_bounded_but_each_nodes_latest_stays():
     assert keeper.run in [s["run"] for s in live.get_runs()]      # still the latest of its node
 
 
+def test_save_now_is_confirmed_on_the_panel_when_the_checkpoint_is_written(monkeypatch):
+    """Issue 23.3: the notice "Save requested: ..." stayed for the rest of the run; the "saved" line reached only
+    the console. Taking the request shows "saving", the trainer's next word (after the write) "saved step N"."""
+    monkeypatch.setattr(live, "_send_ui_message", lambda e, d: None)
+    reporter, sent, clock = make_reporter("5")
+    reporter.progress(1, 10, epoch=1, loss=0.5)
+    reporter.progress(2, 10, epoch=1, loss=0.4)
+    assert live.control_response({"node": "5", "run": reporter.run, "action": "save_now"})[0] == 200
+    assert not reporter.trainer_control.should_stop(epoch_end=True)        # the other flags are the run's own
+    del sent[:]
+    assert reporter.trainer_control.take_save_request()                     # the trainer writes it now
+    assert [(d["state"], d["message"]) for d in events(sent, live.STATUS_EVENT)] == [
+        ("saving", "saving a checkpoint at step 2…")]
+    assert events(sent, live.STATUS_EVENT)[0]["control"]["save_requested"] is False
+    reporter.stage("saved /runs/x/checkpoints/step-0000002 (requested)")   # the trainer's next word
+    assert [(d["state"], d["message"]) for d in events(sent, live.STATUS_EVENT)][1:] == [("running", "saved step 2")]
+    assert live.get_state("5")["message"] == "saved step 2"
+    reporter.progress(3, 10, epoch=1, loss=0.3)
+    assert len(events(sent, live.STATUS_EVENT)) == 2                         # confirmed once
+    assert not reporter.trainer_control.take_save_request()                 # one click, one checkpoint
+
+
+def test_a_failed_requested_save_is_not_confirmed(monkeypatch):
+    reporter, sent, _ = make_reporter("5")
+    reporter.progress(4, 10, loss=0.5)
+    reporter.control.request_save()
+    assert reporter.trainer_control.take_save_request()
+    reporter.status("error", "could not save the checkpoint of step 4")
+    reporter.stage("anything")
+    assert [d["message"] for d in events(sent, live.STATUS_EVENT)][-2:] == [
+        "saving a checkpoint at step 4…", "could not save the checkpoint of step 4"]
+
+
 def test_current_prompt_id_inside_comfyui(monkeypatch):
     from comfyui_dreambooth.nodes import comfy_compat
 

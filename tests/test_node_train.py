@@ -179,6 +179,23 @@ def test_stop_from_the_panel_ends_the_node_with_the_checkpoint_model(sd1, tmp_pa
     assert again["result"][2].startswith("Trained 4 steps")
 
 
+def test_save_now_from_the_panel_is_confirmed_when_written(sd1, tmp_path, headless):
+    """Issue 23.3: Save now shows "saving a checkpoint at step N…", then "saved step N" once the trainer wrote it."""
+    from comfyui_dreambooth.training.control import find_control
+
+    concept = make_concept(tmp_path, n=2)
+    remove = compat.add_ui_listener(_interrupt_at_first_progress(headless, lambda: find_control("12").request_save()))
+    try:
+        out = TrainDreamBooth().train(sd1, [concept], tiny_settings(steps_per_image=2), unique_id="12")
+    finally:
+        remove()
+    run_dir = out["result"][1]
+    assert os.path.isdir(os.path.join(run_dir, "checkpoints", "step-0000001"))
+    said = [(d["state"], d["message"]) for event, d in headless if event == live.STATUS_EVENT and d["node"] == "12"]
+    saving = said.index(("saving", "saving a checkpoint at step 1…"))
+    assert said[saving + 1] == ("running", "saved step 1") and said[-1][0] == "done"
+
+
 def test_errors_reach_the_panel(sd1, tmp_path, headless):
     concept = make_concept(tmp_path, n=1).replace(instance_dir=str(tmp_path / "missing"))
     with pytest.raises(Exception, match="missing"):

@@ -226,6 +226,12 @@ def test_buttons_post_control_requests(site):
     assert [call["body"] for call in posts] == [{"node": NODE_ID, "run": run, "action": "save_now"},
                                                 {"node": NODE_ID, "run": run, "action": "stop_after_epoch"},
                                                 {"node": NODE_ID, "run": run, "action": "save_now"}]
+    # issue 23.3: Save now is confirmed: the notice gives way to "saving ...", then to "saved step N"
+    step = json.loads((HARNESS / "state.json").read_text())["nodes"][NODE_ID]["step"]
+    assert report["afterSaveClick"]["message"] == "harness accepted save_now"
+    assert report["whileSaving"]["state"] == "saving"
+    assert report["whileSaving"]["message"] == f"saving a checkpoint at step {step}…"
+    assert report["afterSaved"]["state"] == "running" and report["afterSaved"]["message"] == f"saved step {step}"
     after = report["afterClicks"]
     assert after["message"] == "harness accepted stop_after_epoch"
     buttons = {button["action"]: button for button in after["buttons"]}

@@ -4,8 +4,9 @@
 //                      messages.json (a whole recorded run) into a fresh page
 //   ?scenario=restore  GET /dreambooth/state returns state.json (a run at step 150); then a "reconnected" event
 //                      with a newer state must refresh the panel
-//   ?scenario=buttons  restore, then click both buttons (the fake api records the POST bodies), then a click
-//                      the server refuses (the panel must show its error)
+//   ?scenario=buttons  restore, then click both buttons (the fake api records the POST bodies; the server confirms
+//                      the save: "saving", then "saved step N" replace the notice), then a click the server refuses
+//                      (the panel must show its error)
 //   ?scenario=stopped  restore, then the run is stopped from the panel: the status message says so, no ETA is left
 //   ?scenario=stale    restore, then the server starts a newer run on the node unseen by the page: a click must
 //                      be refused (409), the panel must fetch the state and show the new run; the next click
@@ -122,6 +123,17 @@ async function main() {
   if (scenario === "buttons") {
     trainer.frame.querySelector('button[data-action="save_now"]').click();
     await settle();
+    report.afterSaveClick = describe(trainer);
+    // the trainer takes the request, writes the checkpoint, and the server says so
+    const run = { node: "5", run: restored.run, prompt: restored.prompt };
+    api.dispatchEvent(new CustomEvent("dreambooth.status", { detail: {
+      ...run, state: "saving", message: `saving a checkpoint at step ${restored.step}…` } }));
+    await settle();
+    report.whileSaving = describe(trainer);
+    api.dispatchEvent(new CustomEvent("dreambooth.status", { detail: {
+      ...run, state: "running", message: `saved step ${restored.step}` } }));
+    await settle();
+    report.afterSaved = describe(trainer);
     trainer.frame.querySelector('button[data-action="stop_after_epoch"]').click();
     await settle();
     report.afterClicks = describe(trainer);
