@@ -22,6 +22,7 @@ from .compat import enable_text_encoder_checkpointing
 from .control import TrainingControl
 from .distributed import Dist, collective_timeout, mark_stopped_together, process_info, shard_plan
 from .runs import RunFolder, compute_run_id, library_versions
+from .speed import StepTimer
 
 
 class TrainingInterrupted(Exception):
@@ -675,7 +676,8 @@ def _loop(job: _Job) -> tuple[int, float | None]:
     te_frozen = job.te_steps == 0 or step >= job.te_steps
     if job.te_steps and te_frozen:
         _freeze(job.te_params)
-    started, t_last, rate = time.time(), time.time(), None
+    started = time.time()
+    timer = StepTimer(started)      # speed and ETA: the mean of the latest step times
     plan_cache: dict[int, list] = {}
     while step < job.total_steps:
         epoch, k = divmod(step, job.steps_per_epoch)
@@ -717,8 +719,7 @@ def _loop(job: _Job) -> tuple[int, float | None]:
 
         # ---- bookkeeping: log, progress, saves, previews, stop -----------------------------------------------
         now = time.time()
-        dt, t_last = now - t_last, now
-        rate = 1.0 / dt if rate is None else 0.9 * rate + 0.1 / max(dt, 1e-9)
+        rate = timer.step(now)
         if job.main:
             job.run.append_loss({"step": step, "epoch": epoch + 1, "loss": loss_value, "lr": lr,
                                  "time": round(now - started, 4)})
