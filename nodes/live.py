@@ -260,7 +260,7 @@ class LiveReporter:
         self._state = {
             "node": self.node, "run": self.run, "prompt": self.prompt, "run_dir": public_path(self._run_dir),
             "state": "starting", "message": "",
-            "step": 0, "total": None, "epoch": None,
+            "step": 0, "total": None, "epoch": None, "epochs": None, "stage": None,
             "loss": None, "lr": None, "it_per_s": None, "eta_s": None,
             "previews": [], "preview_step": None,
             "updated": time.time(),
@@ -281,8 +281,10 @@ class LiveReporter:
         with self._lock:
             self._state["run_dir"] = shown
 
-    def progress(self, step, total=None, epoch=None, loss=None, lr=None, it_per_s=None, eta_s=None) -> None:
-        """One training step finished. Sends at most one message per `min_interval_s`, always the last step."""
+    def progress(self, step, total=None, epoch=None, loss=None, lr=None, it_per_s=None, eta_s=None, *,
+                 epochs=None, stage=None) -> None:
+        """One training step finished. Sends at most one message per `min_interval_s`, always the last step.
+        `epochs`: how many the run has; `stage`: the Imagic stage ("embedding" / "unet"), None for other runs."""
         self._confirm_save()
         step = _json_int(step) or 0
         loss_value = _json_number(loss)
@@ -293,7 +295,7 @@ class LiveReporter:
             self._state.update({
                 "step": step, "total": _json_int(total), "epoch": _json_int(epoch), "loss": loss_value,
                 "lr": _json_number(lr), "it_per_s": _json_number(it_per_s), "eta_s": _json_number(eta_s),
-                "updated": time.time(),
+                "epochs": _json_int(epochs), "stage": str(stage)[:40] if stage else None, "updated": time.time(),
             })
             started = self._state["state"] == "starting"
             if started:   # the first step: the preparation message ("caching latents: 8/8") is over
@@ -307,6 +309,16 @@ class LiveReporter:
             self.flush()
         if started:       # the panel's status line shows the last status message
             self._send(STATUS_EVENT, self._status_payload())
+
+    def resumed(self, points) -> None:
+        """The run continues an earlier one: its [step, loss] points so far (the run's loss log up to the checkpoint)
+        start the chart at step 1, not at the resumed step. Sent with the next progress message."""
+        with self._lock:
+            for step, loss in points:
+                value, step = _json_number(loss), _json_int(step)
+                if isinstance(value, float) and step is not None:
+                    self._history.add(step, value)
+            self._unsent_points = self._history.points() + self._unsent_points
 
     def preview(self, images: list[dict], step=None) -> None:
         """New preview images, as ComfyUI image refs {filename, subfolder, type} (what /view serves)."""
@@ -350,7 +362,8 @@ class LiveReporter:
             if not self._progress_unsent:
                 return
             payload = {key: self._state[key] for key in
-                       ("node", "run", "prompt", "state", "step", "total", "epoch", "loss", "lr", "it_per_s", "eta_s")}
+                       ("node", "run", "prompt", "state", "step", "total", "epoch", "epochs", "stage", "loss", "lr",
+                        "it_per_s", "eta_s")}
             payload["points"] = self._unsent_points
             self._unsent_points = []
             self._progress_unsent = False

@@ -6,6 +6,7 @@ live panel (nodes/live.py), maps Cancel to a resumable stop, and calls `training
 from __future__ import annotations
 
 import os
+import re
 
 from . import comfy_compat as compat
 from .paths import check_path, typed_path
@@ -16,6 +17,22 @@ CATEGORY = "DreamBooth"
 # Bumped by every requested stop: TrainDreamBooth.IS_CHANGED then differs, so ComfyUI runs the node again on the next
 # queue (it would otherwise reuse the stopped run's cached output) and the run resumes.
 _stops = [0]
+
+
+# What the trainer (and Imagic) say when they continue a run: "resuming <run folder> from step <N>[ (Imagic stage S)]"
+RESUMING = re.compile(r"^resuming (.+) from step (\d+)(?: \(Imagic stage \d+\))?$")
+
+
+def resumed_points(run_dir: str, step: int) -> list[list]:
+    """[step, loss] of a resumed run up to its checkpoint's step, from its loss log ([] when it cannot be read)."""
+    from ..training.runs import RunFolder
+
+    try:
+        records = RunFolder(run_dir).read_loss()
+    except (OSError, ValueError):
+        return []
+    return [[r["step"], r["loss"]] for r in records
+            if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= step and "loss" in r]
 
 
 def resume_setting(resume) -> str:
@@ -88,7 +105,8 @@ class TrainDreamBooth:
         cancelled = []       # the interrupt the progress bar raised (raising it consumed ComfyUI's flag)
 
         def progress(p):
-            reporter.progress(p["step"], p["total"], p["epoch"], p["loss"], p["lr"], p["it_per_s"], p["eta_s"])
+            reporter.progress(p["step"], p["total"], p["epoch"], p["loss"], p["lr"], p["it_per_s"], p["eta_s"],
+                              epochs=p.get("epochs"), stage=p.get("stage"))
             try:
                 bar.update_absolute(p["step"], p["total"])
             except Exception as e:   # Cancel: remembered, so the trainer saves and stops at this step boundary
@@ -103,6 +121,9 @@ class TrainDreamBooth:
 
         def log(message):
             compat.log(message)
+            resuming = RESUMING.match(message)
+            if resuming:                     # the chart starts at step 1: the run's loss so far
+                reporter.resumed(resumed_points(resuming.group(1), int(resuming.group(2))))
             if not is_notice(message):       # problem files are printed and reported, not stages
                 activity[0] = message
                 reporter.stage(message)

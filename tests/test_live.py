@@ -321,6 +321,27 @@ def test_a_failed_requested_save_is_not_confirmed(monkeypatch):
         "saving a checkpoint at step 4…", "could not save the checkpoint of step 4"]
 
 
+def test_progress_carries_the_epoch_count_and_the_imagic_stage():
+    """Issue 23.6: Imagic's stage (embedding / UNet) was sent by the trainer but dropped before the panel."""
+    reporter, sent, clock = make_reporter("5")
+    reporter.progress(3, 10, epoch=1, loss=0.2, epochs=2, stage="embedding")
+    clock.t += 1
+    reporter.progress(8, 10, epoch=2, loss=0.1, epochs=2, stage="unet")
+    assert [(d["epoch"], d["epochs"], d["stage"]) for d in events(sent, live.PROGRESS_EVENT)] == [
+        (1, 2, "embedding"), (2, 2, "unet")]
+    assert live.get_state("5")["stage"] == "unet" and live.get_state("5")["epochs"] == 2
+    reporter.progress(9, 10, epoch=3, loss=0.1)
+    assert live.get_state("5")["stage"] is None
+
+
+def test_a_resumed_run_starts_its_chart_with_the_earlier_steps():
+    reporter, sent, _ = make_reporter("5")
+    reporter.resumed([[1, 0.5], [2, "nan"], [3, 0.3]])
+    reporter.progress(4, 10, epoch=1, loss=0.2)
+    assert events(sent, live.PROGRESS_EVENT)[0]["points"] == [[1, 0.5], [3, 0.3], [4, 0.2]]
+    assert live.get_state("5")["loss_history"] == [[1, 0.5], [3, 0.3], [4, 0.2]]
+
+
 def test_current_prompt_id_inside_comfyui(monkeypatch):
     from comfyui_dreambooth.nodes import comfy_compat
 

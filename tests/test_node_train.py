@@ -111,6 +111,20 @@ def test_problem_files_and_stages_reach_the_console_the_report_and_the_panel(sd1
     assert statuses[-1][1]["state"] == "done"
 
 
+def test_the_resume_lines_of_both_trainers_are_recognised(tmp_path):
+    from comfyui_dreambooth.nodes.train import RESUMING, resumed_points
+
+    run = tmp_path / "run with spaces"
+    run.mkdir()
+    (run / "loss.jsonl").write_text("".join(json.dumps({"step": i, "loss": 1.0 / i}) + "\n" for i in (1, 2, 3)))
+    for line in (f"resuming {run} from step 2", f"resuming {run} from step 2 (Imagic stage 1)"):
+        found = RESUMING.match(line)
+        assert found and found.group(1) == str(run) and found.group(2) == "2", line
+        assert resumed_points(found.group(1), int(found.group(2))) == [[1, 1.0], [2, 0.5]]
+    assert resumed_points(str(tmp_path / "missing"), 3) == []
+    assert not RESUMING.match(f"resuming from {run} instead of the damaged x")
+
+
 def _interrupt_at_first_progress(messages_sink, request):
     def listener(event, data):
         if event == live.PROGRESS_EVENT and data.get("step") == 1:
@@ -137,6 +151,12 @@ def test_headless_cancel_saves_a_resumable_checkpoint_then_raises_the_interrupt(
     compat.clear_interrupt()
     out = TrainDreamBooth().train(sd1, [concept], settings, unique_id="8")       # queue again: resumes
     assert out["result"][1] == run_dir and [r["step"] for r in read_losses(run_dir)] == [1, 2, 3, 4]
+    # issue 23.6: the resumed run's chart starts at step 1 (the loss of the steps before the stop included)
+    state = live.get_state("8")
+    assert [p[0] for p in state["loss_history"]] == [1, 2, 3, 4]
+    assert state["loss_history"][0][1] == pytest.approx(read_losses(run_dir)[0]["loss"])
+    first = [d for event, d in headless if event == live.PROGRESS_EVENT and d["run"] == state["run"]][0]
+    assert [p[0] for p in first["points"]] == [1, 2]          # the browser gets the earlier points too
 
 
 def _checkpoint_weights(run_dir, step):

@@ -293,3 +293,14 @@ def test_a_panel_shows_and_controls_only_its_own_workflows_run(site):
     assert after["unknown"]["state"] == "idle"
     posts = [call["body"] for call in report["calls"] if call["method"] == "POST"]
     assert posts == [{"node": NODE_ID, "run": "run-b", "action": "save_now"}]    # the run that panel shows
+
+
+@needs_chromium
+def test_long_stage_messages_the_imagic_stage_and_the_epoch_count_are_shown(site):
+    """Issue 23.6: a long stage message was cut at the panel's edge, hiding the counter at its end; Imagic's stage
+    was never shown."""
+    report = harness_report(site, "details")
+    long = report["longMessage"]
+    assert long["message"] == long["sent"] and long["message"].endswith("7/8") and not long["messageClipped"]
+    assert report["imagic"]["labels"]["epoch"] == "stage" and report["imagic"]["fields"]["epoch"] == "unet (2/2)"
+    assert report["epochs"]["labels"]["epoch"] == "epoch" and report["epochs"]["fields"]["epoch"] == "3 / 5"

@@ -42,7 +42,7 @@ const MAX_BOUND_PROMPTS = 8;
 function emptyRun(nodeId, runId, promptId) {
   return {
     node: nodeId, run: runId ?? null, prompt: promptId ?? null, state: "starting", message: "",
-    step: null, total: null, epoch: null, loss: null, lr: null, it_per_s: null, eta_s: null,
+    step: null, total: null, epoch: null, epochs: null, stage: null, loss: null, lr: null, it_per_s: null, eta_s: null,
     history: [], previews: [], preview_step: null, control: null,
   };
 }
@@ -132,7 +132,7 @@ function watchQueue() {
   api.queuePrompt = wrapped;
 }
 
-const SCALARS = ["state", "step", "total", "epoch", "loss", "lr", "it_per_s", "eta_s"];
+const SCALARS = ["state", "step", "total", "epoch", "epochs", "stage", "loss", "lr", "it_per_s", "eta_s"];
 
 function copyScalars(model, data) {
   for (const key of SCALARS) if (key in data) model[key] = data[key];
@@ -220,6 +220,14 @@ function formatDuration(seconds) {
   if (h) return `${h}h ${String(m).padStart(2, "0")}m`;
   if (m) return `${m}m ${String(sec).padStart(2, "0")}s`;
   return `${sec}s`;
+}
+
+// "3 / 8" epochs; an Imagic run shows its stage instead: "embedding (1/2)", "unet (2/2)"
+function formatEpoch(model) {
+  if (!model) return DASH;
+  const of = isNum(model.epoch) && isNum(model.epochs) ? `${model.epoch}/${model.epochs}` : null;
+  if (model.stage) return of ? `${model.stage} (${of})` : String(model.stage);
+  return of ? `${model.epoch} / ${model.epochs}` : text(model.epoch);
 }
 
 function formatSteps(step, total) {
@@ -347,10 +355,11 @@ const STYLE = `
 .dreambooth-panel { box-sizing: border-box; display: flex; flex-direction: column; gap: 5px; padding: 4px;
   font: 12px sans-serif; color: var(--input-text, #ddd); background: var(--comfy-input-bg, #222);
   border: 1px solid var(--border-color, #444); border-radius: 6px; overflow: hidden; }
-.dreambooth-panel .db-header { display: flex; align-items: center; gap: 6px; min-height: 18px; }
+.dreambooth-panel .db-header { display: flex; align-items: flex-start; gap: 6px; min-height: 18px; flex: none; }
 .dreambooth-panel .db-state { padding: 1px 6px; border-radius: 8px; color: #fff; font-weight: bold;
   text-transform: uppercase; font-size: 10px; flex: none; }
-.dreambooth-panel .db-message { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; opacity: 0.85; }
+.dreambooth-panel .db-message { white-space: normal; overflow-wrap: anywhere; max-height: 7em; overflow-y: auto;
+  opacity: 0.85; line-height: 1.4em; }
 .dreambooth-panel .db-progress { height: 3px; background: #333; border-radius: 2px; }
 .dreambooth-panel .db-progress > div { height: 100%; width: 0; background: #3a9d4f; border-radius: 2px; }
 .dreambooth-panel canvas { width: 100%; height: ${CHART_HEIGHT}px; display: block; border-radius: 4px; flex: none; }
@@ -416,11 +425,15 @@ class Panel {
     this.canvas.height = CHART_HEIGHT;
     const stats = el("div", "db-stats");
     this.fields = {};
+    this.labels = {};
     for (const [key, label] of STAT_FIELDS) {
       const cell = el("div", "db-stat");
       const value = el("span", null, DASH);
       value.dataset.field = key;
-      cell.append(el("span", null, label), value);
+      const name = el("span", null, label);
+      name.dataset.label = key;
+      cell.append(name, value);
+      this.labels[key] = name;
       stats.append(cell);
       this.fields[key] = value;
     }
@@ -483,7 +496,8 @@ class Panel {
     this.progressFill.style.width = `${Math.min(100, Math.max(0, fraction * 100)).toFixed(1)}%`;
 
     this.fields.step.textContent = formatSteps(model?.step, model?.total);
-    this.fields.epoch.textContent = text(model?.epoch);
+    this.labels.epoch.textContent = model?.stage ? "stage" : "epoch";
+    this.fields.epoch.textContent = formatEpoch(model);
     this.fields.loss.textContent = formatLoss(model?.loss);
     this.fields.lr.textContent = formatLr(model?.lr);
     this.fields.speed.textContent = formatSpeed(model?.it_per_s);

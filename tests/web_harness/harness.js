@@ -11,6 +11,8 @@
 //   ?scenario=stale    restore, then the server starts a newer run on the node unseen by the page: a click must
 //                      be refused (409), the panel must fetch the state and show the new run; the next click
 //                      names the new run
+//   ?scenario=details  restore, then a long stage message (its counter at the end must stay visible), then Imagic
+//                      progress with its stage and the epoch count
 //   ?scenario=workflows  the same node id 5 in three workflows: the one that queued the restored run shows it, a new
 //                      workflow and one bound to an unknown prompt show nothing; queueing the new workflow binds its
 //                      panel to its own run, which the first panel never shows
@@ -75,6 +77,10 @@ function describe(node) {
     serialize: widget?.options?.serialize === false && widget?.serialize === false ? false : true,
     state: root.querySelector(".db-state").textContent,
     message: root.querySelector(".db-message").textContent,
+    // the whole message is on screen: nothing cut off to the side or below
+    messageClipped: (({ scrollWidth, clientWidth, scrollHeight, clientHeight }) =>
+      scrollWidth > clientWidth + 1 || scrollHeight > clientHeight + 1)(root.querySelector(".db-message")),
+    labels: Object.fromEntries([...root.querySelectorAll("[data-label]")].map((e) => [e.dataset.label, e.textContent])),
     fields: fields(root),
     previewLabel: root.querySelector(".db-previews-label").textContent,
     previews: [...root.querySelectorAll(".db-previews img")].map((img) => ({
@@ -162,6 +168,25 @@ async function main() {
     trainer.frame.querySelector('button[data-action="save_now"]').click();
     await settle();
     report.afterRetry = describe(trainer);
+  }
+  if (scenario === "details") {
+    const run = { node: "5", run: restored.run, prompt: restored.prompt };
+    const long = "caching latents (disk) of output/dreambooth/dreambooth-20261207-080845-a-long-run-name/cache "
+      + "for 3 concepts in 4 buckets: 7/8";
+    api.dispatchEvent(new CustomEvent("dreambooth.status", { detail: { ...run, state: "starting", message: long } }));
+    await settle();
+    report.longMessage = describe(trainer);
+    report.longMessage.sent = long;
+    api.dispatchEvent(new CustomEvent("dreambooth.progress", { detail: {
+      ...run, state: "running", step: 160, total: 300, epoch: 2, epochs: 2, stage: "unet", loss: 0.1, lr: 1e-4,
+      it_per_s: 10, eta_s: 14, points: [[160, 0.1]] } }));
+    await settle();
+    report.imagic = describe(trainer);
+    api.dispatchEvent(new CustomEvent("dreambooth.progress", { detail: {
+      ...run, state: "running", step: 170, total: 300, epoch: 3, epochs: 5, stage: null, loss: 0.1, lr: 1e-4,
+      it_per_s: 10, eta_s: 13, points: [[170, 0.1]] } }));
+    await settle();
+    report.epochs = describe(trainer);
   }
   if (scenario === "workflows") {
     // the same node id in a brand-new workflow and in one whose prompt the server does not know
