@@ -21,6 +21,7 @@ const TERMINAL_STATES = new Set(["done", "stopped", "error", "interrupted"]);
 const MAX_POINTS = 2000;          // client-side loss points per run (pairs are merged beyond that)
 const CHART_HEIGHT = 150;         // CSS pixels
 const PANEL_MIN_HEIGHT = 340;
+const PANEL_MIN_WIDTH = 380;
 const COLORS = {
   background: "#161616", grid: "#2e2e2e", axis: "#8a8a8a",
   raw: "rgba(96, 150, 255, 0.55)", smooth: "#ffa640",
@@ -591,7 +592,12 @@ function attachPanel(node) {
     panel.dispose();
     return onRemoved?.apply(this, arguments);
   };
-  if (Array.isArray(node.size) && node.size[0] < 380) node.setSize?.([380, node.size[1]]);
+  // LiteGraph's node.size is a Float32Array view (Array.isArray is false for it): as wide as the panel needs,
+  // and high enough to hold it (a new node was sized before the panel was added)
+  if (node.size != null && node.size.length >= 2) {
+    const needed = node.computeSize?.();
+    node.setSize?.([Math.max(node.size[0], PANEL_MIN_WIDTH), Math.max(node.size[1], needed?.[1] ?? 0)]);
+  }
   return panel;
 }
 

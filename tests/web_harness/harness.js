@@ -73,6 +73,7 @@ function describe(node) {
   const widget = node.widgets.find((w) => w.element === root);
   return {
     panel: true,
+    size: [...node.size],
     widgets: node.widgets.length,
     serialize: widget?.options?.serialize === false && widget?.serialize === false ? false : true,
     state: root.querySelector(".db-state").textContent,

@@ -1,13 +1,16 @@
 // Fake of ComfyUI's scripts/app.js for the panel harness: extension registry + minimal LGraphNode stand-ins.
 // Only what web/dreambooth.js touches: registerExtension, setup/nodeCreated/loadedGraphNode hooks, addDOMWidget.
 const extensions = [];
+const TITLE_HEIGHT = 30;
 
 class FakeNode {
   constructor(type, host) {
     this.id = -1;              // like LiteGraph while a saved workflow is being loaded
     this.type = type;
     this.comfyClass = type;
-    this.size = [300, 120];
+    // like LiteGraph's LGraphNode: pos and size are views of one Float32Array (not Arrays)
+    this._posSize = new Float32Array([0, 0, 300, 120]);
+    this.size = this._posSize.subarray(2, 4);
     this.widgets = [];
     this.properties = {};
     this.graph = null;
@@ -24,16 +27,30 @@ class FakeNode {
   addDOMWidget(name, type, element, options = {}) {
     const widget = { name, type, element, options, value: options.getValue?.() };
     this.widgets.push(widget);
-    element.style.width = `${this.size[0] - 20}px`;
-    element.style.height = `${options.getMinHeight?.() ?? 100}px`;
     this.frame.append(element);
+    this.layout();
     return widget;
   }
 
+  // LiteGraph's size: the title, then each widget's minimum height (+4), +8 (what computeSize adds up)
+  computeSize() {
+    const widgets = this.widgets.reduce((sum, w) => sum + (w.options.getMinHeight?.() ?? 20) + 4, 0);
+    return new Float32Array([300, TITLE_HEIGHT + widgets + 8]);
+  }
+
   setSize(size) {
-    this.size = size;
-    this.frame.style.width = `${size[0]}px`;
-    for (const widget of this.widgets) widget.element.style.width = `${size[0] - 20}px`;
+    this.size[0] = size[0];
+    this.size[1] = size[1];
+    this.layout();
+  }
+
+  // what the frontend does on each draw: DOM widgets as wide as the node, as high as they ask
+  layout() {
+    this.frame.style.width = `${this.size[0]}px`;
+    for (const widget of this.widgets) {
+      widget.element.style.width = `${this.size[0] - 20}px`;
+      widget.element.style.height = `${widget.options.getMinHeight?.() ?? 100}px`;
+    }
   }
 
   setDirtyCanvas() {}
