@@ -54,6 +54,18 @@ def test_extension_talks_the_backend_protocol():
     assert imports == ["../../scripts/app.js", "../../scripts/api.js"]   # ComfyUI's app/api only
 
 
+def test_the_web_folder_is_registered_once():
+    """Issue 23.7: [tool.comfy] web registers web/ under the project name and WEB_DIRECTORY under the folder name:
+    in a folder named otherwise, ComfyUI listed every extension twice. WEB_DIRECTORY alone works in every version."""
+    import tomllib
+
+    import comfyui_dreambooth
+
+    assert comfyui_dreambooth.WEB_DIRECTORY == "./web"
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert "web" not in config["tool"]["comfy"]
+
+
 # --- the site --------------------------------------------------------------------------------------------------
 class SiteHandler(SimpleHTTPRequestHandler):
     """Static files, plus ComfyUI's /api/view answered from the preview folder (requests are recorded)."""
