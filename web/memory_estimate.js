@@ -4,8 +4,8 @@
 // {"ui": {"text": [text]}, ...}; ComfyUI hands that to node.onExecuted(output) but draws no text by itself, so this
 // extension puts it in a read-only box under the node's widgets (created on the first result, never saved with the
 // workflow). The box is as high as its text (the total line at its end stays in view) and the node grows to hold
-// it, so it never spills onto the nodes around. A text starting with "WARNING" (the settings need more memory than
-// the GPU has) is drawn in red.
+// it, so it never spills onto the nodes around. A text with a line starting with "WARNING" (the settings need more
+// memory than the GPU has) is drawn in red.
 // Plain ES module, no dependencies: ComfyUI's app only.
 import { app } from "../../scripts/app.js";
 
@@ -69,7 +69,7 @@ function view(node) {
 function show(node, text) {
   const state = view(node);
   const { box } = state;
-  const warning = text.startsWith("WARNING");
+  const warning = text.split("\n").some((line) => line.startsWith("WARNING"));
   state.height = textHeight(text);
   box.style.minHeight = `${state.height}px`;
   box.textContent = text;
