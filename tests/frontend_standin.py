@@ -18,8 +18,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import mimetypes
 import os
+import random
+import socket
 import struct
 import threading
 import time
@@ -32,6 +35,12 @@ REPO = Path(__file__).resolve().parents[1]
 PACK = "comfyui-dreambooth"
 HARNESS = REPO / "tests" / "web_harness" / "real_frontend_harness.js"
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def frontend_root() -> Path | None:
@@ -98,6 +107,7 @@ class StandIn(ThreadingHTTPServer):
         self.report_ready = threading.Event()
         self.prompts: list[dict] = []
         self.object_info = object_info()
+        self.on_shot = None          # tests/frontend_shots.py: takes a screenshot named by the harness
 
     @property
     def url(self) -> str:
@@ -134,10 +144,12 @@ class StandIn(ThreadingHTTPServer):
             reporter.stage(f"caching latents (disk) for the 2 images of concept 1 in 1 bucket: {done}/2")
             time.sleep(self.step_s)
         started = time.monotonic()
+        noise = random.Random(0)
         for step in range(1, self.steps + 1):
             time.sleep(self.step_s)
             rate = step / (time.monotonic() - started)
-            reporter.progress(step, self.steps, (step - 1) // self.steps_per_epoch + 1, 0.1 + 0.1 / step, 1e-4,
+            loss = max(0.01, 0.06 + 0.14 * math.exp(-step / 90) + noise.gauss(0, 0.03))   # a DreamBooth-like loss
+            reporter.progress(step, self.steps, (step - 1) // self.steps_per_epoch + 1, loss, 1e-4,
                               rate, (self.steps - step) / rate, epochs=-(-self.steps // self.steps_per_epoch))
             if control.take_save_request():
                 time.sleep(self.step_s)          # writing the checkpoint
@@ -212,7 +224,8 @@ class Handler(BaseHTTPRequestHandler):
             "/extensions": lambda: [f"/extensions/{PACK}/{name}" for name in ("dreambooth.js", "memory_estimate.js")]
             + (["/extensions/dreambooth-harness/harness.js"] if self.server.harness else []),
             "/users": lambda: {"storage": "server", "migrated": True},
-            "/settings": lambda: {"Comfy.TutorialCompleted": True, "Comfy.Workflow.ShowMissingModelsWarning": False},
+            "/settings": lambda: {"Comfy.TutorialCompleted": True, "Comfy.Workflow.ShowMissingModelsWarning": False,
+                                  "Comfy.Minimap.Visible": False},
             "/system_stats": lambda: SYSTEM_STATS,
             "/embeddings": lambda: [], "/features": lambda: {}, "/i18n": lambda: {},
             "/queue": lambda: {"queue_running": [], "queue_pending": []}, "/history": lambda: {},
@@ -249,6 +262,10 @@ class Handler(BaseHTTPRequestHandler):
         if route == "/dreambooth/control":
             status, answer = live.control_response(body)
             return self._json(answer, status)
+        if route == "/harness/shot":
+            if self.server.on_shot is not None:
+                self.server.on_shot(str((body or {}).get("name") or "shot"), (body or {}).get("clip"))
+            return self._json({"ok": True})
         if route == "/harness/report":
             self.server.reports.append(body)
             self.server.report_ready.set()

@@ -7,6 +7,8 @@
 //   panel      the LoRA example is queued: the panel shows its run, Save now is confirmed, Stop after epoch ends
 //              the run as stopped (no ETA); a second workflow's Train node with the same id shows nothing; the
 //              first workflow loaded again (as a tab switch does) shows its own run
+//   shots      for tests/frontend_shots.py: the panel mid-run and stopped, then every example, each followed by
+//              POST /api/harness/shot {name} (answered once the screenshot is taken)
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -132,6 +134,50 @@ async function panel() {
   report.firstAgain = describePanel(trainNode());
 }
 
+// a screenshot of the canvas area (not the menus around it)
+async function shoot(name) {
+  await redraw();
+  await new Promise((resolve) => requestAnimationFrame(() => requestAnimationFrame(resolve)));
+  await sleep(300);
+  const { x, y, width, height } = app.canvas.canvas.getBoundingClientRect();
+  await fetch("/api/harness/shot", { method: "POST", headers: { "Content-Type": "application/json" },
+                                     body: JSON.stringify({ name, clip: [x, y, width, height].map(Math.round) }) });
+}
+
+// the view on `nodes` (all of the graph by default), as large as the canvas allows
+function frame(nodes = app.graph.nodes, margin = 40, maxScale = 1.2) {
+  const rects = nodes.map((n) => n.boundingRect);
+  const x0 = Math.min(...rects.map((r) => r[0])), y0 = Math.min(...rects.map((r) => r[1]));
+  const x1 = Math.max(...rects.map((r) => r[0] + r[2])), y1 = Math.max(...rects.map((r) => r[1] + r[3]));
+  const { width, height } = app.canvas.canvas.getBoundingClientRect();
+  app.canvas.ds.changeScale?.(1);
+  const scale = Math.min(maxScale, (width - 2 * margin) / (x1 - x0), (height - 2 * margin) / (y1 - y0));
+  app.canvas.ds.scale = scale;
+  app.canvas.ds.offset = [margin / scale - x0, margin / scale - y0];
+}
+
+async function shots() {
+  document.querySelectorAll(".p-dialog-mask").forEach((mask) => mask.remove());
+  const workflow = await template("lora_person_prior_preservation");
+  await app.loadGraphData(workflow, true, false, "lora_person_prior_preservation.json");
+  await app.queuePrompt(0, 1);
+  await until(() => Number(describePanel(trainNode())?.fields.step.split(" / ")[0]) >= 150, "step 150", 60000);
+  const nearby = [trainNode()];
+  frame(nearby, 30, 1.4);
+  await shoot("panel-mid-run");
+  trainNode().__dreamboothPanel.root.querySelector('button[data-action="stop_after_epoch"]').click();
+  await until(() => describePanel(trainNode())?.state === "stopped", "the stop", 30000);
+  frame(nearby, 30, 1.4);
+  await shoot("panel-stopped");
+  const names = (await (await fetch("/api/workflow_templates")).json())[PACK];
+  for (const name of names) {
+    await app.loadGraphData(await template(name), true, false, `${name}.json`);
+    await sleep(300);
+    frame();
+    await shoot(`example:${name}`);
+  }
+}
+
 app.registerExtension({
   name: "dreambooth.real-frontend-harness",
   async setup() {
@@ -143,6 +189,7 @@ app.registerExtension({
         report.socket = { url: api.socket?.url ?? null, state: api.socket?.readyState ?? null };
         if (scenario === "examples") await examples();
         if (scenario === "panel") await panel();
+        if (scenario === "shots") await shots();
       } catch (error) {
         report.errors.push(`harness: ${error?.stack ?? error}`);
       }
