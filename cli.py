@@ -81,6 +81,13 @@ def about(path: str):
         raise
 
 
+def _article(number: float) -> str:
+    """ "an" before a number said with a vowel sound (8, 11, 18, 80, 800...), else "a"."""
+    digits = f"{number:g}"
+    return "an" if digits.startswith("8") or (digits[:2] in ("11", "18") and len(digits.split(".")[0]) in (2, 5))\
+        else "a"
+
+
 def _require_exists(path: str, what: str = "file") -> None:
     if not os.path.exists(path):
         raise CliError(f"{what} not found")
@@ -489,7 +496,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         shown = {k: getattr(settings, k) for k in WIZARD_SETTINGS} | {"resolution": settings.data.resolution}
         print(json.dumps({"settings": shown, "estimate_gb": est.gb(), "explanation": ESTIMATE_NOTE}, indent=2))
     elif args.vram is not None:
-        print(estimate_report(model, settings, DeviceMemory(f"a {args.vram:g} GB card", int(args.vram * GB))))
+        print(estimate_report(model, settings, DeviceMemory(f"{_article(args.vram)} {args.vram:g} GB card",
+                                                                 int(args.vram * GB))))
     else:                       # the settings nodes' text, for the device training would use here
         from .nodes.comfy_compat import comfy_torch_device
         from .training.memory import read_device

@@ -265,6 +265,14 @@ def check_interrupt() -> None:
         raise InterruptRequested("interrupted by the user")
 
 
+def interrupt_exception(message: str = "interrupted") -> BaseException:
+    """A new interrupt exception of this world (ComfyUI's InterruptProcessingException inside it): work stopped on
+    request with nothing to hand on ends its prompt the way Cancel does (no error dialog, nothing after it runs)."""
+    model_management = _comfy("comfy.model_management")
+    exc_type = getattr(model_management, "InterruptProcessingException", None) if model_management else None
+    return (exc_type or InterruptRequested)(message)
+
+
 def is_interrupt(exc: BaseException) -> bool:
     """True for the interrupt exception of either world (to save partial work, then re-raise)."""
     if isinstance(exc, InterruptRequested):
@@ -411,6 +419,18 @@ def _prompt_server():
     server = _comfy("server")
     prompt_server = getattr(server, "PromptServer", None) if server is not None else None
     return getattr(prompt_server, "instance", None) if prompt_server is not None else None
+
+
+def current_prompt_id() -> str | None:
+    """The id of the prompt ComfyUI is executing now (the one POST /prompt answered to the tab that queued it);
+    None headless or when this ComfyUI does not say."""
+    utils = _comfy("comfy_execution.utils")
+    try:
+        context = utils.get_executing_context() if utils is not None else None
+    except Exception:  # noqa: BLE001 - an older/newer ComfyUI: fall back to what the server remembers
+        context = None
+    prompt_id = getattr(context, "prompt_id", None) or getattr(_prompt_server(), "last_prompt_id", None)
+    return str(prompt_id) if prompt_id else None
 
 
 def add_ui_listener(fn: Callable[[str, dict], None]) -> Callable[[], None]:

@@ -1,12 +1,13 @@
 """Live training state for the web panel: progress/preview/status messages, the state store and two routes.
 
-The TrainDreamBooth node creates one `LiveReporter(node_id, run_dir)` per run and hands its `.control` (a
-`training.control.TrainingControl`) to the trainer. The reporter
+The TrainDreamBooth node creates one `LiveReporter(node_id, run_dir, prompt_id=...)` per run and hands its `.control`
+(a `training.control.TrainingControl`) to the trainer. The reporter
   * keeps the latest full state of the run (loss history, downsampled when long; lr, step/total, it/s, ETA,
     latest previews, state) in a module-level store, so a page reloaded mid-run can fetch it
     (GET /dreambooth/state), and
   * sends ComfyUI messages ("dreambooth.progress", "dreambooth.preview", "dreambooth.status", each carrying
-    "node" and "run") that web/dreambooth.js draws. Progress messages are throttled (at most one per
+    "node", "run" and "prompt": the id of the ComfyUI prompt that started the run) that web/dreambooth.js draws.
+    A panel shows only the runs of prompts its own workflow queued: node ids repeat across workflows. Progress messages are throttled (at most one per
     `min_interval_s`) but the points skipped in between travel with the next one, and the last step is always
     sent.
 POST /dreambooth/control {node, run, action} turns the panel's buttons into TrainingControl requests.
@@ -50,6 +51,7 @@ MIN_PROGRESS_INTERVAL_S = 0.25  # <= 4 progress messages per second
 SAVE_REQUEST_MIN_INTERVAL_S = 30.0   # Save now: one accepted request per run per this many seconds (and one pending)
 MAX_CONTROL_BODY_BYTES = 4096    # {node, run, action} is ~60 bytes
 MAX_ID_CHARS = 64                # node and run ids (ComfyUI node ids look like "12" or "7:3")
+MAX_KEPT_RUNS = 16               # runs whose state GET /dreambooth/state still returns (the latest of each node too)
 
 _ACTION_MESSAGES = {
     "save_now": "Save requested: a checkpoint is written at the next step.",
@@ -181,10 +183,29 @@ class LossHistory:
 
 
 # --- state store ---------------------------------------------------------------------------------------------
-# The latest reporter of each node. States are built when asked for (a page load), not on every training step:
-# copying a long loss history per step would cost the trainer milliseconds each time.
+# The latest reporter of each node, and the latest MAX_KEPT_RUNS runs of any node (by run id, oldest first): the same
+# node id in another workflow must not hide this workflow's run. States are built when asked for (a page load), not
+# on every training step: copying a long loss history per step would cost the trainer milliseconds each time.
 _reporters: dict[str, "LiveReporter"] = {}
+_runs: dict[str, "LiveReporter"] = {}
 _reporters_lock = threading.Lock()
+
+
+def _register(reporter: "LiveReporter") -> None:
+    with _reporters_lock:
+        _reporters[reporter.node] = reporter
+        _runs.pop(reporter.run, None)
+        _runs[reporter.run] = reporter
+        latest = {id(r) for r in _reporters.values()}
+        for run in [run for run, r in _runs.items() if id(r) not in latest][:max(0, len(_runs) - MAX_KEPT_RUNS)]:
+            del _runs[run]
+
+
+def get_runs() -> list[dict]:
+    """The states of the runs kept (oldest first): what a reloaded page matches against its workflow's prompts."""
+    with _reporters_lock:
+        reporters = list(_runs.values())
+    return [reporter.snapshot() for reporter in reporters]
 
 
 def get_state(node=None) -> dict | None:
@@ -203,6 +224,7 @@ def clear_states() -> None:
     """Forget every stored state (tests; a fresh server starts empty anyway)."""
     with _reporters_lock:
         _reporters.clear()
+        _runs.clear()
 
 
 class LiveReporter:
@@ -215,8 +237,10 @@ class LiveReporter:
     def __init__(self, node_id, run_dir: str = "", *, min_interval_s: float = MIN_PROGRESS_INTERVAL_S,
                  max_history_points: int = MAX_HISTORY_POINTS, clock: Callable[[], float] = time.monotonic,
                  send: Callable[[str, dict], None] | None = None, run_id: str | None = None,
-                 save_interval_s: float = SAVE_REQUEST_MIN_INTERVAL_S) -> None:
+                 save_interval_s: float = SAVE_REQUEST_MIN_INTERVAL_S, prompt_id: str | None = None) -> None:
         self.node = str(node_id)
+        # the ComfyUI prompt that started the run: panels show a run only in the workflow that queued that prompt
+        self.prompt = str(prompt_id)[:MAX_ID_CHARS] if prompt_id else None
         # a new id per reporter: the panel starts a fresh chart when it changes (also for a resumed run)
         self.run = str(run_id) if run_id else uuid.uuid4().hex[:12]
         self.min_interval_s = float(min_interval_s)
@@ -229,17 +253,19 @@ class LiveReporter:
         self._last_progress_sent: float | None = None
         self.save_interval_s = float(save_interval_s)
         self.control = new_control(self.node)   # fresh: requests aimed at an earlier run must not stop this one
+        # what the trainer polls: a Save-now request it takes is shown ("saving ...", then "saved step N")
+        self.trainer_control = _TrainerControl(self.control, self._saving)
+        self._save_pending: int | None = None   # the step of a requested checkpoint being written
         self._run_dir = str(run_dir or "")
         self._state = {
-            "node": self.node, "run": self.run, "run_dir": public_path(self._run_dir),
+            "node": self.node, "run": self.run, "prompt": self.prompt, "run_dir": public_path(self._run_dir),
             "state": "starting", "message": "",
-            "step": 0, "total": None, "epoch": None,
+            "step": 0, "total": None, "epoch": None, "epochs": None, "stage": None,
             "loss": None, "lr": None, "it_per_s": None, "eta_s": None,
             "previews": [], "preview_step": None,
             "updated": time.time(),
         }
-        with _reporters_lock:
-            _reporters[self.node] = self
+        _register(self)
         self._send(STATUS_EVENT, self._status_payload())
 
     # --- public API used by the node / trainer -----------------------------------------------------------
@@ -255,8 +281,11 @@ class LiveReporter:
         with self._lock:
             self._state["run_dir"] = shown
 
-    def progress(self, step, total=None, epoch=None, loss=None, lr=None, it_per_s=None, eta_s=None) -> None:
-        """One training step finished. Sends at most one message per `min_interval_s`, always the last step."""
+    def progress(self, step, total=None, epoch=None, loss=None, lr=None, it_per_s=None, eta_s=None, *,
+                 epochs=None, stage=None) -> None:
+        """One training step finished. Sends at most one message per `min_interval_s`, always the last step.
+        `epochs`: how many the run has; `stage`: the Imagic stage ("embedding" / "unet"), None for other runs."""
+        self._confirm_save()
         step = _json_int(step) or 0
         loss_value = _json_number(loss)
         with self._lock:
@@ -266,7 +295,7 @@ class LiveReporter:
             self._state.update({
                 "step": step, "total": _json_int(total), "epoch": _json_int(epoch), "loss": loss_value,
                 "lr": _json_number(lr), "it_per_s": _json_number(it_per_s), "eta_s": _json_number(eta_s),
-                "updated": time.time(),
+                "epochs": _json_int(epochs), "stage": str(stage)[:40] if stage else None, "updated": time.time(),
             })
             started = self._state["state"] == "starting"
             if started:   # the first step: the preparation message ("caching latents: 8/8") is over
@@ -281,14 +310,25 @@ class LiveReporter:
         if started:       # the panel's status line shows the last status message
             self._send(STATUS_EVENT, self._status_payload())
 
+    def resumed(self, points) -> None:
+        """The run continues an earlier one: its [step, loss] points so far (the run's loss log up to the checkpoint)
+        start the chart at step 1, not at the resumed step. Sent with the next progress message."""
+        with self._lock:
+            for step, loss in points:
+                value, step = _json_number(loss), _json_int(step)
+                if isinstance(value, float) and step is not None:
+                    self._history.add(step, value)
+            self._unsent_points = self._history.points() + self._unsent_points
+
     def preview(self, images: list[dict], step=None) -> None:
         """New preview images, as ComfyUI image refs {filename, subfolder, type} (what /view serves)."""
+        self._confirm_save()
         refs = [_image_ref(image) for image in images or []]
         refs = [ref for ref in refs if ref is not None][-MAX_PREVIEWS:]
         with self._lock:
             preview_step = _json_int(step) if step is not None else self._state["step"]
             self._state.update({"previews": refs, "preview_step": preview_step, "updated": time.time()})
-        self._send(PREVIEW_EVENT, {"node": self.node, "run": self.run, "step": preview_step,
+        self._send(PREVIEW_EVENT, {"node": self.node, "run": self.run, "prompt": self.prompt, "step": preview_step,
                                    "images": [dict(ref) for ref in refs]})
 
     def status(self, state: str, message: str = "") -> None:
@@ -298,14 +338,19 @@ class LiveReporter:
         self.flush()   # the chart must show every step before the final state
         message = public_text(message)   # every tab sees it: no absolute paths (error texts name files)
         with self._lock:
+            if state != "saving":
+                self._save_pending = None     # a save that failed ends as "error"; one at a stop says so itself
             self._state.update({"state": state, "message": message, "updated": time.time()})
+            if state in TERMINAL_STATES and state != "done":   # nothing remains to be estimated
+                self._state["eta_s"] = None
         if state in TERMINAL_STATES:
             release_control(self.node)   # a finished run takes no more requests; the route answers 404
         self._send(STATUS_EVENT, self._status_payload())
 
     def stage(self, message: str) -> None:
         """What the run is preparing (scanning, class images, caching, with counts): the status message until
-        the first training step; ignored after it."""
+        the first training step; ignored after it (but it tells that a requested checkpoint is written)."""
+        self._confirm_save()
         with self._lock:
             starting = self._state["state"] == "starting"
         if starting:
@@ -317,7 +362,8 @@ class LiveReporter:
             if not self._progress_unsent:
                 return
             payload = {key: self._state[key] for key in
-                       ("node", "run", "state", "step", "total", "epoch", "loss", "lr", "it_per_s", "eta_s")}
+                       ("node", "run", "prompt", "state", "step", "total", "epoch", "epochs", "stage", "loss", "lr",
+                        "it_per_s", "eta_s")}
             payload["points"] = self._unsent_points
             self._unsent_points = []
             self._progress_unsent = False
@@ -346,11 +392,46 @@ class LiveReporter:
         return self.snapshot()
 
     # --- internals ---------------------------------------------------------------------------------------
+    def _saving(self) -> None:
+        """The trainer took a Save-now request: it writes the checkpoint of the step it just reported, now."""
+        with self._lock:
+            step = self._save_pending = self._state["step"]
+        self.status("saving", f"saving a checkpoint at step {step}…")
+
+    def _confirm_save(self) -> None:
+        """The trainer's next word after taking a save request comes once the checkpoint is written (it saves before
+        anything else; a failed save raises instead): the panel's notice is replaced by "saved step N"."""
+        with self._lock:
+            step = self._save_pending
+        if step is not None:
+            self.status("running", f"saved step {step}")
+
     def _status_payload(self) -> dict:
         control = find_control(self.node)
         with self._lock:
-            return {"node": self.node, "run": self.run, "state": self._state["state"],
+            return {"node": self.node, "run": self.run, "prompt": self.prompt, "state": self._state["state"],
                     "message": self._state["message"], "control": control.snapshot() if control else None}
+
+
+class _TrainerControl:
+    """A run's TrainingControl as the trainer sees it (TrainCallbacks.control): the same flags, but taking a Save-now
+    request also tells the reporter, which then confirms the checkpoint on the panel."""
+
+    def __init__(self, control, on_save: Callable[[], None]) -> None:
+        self._control = control
+        self._on_save = on_save
+
+    def take_save_request(self) -> bool:
+        taken = self._control.take_save_request()
+        if taken:
+            try:
+                self._on_save()
+            except Exception:  # noqa: BLE001 - reporting never breaks a run
+                log.debug("could not report the requested save", exc_info=True)
+        return taken
+
+    def __getattr__(self, name):
+        return getattr(self._control, name)
 
 
 def _image_ref(image) -> dict | None:
@@ -373,9 +454,10 @@ def _short(value) -> str:
 
 
 def state_response(node=None) -> tuple[int, dict]:
-    """(HTTP status, JSON body) for GET /dreambooth/state[?node=ID]."""
+    """(HTTP status, JSON body) for GET /dreambooth/state[?node=ID]: without a node, {"nodes": the latest run of
+    each node, "runs": the runs kept, oldest first}."""
     if node in (None, ""):
-        return 200, {"nodes": get_state()}
+        return 200, {"nodes": get_state(), "runs": get_runs()}
     state = get_state(node) if len(str(node)) <= MAX_ID_CHARS else None
     if state is None:
         return 404, {"error": f"no DreamBooth training state for node {_short(node)}: "
@@ -445,7 +527,8 @@ def control_response(payload, now: float | None = None) -> tuple[int, dict]:
         changed = control.snapshot() != before   # a repeated stop changes nothing and tells nobody again
     message = _ACTION_MESSAGES[action]
     if changed:   # tell every open tab, not only the one that clicked
-        _send_ui_message(STATUS_EVENT, {"node": node, "run": reporter.run, "state": reporter.current_state(),
+        _send_ui_message(STATUS_EVENT, {"node": node, "run": reporter.run, "prompt": reporter.prompt,
+                                        "state": reporter.current_state(),
                                         "message": message, "control": control.snapshot()})
     return 200, {"ok": True, "node": node, "run": reporter.run, "action": action, "message": message,
                  "control": control.snapshot()}

@@ -80,6 +80,11 @@ _CONFIG_INPUT = {"config": (CONFIG_TYPE, {"tooltip": "Optional settings to start
                  "model": ("DB_MODEL", {"tooltip": "Optional: the base model you will train, for the memory "
                                                    "estimate only (its own sizes). Without it the estimate is "
                                                    "for SD1.5."})}
+# ComfyUI hands these in: the node's id and the queued graph, to tell when this node's config feeds another
+# settings node (its estimate is then of the settings so far, which the estimate text says).
+_HIDDEN = {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"}
+CHAIN_NODES = ("DreamBoothSettings", "DreamBoothOptimizer", "DreamBoothAdvanced", "DreamBoothData", "DreamBoothImagic",
+               "PerformanceWizard")
 _RETURN_TYPES = (CONFIG_TYPE, "STRING")
 _RETURN_NAMES = ("config", "memory_estimate")
 _OUTPUT_TOOLTIPS = ("DreamBooth training settings; connect to TrainDreamBooth or another settings node.",
@@ -95,8 +100,23 @@ def _check(settings: DreamBoothSettings, node: str) -> DreamBoothSettings:
     return settings
 
 
-def _with_estimate(settings: DreamBoothSettings, model) -> dict:
-    """The node's return: the config, and the memory estimate as output and as text shown on the node."""
+def next_settings_node(unique_id, prompt) -> str | None:
+    """The settings node of the queued `prompt` that this node's config goes on to ("DreamBoothSettings #7"), or
+    None (this node's config is the one that trains, or ComfyUI did not say)."""
+    if unique_id is None or not isinstance(prompt, dict):
+        return None
+    for node_id, node in prompt.items():
+        if not isinstance(node, dict) or node.get("class_type") not in CHAIN_NODES:
+            continue
+        for value in (node.get("inputs") or {}).values():
+            if isinstance(value, list) and len(value) == 2 and str(value[0]) == str(unique_id) and value[1] == 0:
+                return f"{node['class_type']} #{node_id}"
+    return None
+
+
+def _with_estimate(settings: DreamBoothSettings, model, unique_id=None, prompt=None) -> dict:
+    """The node's return: the config, and the memory estimate as output and as text shown on the node (first
+    saying so when a later settings node changes these settings)."""
     from ..training.memory import settings_estimate_text
     from .comfy_compat import comfy_torch_device
 
@@ -105,6 +125,10 @@ def _with_estimate(settings: DreamBoothSettings, model) -> dict:
     except Exception:           # noqa: BLE001 - the estimate then says no device was found
         device = None
     text = settings_estimate_text(model, settings, device)
+    later = next_settings_node(unique_id, prompt)
+    if later:
+        text = (f"(settings so far: {later} changes them after this node; the estimate that applies to training "
+                f"is on the last settings node)\n{text}")
     return {"ui": {"text": [text]}, "result": (settings, text)}
 
 
@@ -128,7 +152,8 @@ class _FieldsNode:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {name: _widget(name) for name in cls.FIELDS}, "optional": dict(_CONFIG_INPUT)}
+        return {"required": {name: _widget(name) for name in cls.FIELDS}, "optional": dict(_CONFIG_INPUT),
+                "hidden": dict(_HIDDEN)}
 
     def build(self, config=None, **widgets):
         unknown = sorted(set(widgets) - set(self.FIELDS))
@@ -137,9 +162,9 @@ class _FieldsNode:
         changes = {name: _from_widget(name, value) for name, value in widgets.items()}
         return (_check(_start(config).replace(**changes), type(self).__name__),)
 
-    def configure(self, config=None, model=None, **widgets):
+    def configure(self, config=None, model=None, unique_id=None, prompt=None, **widgets):
         (settings,) = self.build(config=config, **widgets)
-        return _with_estimate(settings, model)
+        return _with_estimate(settings, model, unique_id, prompt)
 
 
 class DreamBoothSettingsNode(_FieldsNode):
@@ -245,7 +270,8 @@ class DreamBoothDataNode:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {name: _data_widget(name) for name in cls.FIELDS}, "optional": dict(_CONFIG_INPUT)}
+        return {"required": {name: _data_widget(name) for name in cls.FIELDS}, "optional": dict(_CONFIG_INPUT),
+                "hidden": dict(_HIDDEN)}
 
     def build(self, config=None, **widgets):
         unknown = sorted(set(widgets) - set(self.FIELDS))
@@ -255,9 +281,9 @@ class DreamBoothDataNode:
         data = dataclasses.replace(base.data, **{k: _from_data_widget(k, v) for k, v in widgets.items()})
         return (_check(base.replace(data=data), "DreamBoothDataNode"),)
 
-    def configure(self, config=None, model=None, **widgets):
+    def configure(self, config=None, model=None, unique_id=None, prompt=None, **widgets):
         (settings,) = self.build(config=config, **widgets)
-        return _with_estimate(settings, model)
+        return _with_estimate(settings, model, unique_id, prompt)
 
 
 NODE_CLASS_MAPPINGS = {

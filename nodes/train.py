@@ -6,6 +6,7 @@ live panel (nodes/live.py), maps Cancel to a resumable stop, and calls `training
 from __future__ import annotations
 
 import os
+import re
 
 from . import comfy_compat as compat
 from .paths import check_path, typed_path
@@ -13,8 +14,25 @@ from .paths import check_path, typed_path
 CATEGORY = "DreamBooth"
 
 
-class TrainingStopped(RuntimeError):
-    """Shown by ComfyUI when the run was stopped from the panel; the run resumes on the next queue."""
+# Bumped by every requested stop: TrainDreamBooth.IS_CHANGED then differs, so ComfyUI runs the node again on the next
+# queue (it would otherwise reuse the stopped run's cached output) and the run resumes.
+_stops = [0]
+
+
+# What the trainer (and Imagic) say when they continue a run: "resuming <run folder> from step <N>[ (Imagic stage S)]"
+RESUMING = re.compile(r"^resuming (.+) from step (\d+)(?: \(Imagic stage \d+\))?$")
+
+
+def resumed_points(run_dir: str, step: int) -> list[list]:
+    """[step, loss] of a resumed run up to its checkpoint's step, from its loss log ([] when it cannot be read)."""
+    from ..training.runs import RunFolder
+
+    try:
+        records = RunFolder(run_dir).read_loss()
+    except (OSError, ValueError):
+        return []
+    return [[r["step"], r["loss"]] for r in records
+            if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= step and "loss" in r]
 
 
 def resume_setting(resume) -> str:
@@ -38,7 +56,8 @@ def _ui_image(path: str) -> dict:
 
 class TrainDreamBooth:
     """Train DreamBooth (LoRA or full fine-tune). Live loss/previews on the node; Cancel saves a resumable
-    checkpoint; re-queueing an identical graph reuses the finished run instead of training again."""
+    checkpoint; a stop from the panel hands on the model it saved (queue again to continue); re-queueing an identical
+    graph reuses the finished run instead of training again."""
 
     DESCRIPTION = __doc__
     CATEGORY = CATEGORY
@@ -68,6 +87,10 @@ class TrainDreamBooth:
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
+    @classmethod
+    def IS_CHANGED(cls, **_inputs):
+        return f"stops:{_stops[0]}"
+
     def train(self, model, concepts, config, resume="auto", unique_id=None):
         from ..training.data.dataset import PreparationStopped
         from ..training.data.report import is_notice
@@ -76,12 +99,14 @@ class TrainDreamBooth:
 
         resume = resume_setting(resume)       # before anything else: a refused folder is never touched
         compat.free_comfy_memory()
-        reporter = LiveReporter(unique_id if unique_id is not None else "headless")
+        reporter = LiveReporter(unique_id if unique_id is not None else "headless",
+                                prompt_id=compat.current_prompt_id())   # the panel of the workflow that queued it
         bar = compat.Progress(1, label="training")
         cancelled = []       # the interrupt the progress bar raised (raising it consumed ComfyUI's flag)
 
         def progress(p):
-            reporter.progress(p["step"], p["total"], p["epoch"], p["loss"], p["lr"], p["it_per_s"], p["eta_s"])
+            reporter.progress(p["step"], p["total"], p["epoch"], p["loss"], p["lr"], p["it_per_s"], p["eta_s"],
+                              epochs=p.get("epochs"), stage=p.get("stage"))
             try:
                 bar.update_absolute(p["step"], p["total"])
             except Exception as e:   # Cancel: remembered, so the trainer saves and stops at this step boundary
@@ -96,6 +121,9 @@ class TrainDreamBooth:
 
         def log(message):
             compat.log(message)
+            resuming = RESUMING.match(message)
+            if resuming:                     # the chart starts at step 1: the run's loss so far
+                reporter.resumed(resumed_points(resuming.group(1), int(resuming.group(2))))
             if not is_notice(message):       # problem files are printed and reported, not stages
                 activity[0] = message
                 reporter.stage(message)
@@ -107,31 +135,59 @@ class TrainDreamBooth:
             reporter.preview([_ui_image(p) for p in paths])
 
         callbacks = TrainCallbacks(progress=progress, preview=preview, log=log,
-                                   should_stop=should_stop, control=reporter.control, stage=stage)
+                                   should_stop=should_stop, control=reporter.trainer_control, stage=stage)
         try:
             result = train(model, concepts, config, output_root=compat.output_directory(), resume=resume,
                            device=compat.comfy_torch_device(), callbacks=callbacks)
         except (TrainingInterrupted, PreparationStopped) as e:
-            # ComfyUI Cancel / Ctrl-C: report it as ComfyUI's own interrupt; a stop from the panel as an error
-            reporter.status("interrupted" if cancelled or compat.interrupt_requested() else "stopped", str(e))
-            if cancelled:
-                raise cancelled[0] from None
-            compat.check_interrupt()
-            raise TrainingStopped(f"{e}. Queue the graph again to continue (resume = auto).") from None
+            if cancelled or compat.interrupt_requested():     # ComfyUI Cancel / Ctrl-C: ComfyUI's own interrupt
+                reporter.status("interrupted", str(e))
+                if cancelled:
+                    raise cancelled[0] from None
+                compat.check_interrupt()
+            _stops[0] += 1
+            result = getattr(e, "result", None)
+            if result is None:     # stopped before the first step: nothing to hand on; ends like Cancel, no error
+                reporter.status("stopped", "stopped before training started (nothing trained)")
+                raise compat.interrupt_exception(f"{e}. Queue the graph again to continue (resume = auto).") from None
+            compat.log(str(e))      # names the checkpoint
+            stopped = True
         except Exception as e:
             reporter.status("error", str(e))
             raise
+        else:
+            stopped = False
         finally:
             bar.close()
             compat.release_training_memory()   # optimizer states, activations and copies are gone by now
+        if stopped:     # a requested stop: the checkpoint's model goes on to the next nodes, the run stays resumable
+            return self._stopped_output(result, reporter)
         reporter.run_dir = result.run_dir
         reporter.status("done", ("reused finished run " if result.reused else "finished ") + result.run_dir)
         summary = (f"{'Reused' if result.reused else 'Trained'} {result.steps} steps; final loss "
                    f"{result.final_loss if result.final_loss is not None else '-'}\nrun: {result.run_dir}\n\n{result.report}")
-        previews = sorted(os.path.join(result.run_dir, "previews", f)
-                          for f in os.listdir(os.path.join(result.run_dir, "previews")))[-8:]
+        return self._output(result, summary)
+
+    @staticmethod
+    def _stopped_output(result, reporter) -> dict:
+        reporter.run_dir = result.run_dir
+        reporter.status("stopped", stopped_message(result.steps))
+        loss = result.final_loss if result.final_loss is not None else "-"
+        summary = (f"{stopped_message(result.steps).capitalize()}; loss {loss}\nrun: {result.run_dir}\n"
+                   f"Queue the graph again to continue it (resume = auto).\n\n{result.report}")
+        return TrainDreamBooth._output(result, summary)
+
+    @staticmethod
+    def _output(result, summary: str) -> dict:
+        folder = os.path.join(result.run_dir, "previews")
+        previews = sorted(os.path.join(folder, f) for f in os.listdir(folder))[-8:] if os.path.isdir(folder) else []
         return {"ui": {"text": [summary], "images": [_ui_image(p) for p in previews]},
                 "result": (result.model, result.run_dir, summary)}
+
+
+def stopped_message(step: int) -> str:
+    """What the panel and the node's text say about a run stopped on request."""
+    return f"stopped at step {step} (checkpoint saved)"
 
 
 NODE_CLASS_MAPPINGS = {"TrainDreamBooth": TrainDreamBooth}

@@ -1,8 +1,14 @@
-"""PerformanceWizard: settings that fit the card, with the reason for each choice (training/memory.py)."""
+"""PerformanceWizard: settings that fit the card, with the reason for each choice (training/memory.py).
+
+The explanation is shown on the node itself (like the settings nodes' estimate, web/memory_estimate.js) and names
+every setting of a connected config it changed, from what to what.
+"""
 from __future__ import annotations
 
+import os
+
 from ..training.memory import MODES, choose_settings, concept_type_of, free_device_memory_gb, images_in
-from ..training.settings import DreamBoothSettings
+from ..training.settings import DreamBoothSettings, recommended_learning_rate
 from .settings import CONFIG_TYPE
 
 CONCEPT_TYPES = ("person", "object", "style")
@@ -27,7 +33,8 @@ class PerformanceWizard:
             "required": {
                 "model": ("DB_MODEL", {"tooltip": "The base model to train (its architecture decides the sizes)."}),
                 "vram_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5, "round": False,
-                                      "tooltip": "GB of GPU memory to fit. 0 = the detected device's free memory."}),
+                                      "tooltip": "GB of GPU memory to fit. 0 = the detected GPU's free memory (on a "
+                                                 "server without a GPU: the free system memory)."}),
                 "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 64,
                                        "tooltip": "Training resolution. 0 = the family's own (SD1 512, SD2 768, "
                                                   "SDXL 1024)."}),
@@ -45,7 +52,7 @@ class PerformanceWizard:
                 "concepts": ("CONCEPTS", {"tooltip": "Optional: the concepts to train; their images are counted "
                                                      "and their concept type used."}),
                 "config": (CONFIG_TYPE, {"tooltip": "Optional settings to start from; the wizard overrides only "
-                                                    "the memory-related ones."}),
+                                                    "the memory-related ones, and lists each one it changed."}),
             },
         }
 
@@ -54,14 +61,76 @@ class PerformanceWizard:
             raise TypeError(f"config must be a DB_CONFIG (DreamBoothSettings), got {type(config).__name__}")
         if concepts:
             images, concept_type = images_in(concepts), concept_type_of(concepts)
+        note = ""
         if not vram_gb:
-            from .comfy_compat import comfy_torch_device
-
-            vram_gb = round(free_device_memory_gb(comfy_torch_device()), 2)
+            vram_gb, note = detected_memory_gb()
         result = choose_settings(model, vram_gb, images=int(images), resolution=resolution or None, mode=mode,
                                  concept_type=concept_type, base=config)
-        text = result.explanation + "\n\n" + result.estimate.table()
-        return (result.settings, text)
+        parts = [note] if note else []
+        parts.append(result.explanation)
+        if config is not None:
+            parts.append(changes_text(config, result.settings))
+        parts.append(result.estimate.table())
+        text = "\n\n".join(parts)
+        return {"ui": {"text": [text]}, "result": (result.settings, text)}
+
+
+def detected_memory_gb() -> tuple[float, str]:
+    """(GB to plan for, a note) for vram_gb = 0: the GPU's free memory; on a server without one (training then
+    runs in system memory) the free system memory, said in the note."""
+    from .comfy_compat import comfy_torch_device
+
+    device = comfy_torch_device()
+    try:
+        return round(free_device_memory_gb(device), 2), ""
+    except ValueError:
+        pass
+    free = _free_system_memory_gb()
+    if free is None:
+        return 1024.0, (f"no GPU found (device {device}) and the free system memory is unknown: planned without a "
+                        "memory limit; set vram_gb to plan for a card")
+    return round(free, 2), (f"no GPU found (device {device}): planned for the {free:.1f} GB of system memory free "
+                            "now, where training runs; set vram_gb to plan for a card")
+
+
+def _free_system_memory_gb() -> float | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1024 ** 3
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _flat(settings: DreamBoothSettings) -> dict:
+    out = {}
+    for key, value in settings.to_dict().items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def _shown(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "auto" if value is None else str(value)
+
+
+def changes_text(before: DreamBoothSettings, after: DreamBoothSettings) -> str:
+    """The settings of the connected config the wizard changed, "name: old -> new" one a line."""
+    old, new = _flat(before), _flat(after)
+    lines = []
+    for key in new:
+        if old.get(key) == new[key]:
+            continue
+        shown = _shown(new[key])
+        if key == "learning_rate" and new[key] is None:
+            shown = f"auto ({recommended_learning_rate(after.use_lora, after.optimizer):g} for "
+            shown += f"{'LoRA' if after.use_lora else 'a full fine-tune'} with {after.optimizer})"
+        lines.append(f"- {key}: {_shown(old.get(key))} -> {shown}")
+    if not lines:
+        return "the connected settings are kept as they are (nothing changed)."
+    return "changed in the connected settings:\n" + "\n".join(lines)
 
 
 NODE_CLASS_MAPPINGS = {"PerformanceWizard": PerformanceWizard}

@@ -20,6 +20,10 @@ EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 BASE_MODEL = "v1-5-pruned-emaonly.safetensors"
 PERSON_LORA = "dreambooth/ohwx_person"            # SaveLoRA filename; LoraLoader sees it as <this>.safetensors
 COL = 440                                           # column width on the canvas
+# Rows below the settings nodes leave room for the memory estimate they show once run (~220 px more; measured in
+# ComfyUI's frontend by tests/test_web_frontend.py): Data ends near y 640 then, Settings near 880.
+BELOW_DATA_Y = 720
+SETTINGS_NOTE_Y = 950
 NEGATIVE = "lowres, blurry, jpeg artifacts, deformed, watermark, text"
 
 # the demo (demo.py) and the real-ComfyUI test address nodes of the LoRA example by these titles
@@ -65,7 +69,7 @@ def lora_training_chain(c: Canvas, x0: int = 0, y0: int = 0, *, save_widgets: di
     ids = {}
     ids["model"] = c.node("LoadBaseModel", (x0, y0 + 320), title=TITLES["model"],
                           widgets={"model": BASE_MODEL, "dtype": "fp32"})
-    ids["concept"] = c.node("ConceptDataset", (x0, y0 + 560), title=TITLES["concept"], widgets=_concept_widgets(),
+    ids["concept"] = c.node("ConceptDataset", (x0, y0 + 600), title=TITLES["concept"], widgets=_concept_widgets(),
                             width=400)
     ids["data"] = c.node("DreamBoothData", (x0 + COL, y0), title=TITLES["data"],
                          widgets={"resolution": 512, "random_flip": False})
@@ -104,8 +108,8 @@ def lora_person_prior_preservation() -> dict:
            "Headless: comfyui-dreambooth run lora_person_prior_preservation.json --set \"Concept.instance_dir=/my/photos\"",
            (0, -40), width=420, height=330, title="How to use")
     lora_training_chain(c, 460, 0)
-    c.note(TRAINING_NOTE, (460 + 2 * COL, 780), width=420, height=330, title="Settings")
-    c.group("DreamBooth LoRA (person, prior preservation)", (440, -80, 5 * COL + 20, 1220))
+    c.note(TRAINING_NOTE, (460 + 2 * COL, SETTINGS_NOTE_Y), width=420, height=330, title="Settings")
+    c.group("DreamBooth LoRA (person, prior preservation)", (440, -80, 5 * COL + 20, 1400))
     return c.to_json()
 
 
@@ -123,12 +127,12 @@ def full_finetune_object() -> dict:
            (0, -40), width=420, height=360, title="How to use")
     x0 = 460
     model = c.node("LoadBaseModel", (x0, 320), title="Base model", widgets={"model": BASE_MODEL, "dtype": "fp32"})
-    concept = c.node("ConceptDataset", (x0, 560), title="Concept", width=400, widgets=_concept_widgets(
+    concept = c.node("ConceptDataset", (x0, 600), title="Concept", width=400, widgets=_concept_widgets(
         instance_dir="dreambooth/object", instance_prompt="a photo of zwx teapot", instance_token="zwx",
         class_prompt="a photo of a teapot", class_token="teapot", num_class_images_per_image=5,
         sample_prompt="a zwx teapot on a wooden table, studio light", concept_type="object"))
     data = c.node("DreamBoothData", (x0 + COL, 0), title="Data", widgets={"resolution": 512, "random_flip": True})
-    optimizer = c.node("DreamBoothOptimizer", (x0 + COL, 560), title="Optimizer",
+    optimizer = c.node("DreamBoothOptimizer", (x0 + COL, BELOW_DATA_Y), title="Optimizer",
                        widgets={"weight_decay": 0.01, "max_grad_norm": 1.0, "use_ema": False})
     settings = c.node("DreamBoothSettings", (x0 + 2 * COL, 0), title="Settings", widgets={
         "use_lora": False, "steps_per_image": 100, "learning_rate": 1e-6, "text_encoder_lr": 1e-6,
@@ -150,8 +154,8 @@ def full_finetune_object() -> dict:
     c.link(train, "model", save, "model")
     c.note(TRAINING_NOTE.replace("- LoRA: learning_rate 1e-4 (text encoder 5e-5); full fine-tune: 1e-6.",
                                  "- Full fine-tune: learning_rate 1e-6 (LoRA would use 1e-4)."),
-           (x0 + 2 * COL, 780), width=420, height=330, title="Settings")
-    c.group("Full fine-tune (object)", (x0 - 20, -80, 5 * COL + 20, 1220))
+           (x0 + 2 * COL, SETTINGS_NOTE_Y), width=420, height=330, title="Settings")
+    c.group("Full fine-tune (object)", (x0 - 20, -80, 5 * COL + 20, 1400))
     return c.to_json()
 
 
@@ -167,9 +171,9 @@ def two_concepts() -> dict:
            title="How to use")
     x0 = 460
     model = c.node("LoadBaseModel", (x0, 0), title="Base model", widgets={"model": BASE_MODEL, "dtype": "fp32"})
-    person = c.node("ConceptDataset", (x0, 240), title="Concept 1: person", width=400,
+    person = c.node("ConceptDataset", (x0, 280), title="Concept 1: person", width=400,
                     widgets=_concept_widgets(repeats=2))
-    style = c.node("ConceptDataset", (x0 + COL, 240), title="Concept 2: style", width=400, widgets=_concept_widgets(
+    style = c.node("ConceptDataset", (x0 + COL, 280), title="Concept 2: style", width=400, widgets=_concept_widgets(
         instance_dir="dreambooth/style", instance_prompt="[filewords], zkz style", instance_token="zkz",
         class_prompt="a painting", class_token="painting", num_class_images_per_image=0,
         sample_prompt="a lighthouse at night, zkz style", concept_type="style"))
@@ -193,7 +197,7 @@ def two_concepts() -> dict:
     c.link(train, "model", sample_person, "model")
     c.link(train, "model", sample_both, "model")
     c.link(train, "model", save, "model")
-    c.note(TRAINING_NOTE, (x0 + 2 * COL, 460), width=420, height=330, title="Settings")
+    c.note(TRAINING_NOTE, (x0 + 2 * COL, BELOW_DATA_Y - 40), width=420, height=330, title="Settings")
     c.group("Two concepts, one LoRA", (x0 - 20, -120, 6 * COL + 20, 1240))
     return c.to_json()
 
@@ -286,7 +290,7 @@ def imagic_edit() -> dict:
            title="How to use")
     x0 = 460
     model = c.node("LoadBaseModel", (x0, 320), title="Base model", widgets={"model": BASE_MODEL, "dtype": "fp32"})
-    concept = c.node("ConceptDataset", (x0, 560), title="Concept", width=400, widgets=_concept_widgets(
+    concept = c.node("ConceptDataset", (x0, 600), title="Concept", width=400, widgets=_concept_widgets(
         instance_dir="dreambooth/imagic", instance_prompt="a photo of a sitting dog", instance_token="",
         class_prompt="", class_token="", class_negative_prompt="", num_class_images_per_image=0,
         sample_prompt="", concept_type="object"))
@@ -295,7 +299,7 @@ def imagic_edit() -> dict:
         "use_lora": False, "steps_per_image": 150, "learning_rate": 1e-6, "lr_scheduler": "constant_with_warmup",
         "lr_warmup_steps": 0, "text_encoder_ratio": 0.0, "mixed_precision": "fp16", "seed": 1234,
         "save_every_epochs": 1, "preview_every_epochs": 1, "keep_last_checkpoints": 1, "run_name": "imagic_edit"})
-    imagic = c.node("DreamBoothImagic", (x0 + COL, 560), title="Imagic", widgets={
+    imagic = c.node("DreamBoothImagic", (x0 + COL, BELOW_DATA_Y), title="Imagic", widgets={
         "train_imagic_only": True, "imagic_embed_steps": 1000, "imagic_embed_lr": 1e-3, "imagic_unet_steps": 1500,
         "imagic_unet_lr": 0.0})
     train = c.node("TrainDreamBooth", (x0 + 3 * COL, 320), title="Train", width=420, height=520)
@@ -305,12 +309,12 @@ def imagic_edit() -> dict:
     c.link(concept, "concepts", train, "concepts")
     c.link(settings, "config", train, "config")
     for i, alpha in enumerate((0.0, 0.7, 1.0)):
-        sample = c.node("SampleTrained", (x0 + 4 * COL, i * 420), title=f"Sample alpha {alpha:g}", width=400,
+        sample = c.node("SampleTrained", (x0 + 4 * COL, i * 600), title=f"Sample alpha {alpha:g}", width=400,
                         widgets={"prompt": "", "negative_prompt": NEGATIVE, "steps": 50, "cfg": 7.5, "seed": 7,
                                  "scheduler": "ddim", "filename_prefix": f"dreambooth/imagic_alpha{alpha:g}",
                                  "imagic_alpha": alpha})
         c.link(train, "model", sample, "model")
-    c.group("Imagic: edit one photo by a text", (x0 - 20, -80, 5 * COL + 20, 1340))
+    c.group("Imagic: edit one photo by a text", (x0 - 20, -80, 5 * COL + 20, 1880))
     return c.to_json()
 
 

@@ -150,6 +150,9 @@ def test_resume_mid_stage_is_identical(sd1, run, tmp_path, stop_at):
     with pytest.raises(TrainingInterrupted) as info:
         train(sd1, [run["concept"]], _settings(), output_root=out, resume="new", callbacks=cb)
     assert info.value.step == stop_at
+    stopped = info.value.result            # issue 23.2: the stopped run's model, for the node to hand on
+    assert stopped.steps == stop_at and stopped.run_dir == info.value.run_dir
+    assert imagic.OPTIMIZED_KEY in stopped.model.extras and stopped.final_loss is not None
     state = json.load(open(os.path.join(info.value.checkpoint, "state.json")))
     assert state["stage"] == (1 if stop_at <= 3 else 2)
     resumed = train(sd1, [run["concept"]], _settings(), output_root=out, resume="auto")

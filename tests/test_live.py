@@ -241,7 +241,7 @@ def test_default_transport_inside_comfyui_uses_prompt_server(monkeypatch):
 
 # --- routes --------------------------------------------------------------------------------------------------
 def test_state_response():
-    assert live.state_response() == (200, {"nodes": {}})
+    assert live.state_response() == (200, {"nodes": {}, "runs": []})
     make_reporter("3")
     status, body = live.state_response("3")
     assert status == 200 and body["node"] == "3"
@@ -249,6 +249,114 @@ def test_state_response():
     assert status == 200 and set(body["nodes"]) == {"3"}
     status, body = live.state_response("4")
     assert status == 404 and "node '4'" in body["error"]
+
+
+def test_every_message_and_the_state_name_the_prompt_that_started_the_run():
+    """Issue 23.1: node ids repeat across workflows; the prompt id tells a panel whether the run is its own."""
+    reporter, sent, clock = make_reporter("5", prompt_id="prompt-a")
+    reporter.progress(1, 4, epoch=1, loss=0.5, lr=1e-4, it_per_s=1.0, eta_s=3.0)
+    reporter.preview([{"filename": "p.png", "subfolder": "", "type": "output"}])
+    reporter.status("done", "finished")
+    assert {event for event, _ in sent} == {live.STATUS_EVENT, live.PROGRESS_EVENT, live.PREVIEW_EVENT}
+    assert all(data["prompt"] == "prompt-a" for _, data in sent), sent
+    assert live.get_state("5")["prompt"] == "prompt-a"
+    assert make_reporter("6")[0].snapshot()["prompt"] is None      # headless: no prompt
+
+
+def test_runs_of_the_same_node_id_from_other_workflows_are_all_kept(monkeypatch):
+    """Issue 23.1: workflow A's node 5 trained, then workflow B's node 5: A's panel still finds A's run (by its
+    prompt) in GET /dreambooth/state; the latest run of each node stays the one controls act on."""
+    monkeypatch.setattr(live, "_send_ui_message", lambda e, d: None)
+    first, _, _ = make_reporter("5", prompt_id="prompt-a")
+    first.status("done", "finished")
+    second, _, _ = make_reporter("5", prompt_id="prompt-b")
+    status, body = live.state_response()
+    assert status == 200 and [(s["run"], s["prompt"]) for s in body["runs"]] == [(first.run, "prompt-a"),
+                                                                                  (second.run, "prompt-b")]
+    assert body["nodes"]["5"]["run"] == second.run
+    assert live.control_response({"node": "5", "run": first.run, "action": "save_now"})[0] == 409
+    assert live.control_response({"node": "5", "run": second.run, "action": "save_now"})[0] == 200
+
+
+def test_kept_runs_are_bounded_but_each_nodes_latest_stays():
+    reporters = [make_reporter(str(i % 3), prompt_id=f"p{i}")[0] for i in range(live.MAX_KEPT_RUNS + 10)]
+    runs = [s["run"] for s in live.get_runs()]
+    assert len(runs) == live.MAX_KEPT_RUNS and runs == [r.run for r in reporters[-live.MAX_KEPT_RUNS:]]
+    keeper = make_reporter("keep", prompt_id="k")[0]
+    for i in range(live.MAX_KEPT_RUNS + 3):
+        make_reporter(f"other{i}")
+    assert keeper.run in [s["run"] for s in live.get_runs()]      # still the latest of its node
+
+
+def test_save_now_is_confirmed_on_the_panel_when_the_checkpoint_is_written(monkeypatch):
+    """Issue 23.3: the notice "Save requested: ..." stayed for the rest of the run; the "saved" line reached only
+    the console. Taking the request shows "saving", the trainer's next word (after the write) "saved step N"."""
+    monkeypatch.setattr(live, "_send_ui_message", lambda e, d: None)
+    reporter, sent, clock = make_reporter("5")
+    reporter.progress(1, 10, epoch=1, loss=0.5)
+    reporter.progress(2, 10, epoch=1, loss=0.4)
+    assert live.control_response({"node": "5", "run": reporter.run, "action": "save_now"})[0] == 200
+    assert not reporter.trainer_control.should_stop(epoch_end=True)        # the other flags are the run's own
+    del sent[:]
+    assert reporter.trainer_control.take_save_request()                     # the trainer writes it now
+    assert [(d["state"], d["message"]) for d in events(sent, live.STATUS_EVENT)] == [
+        ("saving", "saving a checkpoint at step 2…")]
+    assert events(sent, live.STATUS_EVENT)[0]["control"]["save_requested"] is False
+    reporter.stage("saved /runs/x/checkpoints/step-0000002 (requested)")   # the trainer's next word
+    assert [(d["state"], d["message"]) for d in events(sent, live.STATUS_EVENT)][1:] == [("running", "saved step 2")]
+    assert live.get_state("5")["message"] == "saved step 2"
+    reporter.progress(3, 10, epoch=1, loss=0.3)
+    assert len(events(sent, live.STATUS_EVENT)) == 2                         # confirmed once
+    assert not reporter.trainer_control.take_save_request()                 # one click, one checkpoint
+
+
+def test_a_failed_requested_save_is_not_confirmed(monkeypatch):
+    reporter, sent, _ = make_reporter("5")
+    reporter.progress(4, 10, loss=0.5)
+    reporter.control.request_save()
+    assert reporter.trainer_control.take_save_request()
+    reporter.status("error", "could not save the checkpoint of step 4")
+    reporter.stage("anything")
+    assert [d["message"] for d in events(sent, live.STATUS_EVENT)][-2:] == [
+        "saving a checkpoint at step 4…", "could not save the checkpoint of step 4"]
+
+
+def test_progress_carries_the_epoch_count_and_the_imagic_stage():
+    """Issue 23.6: Imagic's stage (embedding / UNet) was sent by the trainer but dropped before the panel."""
+    reporter, sent, clock = make_reporter("5")
+    reporter.progress(3, 10, epoch=1, loss=0.2, epochs=2, stage="embedding")
+    clock.t += 1
+    reporter.progress(8, 10, epoch=2, loss=0.1, epochs=2, stage="unet")
+    assert [(d["epoch"], d["epochs"], d["stage"]) for d in events(sent, live.PROGRESS_EVENT)] == [
+        (1, 2, "embedding"), (2, 2, "unet")]
+    assert live.get_state("5")["stage"] == "unet" and live.get_state("5")["epochs"] == 2
+    reporter.progress(9, 10, epoch=3, loss=0.1)
+    assert live.get_state("5")["stage"] is None
+
+
+def test_a_resumed_run_starts_its_chart_with_the_earlier_steps():
+    reporter, sent, _ = make_reporter("5")
+    reporter.resumed([[1, 0.5], [2, "nan"], [3, 0.3]])
+    reporter.progress(4, 10, epoch=1, loss=0.2)
+    assert events(sent, live.PROGRESS_EVENT)[0]["points"] == [[1, 0.5], [3, 0.3], [4, 0.2]]
+    assert live.get_state("5")["loss_history"] == [[1, 0.5], [3, 0.3], [4, 0.2]]
+
+
+def test_current_prompt_id_inside_comfyui(monkeypatch):
+    from comfyui_dreambooth.nodes import comfy_compat
+
+    assert comfy_compat.current_prompt_id() is None                 # headless
+    server = types.ModuleType("server")
+    instance = types.SimpleNamespace(last_prompt_id="from-server")
+    server.PromptServer = type("PromptServer", (), {"instance": instance})
+    for name in ("folder_paths", "comfy"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "server", server)
+    assert comfy_compat.current_prompt_id() == "from-server"        # ComfyUI without comfy_execution.utils
+    utils = types.ModuleType("comfy_execution.utils")
+    utils.get_executing_context = lambda: types.SimpleNamespace(prompt_id="from-context", node_id="5")
+    monkeypatch.setitem(sys.modules, "comfy_execution.utils", utils)
+    assert comfy_compat.current_prompt_id() == "from-context"
 
 
 def test_control_response_sets_the_flags_and_tells_every_tab(monkeypatch):
@@ -384,7 +492,7 @@ def test_recorded_fixtures_match_what_the_reporter_sends():
         sys.path.remove(str(HARNESS))
     messages, state = record_messages.record()
     assert json.loads((HARNESS / "messages.json").read_text()) == messages
-    assert json.loads((HARNESS / "state.json").read_text()) == {"nodes": {record_messages.NODE_ID: state}}
+    assert json.loads((HARNESS / "state.json").read_text()) == record_messages.state_body(state)
     types_seen = {m["type"] for m in messages}
     assert types_seen == {live.PROGRESS_EVENT, live.PREVIEW_EVENT, live.STATUS_EVENT}
     assert len(messages) < 150                       # 300 steps at 10 it/s, throttled to <= 4/s

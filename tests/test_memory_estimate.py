@@ -294,24 +294,79 @@ def test_performance_wizard_node(sd1, tmp_path):
     for section in ("required", "optional"):
         for name, (_, options) in spec[section].items():
             assert options.get("tooltip"), name
-    config, text = cls().choose(sd1, vram_gb=4.0, resolution=64, images=6, mode="auto", concept_type="object")
+    out = cls().choose(sd1, vram_gb=4.0, resolution=64, images=6, mode="auto", concept_type="object")
+    config, text = out["result"]
+    assert out["ui"] == {"text": [text]}                  # issue 23.4: the explanation is shown on the node itself
     assert isinstance(config, DreamBoothSettings) and config.validate(num_examples=6) == []
     assert 6 % config.batch_size == 0 and "total" in text and "GB" in text
+    assert "connected settings" not in text                # nothing connected: nothing to compare with
     concept = make_concept(tmp_path, n=4)
     config, text = cls().choose(sd1, vram_gb=4.0, resolution=64, images=999, mode="lora", concept_type="style",
-                                concepts=[concept])
+                                concepts=[concept])["result"]
     assert config.use_lora and 4 % config.batch_size == 0
     start = DreamBoothSettings(run_name="mine", seed=7)
     config, _ = cls().choose(sd1, vram_gb=4.0, resolution=64, images=4, mode="lora", concept_type="person",
-                             config=start)
+                             config=start)["result"]
     assert config.run_name == "mine" and config.seed == 7          # only memory-related settings change
 
 
-def test_performance_wizard_node_vram_zero_on_a_cpu(sd1):
+def test_performance_wizard_says_which_connected_settings_it_changed(sd1):
+    """Issue 23.4: connected LoRA settings with learning rate 1e-3 became a full fine-tune at 1e-6 unannounced."""
     from comfyui_dreambooth.nodes import NODE_CLASS_MAPPINGS
+    from comfyui_dreambooth.training.settings import DreamBoothSettings, recommended_learning_rate
+
+    start = DreamBoothSettings(use_lora=True, learning_rate=1e-3, seed=7)
+    config, text = NODE_CLASS_MAPPINGS["PerformanceWizard"]().choose(
+        sd1, vram_gb=80.0, resolution=64, images=4, mode="full", concept_type="person", config=start)["result"]
+    assert not config.use_lora and config.learning_rate is None
+    lines = text.splitlines()
+    start_at = lines.index("changed in the connected settings:")
+    changed = []
+    for line in lines[start_at + 1:]:
+        if not line.startswith("- "):
+            break
+        changed.append(line)
+    assert "- use_lora: True -> False" in changed
+    rate = recommended_learning_rate(False, config.optimizer)
+    assert f"- learning_rate: 0.001 -> auto ({rate:g} for a full fine-tune with {config.optimizer})" in changed
+    assert not any(line.startswith("- seed:") for line in changed)     # kept settings are not listed
+    _, text = NODE_CLASS_MAPPINGS["PerformanceWizard"]().choose(     # its own choice again: nothing to change
+        sd1, vram_gb=80.0, resolution=64, images=4, mode="full", concept_type="person", config=config)["result"]
+    assert "the connected settings are kept as they are (nothing changed)." in text.splitlines()
+
+
+def test_performance_wizard_node_vram_zero_on_a_cpu(sd1, monkeypatch):
+    """Issue 23.4: vram_gb 0 (the default) was an error on a server without a GPU; it plans for the free system
+    memory there, and says so."""
+    from comfyui_dreambooth.nodes import NODE_CLASS_MAPPINGS, wizard
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: vram_gb 0 reads its free memory")
-    with pytest.raises(ValueError, match="vram_gb"):
-        NODE_CLASS_MAPPINGS["PerformanceWizard"]().choose(sd1, vram_gb=0.0, resolution=64, images=4, mode="auto",
-                                                          concept_type="person")
+    out = NODE_CLASS_MAPPINGS["PerformanceWizard"]().choose(sd1, vram_gb=0.0, resolution=64, images=4, mode="auto",
+                                                            concept_type="person")
+    config, text = out["result"]
+    assert text.startswith("no GPU found (device cpu): planned for the ") and "GB of system memory" in text
+    assert config.validate(num_examples=4) == []
+    monkeypatch.setattr(wizard, "_free_system_memory_gb", lambda: None)
+    _, text = NODE_CLASS_MAPPINGS["PerformanceWizard"]().choose(sd1, vram_gb=0.0, resolution=64, images=4,
+                                                                mode="auto", concept_type="person")["result"]
+    assert "free system memory is unknown" in text.splitlines()[0]
+
+
+
+
+def test_text_nits(sd1, capsys):
+    """Issue 23.7: "a 8 GB card", "a sd1 model", and "0.00 GB" rows for tiny models."""
+    from comfyui_dreambooth.nodes import NODE_CLASS_MAPPINGS
+    from comfyui_dreambooth.training.memory import estimate
+    from comfyui_dreambooth.training.settings import DreamBoothSettings
+
+    _, text = NODE_CLASS_MAPPINGS["PerformanceWizard"]().choose(sd1, vram_gb=8.0, resolution=64, images=4,
+                                                                mode="lora", concept_type="person")["result"]
+    assert text.startswith("LoRA of an SD1.x model at 64px") and "0.00 GB" not in text
+    table = estimate(sd1, DreamBoothSettings(use_lora=True).resolved()).table()
+    assert " MB" in table and "0.00 GB" not in table and table.splitlines()[-1].startswith("total")
+    code, out, _ = _cli(capsys, "estimate", "sd15", "--vram", "8")
+    assert code == 0 and "an 8 GB card" in out
+    code, out, _ = _cli(capsys, "estimate", "sd15", "--vram", "12")
+    assert code == 0 and "a 12 GB card" in out

@@ -10,7 +10,7 @@ import torch
 
 from comfyui_dreambooth.nodes import comfy_compat as compat
 from comfyui_dreambooth.nodes import live
-from comfyui_dreambooth.nodes.train import TrainDreamBooth, TrainingStopped
+from comfyui_dreambooth.nodes.train import TrainDreamBooth
 from trainer_fixtures import make_concept, read_losses, tiny_settings
 
 
@@ -111,6 +111,20 @@ def test_problem_files_and_stages_reach_the_console_the_report_and_the_panel(sd1
     assert statuses[-1][1]["state"] == "done"
 
 
+def test_the_resume_lines_of_both_trainers_are_recognised(tmp_path):
+    from comfyui_dreambooth.nodes.train import RESUMING, resumed_points
+
+    run = tmp_path / "run with spaces"
+    run.mkdir()
+    (run / "loss.jsonl").write_text("".join(json.dumps({"step": i, "loss": 1.0 / i}) + "\n" for i in (1, 2, 3)))
+    for line in (f"resuming {run} from step 2", f"resuming {run} from step 2 (Imagic stage 1)"):
+        found = RESUMING.match(line)
+        assert found and found.group(1) == str(run) and found.group(2) == "2", line
+        assert resumed_points(found.group(1), int(found.group(2))) == [[1, 1.0], [2, 0.5]]
+    assert resumed_points(str(tmp_path / "missing"), 3) == []
+    assert not RESUMING.match(f"resuming from {run} instead of the damaged x")
+
+
 def _interrupt_at_first_progress(messages_sink, request):
     def listener(event, data):
         if event == live.PROGRESS_EVENT and data.get("step") == 1:
@@ -137,19 +151,69 @@ def test_headless_cancel_saves_a_resumable_checkpoint_then_raises_the_interrupt(
     compat.clear_interrupt()
     out = TrainDreamBooth().train(sd1, [concept], settings, unique_id="8")       # queue again: resumes
     assert out["result"][1] == run_dir and [r["step"] for r in read_losses(run_dir)] == [1, 2, 3, 4]
+    # issue 23.6: the resumed run's chart starts at step 1 (the loss of the steps before the stop included)
+    state = live.get_state("8")
+    assert [p[0] for p in state["loss_history"]] == [1, 2, 3, 4]
+    assert state["loss_history"][0][1] == pytest.approx(read_losses(run_dir)[0]["loss"])
+    first = [d for event, d in headless if event == live.PROGRESS_EVENT and d["run"] == state["run"]][0]
+    assert [p[0] for p in first["points"]] == [1, 2]          # the browser gets the earlier points too
 
 
-def test_stop_from_the_panel_is_a_resumable_stop(sd1, tmp_path, headless):
+def _checkpoint_weights(run_dir, step):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(run_dir, "checkpoints", f"step-{step:07d}", "trainable.safetensors"))
+
+
+@pytest.mark.parametrize("action, stop_step", [("stop_now", 1), ("stop_after_epoch", 2)])
+def test_stop_from_the_panel_ends_the_node_with_the_checkpoint_model(sd1, tmp_path, headless, action, stop_step):
+    """Issue 23.2: a requested stop is not an error: the node returns the model its checkpoint holds (nodes after
+    it run), says "stopped at step N (checkpoint saved)" on the node and the panel (no ETA), and the run resumes on
+    the next queue, which ComfyUI does not answer from its cache."""
     from comfyui_dreambooth.training.control import find_control
 
     concept = make_concept(tmp_path, n=2)
-    remove = compat.add_ui_listener(_interrupt_at_first_progress(headless, lambda: find_control("9").stop_now()))
+    settings = tiny_settings(steps_per_image=2)          # 2 images: 2 steps an epoch, 4 in all
+    changed_before = TrainDreamBooth.IS_CHANGED(model=None, concepts=None, config=None, resume="auto")
+    remove = compat.add_ui_listener(_interrupt_at_first_progress(headless, lambda: find_control("9").apply(action)))
     try:
-        with pytest.raises(TrainingStopped, match="Queue the graph again"):
-            TrainDreamBooth().train(sd1, [concept], tiny_settings(steps_per_image=2), unique_id="9")
+        out = TrainDreamBooth().train(sd1, [concept], settings, unique_id="9")
     finally:
         remove()
-    assert live.get_state("9")["state"] == "stopped"
+    model, run_dir, summary = out["result"]
+    assert summary.startswith(f"Stopped at step {stop_step} (checkpoint saved)") and run_dir in summary
+    assert out["ui"]["text"] == [summary]
+    assert os.listdir(os.path.join(run_dir, "checkpoints")) == [f"step-{stop_step:07d}"]
+    saved = _checkpoint_weights(run_dir, stop_step)
+    params = dict(model.unet.named_parameters())
+    assert saved and all(torch.equal(params[name[len("unet."):]].detach().cpu(), tensor)
+                         for name, tensor in saved.items() if name.startswith("unet."))
+    assert model is not sd1 and not any(p.requires_grad for p in params.values())
+    state = live.get_state("9")
+    assert state["state"] == "stopped" and state["message"] == f"stopped at step {stop_step} (checkpoint saved)"
+    assert state["eta_s"] is None
+    assert TrainDreamBooth.IS_CHANGED(model=None, concepts=None, config=None, resume="auto") != changed_before
+
+    again = TrainDreamBooth().train(sd1, [concept], settings, unique_id="9")   # queue again: resumes, finishes
+    assert again["result"][1] == run_dir and [r["step"] for r in read_losses(run_dir)] == [1, 2, 3, 4]
+    assert again["result"][2].startswith("Trained 4 steps")
+
+
+def test_save_now_from_the_panel_is_confirmed_when_written(sd1, tmp_path, headless):
+    """Issue 23.3: Save now shows "saving a checkpoint at step N…", then "saved step N" once the trainer wrote it."""
+    from comfyui_dreambooth.training.control import find_control
+
+    concept = make_concept(tmp_path, n=2)
+    remove = compat.add_ui_listener(_interrupt_at_first_progress(headless, lambda: find_control("12").request_save()))
+    try:
+        out = TrainDreamBooth().train(sd1, [concept], tiny_settings(steps_per_image=2), unique_id="12")
+    finally:
+        remove()
+    run_dir = out["result"][1]
+    assert os.path.isdir(os.path.join(run_dir, "checkpoints", "step-0000001"))
+    said = [(d["state"], d["message"]) for event, d in headless if event == live.STATUS_EVENT and d["node"] == "12"]
+    saving = said.index(("saving", "saving a checkpoint at step 1…"))
+    assert said[saving + 1] == ("running", "saved step 1") and said[-1][0] == "done"
 
 
 def test_errors_reach_the_panel(sd1, tmp_path, headless):
@@ -200,6 +264,7 @@ def fake_comfy(tmp_path, monkeypatch):
 
     class Instance:
         routes = []
+        last_prompt_id = "prompt-7"      # main.py's prompt worker sets it before executing a prompt
 
         def send_sync(self, event, data, sid=None):
             calls.append(("send_sync", event, data))
@@ -227,6 +292,9 @@ def test_inside_comfyui_under_inference_mode(sd1, tmp_path, fake_comfy):
     assert calls.index(("update", 2, 2)) < len(calls) - 1 - calls[::-1].index("soft_empty_cache")   # and after
     assert [c for c in calls if c[0] == "update"] == [("update", 1, 2), ("update", 2, 2)]
     assert any(c[0] == "send_sync" and c[1] == live.PROGRESS_EVENT for c in calls)
+    # issue 23.1: the run is bound to the prompt that started it (panels of other workflows do not show it)
+    assert live.get_state("3")["prompt"] == "prompt-7"
+    assert all(c[2]["prompt"] == "prompt-7" for c in calls if c[0] == "send_sync")
     # the trained model works for sampling afterwards (outside the executor's inference mode too)
     assert not model.unet.conv_in.weight.is_inference()
 

@@ -174,3 +174,22 @@ def test_cli_workflow_with_a_model_linked_to_a_settings_node(capsys, tmp_path):
     path.write_text(json.dumps(prompt))
     assert cli.main(["estimate", "sd15", "--workflow", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["settings"]["use_lora"] is False
+
+
+def test_an_intermediate_node_says_its_estimate_is_of_the_settings_so_far():
+    """Issue 23.5: earlier settings nodes of a chain showed the estimate of an intermediate config, nothing saying
+    so. ComfyUI hands each node its id and the queued graph: a node whose config feeds another settings node says
+    which one changes it; the last one (what trains) shows its estimate alone."""
+    prompt = {"3": {"class_type": "DreamBoothData", "inputs": {}},
+              "4": {"class_type": "DreamBoothSettings", "inputs": {"config": ["3", 0]}},
+              "5": {"class_type": "TrainDreamBooth", "inputs": {"config": ["4", 0], "model": ["1", 0]}},
+              "6": {"class_type": "PreviewAny", "inputs": {"source": ["4", 1]}}}
+    first = run_node("DreamBoothData", unique_id="3", prompt=prompt)
+    assert first["ui"]["text"][0].startswith("(settings so far: DreamBoothSettings #4 changes them after this node")
+    assert first["result"][1] == first["ui"]["text"][0]
+    last = run_node("DreamBoothSettings", unique_id="4", prompt=prompt)
+    assert not last["ui"]["text"][0].startswith("(settings so far")      # its memory_estimate feeds no settings
+    alone = run_node("DreamBoothSettings")
+    assert not alone["ui"]["text"][0].startswith("(settings so far")
+    for name in SETTINGS_NODES:
+        assert NODE_CLASS_MAPPINGS[name].INPUT_TYPES()["hidden"] == {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"}

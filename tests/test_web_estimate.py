@@ -25,7 +25,7 @@ class QuietHandler(SimpleHTTPRequestHandler):
 
 def test_extension_knows_every_settings_node():
     source = EXTENSION.read_text()
-    for name in settings_nodes.NODE_CLASS_MAPPINGS:
+    for name in [*settings_nodes.NODE_CLASS_MAPPINGS, "PerformanceWizard"]:
         assert f'"{name}"' in source, name
     assert '"WARNING"' in source and "onExecuted" in source and "serialize: false" in source
     imports = re.findall(r'^\s*import .* from "([^"]+)"', source, flags=re.M)
@@ -60,3 +60,11 @@ def test_estimate_is_shown_on_the_node(tmp_path):
     data = report["data"]
     assert data["shown"] and data["warning"] == "false" and "4.00 GB" in data["text"]
     assert report["otherHasHook"] is False                                            # other nodes untouched
+    # issue 23.5: the whole estimate (its total line too) is inside its node, which is as wide as intended
+    for shown in (report["full"], report["wizard"], settings, data):
+        assert shown["shown"] and not shown["scrolls"], shown
+        assert shown["boxBottom"] <= shown["size"][1], shown
+        assert shown["size"][0] >= 420, shown
+    assert report["full"]["text"].endswith("total             3.74 GB")
+    # issue 23.4: the PerformanceWizard shows its explanation on itself too
+    assert "changed in the connected settings" in report["wizard"]["text"]

@@ -54,6 +54,18 @@ def test_extension_talks_the_backend_protocol():
     assert imports == ["../../scripts/app.js", "../../scripts/api.js"]   # ComfyUI's app/api only
 
 
+def test_the_web_folder_is_registered_once():
+    """Issue 23.7: [tool.comfy] web registers web/ under the project name and WEB_DIRECTORY under the folder name:
+    in a folder named otherwise, ComfyUI listed every extension twice. WEB_DIRECTORY alone works in every version."""
+    import tomllib
+
+    import comfyui_dreambooth
+
+    assert comfyui_dreambooth.WEB_DIRECTORY == "./web"
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert "web" not in config["tool"]["comfy"]
+
+
 # --- the site --------------------------------------------------------------------------------------------------
 class SiteHandler(SimpleHTTPRequestHandler):
     """Static files, plus ComfyUI's /api/view answered from the preview folder (requests are recorded)."""
@@ -160,6 +172,7 @@ def test_replayed_run_fills_the_panel(replay, site):
     last = [m["data"] for m in messages if m["type"] == live.PROGRESS_EVENT][-1]
     node = replay["node"]
     assert node["panel"] and node["widgets"] == 1
+    assert node["size"][0] >= 380        # issue 23.7: the intended width sticks (LiteGraph sizes are not Arrays)
     assert node["serialize"] is False                 # the panel never lands in the workflow's widgets_values
     assert replay["other"] == {"panel": False, "widgets": 0}   # only TrainDreamBooth nodes get one
     assert node["state"] == "done" and node["message"] == "saved loras/demo.safetensors"
@@ -175,6 +188,9 @@ def test_replayed_run_fills_the_panel(replay, site):
     assert {(r["filename"], r["subfolder"], r["type"]) for r in requested} == {
         (i["filename"], i["subfolder"], i["type"]) for i in last_preview["images"]}
     assert replay["calls"] == [{"route": "/dreambooth/state", "method": "GET", "body": None}]   # restore on setup
+    # issue 23.1: before its workflow was queued the panel showed nothing; the queue bound it to its prompt
+    assert replay["beforeQueue"]["state"] == "idle" and replay["beforeQueue"]["message"].startswith("Queue the workflow")
+    assert replay["boundPrompts"] == [messages[0]["data"]["prompt"]] == [replay["queueAnswer"]["prompt_id"]]
 
 
 @needs_chromium
@@ -223,6 +239,12 @@ def test_buttons_post_control_requests(site):
     assert [call["body"] for call in posts] == [{"node": NODE_ID, "run": run, "action": "save_now"},
                                                 {"node": NODE_ID, "run": run, "action": "stop_after_epoch"},
                                                 {"node": NODE_ID, "run": run, "action": "save_now"}]
+    # issue 23.3: Save now is confirmed: the notice gives way to "saving ...", then to "saved step N"
+    step = json.loads((HARNESS / "state.json").read_text())["nodes"][NODE_ID]["step"]
+    assert report["afterSaveClick"]["message"] == "harness accepted save_now"
+    assert report["whileSaving"]["state"] == "saving"
+    assert report["whileSaving"]["message"] == f"saving a checkpoint at step {step}…"
+    assert report["afterSaved"]["state"] == "running" and report["afterSaved"]["message"] == f"saved step {step}"
     after = report["afterClicks"]
     assert after["message"] == "harness accepted stop_after_epoch"
     buttons = {button["action"]: button for button in after["buttons"]}
@@ -248,3 +270,50 @@ def test_a_stale_panel_is_refused_then_shows_and_controls_the_current_run(site):
     assert [call["route"] for call in report["calls"]] == [
         "/dreambooth/state", "/dreambooth/control", "/dreambooth/state", "/dreambooth/control"]
     assert report["afterRetry"]["message"] == "harness accepted save_now"
+
+
+@needs_chromium
+def test_a_stopped_run_says_so_and_shows_no_eta(site):
+    """Issue 23.2: a stop requested from the panel ends as "stopped at step N (checkpoint saved)", not failed, and
+    the STOPPED panel shows no ETA."""
+    report = harness_report(site, "stopped")
+    state = json.loads((HARNESS / "state.json").read_text())["nodes"][NODE_ID]
+    assert report["node"]["fields"]["eta"] == "15s"                      # running: an ETA
+    stopped = report["afterStop"]
+    assert stopped["state"] == "stopped" and stopped["message"] == f"stopped at step {state['step']} (checkpoint saved)"
+    assert stopped["fields"]["eta"] == "–" and stopped["fields"]["step"] == f"{state['step']} / {state['total']}"
+    assert all(button["disabled"] for button in stopped["buttons"])
+
+
+@needs_chromium
+def test_a_panel_shows_and_controls_only_its_own_workflows_run(site):
+    """Issue 23.1: node 5 of a new workflow showed the run of node 5 of another workflow, and its buttons would
+    have acted on it. A panel shows only runs of prompts its own workflow queued; one that has not run shows
+    nothing and has no buttons to press."""
+    report = harness_report(site, "workflows")
+    state = json.loads((HARNESS / "state.json").read_text())["nodes"][NODE_ID]
+    assert report["node"]["fields"]["step"] == f"{state['step']} / {state['total']}"    # its own run
+    for empty in (report["newTab"], report["unknown"]):
+        assert empty["state"] == "idle" and empty["message"].startswith("Queue the workflow")
+        assert set(empty["fields"].values()) == {"–"} and empty["previews"] == [] and empty["previewLabel"] == ""
+        assert all(button["disabled"] for button in empty["buttons"])
+        assert empty["chart"]["smooth"] == 0 and empty["chart"]["raw"] == 0
+    after = report["afterQueue"]
+    assert after["newTabPrompts"] == ["prompt-b"] and after["firstPrompts"] == [state["prompt"]]
+    assert after["newTab"]["fields"]["step"] == "2 / 10" and after["newTab"]["state"] == "running"
+    assert after["first"]["fields"]["step"] == f"{state['step']} / {state['total']}"   # still its own run
+    assert after["first"]["fields"] == report["node"]["fields"]
+    assert after["unknown"]["state"] == "idle"
+    posts = [call["body"] for call in report["calls"] if call["method"] == "POST"]
+    assert posts == [{"node": NODE_ID, "run": "run-b", "action": "save_now"}]    # the run that panel shows
+
+
+@needs_chromium
+def test_long_stage_messages_the_imagic_stage_and_the_epoch_count_are_shown(site):
+    """Issue 23.6: a long stage message was cut at the panel's edge, hiding the counter at its end; Imagic's stage
+    was never shown."""
+    report = harness_report(site, "details")
+    long = report["longMessage"]
+    assert long["message"] == long["sent"] and long["message"].endswith("7/8") and not long["messageClipped"]
+    assert report["imagic"]["labels"]["epoch"] == "stage" and report["imagic"]["fields"]["epoch"] == "unet (2/2)"
+    assert report["epochs"]["labels"]["epoch"] == "epoch" and report["epochs"]["fields"]["epoch"] == "3 / 5"

@@ -26,6 +26,7 @@ import time
 
 from .runs import RunFolder, compute_run_id
 from .settings import SettingsError
+from .speed import StepTimer
 from .trainer import (TrainingDiverged, TrainingInterrupted, TrainingSaveError, TrainResult, _copy_weights,
                       _create_run, _finish_model, _first_loadable, _format_eta, _has_inference_tensors,
                       _mixed_precision, _named_trainables, _names_a_checkpoint, _owned_modules, _read_checkpoint,
@@ -340,7 +341,8 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
 
     # ---- 5. the loop: stage 1 (embedding), then stage 2 (UNet) ---------------------------------------------
     step, last_loss = start_step, None
-    started, t_last, rate = time.time(), time.time(), None
+    started = time.time()
+    timer = StepTimer(started)      # speed and ETA: the mean of the latest step times
     control = cb.control
     while step < total_steps:
         if stage.number == 1 and step >= embed_steps:      # stage 1 done: show it, then fine-tune the UNet
@@ -378,8 +380,7 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
 
         # ---- bookkeeping: log, progress, controls --------------------------------------------------------
         now = time.time()
-        dt, t_last = now - t_last, now
-        rate = 1.0 / dt if rate is None else 0.9 * rate + 0.1 / max(dt, 1e-9)
+        rate = timer.step(now)
         stage_step = step - (embed_steps if stage.number == 2 else 0)
         if main:
             run.append_loss({"step": step, "epoch": stage.number, "stage": stage.number, "stage_step": stage_step,
@@ -401,7 +402,9 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
         if stop_now and step < total_steps:
             path = saved or save(step, loss_value)
             raise TrainingInterrupted(f"training stopped at step {step}/{total_steps} (Imagic stage {stage.number});"
-                                      f" resumable checkpoint: {path}", run.path, step, path)
+                                      f" resumable checkpoint: {path}", run.path, step, path,
+                                      TrainResult(result_model(stage.named), run.path, step, final_loss=loss_value,
+                                                  report=report, info={"stopped": True}))
 
     # ---- 6. finish ---------------------------------------------------------------------------------------------
     if stage.number == 1:          # imagic_unet_steps is at least 1, so only an empty loop gets here

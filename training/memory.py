@@ -316,10 +316,18 @@ class Estimate:
         return out
 
     def table(self) -> str:
-        lines = [f"{k:<14}{v / GB:8.2f} GB{'  (estimate)' if k in self.estimated else ''}"
-                 for k, v in self.parts.items()]
+        lines = [f"{k:<14}{_amount(v)}{'  (estimate)' if k in self.estimated else ''}" for k, v in self.parts.items()]
         lines.append(f"{'total':<14}{self.total / GB:8.2f} GB")
         return "\n".join(lines)
+
+
+def _amount(size: int) -> str:
+    """A table cell: GB, or MB for the parts of a tiny model that would all read "0.00 GB"; nothing is "0 GB"."""
+    if size == 0:
+        return f"{'0':>8} GB"
+    if 0 < size < 0.005 * GB:
+        return f"{size / 1024 ** 2:8.1f} MB"
+    return f"{size / GB:8.2f} GB"
 
 
 def estimate(model, settings, resolution: int | None = None, batch: int | None = None,
@@ -499,7 +507,7 @@ def choose_settings(model, vram_gb: float, *, images: int = 10, resolution: int 
     if mode == "lora" or (mode == "auto" and not tried[-1][4]):
         tried.append(("LoRA", *_plan(shape, base, vram, images, lora=True)))
     what, s, est, applied, fits = tried[-1]
-    lines = [f"{what} of a {shape.family} model at {resolution}px, batch {s.batch_size}, on {vram_gb:g} GB: "
+    lines = [f"{what} of an {FAMILY_NAMES.get(shape.family, shape.family)} model at {resolution}px, batch {s.batch_size}, on {vram_gb:g} GB: "
              f"estimated {est.total / GB:.2f} GB" + ("" if fits else " - DOES NOT FIT even with every saving; use "
                                                      "a smaller resolution or a larger card")]
     if mode == "auto" and len(tried) == 2:

@@ -22,14 +22,17 @@ from .compat import enable_text_encoder_checkpointing
 from .control import TrainingControl
 from .distributed import Dist, collective_timeout, mark_stopped_together, process_info, shard_plan
 from .runs import RunFolder, compute_run_id, library_versions
+from .speed import StepTimer
 
 
 class TrainingInterrupted(Exception):
-    """Stopped on request (Cancel, Ctrl-C, 'stop after epoch'); a resumable checkpoint was saved."""
+    """Stopped on request (Cancel, Ctrl-C, 'stop after epoch'); a resumable checkpoint was saved.
+    `result`: the model as trained up to `step` (what the checkpoint holds), for a caller that goes on with it."""
 
-    def __init__(self, message: str, run_dir: str = "", step: int = 0, checkpoint: str | None = None):
+    def __init__(self, message: str, run_dir: str = "", step: int = 0, checkpoint: str | None = None,
+                 result: "TrainResult | None" = None):
         super().__init__(message)
-        self.run_dir, self.step, self.checkpoint = run_dir, step, checkpoint
+        self.run_dir, self.step, self.checkpoint, self.result = run_dir, step, checkpoint, result
 
 
 class TrainingDiverged(RuntimeError):
@@ -371,7 +374,11 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
     _build_optimizer(job)               # optimizer, LR and noise schedules, EMA
     _preflight(job)                     # one step at the largest bucket and batch: does it fit the device?
     _resume_or_create_run(job, resume)  # a checkpoint's state loaded, or a new run folder
-    step, last_loss = _loop(job)
+    try:
+        step, last_loss = _loop(job)
+    except TrainingInterrupted as stopped:   # a requested stop: the model it saved goes with it (run not finished)
+        stopped.result = _stopped_result(job, stopped.step)
+        raise
     return _finish(job, step, last_loss)
 
 
@@ -669,7 +676,8 @@ def _loop(job: _Job) -> tuple[int, float | None]:
     te_frozen = job.te_steps == 0 or step >= job.te_steps
     if job.te_steps and te_frozen:
         _freeze(job.te_params)
-    started, t_last, rate = time.time(), time.time(), None
+    started = time.time()
+    timer = StepTimer(started)      # speed and ETA: the mean of the latest step times
     plan_cache: dict[int, list] = {}
     while step < job.total_steps:
         epoch, k = divmod(step, job.steps_per_epoch)
@@ -711,8 +719,7 @@ def _loop(job: _Job) -> tuple[int, float | None]:
 
         # ---- bookkeeping: log, progress, saves, previews, stop -----------------------------------------------
         now = time.time()
-        dt, t_last = now - t_last, now
-        rate = 1.0 / dt if rate is None else 0.9 * rate + 0.1 / max(dt, 1e-9)
+        rate = timer.step(now)
         if job.main:
             job.run.append_loss({"step": step, "epoch": epoch + 1, "loss": loss_value, "lr": lr,
                                  "time": round(now - started, 4)})
@@ -865,6 +872,15 @@ def _finish(job: _Job, step: int, last_loss: float | None) -> TrainResult:
                            job.ema.state_dict() if job.ema is not None else None, job.run_id)
     return TrainResult(result, job.run.path, step, final_loss=last_loss, report=job.report,
                        info=job.run.read_config())
+
+
+def _stopped_result(job: _Job, step: int) -> TrainResult:
+    """The model of a stopped run as its checkpoint of `step` holds it; the run folder stays unfinished (resumable)."""
+    losses = job.run.read_loss() if job.main else []
+    return TrainResult(_finish_model(job.tm, job.model, job.named, job.settings,
+                                     job.ema.state_dict() if job.ema is not None else None, job.run_id),
+                       job.run.path, step, final_loss=losses[-1].get("loss") if losses else None, report=job.report,
+                       info={"stopped": True})
 
 
 def _create_run(output_root, settings, concepts, data, model, run_id, parent_run, total_steps, report, held,

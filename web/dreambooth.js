@@ -7,6 +7,10 @@
 // and restored after a page reload / reconnect from GET /dreambooth/state. Buttons POST /dreambooth/control
 // {node, run, action} with the run id this panel shows: the server refuses a stale one (409) instead of acting on
 // the run that replaced it, and then the panel fetches the current state.
+// Node ids repeat across workflows (every new graph has a node 5), so a panel shows only runs started by prompts
+// its own workflow queued: the extension wraps api.queuePrompt and records the prompt id ComfyUI answers in the
+// node's properties (saved with the workflow, so a reloaded page finds its run again); every message names the
+// prompt of its run. A node that has not run shows nothing.
 // Plain ES module, no dependencies: ComfyUI's app/api only. Every field may be missing (older/newer backend).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
@@ -17,6 +21,7 @@ const TERMINAL_STATES = new Set(["done", "stopped", "error", "interrupted"]);
 const MAX_POINTS = 2000;          // client-side loss points per run (pairs are merged beyond that)
 const CHART_HEIGHT = 150;         // CSS pixels
 const PANEL_MIN_HEIGHT = 340;
+const PANEL_MIN_WIDTH = 380;
 const COLORS = {
   background: "#161616", grid: "#2e2e2e", axis: "#8a8a8a",
   raw: "rgba(96, 150, 255, 0.55)", smooth: "#ffa640",
@@ -27,33 +32,108 @@ const STATE_COLORS = {
 };
 
 // ---------------------------------------------------------------------------------------------------------------
-// Run models: one per node id, the single source of truth every panel draws from.
+// Run models: one per run id, the single source of truth every panel draws from.
 // ---------------------------------------------------------------------------------------------------------------
-const runs = new Map();     // node id (string) -> run model
+const runs = new Map();     // run id -> run model, oldest first
 const panels = new Set();   // live Panel objects
+const MAX_RUNS = 64;        // run models kept in this page
+const PROMPTS_PROPERTY = "dreambooth_prompts";   // node property: prompt ids its workflow queued, newest last
+const MAX_BOUND_PROMPTS = 8;
 
-function emptyRun(nodeId, runId) {
+function emptyRun(nodeId, runId, promptId) {
   return {
-    node: nodeId, run: runId ?? null, state: "starting", message: "",
-    step: null, total: null, epoch: null, loss: null, lr: null, it_per_s: null, eta_s: null,
+    node: nodeId, run: runId ?? null, prompt: promptId ?? null, state: "starting", message: "",
+    step: null, total: null, epoch: null, epochs: null, stage: null, loss: null, lr: null, it_per_s: null, eta_s: null,
     history: [], previews: [], preview_step: null, control: null,
   };
 }
 
-// The model for a message: a different run id means a new run on that node -> fresh chart.
-function runFor(nodeId, runId) {
-  const key = String(nodeId);
-  let model = runs.get(key);
-  if (!model || (runId != null && model.run != null && model.run !== runId)) {
-    model = emptyRun(key, runId);
-    runs.set(key, model);
-  } else if (model.run == null && runId != null) {
-    model.run = runId;
+function runKey(data) {
+  return data.run != null ? String(data.run) : `node:${data.node}`;
+}
+
+function keepRun(model) {
+  runs.delete(model.run ?? `node:${model.node}`);
+  runs.set(model.run ?? `node:${model.node}`, model);
+  while (runs.size > MAX_RUNS) runs.delete(runs.keys().next().value);
+}
+
+// The model for a message: a new run id means a new run -> fresh chart.
+function runFor(data) {
+  let model = runs.get(runKey(data));
+  if (!model) {
+    model = emptyRun(String(data.node), data.run ?? null, data.prompt ?? null);
+    keepRun(model);
+  } else if (model.prompt == null && data.prompt != null) {
+    model.prompt = String(data.prompt);
   }
   return model;
 }
 
-const SCALARS = ["state", "step", "total", "epoch", "loss", "lr", "it_per_s", "eta_s"];
+// --- which runs a node's panel may show: those of prompts its own workflow queued ---------------------------------
+function boundPrompts(node) {
+  const prompts = node?.properties?.[PROMPTS_PROPERTY];
+  return Array.isArray(prompts) ? prompts.filter((p) => typeof p === "string" && p) : [];
+}
+
+function bindPrompt(node, promptId) {
+  node.properties ??= {};
+  node.properties[PROMPTS_PROPERTY] = [...boundPrompts(node).filter((p) => p !== promptId), promptId]
+    .slice(-MAX_BOUND_PROMPTS);
+}
+
+// The run this node shows: of its node id, started by the newest prompt its workflow queued; null if none.
+function runOfNode(node) {
+  const prompts = boundPrompts(node);
+  if (!prompts.length) return null;
+  const id = String(node.id);
+  let best = null, bestRank = -1;
+  for (const model of runs.values()) {   // oldest first: a later run of the same prompt wins the tie
+    if (model.node !== id || model.prompt == null) continue;
+    const rank = prompts.lastIndexOf(model.prompt);
+    if (rank >= 0 && rank >= bestRank) { best = model; bestRank = rank; }
+  }
+  return best;
+}
+
+// After POST /prompt answered: the Train nodes of the queued workflow (the active graph) now belong to that prompt.
+function bindQueuedPrompt(data, result) {
+  const promptId = result?.prompt_id;
+  const output = data?.output;
+  if (promptId == null || !output || typeof output !== "object") return;
+  const graph = app.rootGraph ?? app.graph;
+  let bound = false;
+  for (const panel of panels) {
+    const node = panel.node;
+    if (graph && node.graph !== graph) continue;   // a node of another workflow tab (or inside a subgraph)
+    const entry = output[String(node.id)];
+    if (!entry || !TRAIN_NODE_TYPES.has(entry.class_type)) continue;
+    bindPrompt(node, String(promptId));
+    panel.notice = null;
+    panel.scheduleRender();
+    bound = true;
+  }
+  // the property is part of the workflow: let the frontend's change tracker see it (tab switches keep it)
+  if (bound) app.extensionManager?.workflow?.activeWorkflow?.changeTracker?.checkState?.();
+}
+
+function watchQueue() {
+  const original = api.queuePrompt;
+  if (typeof original !== "function" || original.__dreambooth) return;
+  const wrapped = async function (number, data, ...rest) {
+    const result = await original.call(this, number, data, ...rest);
+    try {
+      bindQueuedPrompt(data, result);
+    } catch (error) {
+      console.warn("[dreambooth] could not bind the queued prompt to its panels:", error);
+    }
+    return result;
+  };
+  wrapped.__dreambooth = true;
+  api.queuePrompt = wrapped;
+}
+
+const SCALARS = ["state", "step", "total", "epoch", "epochs", "stage", "loss", "lr", "it_per_s", "eta_s"];
 
 function copyScalars(model, data) {
   for (const key of SCALARS) if (key in data) model[key] = data[key];
@@ -83,30 +163,30 @@ function appendPoints(model, points) {
 
 function applyState(state) {
   if (!state || state.node == null) return;
-  const model = emptyRun(String(state.node), state.run ?? null);
+  const model = emptyRun(String(state.node), state.run ?? null, state.prompt ?? null);
   copyScalars(model, state);
   model.message = state.message ?? "";
   model.history = validPoints(state.loss_history);
   model.previews = Array.isArray(state.previews) ? state.previews : [];
   model.preview_step = state.preview_step ?? null;
   model.control = state.control ?? null;
-  runs.set(model.node, model);
+  keepRun(model);
 }
 
 function applyProgress(data) {
-  const model = runFor(data.node, data.run);
+  const model = runFor(data);
   copyScalars(model, data);
   appendPoints(model, data.points);
 }
 
 function applyPreview(data) {
-  const model = runFor(data.node, data.run);
+  const model = runFor(data);
   if (Array.isArray(data.images)) model.previews = data.images;
   if ("step" in data) model.preview_step = data.step;
 }
 
 function applyStatus(data) {
-  const model = runFor(data.node, data.run);
+  const model = runFor(data);
   if ("state" in data) model.state = data.state;
   if ("message" in data) model.message = data.message ?? "";
   if ("control" in data) model.control = data.control;
@@ -141,6 +221,14 @@ function formatDuration(seconds) {
   if (h) return `${h}h ${String(m).padStart(2, "0")}m`;
   if (m) return `${m}m ${String(sec).padStart(2, "0")}s`;
   return `${sec}s`;
+}
+
+// "3 / 8" epochs; an Imagic run shows its stage instead: "embedding (1/2)", "unet (2/2)"
+function formatEpoch(model) {
+  if (!model) return DASH;
+  const of = isNum(model.epoch) && isNum(model.epochs) ? `${model.epoch}/${model.epochs}` : null;
+  if (model.stage) return of ? `${model.stage} (${of})` : String(model.stage);
+  return of ? `${model.epoch} / ${model.epochs}` : text(model.epoch);
 }
 
 function formatSteps(step, total) {
@@ -268,10 +356,11 @@ const STYLE = `
 .dreambooth-panel { box-sizing: border-box; display: flex; flex-direction: column; gap: 5px; padding: 4px;
   font: 12px sans-serif; color: var(--input-text, #ddd); background: var(--comfy-input-bg, #222);
   border: 1px solid var(--border-color, #444); border-radius: 6px; overflow: hidden; }
-.dreambooth-panel .db-header { display: flex; align-items: center; gap: 6px; min-height: 18px; }
+.dreambooth-panel .db-header { display: flex; align-items: flex-start; gap: 6px; min-height: 18px; flex: none; }
 .dreambooth-panel .db-state { padding: 1px 6px; border-radius: 8px; color: #fff; font-weight: bold;
   text-transform: uppercase; font-size: 10px; flex: none; }
-.dreambooth-panel .db-message { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; opacity: 0.85; }
+.dreambooth-panel .db-message { white-space: normal; overflow-wrap: anywhere; max-height: 7em; overflow-y: auto;
+  opacity: 0.85; line-height: 1.4em; }
 .dreambooth-panel .db-progress { height: 3px; background: #333; border-radius: 2px; }
 .dreambooth-panel .db-progress > div { height: 100%; width: 0; background: #3a9d4f; border-radius: 2px; }
 .dreambooth-panel canvas { width: 100%; height: ${CHART_HEIGHT}px; display: block; border-radius: 4px; flex: none; }
@@ -337,11 +426,15 @@ class Panel {
     this.canvas.height = CHART_HEIGHT;
     const stats = el("div", "db-stats");
     this.fields = {};
+    this.labels = {};
     for (const [key, label] of STAT_FIELDS) {
       const cell = el("div", "db-stat");
       const value = el("span", null, DASH);
       value.dataset.field = key;
-      cell.append(el("span", null, label), value);
+      const name = el("span", null, label);
+      name.dataset.label = key;
+      cell.append(name, value);
+      this.labels[key] = name;
       stats.append(cell);
       this.fields[key] = value;
     }
@@ -378,7 +471,7 @@ class Panel {
   }
 
   get model() {
-    return runs.get(this.nodeId) ?? null;
+    return runOfNode(this.node);
   }
 
   scheduleRender() {
@@ -404,11 +497,14 @@ class Panel {
     this.progressFill.style.width = `${Math.min(100, Math.max(0, fraction * 100)).toFixed(1)}%`;
 
     this.fields.step.textContent = formatSteps(model?.step, model?.total);
-    this.fields.epoch.textContent = text(model?.epoch);
+    this.labels.epoch.textContent = model?.stage ? "stage" : "epoch";
+    this.fields.epoch.textContent = formatEpoch(model);
     this.fields.loss.textContent = formatLoss(model?.loss);
     this.fields.lr.textContent = formatLr(model?.lr);
     this.fields.speed.textContent = formatSpeed(model?.it_per_s);
-    this.fields.eta.textContent = formatDuration(model?.eta_s);
+    // a stopped / failed run has nothing left to estimate (a finished one shows its 0 s)
+    const ended = TERMINAL_STATES.has(state) && state !== "done";
+    this.fields.eta.textContent = ended ? DASH : formatDuration(model?.eta_s);
 
     this.renderPreviews(model);
     this.renderButtons(model);
@@ -458,8 +554,8 @@ class Panel {
       let body = {};
       try { body = await response.json(); } catch { /* empty or non-JSON body */ }
       if (response.ok) {
-        const model = runs.get(node);
-        if (model && model.run === run && body.control) model.control = body.control;
+        const model = run != null ? runs.get(String(run)) : null;
+        if (model && body.control) model.control = body.control;
         this.notice = body.message ?? null;
       } else if (response.status === 409) {
         // this tab missed the start of a newer run on the node: show that one, and let the user decide again
@@ -496,14 +592,20 @@ function attachPanel(node) {
     panel.dispose();
     return onRemoved?.apply(this, arguments);
   };
-  if (Array.isArray(node.size) && node.size[0] < 380) node.setSize?.([380, node.size[1]]);
+  // LiteGraph's node.size is a Float32Array view (Array.isArray is false for it): as wide as the panel needs,
+  // and high enough to hold it (a new node was sized before the panel was added)
+  if (node.size != null && node.size.length >= 2) {
+    const needed = node.computeSize?.();
+    node.setSize?.([Math.max(node.size[0], PANEL_MIN_WIDTH), Math.max(node.size[1], needed?.[1] ?? 0)]);
+  }
   return panel;
 }
 
-function renderNode(nodeId, { clearNotice = false } = {}) {
+function renderNode(nodeId, { clearNotice = false, run = null } = {}) {
   for (const panel of panels) {
     if (panel.nodeId !== String(nodeId)) continue;
-    if (clearNotice) panel.notice = null;   // the backend's newer word replaces the button's notice
+    // the backend's newer word on this panel's own run replaces the button's notice
+    if (clearNotice && (run == null || panel.model?.run === run)) panel.notice = null;
     panel.scheduleRender();
   }
 }
@@ -513,7 +615,9 @@ async function restoreState() {
     const response = await api.fetchApi("/dreambooth/state");
     if (!response.ok) return;
     const body = await response.json();
-    for (const state of Object.values(body?.nodes ?? {})) applyState(state);
+    // every kept run (oldest first); an older backend sends only the latest run of each node
+    const states = Array.isArray(body?.runs) ? body.runs : Object.values(body?.nodes ?? {});
+    for (const state of states) applyState(state);
     for (const panel of panels) panel.scheduleRender();
   } catch (error) {
     console.warn("[dreambooth] could not restore the training state:", error);
@@ -524,13 +628,14 @@ function listen(event, apply, { clearNotice = false } = {}) {
   api.addEventListener(event, ({ detail }) => {
     if (!detail || detail.node == null) return;
     apply(detail);
-    renderNode(detail.node, { clearNotice });
+    renderNode(detail.node, { clearNotice, run: detail.run ?? null });
   });
 }
 
 app.registerExtension({
   name: "comfyui-dreambooth.live-panel",
   async setup() {
+    watchQueue();
     listen(EVENTS.progress, applyProgress);
     listen(EVENTS.preview, applyPreview);
     listen(EVENTS.status, applyStatus, { clearNotice: true });
@@ -547,4 +652,5 @@ app.registerExtension({
 });
 
 // for the test harness and for other extensions; ComfyUI ignores module exports
-export { applyProgress, applyPreview, applyState, applyStatus, formatDuration, formatLoss, panels, runs, smoothed };
+export { applyProgress, applyPreview, applyState, applyStatus, formatDuration, formatLoss, panels, runOfNode, runs,
+  smoothed };

@@ -1,13 +1,23 @@
 // Loads web/dreambooth.js against the fake app/api, plays one scenario, then writes a JSON report into
 // <pre id="result"> (read by tests/test_web_panel.py through chromium --dump-dom).
-//   ?scenario=replay   replay messages.json (a whole recorded run) into a fresh page
+//   ?scenario=replay   queue the workflow (the fake api answers with the recorded run's prompt id), then replay
+//                      messages.json (a whole recorded run) into a fresh page
 //   ?scenario=restore  GET /dreambooth/state returns state.json (a run at step 150); then a "reconnected" event
 //                      with a newer state must refresh the panel
-//   ?scenario=buttons  restore, then click both buttons (the fake api records the POST bodies), then a click
-//                      the server refuses (the panel must show its error)
+//   ?scenario=buttons  restore, then click both buttons (the fake api records the POST bodies; the server confirms
+//                      the save: "saving", then "saved step N" replace the notice), then a click the server refuses
+//                      (the panel must show its error)
+//   ?scenario=stopped  restore, then the run is stopped from the panel: the status message says so, no ETA is left
 //   ?scenario=stale    restore, then the server starts a newer run on the node unseen by the page: a click must
 //                      be refused (409), the panel must fetch the state and show the new run; the next click
 //                      names the new run
+//   ?scenario=details  restore, then a long stage message (its counter at the end must stay visible), then Imagic
+//                      progress with its stage and the epoch count
+//   ?scenario=workflows  the same node id 5 in three workflows: the one that queued the restored run shows it, a new
+//                      workflow and one bound to an unknown prompt show nothing; queueing the new workflow binds its
+//                      panel to its own run, which the first panel never shows
+// The Train node is loaded with the prompt ids its workflow queued (node property dreambooth_prompts), as a workflow
+// saved after a queue carries them.
 import { app } from "../scripts/app.js";
 import { api } from "../scripts/api.js";
 
@@ -17,6 +27,15 @@ window.addEventListener("error", (event) => report.errors.push(String(event.mess
 window.addEventListener("unhandledrejection", (event) => report.errors.push(String(event.reason)));
 
 const fetchJson = async (path) => (await fetch(path)).json();
+const TRAIN_OUTPUT = { "5": { class_type: "TrainDreamBooth", inputs: {} }, "6": { class_type: "KSampler", inputs: {} } };
+
+// GET /dreambooth/state's body with `run` as the latest run of its node (replacing its older state, if kept)
+function withRun(body, run) {
+  const next = structuredClone(body);
+  next.nodes[run.node] = run;
+  next.runs = [...next.runs.filter((r) => r.run !== run.run), run];
+  return next;
+}
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 // Timers only: chromium's --virtual-time-budget (which makes --dump-dom wait for us) runs timers, fetches and
@@ -54,10 +73,15 @@ function describe(node) {
   const widget = node.widgets.find((w) => w.element === root);
   return {
     panel: true,
+    size: [...node.size],
     widgets: node.widgets.length,
     serialize: widget?.options?.serialize === false && widget?.serialize === false ? false : true,
     state: root.querySelector(".db-state").textContent,
     message: root.querySelector(".db-message").textContent,
+    // the whole message is on screen: nothing cut off to the side or below
+    messageClipped: (({ scrollWidth, clientWidth, scrollHeight, clientHeight }) =>
+      scrollWidth > clientWidth + 1 || scrollHeight > clientHeight + 1)(root.querySelector(".db-message")),
+    labels: Object.fromEntries([...root.querySelectorAll("[data-label]")].map((e) => [e.dataset.label, e.textContent])),
     fields: fields(root),
     previewLabel: root.querySelector(".db-previews-label").textContent,
     previews: [...root.querySelectorAll(".db-previews img")].map((img) => ({
@@ -74,10 +98,18 @@ async function main() {
   await import("../extensions/comfyui-dreambooth/dreambooth.js");
   report.extensions = app.extensions.map((e) => e.name);
   await app.runSetup();
-  const trainer = app.loadNode("TrainDreamBooth", 5);
+  const restored = state.nodes["5"];
+  const prompts = scenario === "replay" ? [] : scenario === "stale" ? [restored.prompt, "demo-prompt-0002"]
+    : [restored.prompt];
+  const trainer = app.loadNode("TrainDreamBooth", 5, { properties: { dreambooth_prompts: prompts } });
   const other = app.loadNode("KSampler", 6);
 
   if (scenario === "replay") {
+    report.beforeQueue = describe(trainer);
+    // the user queues the workflow; ComfyUI answers with the prompt id every message of the run then names
+    api.nextPromptId = messages[0].data.prompt;
+    report.queueAnswer = await api.queuePrompt(0, { output: TRAIN_OUTPUT, workflow: {} });
+    report.boundPrompts = trainer.properties.dreambooth_prompts;
     for (const message of messages) api.dispatchEvent(new CustomEvent(message.type, { detail: message.data }));
   }
   await settle();
@@ -86,12 +118,11 @@ async function main() {
 
   if (scenario === "restore") {
     // the server moved on while the socket was down; "reconnected" must fetch the state again
-    const newer = structuredClone(state);
-    const run = newer.nodes["5"];
+    const run = structuredClone(restored);
     run.step = 180;
     run.eta_s = 12;
     run.loss_history.push([180, 0.05]);
-    api.stateBody = newer;
+    api.stateBody = withRun(state, run);
     api.dispatchEvent(new CustomEvent("reconnected"));
     await settle();
     report.afterReconnect = describe(trainer);
@@ -99,6 +130,17 @@ async function main() {
   if (scenario === "buttons") {
     trainer.frame.querySelector('button[data-action="save_now"]').click();
     await settle();
+    report.afterSaveClick = describe(trainer);
+    // the trainer takes the request, writes the checkpoint, and the server says so
+    const run = { node: "5", run: restored.run, prompt: restored.prompt };
+    api.dispatchEvent(new CustomEvent("dreambooth.status", { detail: {
+      ...run, state: "saving", message: `saving a checkpoint at step ${restored.step}…` } }));
+    await settle();
+    report.whileSaving = describe(trainer);
+    api.dispatchEvent(new CustomEvent("dreambooth.status", { detail: {
+      ...run, state: "running", message: `saved step ${restored.step}` } }));
+    await settle();
+    report.afterSaved = describe(trainer);
     trainer.frame.querySelector('button[data-action="stop_after_epoch"]').click();
     await settle();
     report.afterClicks = describe(trainer);
@@ -107,18 +149,71 @@ async function main() {
     await settle();
     report.afterFailedClick = describe(trainer);
   }
+  if (scenario === "stopped") {
+    const run = restored;
+    api.dispatchEvent(new CustomEvent("dreambooth.status", { detail: {
+      node: "5", run: run.run, prompt: run.prompt, state: "stopped",
+      message: `stopped at step ${run.step} (checkpoint saved)`, control: null } }));
+    await settle();
+    report.afterStop = describe(trainer);
+  }
   if (scenario === "stale") {
-    const newer = structuredClone(state);
-    const run = newer.nodes["5"];
-    Object.assign(run, { run: "demo-run-0002", step: 3, eta_s: 29.7, loss_history: [[1, 0.2], [2, 0.18], [3, 0.17]],
-                         previews: [], preview_step: null });
-    api.stateBody = newer;   // no websocket message: this tab missed the new run's start
+    // this workflow queued again (prompt demo-prompt-0002), but the tab missed the new run's messages
+    const run = Object.assign(structuredClone(restored), {
+      run: "demo-run-0002", prompt: "demo-prompt-0002", step: 3, eta_s: 29.7,
+      loss_history: [[1, 0.2], [2, 0.18], [3, 0.17]], previews: [], preview_step: null });
+    api.stateBody = withRun(state, run);
     trainer.frame.querySelector('button[data-action="save_now"]').click();
     await settle();
     report.afterStaleClick = describe(trainer);
     trainer.frame.querySelector('button[data-action="save_now"]').click();
     await settle();
     report.afterRetry = describe(trainer);
+  }
+  if (scenario === "details") {
+    const run = { node: "5", run: restored.run, prompt: restored.prompt };
+    const long = "caching latents (disk) of output/dreambooth/dreambooth-20261207-080845-a-long-run-name/cache "
+      + "for 3 concepts in 4 buckets: 7/8";
+    api.dispatchEvent(new CustomEvent("dreambooth.status", { detail: { ...run, state: "starting", message: long } }));
+    await settle();
+    report.longMessage = describe(trainer);
+    report.longMessage.sent = long;
+    api.dispatchEvent(new CustomEvent("dreambooth.progress", { detail: {
+      ...run, state: "running", step: 160, total: 300, epoch: 2, epochs: 2, stage: "unet", loss: 0.1, lr: 1e-4,
+      it_per_s: 10, eta_s: 14, points: [[160, 0.1]] } }));
+    await settle();
+    report.imagic = describe(trainer);
+    api.dispatchEvent(new CustomEvent("dreambooth.progress", { detail: {
+      ...run, state: "running", step: 170, total: 300, epoch: 3, epochs: 5, stage: null, loss: 0.1, lr: 1e-4,
+      it_per_s: 10, eta_s: 13, points: [[170, 0.1]] } }));
+    await settle();
+    report.epochs = describe(trainer);
+  }
+  if (scenario === "workflows") {
+    // the same node id in a brand-new workflow and in one whose prompt the server does not know
+    const fresh = { name: "workflow 2" };
+    const newTab = app.loadNode("TrainDreamBooth", 5, { graph: fresh });
+    const unknown = app.loadNode("TrainDreamBooth", 5, { graph: { name: "workflow 3" },
+                                                         properties: { dreambooth_prompts: ["prompt-unknown"] } });
+    await settle();
+    report.newTab = describe(newTab);
+    report.unknown = describe(unknown);
+    // the new workflow is queued (it is the active graph now) and its own run starts on node 5
+    app.graph = fresh;
+    api.nextPromptId = "prompt-b";
+    await api.queuePrompt(1, { output: TRAIN_OUTPUT, workflow: {} });
+    const runB = { node: "5", run: "run-b", prompt: "prompt-b" };
+    api.dispatchEvent(new CustomEvent("dreambooth.status", { detail: { ...runB, state: "starting", message: "" } }));
+    api.dispatchEvent(new CustomEvent("dreambooth.progress", { detail: {
+      ...runB, state: "running", step: 2, total: 10, epoch: 1, loss: 0.3, lr: 1e-4, it_per_s: 2, eta_s: 4,
+      points: [[1, 0.4], [2, 0.3]] } }));
+    await settle();
+    report.afterQueue = { first: describe(trainer), newTab: describe(newTab), unknown: describe(unknown),
+                          firstPrompts: trainer.properties.dreambooth_prompts,
+                          newTabPrompts: newTab.properties.dreambooth_prompts };
+    api.stateBody = withRun(state, { ...restored, ...runB, step: 2, total: 10 });
+    newTab.frame.querySelector('button[data-action="save_now"]').click();
+    await settle();
   }
   report.calls = api.calls;
 }

@@ -17,6 +17,7 @@ NODE_ID = "5"
 TOTAL_STEPS = 300
 STEPS_PER_EPOCH = 60
 PREVIEW_EVERY = 100
+PROMPT_ID = "demo-prompt-0001"    # the ComfyUI prompt that started the run (the harness's workflow queued it)
 
 
 def synthetic_loss(step: int, rng: random.Random) -> float:
@@ -38,7 +39,7 @@ def record_run(node_id: str = NODE_ID, total: int = TOTAL_STEPS, *, stop_at: int
     clock = {"t": 0.0}
     reporter = live.LiveReporter(node_id, "output/dreambooth/demo-run", clock=lambda: clock["t"],
                                  send=lambda event, data: messages.append({"type": event, "data": data}),
-                                 run_id="demo-run-0001")
+                                 run_id="demo-run-0001", prompt_id=PROMPT_ID)
     reporter.status("running", "training 5 images, 300 steps")
     rng = random.Random(0)
     it_per_s = 10.0
@@ -66,11 +67,16 @@ def record() -> tuple[list[dict], dict]:
     return messages, state
 
 
+def state_body(state: dict) -> dict:
+    """GET /dreambooth/state as the server answers it with this one run."""
+    return {"nodes": {NODE_ID: state}, "runs": [state]}
+
+
 def main() -> None:
     messages, state = record()
     lines = ",\n".join(json.dumps(message, separators=(",", ":")) for message in messages)
     (HERE / "messages.json").write_text("[\n" + lines + "\n]\n")   # one message per line: readable diffs
-    (HERE / "state.json").write_text(json.dumps({"nodes": {NODE_ID: state}}, indent=1) + "\n")
+    (HERE / "state.json").write_text(json.dumps(state_body(state), indent=1) + "\n")
     print(f"wrote {len(messages)} messages and a mid-run state to {HERE}")
 
 

@@ -10,6 +10,14 @@ class FakeApi extends EventTarget {
     this.calls = [];
     this.stateBody = { nodes: {} };
     this.failNextControl = null;   // {status, error}: the next POST /dreambooth/control answers with it
+    this.queued = [];              // what queuePrompt was called with
+    this.nextPromptId = "prompt-1";
+  }
+
+  // ComfyUI's api.queuePrompt(number, {output, workflow}): POST /prompt, answered with the new prompt's id
+  async queuePrompt(number, data) {
+    this.queued.push({ number, output: Object.keys(data?.output ?? {}) });
+    return { prompt_id: this.nextPromptId, number, node_errors: {} };
   }
 
   apiURL(route) {

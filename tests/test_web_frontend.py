@@ -1,0 +1,114 @@
+"""The pack's extensions in ComfyUI's real frontend (the comfyui-frontend-package wheel ComfyUI 0.3.64 pins), in
+headless Chromium, against tests/frontend_standin.py: a stand-in server answering what the frontend needs from
+the pack's own node classes and nodes/live.py (issue 23's browser checks). What a user sees:
+
+  * every example loads with no two nodes overlapping, also once the settings nodes show their memory estimate,
+    which stays inside its node with its total line in view; node widths are applied;
+  * a queued workflow's panel shows its run; Save now is confirmed ("saved step N"); Stop after epoch ends the run
+    as "stopped at step N (checkpoint saved)", without an ETA; a second workflow's Train node with the same id
+    shows nothing; the first workflow loaded again shows its own run.
+
+Skipped without chromium or without the frontend package (pip install comfyui-frontend-package==1.27.10; the
+[test] extra has it). The same checks against a real ComfyUI: tests/test_real_comfyui.py (opt-in).
+"""
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+
+import frontend_standin
+from comfyui_dreambooth.nodes import live
+
+CHROMIUM = next((path for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+                 if (path := shutil.which(name))), None)
+pytestmark = [
+    pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install -y chromium)"),
+    pytest.mark.skipif(frontend_standin.frontend_root() is None,
+                       reason="comfyui-frontend-package is not installed (pip install comfyui-frontend-package)"),
+]
+DASH = "–"
+
+
+def play(scenario: str, timeout: float = 150.0) -> dict:
+    """Open the frontend on a fresh stand-in with ?scenario=...; return the harness's report."""
+    live.clear_states()
+    server = frontend_standin.serve()
+    try:
+        with tempfile.TemporaryDirectory(prefix="chromium-profile-", ignore_cleanup_errors=True) as profile:
+            browser = subprocess.Popen(
+                [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
+                 "--disable-background-networking", "--disable-component-update", f"--user-data-dir={profile}",
+                 "--window-size=1600,1000", "--remote-debugging-port=0", f"{server.url}/?scenario={scenario}"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                assert server.report_ready.wait(timeout), f"no report from the {scenario} scenario in {timeout} s"
+            finally:
+                browser.terminate()
+                try:
+                    browser.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    browser.kill()
+        report = server.reports[0]
+    finally:
+        server.shutdown()
+        server.server_close()
+        live.clear_states()
+    assert report["done"] and report["errors"] == [], report["errors"]
+    assert report["train"] and report["socket"]["state"] == 1      # the node is known; the websocket is open
+    return report
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return play("examples")["examples"]
+
+
+@pytest.fixture(scope="module")
+def panel():
+    return play("panel")
+
+
+def test_examples_have_no_overlapping_nodes(examples):
+    assert len(examples) == 6
+    for name, example in examples.items():
+        assert example["loaded"] == [], (name, example["loaded"])
+        assert example["withEstimates"] == [], (name, example["withEstimates"])   # estimates shown, room left
+
+
+def test_the_estimate_stays_inside_its_node_with_its_total_in_view(examples):
+    for name, example in examples.items():
+        assert example["estimates"], name
+        for title, box in example["estimates"].items():
+            assert box["shown"] and not box["scrolls"], (name, title, box)
+            assert box["height"] >= box["needed"], (name, title, box)       # the node holds all its widgets
+            assert box["width"] >= 420, (name, title, box)
+
+
+def test_node_widths_are_applied(examples):
+    for name, example in examples.items():
+        for title, (kind, width) in example["widths"].items():
+            if kind == "TrainDreamBooth":
+                assert width >= 380, (name, title, width)
+
+
+def test_the_panel_shows_its_run_confirms_save_now_and_a_stop(panel):
+    assert panel["beforeQueue"]["state"] == "idle" and set(panel["beforeQueue"]["fields"].values()) == {DASH}
+    assert len(panel["prompts"]) == 1                                 # the queue bound the node to its prompt
+    mid = panel["midRun"]
+    assert mid["state"] == "running" and mid["fields"]["eta"] != DASH and not any(mid["buttons"].values())
+    assert mid["fields"]["epoch"] == "1 / 20"
+    saved = panel["saved"]
+    step = int(saved["message"].removeprefix("saved step "))
+    assert step >= int(mid["fields"]["step"].split(" / ")[0])
+    stopped = panel["stopped"]
+    assert stopped["state"] == "stopped" and stopped["message"] == "stopped at step 20 (checkpoint saved)"
+    assert stopped["fields"]["eta"] == DASH and all(stopped["buttons"].values())
+
+
+def test_another_workflows_panel_shows_nothing_and_the_first_its_own_run(panel):
+    assert panel["sameId"]
+    other = panel["otherWorkflow"]
+    assert other["state"] == "idle" and other["message"].startswith("Queue the workflow")
+    assert set(other["fields"].values()) == {DASH} and all(other["buttons"].values())
+    assert panel["firstAgain"]["state"] == "stopped" and panel["firstAgain"]["fields"] == panel["stopped"]["fields"]
