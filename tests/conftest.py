@@ -7,6 +7,28 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
+PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _PackRootIsNotATestPackage:
+    """The repository root is the pack itself: it has the __init__.py that ComfyUI imports by path under the
+    folder's name, and a clone's folder may have any name ('comfyui-dreambooth' by default). pytest would collect
+    the root as a test package and import that __init__.py by the folder's name, which fails for a name that is not
+    an identifier ("attempted relative import with no known parent package" on every test). Collect it as a plain
+    folder instead: the tests use the installed `comfyui_dreambooth`. A plugin, not a conftest hook: the root's
+    collector is made before any conftest below it applies."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collect_directory(self, path, parent):
+        if str(path) == PACK_ROOT:
+            return pytest.Dir.from_parent(parent, path=path)
+        return None
+
+
+def pytest_configure(config):
+    if not config.pluginmanager.has_plugin("pack-root-is-not-a-test-package"):
+        config.pluginmanager.register(_PackRootIsNotATestPackage(), "pack-root-is-not-a-test-package")
+
 
 @pytest.fixture(scope="session")
 def tiny_models():
