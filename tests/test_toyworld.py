@@ -77,3 +77,17 @@ def test_cli_draws_subject_and_world_images(tmp_path):
     assert sorted(os.listdir(tmp_path / "w")) == ["toy_000.png", "toy_000.txt", "toy_001.png", "toy_001.txt"]
     bad = subprocess.run(cmd + [str(tmp_path / "x"), "--toy", "red blob"], capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "shape 'blob'" in bad.stderr
+
+
+def test_pretrain_script_makes_a_checkpoint_the_pack_loads(tmp_path):
+    """The pretraining pipeline end to end at toy sizes (the real run: README, training/toyworld/pretrain_log.jsonl)."""
+    from comfyui_dreambooth.training.models import load_model
+    from comfyui_dreambooth.training.toyworld.pretrain import main
+
+    out = tmp_path / "base.safetensors"
+    assert main(["--out", str(out), "--log", str(tmp_path / "log.jsonl"), "--images", "40", "--vae-steps", "2",
+                 "--decoder-steps", "2", "--unet-steps", "2", "--batch", "4", "--threads", "1"]) == 0
+    model = load_model(str(out), dtype="fp32")
+    assert model.family == "sd1" and model.vae_scale_factor == 4 and model.unet.config.sample_size == 16
+    stages = [line.split('"stage": "')[1].split('"')[0] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert stages[0] == "start" and stages[-1] == "done" and "latents" in stages

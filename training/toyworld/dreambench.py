@@ -50,6 +50,11 @@ FULL_PRIOR = Variant("full + prior preservation", use_lora=False, prior="class_i
 BASE_PRIOR = Variant("LoRA + base_model prior", use_lora=True, prior="base_model", learning_rate=1e-3)
 FROZEN_TE = Variant("LoRA, text encoder frozen", use_lora=True, text_encoder=False, learning_rate=1e-3)
 VARIANTS = [LORA, LORA_PRIOR, FULL, FULL_PRIOR, BASE_PRIOR, FROZEN_TE]
+# the guard tests' runs (tests/test_toyworld_guard.py): the same settings, fewer steps
+GUARD_LORA = Variant("guard LoRA", use_lora=True, learning_rate=1e-3, steps=200)
+GUARD_FULL = Variant("guard full", use_lora=False, learning_rate=1e-4, steps=200)
+GUARD_LORA_PRIOR = Variant("guard LoRA + prior", use_lora=True, prior="class_images", learning_rate=1e-3, steps=200,
+                           class_images_per_image=4)
 
 
 def write_instance_images(subject: Subject, folder: str, count: int = 5, seed: int = 0) -> list:
@@ -168,7 +173,7 @@ def variant_dict(v: Variant) -> dict:
     return asdict(v)
 
 
-__all__ = ["Variant", "VARIANTS", "LORA", "LORA_PRIOR", "FULL", "FULL_PRIOR", "BASE_PRIOR", "FROZEN_TE", "TOKEN",
+__all__ = ["Variant", "VARIANTS", "GUARD_LORA", "GUARD_FULL", "GUARD_LORA_PRIOR", "subject_fidelity", "pres", "LORA", "LORA_PRIOR", "FULL", "FULL_PRIOR", "BASE_PRIOR", "FROZEN_TE", "TOKEN",
            "CLASS_PROMPT", "write_instance_images", "settings_for", "concept_for", "train_variant", "sample",
            "measure", "measure_instances", "judge_for", "variant_dict"]
 
@@ -190,3 +195,13 @@ def base_quality(model, count: int = 216, seed: int = 7) -> dict:
             "background": _share(r.background == bg for r, (_, bg) in zip(readings, asked)),
             "shape": _share(r.shape == t.shape for r, (t, _) in zip(readings, asked)),
             "toy_entropy": round(attribute_entropy(plain), 4), "samples": count + count // 2}
+
+
+def subject_fidelity(model, subject: Subject, judge: SubjectModel, count: int = 12, seed: int = 1000) -> float:
+    """Share of `count` "a {token} toy" samples that show the subject."""
+    return _share(judge.shows(analyse(im)) for im in sample(model, [instance_prompt(TOKEN)] * count, seed))
+
+
+def pres(model, judge: SubjectModel, count: int = 12, seed: int = 3000) -> float:
+    """Share of `count` "a toy" samples that show the subject (lower is better)."""
+    return _share(judge.shows(analyse(im)) for im in sample(model, [CLASS_PROMPT] * count, seed))

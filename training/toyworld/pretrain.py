@@ -2,8 +2,8 @@
 
     python -m comfyui_dreambooth.training.toyworld.pretrain --out toy_base.safetensors [--unet-steps N]
 
-Two stages, both on rendered images (world.draw_world): the VAE learns to reconstruct 64×64 images through a 16×16×4
-latent; then the UNet and the text encoder learn together to denoise those latents from captions with parts left out
+Stages, all on rendered images (world.draw_world): 1. the VAE learns to reconstruct 64×64 images through a 16×16×4
+latent (on 32×32 crops: cheap); 1b. its decoder alone is polished on whole images (the latent space stays); 2. the UNet and the text encoder learn together to denoise those latents from captions with parts left out
 (and 10 % empty captions, so classifier-free guidance works). The UNet's EMA weights are saved. The file is an
 ordinary single-file SD1 checkpoint: LoadBaseModel, the trainer and the samplers use it like any other.
 Log lines (JSON) go to --log; a checkpoint is written every --save-every steps, so a run can be looked at early.
@@ -87,7 +87,7 @@ def train_vae(vae, images, steps: int, batch: int, lr: float, log, seed: int = 0
     gen = torch.Generator().manual_seed(seed)
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    running = 0.0
+    running, last = 0.0, float("nan")
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, steps, lr, 50)
@@ -222,8 +222,8 @@ def train_denoiser(model, means, stds, toys, steps: int, batch: int, lr: float, 
     return ema
 
 
-def pretrain(out: str, *, images: int = 30000, vae_steps: int = 400, unet_steps: int = 3000, batch: int = 64,
-             seed: int = 0, log_path: str | None = None, save_every: int = 500, threads: int | None = None):
+def pretrain(out: str, *, images: int = 30000, vae_steps: int = 300, decoder_steps: int = 1200,
+             unet_steps: int = 2500, batch: int = 64, seed: int = 0, log_path: str | None = None, save_every: int = 500, threads: int | None = None):
     import torch
 
     from ..models.io import save_single_file
@@ -231,8 +231,8 @@ def pretrain(out: str, *, images: int = 30000, vae_steps: int = 400, unet_steps:
     if threads:
         torch.set_num_threads(threads)
     log = _Log(log_path)
-    log(stage="start", images=images, vae_steps=vae_steps, unet_steps=unet_steps, batch=batch, seed=seed,
-        torch=torch.__version__, threads=torch.get_num_threads())
+    log(stage="start", images=images, vae_steps=vae_steps, decoder_steps=decoder_steps, unet_steps=unet_steps,
+        batch=batch, seed=seed, torch=torch.__version__, threads=torch.get_num_threads())
     model = build_toy_model(seed)
     world = draw_world(images, seed=seed, drop=0.0)
     toys = [(w[2], w[3]) for w in world]
@@ -250,6 +250,8 @@ def pretrain(out: str, *, images: int = 30000, vae_steps: int = 400, unet_steps:
         means, stds = encode_latents(model.vae, pictures)
         torch.save({"vae": model.vae.state_dict(), "means": means, "stds": stds, "vae_mse": vae_mse}, cache)
         del pictures
+    if decoder_steps:
+        vae_mse = polish_decoder(model.vae, [w[0] for w in world[:8192]], decoder_steps, 16, 1e-3, log, seed)
     del world
     scale = 1.0 / float(means.std())
     model.vae.register_to_config(scaling_factor=scale)
@@ -272,16 +274,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--log", default=None)
     p.add_argument("--images", type=int, default=30000)
-    p.add_argument("--vae-steps", type=int, default=400)
-    p.add_argument("--unet-steps", type=int, default=3000)
+    p.add_argument("--vae-steps", type=int, default=300)
+    p.add_argument("--decoder-steps", type=int, default=1200)
+    p.add_argument("--unet-steps", type=int, default=2500)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    pretrain(a.out, images=a.images, vae_steps=a.vae_steps, unet_steps=a.unet_steps, batch=a.batch, seed=a.seed,
-             log_path=a.log, save_every=a.save_every, threads=a.threads)
+    pretrain(a.out, images=a.images, vae_steps=a.vae_steps, decoder_steps=a.decoder_steps, unet_steps=a.unet_steps,
+             batch=a.batch, seed=a.seed, log_path=a.log, save_every=a.save_every, threads=a.threads)
     return 0
 
 
