@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable
 
+from . import compat
 from .data.settings import DataSettings, concept_type_defaults
 
 LORA_TYPES = ("lora", "dora", "loha", "lokr")
@@ -505,13 +506,11 @@ class DreamBoothSettings:
         return self
 
     def _environment_problems(self) -> list[str]:
-        from .setup.optimizers import missing_optimizer_package
-
         p: list[str] = []
-        missing = missing_optimizer_package(self.optimizer)
+        missing = compat.missing_optimizer_package(self.optimizer)
         if missing:
             p.append(f"optimizer = {self.optimizer!r}: {missing}")
-        if self.attention == "xformers" and not _installed("xformers"):
+        if self.attention == "xformers" and not compat.installed("xformers"):
             p.append("attention = 'xformers' but xformers is not installed; `pip install xformers` (matching your "
                      "torch build) or use attention 'sdpa'")
         return p
@@ -616,15 +615,6 @@ _DATA_COSMETIC = frozenset({"cache_mode"})
 def settings_fields() -> dict[str, dataclasses.Field]:
     """name -> dataclass field (with metadata: help, range, choices, kind, optional, auto, affects_result)."""
     return {f.name: f for f in fields(DreamBoothSettings)}
-
-
-def _installed(module: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def _field_problems(f: dataclasses.Field, value: Any) -> list[str]:
