@@ -11,7 +11,7 @@ Read `train_imagic()` top to bottom:
 
 The trained SDModel carries both embeddings in `extras` (IMAGIC_KEYS, (1, 77, D); SDXL also the pooled ones), so
 the checkpoint and diffusers writers store them as extra tensors and loading brings them back; a LoRA gets a
-sidecar `<name>.imagic.safetensors` (`save_sidecar` / `load_sidecar`).
+sidecar `<name>.imagic.safetensors` (`save_sidecar` / `load_sidecar`); all of that is models/imagic_embeddings.py.
 
 One run = imagic_embed_steps + imagic_unet_steps optimizer steps, counted as one global step; step s draws its noise
 and timestep from generators seeded by (seed, s) exactly like trainer.py, and a checkpoint records the stage and the
@@ -24,6 +24,9 @@ import math
 import os
 import time
 
+from .models.imagic_embeddings import (IMAGIC_KEYS, OPTIMIZED_KEY, OPTIMIZED_POOLED_KEY, SIDECAR_SUFFIX, TARGET_KEY,
+                                      TARGET_POOLED_KEY, imagic_tensors, interpolated, is_imagic, load_sidecar,
+                                      save_sidecar, sidecar_path, with_imagic)
 from .runs import RunFolder, compute_run_id
 from .settings import SettingsError
 from .trainer import (TrainingDiverged, TrainingInterrupted, TrainingSaveError, TrainResult, _copy_weights,
@@ -31,72 +34,6 @@ from .trainer import (TrainingDiverged, TrainingInterrupted, TrainingSaveError, 
                       _mixed_precision, _named_trainables, _names_a_checkpoint, _owned_modules, _read_checkpoint,
                       _read_own_checkpoint, _resume_target, _seed_global_rng, _set_attention, _step_seed,
                       _trainable_copy, _vae_dtype, _write_state, build_trainable)
-
-TARGET_KEY = "imagic.target_embedding"
-OPTIMIZED_KEY = "imagic.optimized_embedding"
-TARGET_POOLED_KEY = "imagic.target_pooled"            # SDXL only
-OPTIMIZED_POOLED_KEY = "imagic.optimized_pooled"      # SDXL only
-IMAGIC_KEYS = (TARGET_KEY, OPTIMIZED_KEY, TARGET_POOLED_KEY, OPTIMIZED_POOLED_KEY)
-SIDECAR_SUFFIX = ".imagic.safetensors"
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The embeddings a model carries
-# --------------------------------------------------------------------------------------------------------------
-def is_imagic(model) -> bool:
-    return TARGET_KEY in model.extras and OPTIMIZED_KEY in model.extras
-
-
-def interpolated(model, alpha: float):
-    """(embeds (1, 77k, D), pooled (1, P) or None): alpha * target + (1 - alpha) * optimised (Imagic eq. 3)."""
-    ex = model.extras
-    embeds = alpha * ex[TARGET_KEY].float() + (1.0 - alpha) * ex[OPTIMIZED_KEY].float()
-    pooled = None
-    if TARGET_POOLED_KEY in ex and OPTIMIZED_POOLED_KEY in ex:
-        pooled = alpha * ex[TARGET_POOLED_KEY].float() + (1.0 - alpha) * ex[OPTIMIZED_POOLED_KEY].float()
-    return embeds, pooled
-
-
-def imagic_tensors(model) -> dict:
-    return {k: v for k, v in model.extras.items() if k in IMAGIC_KEYS}
-
-
-def sidecar_path(lora_path: str) -> str:
-    """`x.safetensors` -> `x.imagic.safetensors` (beside the LoRA)."""
-    stem = lora_path[:-len(".safetensors")] if lora_path.lower().endswith(".safetensors") else lora_path
-    return stem + SIDECAR_SUFFIX
-
-
-def save_sidecar(model, lora_path: str) -> str | None:
-    """Write the model's Imagic embeddings beside a LoRA (fp32, atomically); None for a non-Imagic model."""
-    from safetensors.torch import save_file
-
-    from .fsutil import atomic_path
-
-    tensors = imagic_tensors(model)
-    if not is_imagic(model):
-        return None
-    path = sidecar_path(lora_path)
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, tmp,
-                  metadata={"format": "pt", "imagic.target_text": str(model.metadata.get("imagic", {})
-                                                                        .get("target_text", ""))})
-    return path
-
-
-def load_sidecar(path: str) -> dict:
-    """The Imagic tensors of a sidecar file (or of the LoRA it sits beside)."""
-    from safetensors.torch import load_file
-
-    if not path.endswith(SIDECAR_SUFFIX):
-        path = sidecar_path(path)
-    tensors = load_file(path)
-    return {k: v for k, v in tensors.items() if k in IMAGIC_KEYS}
-
-
-def with_imagic(model, tensors: dict):
-    """A new SDModel carrying `tensors` (IMAGIC_KEYS) in its extras (e.g. from load_sidecar)."""
-    return model.replace(extras={**model.extras, **tensors})
 
 
 # --------------------------------------------------------------------------------------------------------------

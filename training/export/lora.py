@@ -306,7 +306,7 @@ def save_kohya_lora(model: SDModel, path: str, *, dtype: str = "fp16", use_ema: 
     """Write the model's adapters as a kohya LoRA .safetensors file, atomically. Returns the path.
 
     Weights are stored in `dtype`; `.alpha` stays float32 so the training alpha survives exactly. An Imagic model
-    also gets its embeddings beside the file (training.imagic.save_sidecar).
+    also gets its embeddings beside the file (training/models/imagic_embeddings.py: save_sidecar).
     """
     from safetensors.torch import save_file
 
@@ -323,7 +323,7 @@ def save_kohya_lora(model: SDModel, path: str, *, dtype: str = "fp16", use_ema: 
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = _sshs_hashes(state, meta)
     with atomic_path(path) as tmp:
         save_file(state, tmp, metadata=meta)
-    from ..imagic import save_sidecar
+    from ..models.imagic_embeddings import save_sidecar
 
     save_sidecar(model, path)      # an Imagic model's embeddings: <name>.imagic.safetensors beside the LoRA
     return path
