@@ -15,7 +15,7 @@ def _real(model, settings):
     """Trained tensors and optimizer state after one real optimizer step, built by the trainer's own code."""
     from comfyui_dreambooth.training.setup.fused import build_training_optimizer
     from comfyui_dreambooth.training.setup.optimizers import training_param_groups
-    from comfyui_dreambooth.training.trainer import build_trainable
+    from comfyui_dreambooth.training.setup.trainable import build_trainable
 
     tm, unet_params, te_params = build_trainable(model, settings)
     params = [*unet_params, *te_params]

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass, field
+from typing import Callable
 
 ACTIONS = ("save_now", "stop_after_epoch", "stop_now")
 
@@ -131,3 +133,48 @@ def release_control(key) -> None:
     """Forget the control under `key` (after a run ends; later requests then find no run)."""
     with _registry_lock:
         controls.pop(str(key), None)
+
+
+# ---- what a run gives back, and how it ends early (trainer.py and imagic.py alike) --------------------------
+class TrainingInterrupted(Exception):
+    """Stopped on request (Cancel, Ctrl-C, 'stop after epoch'); a resumable checkpoint was saved."""
+
+    def __init__(self, message: str, run_dir: str = "", step: int = 0, checkpoint: str | None = None):
+        super().__init__(message)
+        self.run_dir, self.step, self.checkpoint = run_dir, step, checkpoint
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; nothing was saved from the broken step on."""
+
+
+class TrainingSaveError(RuntimeError):
+    """A checkpoint could not be written (e.g. disk full); the previous checkpoint is intact."""
+
+
+@dataclass
+class TrainCallbacks:
+    """Hooks for the node layer / CLI. All optional; none of them may raise except to stop training."""
+
+    progress: Callable[[dict], None] | None = None       # {step, total, epoch, loss, lr, it_per_s, eta_s}
+    preview: Callable[[list[str]], None] | None = None   # paths of new preview images
+    log: Callable[[str], None] | None = None
+    should_stop: Callable[[], bool] | None = None        # stop now (interrupt), with a resumable checkpoint
+    control: TrainingControl | None = None               # save-now / stop-after-epoch from the web panel
+    stage: Callable[[str, int, int], None] | None = None  # data preparation progress (stage, done, total)
+
+
+@dataclass
+class TrainResult:
+    model: object
+    run_dir: str
+    steps: int
+    reused: bool = False
+    final_loss: float | None = None
+    report: str = ""
+    info: dict = field(default_factory=dict)
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

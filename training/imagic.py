@@ -29,11 +29,12 @@ from .models.imagic_embeddings import (IMAGIC_KEYS, OPTIMIZED_KEY, OPTIMIZED_POO
                                       save_sidecar, sidecar_path, with_imagic)
 from .runs import RunFolder, compute_run_id
 from .settings import SettingsError
-from .trainer import (TrainingDiverged, TrainingInterrupted, TrainingSaveError, TrainResult, _copy_weights,
-                      _create_run, _finish_model, _first_loadable, _format_eta, _has_inference_tensors,
-                      _mixed_precision, _named_trainables, _names_a_checkpoint, _owned_modules, _read_checkpoint,
-                      _read_own_checkpoint, _resume_target, _seed_global_rng, _set_attention, _step_seed,
-                      _trainable_copy, _vae_dtype, _write_state, build_trainable)
+from .control import TrainingDiverged, TrainingInterrupted, TrainingSaveError, TrainResult, format_eta
+from .setup.noise import seed_global_rng, step_seed
+from .setup.trainable import (build_trainable, finish_model, has_inference_tensors, named_trainables, owned_modules,
+                              set_attention, trainable_copy)
+from .trainer import (_copy_weights, _create_run, _first_loadable, _names_a_checkpoint, _read_checkpoint,
+                      _read_own_checkpoint, _resume_target, _write_state)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -79,6 +80,7 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
     from .models.text import encode_prompts
     from .setup.noise import build_noise_scheduler, per_sample_mse, sample_noise, sample_timesteps, training_target
     from .setup.optimizers import build_optimizer, training_param_groups
+    from .setup.precision import mixed_precision, vae_dtype
     from .setup.schedulers import build_lr_scheduler
 
     say = cb.log or (lambda msg: None)
@@ -106,7 +108,7 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    mp = _mixed_precision(settings, device, say, model)
+    mp = mixed_precision(settings, device, say, model)
     accelerator = Accelerator(mixed_precision=mp, cpu=device.type == "cpu")
     device = accelerator.device if device.type != "cpu" else device
     main = accelerator.is_main_process
@@ -117,9 +119,9 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
     # ---- 1. data: the one photo, its latents (cached like any run's) -----------------------------------------
     for m in (model.vae, *model.text_encoders, model.unet):
         m.to(device)
-    vae_dtype = _vae_dtype(settings, device, say)
-    model_for_data = model if model.vae.dtype == vae_dtype else model.replace(
-        vae=_trainable_copy(model.vae).to(dtype=vae_dtype).requires_grad_(False))
+    data_vae_dtype = vae_dtype(settings, device, say)
+    model_for_data = model if model.vae.dtype == data_vae_dtype else model.replace(
+        vae=trainable_copy(model.vae).to(dtype=data_vae_dtype).requires_grad_(False))
     data = prepare_training_data(
         model_for_data, concepts, unet_settings.data, cache_dir=os.path.join(output_root, "dreambooth", "cache"),
         text_encoder_trained=True, batch_size=1, gradient_accumulation_steps=1, seed=settings.seed,
@@ -138,17 +140,17 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
 
     # ---- 2. the model: trainer.py's trainable copy; the embeddings -----------------------------------------
     tm, unet_params, _ = build_trainable(model, unet_settings)
-    if tm.unet is model.unet or _has_inference_tensors(tm.unet):
-        tm = tm.replace(unet=_trainable_copy(tm.unet))    # stage 1 backpropagates through it
+    if tm.unet is model.unet or has_inference_tensors(tm.unet):
+        tm = tm.replace(unet=trainable_copy(tm.unet))    # stage 1 backpropagates through it
     if tm.unet is not model.unet:
-        _set_attention(tm.unet, settings.attention)
+        set_attention(tm.unet, settings.attention)
     tm = tm.replace(vae=model_for_data.vae)
-    for m in _owned_modules(tm, model):
+    for m in owned_modules(tm, model):
         m.to(device)
     tm.vae.to(device)
     if settings.gradient_checkpointing:
         tm.unet.enable_gradient_checkpointing()
-    unet_named = _named_trainables(tm, unet_params, [])
+    unet_named = named_trainables(tm, unet_params, [])
     with torch.no_grad():
         target = encode_prompts(tm, [target_text], settings.clip_skip_or_none, settings.data.long_captions)
     e_tgt = target.embeds.detach().float()
@@ -169,7 +171,7 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
         return m.replace(extras=extras, metadata={**m.metadata, "imagic": {"target_text": target_text}})
 
     def result_model(named):
-        out = carrying_embeddings(_finish_model(tm, model, named, unet_settings, None, run_id))
+        out = carrying_embeddings(finish_model(tm, model, named, unet_settings, None, run_id))
         return out.replace(metadata={**out.metadata, "training": settings.result_dict()})
 
     # ---- 3. a finished identical run is reused; an interrupted one resumed ---------------------------------
@@ -284,8 +286,8 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
             preview("stage1", (0.0,))
             stage = unet_stage()
             say(f"Imagic stage 2: fine-tuning the UNet on the optimised embedding ({unet_steps} steps)")
-        _seed_global_rng(_step_seed(settings.seed, step), device)
-        gen = torch.Generator("cpu").manual_seed(_step_seed(settings.seed, step, 1))
+        seed_global_rng(step_seed(settings.seed, step), device)
+        gen = torch.Generator("cpu").manual_seed(step_seed(settings.seed, step, 1))
         batch = data.load_batch(plan, device=device, dtype=torch.float32, generator=gen)
         with accelerator.autocast():
             latents = batch.latents
@@ -325,7 +327,7 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
             cb.progress({"step": step, "total": total_steps, "epoch": stage.number, "epochs": 2,
                          "stage": "embedding" if stage.number == 1 else "unet", "loss": loss_value, "lr": lr,
                          "it_per_s": rate, "eta_s": (total_steps - step) / rate if rate else None,
-                         "eta": _format_eta((total_steps - step) / rate) if rate else ""})
+                         "eta": format_eta((total_steps - step) / rate) if rate else ""})
         stage_end = step in (embed_steps, total_steps)
         saved = None
         if control is not None and control.take_save_request():

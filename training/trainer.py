@@ -7,9 +7,7 @@ from the checkpoint of step s therefore continues exactly where the uninterrupte
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
-import hashlib
 import json
 import math
 import os
@@ -19,108 +17,17 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .compat import enable_text_encoder_checkpointing
-from .control import TrainingControl
+from .control import (TrainCallbacks, TrainingDiverged, TrainingInterrupted, TrainingSaveError, TrainResult,
+                      format_eta)
 from .distributed import Dist, collective_timeout, mark_stopped_together, process_info, shard_plan
 from .runs import RunFolder, compute_run_id, library_versions
-
-
-class TrainingInterrupted(Exception):
-    """Stopped on request (Cancel, Ctrl-C, 'stop after epoch'); a resumable checkpoint was saved."""
-
-    def __init__(self, message: str, run_dir: str = "", step: int = 0, checkpoint: str | None = None):
-        super().__init__(message)
-        self.run_dir, self.step, self.checkpoint = run_dir, step, checkpoint
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; nothing was saved from the broken step on."""
-
-
-class TrainingSaveError(RuntimeError):
-    """A checkpoint could not be written (e.g. disk full); the previous checkpoint is intact."""
-
-
-@dataclass
-class TrainCallbacks:
-    """Hooks for the node layer / CLI. All optional; none of them may raise except to stop training."""
-
-    progress: Callable[[dict], None] | None = None       # {step, total, epoch, loss, lr, it_per_s, eta_s}
-    preview: Callable[[list[str]], None] | None = None   # paths of new preview images
-    log: Callable[[str], None] | None = None
-    should_stop: Callable[[], bool] | None = None        # stop now (interrupt), with a resumable checkpoint
-    control: TrainingControl | None = None               # save-now / stop-after-epoch from the web panel
-    stage: Callable[[str, int, int], None] | None = None  # data preparation progress (stage, done, total)
-
-
-@dataclass
-class TrainResult:
-    model: object
-    run_dir: str
-    steps: int
-    reused: bool = False
-    final_loss: float | None = None
-    report: str = ""
-    info: dict = field(default_factory=dict)
+from .setup.noise import base_model_prior_loss, example_generators, seed_global_rng, step_seed
+from .setup.trainable import build_trainable, finish_model, named_trainables, owned_modules, set_attention, trainable_copy
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------------------------------
-def _step_seed(seed: int, step: int, micro: int = 0) -> int:
-    digest = hashlib.sha256(f"{seed}:{step}:{micro}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def _seed_global_rng(seed: int, device) -> None:
-    """Seed the global generators a step may draw from: the CPU's and the training device's.
-    (torch.manual_seed also walks every other backend: 0.7 ms a step on a CPU-only build.)"""
-    import torch
-
-    torch.default_generator.manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.manual_seed_all(seed)
-    elif device.type != "cpu":
-        torch.manual_seed(seed)
-
-
-def _trainable_copy(module):
-    """A deep copy made outside inference mode: ComfyUI loads weights as inference tensors, which autograd
-    refuses; the copy's tensors are ordinary ones."""
-    import torch
-
-    with torch.inference_mode(False), torch.no_grad():
-        return copy.deepcopy(module)
-
-
-@contextlib.contextmanager
-def _adapters_disabled(module):
-    """Run a peft-adapted module as its frozen base (prior preservation from the base model)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield module
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)
-
-
-def _set_attention(unet, attention: str):
-    if attention == "xformers":
-        try:
-            unet.enable_xformers_memory_efficient_attention()
-        except Exception as e:  # diffusers raises ModuleNotFoundError / ValueError depending on the cause
-            raise ValueError(f"attention = xformers: {e}. Install xformers matching your torch, or use sdpa") from None
-    elif attention == "sliced":
-        unet.set_attention_slice("auto")
-    else:
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        unet.set_attn_processor(AttnProcessor2_0())
-
-
 @contextlib.contextmanager
 def _fresh_accelerate_state():
     """accelerate keeps one process-wide AcceleratorState: a second run with other mixed precision in the same
@@ -135,121 +42,6 @@ def _fresh_accelerate_state():
     finally:
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
-
-
-def _mixed_precision(settings, device, say, model) -> str:
-    import torch
-
-    mp = settings.mixed_precision
-    if device.type == "cpu" and mp == "fp16":
-        say("mixed_precision fp16 needs a GPU; training in fp32 on the CPU")
-        mp = "no"
-    loaded = next(model.unet.parameters()).dtype
-    if mp == "no" and loaded in (torch.float16, torch.bfloat16):
-        # fp32 compute would meet the frozen half-precision base weights in every layer (dtype mismatch)
-        half = "bf16" if loaded == torch.bfloat16 else "fp16"
-        if half == "fp16" and device.type == "cpu":
-            raise ValueError("the model is loaded in fp16, which cannot train on the CPU; load it in fp32 or bf16 "
-                             "(LoadBaseModel's dtype)")
-        say(f"the model is loaded in {half}: computing in {half} mixed precision (trained weights stay fp32); "
-            "load it in fp32 for full-precision training")
-        mp = half
-    return mp
-
-
-def _vae_dtype(settings, device, say):
-    import torch
-
-    if device.type == "cpu" and settings.vae_dtype == "fp16":
-        say("vae_dtype fp16 needs a GPU; the VAE runs in fp32 on the CPU")
-        return torch.float32
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(settings.vae_dtype, torch.float32)
-
-
-def _format_eta(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Building the model to train
-# --------------------------------------------------------------------------------------------------------------
-def build_trainable(model, settings):
-    """(trained model, unet params, text-encoder params). The received model is never modified: every module
-    that trains, or that training must change (attention kernel, dtype), is a copy; frozen ones are shared."""
-    from .setup.adapters import adapter_parameters, add_adapters
-    from .setup.precision import cast_trained, trained_weight_dtype
-
-    trains_te = settings.trains_text_encoder
-    if settings.use_lora:
-        with _no_inference():
-            tm = add_adapters(model, rank=settings.lora_rank, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
-                              lora_type=settings.lora_type, on_unet=settings.train_unet, on_text_encoder=trains_te,
-                              seed=settings.seed, unet_targets=settings.lora_unet_targets,
-                              text_encoder_targets=settings.lora_text_encoder_targets)
-        unet_params = adapter_parameters(tm, unet=True, text_encoders=False) if settings.train_unet else []
-        te_params = adapter_parameters(tm, unet=False, text_encoders=True) if trains_te else []
-        cast_trained([*unet_params, *te_params], trained_weight_dtype(settings))   # weights_dtype (fp32 / bf16)
-        return _own_frozen_unet_if_needed(tm, model, settings), unet_params, te_params
-    # trained weights are fp32 master copies whatever precision the model was loaded in: a bf16 weight cannot
-    # take a 1e-6 step (it rounds back), and fp16 gradients cannot be unscaled; autocast computes in half
-    # (or bf16 with weights_dtype = bf16: the optimizer then rounds each update stochastically, setup/fused.py)
-    wdt = trained_weight_dtype(settings)
-    unet = _trainable_copy(model.unet).to(wdt) if settings.train_unet else model.unet
-    tes = [_trainable_copy(te).to(wdt) for te in model.text_encoders] if trains_te else list(model.text_encoders)
-    unet_params, te_params = [], []
-    if settings.train_unet:
-        unet.requires_grad_(True)
-        unet_params = list(unet.parameters())
-    if trains_te:
-        for te in tes:
-            for name, p in te.named_parameters():
-                norm = "layer_norm" in name or "final_layer_norm" in name
-                p.requires_grad_(not (settings.freeze_clip_norm and norm))
-                if p.requires_grad:
-                    te_params.append(p)
-    tm = model.replace(unet=unet, text_encoders=tes, ema_unet=None)
-    return _own_frozen_unet_if_needed(tm, model, settings), unet_params, te_params
-
-
-def _own_frozen_unet_if_needed(tm, model, settings):
-    """A frozen UNet stays shared with the received model, unless training must change it (another attention
-    kernel) or backpropagate through it (text encoder training) while it holds inference tensors, which
-    autograd refuses to save for backward (ComfyUI loads models under torch.inference_mode())."""
-    if tm.unet is not model.unet:
-        return tm
-    backprop = settings.trains_text_encoder
-    if settings.attention != "sdpa" or (backprop and _has_inference_tensors(model.unet)):
-        return tm.replace(unet=_trainable_copy(model.unet).requires_grad_(False))
-    return tm
-
-
-def _has_inference_tensors(module) -> bool:
-    return any(t.is_inference() for t in module.parameters()) or any(t.is_inference() for t in module.buffers())
-
-
-def _owned_modules(tm, model) -> list:
-    """The UNet / text encoders of `tm` that are training's own copies (never the received model's)."""
-    received = [model.unet, *model.text_encoders]
-    return [m for m in (tm.unet, *tm.text_encoders) if not any(m is r for r in received)]
-
-
-@contextlib.contextmanager
-def _no_inference():
-    import torch
-
-    with torch.inference_mode(False):
-        yield
-
-
-def _named_trainables(tm, unet_params, te_params) -> dict:
-    ids = {id(p) for p in [*unet_params, *te_params]}
-    out = {}
-    for part, module in [("unet", tm.unet), *[(f"te{i}", te) for i, te in enumerate(tm.text_encoders)]]:
-        for name, p in module.named_parameters():
-            if id(p) in ids:
-                out[f"{part}.{name}"] = p
-    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -381,10 +173,12 @@ def _start(model, concepts, settings, output_root, device, cb, held) -> _Job:
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
+    from .setup.precision import mixed_precision
+
     settings = settings.resolved(concepts).check()
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     say = cb.log or (lambda msg: None)
-    mp = _mixed_precision(settings, device, say, model)
+    mp = mixed_precision(settings, device, say, model)
     if mp != settings.mixed_precision:      # checks that depend on it (fused_backward, frozen_dtype) see the real one
         settings.replace(mixed_precision=mp).check(check_environment=False)
     accelerator = Accelerator(mixed_precision=mp, cpu=device.type == "cpu",
@@ -404,6 +198,7 @@ def _start(model, concepts, settings, output_root, device, cb, held) -> _Job:
 
 def _prepare_data(job: _Job) -> None:
     from .data.dataset import generate_missing_class_images, prepare_training_data
+    from .setup.precision import vae_dtype
 
     model, settings, device, cb, dist = job.model, job.settings, job.device, job.cb, job.dist
     for m in (model.vae, *model.text_encoders):
@@ -411,9 +206,10 @@ def _prepare_data(job: _Job) -> None:
     model.unet.to(device)
     # the VAE that encodes the training latents (and decodes previews) has the vae_dtype setting's precision:
     # fp16 VAEs give NaN/black images, so a half-precision model's VAE is copied to fp32 unless asked otherwise
-    vae_dtype = _vae_dtype(settings, device, job.say)
-    if model.vae.dtype != vae_dtype:
-        job.model_for_data = model.replace(vae=_trainable_copy(model.vae).to(dtype=vae_dtype).requires_grad_(False))
+    data_vae_dtype = vae_dtype(settings, device, job.say)
+    if model.vae.dtype != data_vae_dtype:
+        job.model_for_data = model.replace(vae=trainable_copy(model.vae).to(dtype=data_vae_dtype)
+                                           .requires_grad_(False))
     else:
         job.model_for_data = model
     progress = (lambda d, t: cb.stage("data", d, t)) if cb.stage else None
@@ -474,9 +270,9 @@ def _reused_result(job: _Job):
     done = RunFolder(found)
     job.say(f"an identical run already finished: {done.path} (reusing its result)")
     tm, unet_params, te_params = build_trainable(job.model, job.settings)
-    named = _named_trainables(tm, unet_params, te_params)
+    named = named_trainables(tm, unet_params, te_params)
     ema_state = _load_weights(done.final_dir, named)
-    tm = _finish_model(tm, job.model, named, job.settings, ema_state, job.run_id)
+    tm = finish_model(tm, job.model, named, job.settings, ema_state, job.run_id)
     cfg = done.read_config()
     return TrainResult(tm, done.path, cfg.get("steps", job.total_steps), reused=True,
                        final_loss=cfg.get("final_loss"), report=job.report, info=cfg)
@@ -528,7 +324,7 @@ def _build_model(job: _Job) -> None:
         precision.apply_fp8_storage(tm.unet, precision.compute_dtype(job.mp))  # before the move: no full-size copy
         held.callback(precision.restore_fp8_storage, tm.unet, model.unet)      # on the GPU at any time
     frozen_dt = precision.frozen_weight_dtype(settings, job.mp, device)   # frozen_dtype (auto: compute's half)
-    for m in _owned_modules(tm, model):               # shared (received) modules keep their dtype
+    for m in owned_modules(tm, model):               # shared (received) modules keep their dtype
         m.to(device)
         if frozen_dt is not None:                     # frozen weights in half precision; trained ones as trained
             for p in m.parameters():
@@ -539,7 +335,7 @@ def _build_model(job: _Job) -> None:
     tm = tm.replace(vae=job.model_for_data.vae, zero_terminal_snr=job.zero_terminal_snr)
     tm.vae.to(device)
     if tm.unet is not model.unet:                     # build_trainable copied it when the kernel must change
-        _set_attention(tm.unet, settings.attention)
+        set_attention(tm.unet, settings.attention)
     if settings.gradient_checkpointing:
         if settings.train_unet:
             tm.unet.enable_gradient_checkpointing()
@@ -554,7 +350,7 @@ def _build_model(job: _Job) -> None:
     # be the received model's own (a later node samples the base model)
     held.callback(lambda: [m.to(device) for m in job.offloaded])
     job.tm = tm
-    job.named = _named_trainables(tm, job.unet_params, job.te_params)
+    job.named = named_trainables(tm, job.unet_params, job.te_params)
     job.dist.broadcast_tensors(job.named.values())    # fresh adapters start equal on every process
 
 
@@ -677,7 +473,7 @@ def _loop(job: _Job) -> tuple[int, float | None]:
             plan_cache = {epoch: shard_plan(job.data.epoch_plan(epoch), dist.rank, dist.world)}
         accum = settings.gradient_accumulation_steps
         micro_batches = plan_cache[epoch][k * accum:(k + 1) * accum]
-        _seed_global_rng(_step_seed(settings.seed, step), device)   # dropout and any other global draw
+        seed_global_rng(step_seed(settings.seed, step), device)   # dropout and any other global draw
         step_loss = torch.zeros((), device=device)
         for plan_item in micro_batches:
             loss = _micro_batch_loss(job, plan_item, step, te_frozen) / len(micro_batches)
@@ -720,7 +516,7 @@ def _loop(job: _Job) -> tuple[int, float | None]:
             eta = (job.total_steps - step) / rate if rate else None
             cb.progress({"step": step, "total": job.total_steps, "epoch": epoch + 1,
                          "epochs": math.ceil(job.total_steps / job.steps_per_epoch), "loss": loss_value, "lr": lr,
-                         "it_per_s": rate, "eta_s": eta, "eta": _format_eta(eta) if rate else ""})
+                         "it_per_s": rate, "eta_s": eta, "eta": format_eta(eta) if rate else ""})
         epoch_end = step % job.steps_per_epoch == 0 or step == job.total_steps
         saved = None   # this step's checkpoint: written once, whether requested, per epoch or on stop
         if control is not None and control.take_save_request():
@@ -756,7 +552,7 @@ def _micro_batch_loss(job: _Job, plan_item, step: int, te_frozen: bool):
                               weighted_mean_loss)
 
     settings, tm, model, device, sched = job.settings, job.tm, job.model, job.device, job.noise_scheduler
-    gens = _example_generators(settings.seed, step, plan_item.items)
+    gens = example_generators(settings.seed, step, plan_item.items)
     batch = job.data.load_batch(plan_item, device=device, dtype=torch.float32, generator=gens)
     with job.accelerator.autocast():
         if batch.embeds is not None:
@@ -778,22 +574,9 @@ def _micro_batch_loss(job: _Job, plan_item, step: int, te_frozen: bool):
         weights = weights * min_snr_weights(sched, t, settings.min_snr_gamma, model.prediction_type)
         loss = weighted_mean_loss(per_sample_mse(pred, target), weights)
         if settings.prior_mode == "base_model":
-            loss = loss + _base_model_prior_loss(tm, model, model.unet, tm.unet, job.concepts, batch, noisy, t,
+            loss = loss + base_model_prior_loss(tm, model, model.unet, tm.unet, job.concepts, batch, noisy, t,
                                                  settings, encode_prompts, per_sample_mse, with_grad=not te_frozen)
     return loss
-
-
-def _example_generators(seed: int, step: int, items) -> list:
-    """One CPU generator per example of a batch, seeded by (seed, step, dataset index, repeat within the batch)."""
-    import torch
-
-    seen: dict[int, int] = {}
-    gens = []
-    for index in items:
-        seen[index] = seen.get(index, -1) + 1
-        digest = hashlib.sha256(f"{seed}:{step}:{index}:{seen[index]}".encode()).digest()
-        gens.append(torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1)))
-    return gens
 
 
 def _encode_captions(job: _Job, captions, with_grad: bool):
@@ -861,7 +644,7 @@ def _finish(job: _Job, step: int, last_loss: float | None) -> TrainResult:
         job.run.update_config(finished=True, steps=step, final_loss=last_loss,
                               finished_at=time.strftime("%Y-%m-%d %H:%M:%S"))
     job.dist.barrier()                    # the others read the finished run's config after rank 0 wrote it
-    result = _finish_model(job.tm, job.model, job.named, job.settings,
+    result = finish_model(job.tm, job.model, job.named, job.settings,
                            job.ema.state_dict() if job.ema is not None else None, job.run_id)
     return TrainResult(result, job.run.path, step, final_loss=last_loss, report=job.report,
                        info=job.run.read_config())
@@ -903,40 +686,6 @@ def _pause(seconds: float, cb, control, say):
         if (cb.should_stop and cb.should_stop()) or (control is not None and control.stop_requested):
             return
         time.sleep(min(0.2, max(0.0, end - time.time())))
-
-
-def _base_model_prior_loss(tm, base_model, base_unet, unet_fwd, concepts, batch, noisy, t, settings,
-                           encode_prompts, per_sample_mse, with_grad):
-    """Prior preservation without class images: on the same noisy latents, the trained model's prediction
-    for the class prompt is pulled toward the frozen base model's prediction for it."""
-    import torch
-
-    prompts = [concepts[ci].class_prompt for ci in batch.concept_indices]
-    keep = [i for i, p in enumerate(prompts) if p]
-    if not keep:
-        return torch.zeros((), device=noisy.device)
-    prompts = [prompts[i] for i in keep]
-    noisy, t = noisy[keep], t[keep]
-    time_ids = batch.time_ids[keep] if batch.time_ids is not None else None
-    clip_skip = settings.clip_skip_or_none
-    with torch.no_grad():
-        base_te = encode_prompts(base_model, prompts, clip_skip)
-        added = {"text_embeds": base_te.pooled, "time_ids": time_ids} if tm.is_sdxl else None
-        if tm.unet is base_unet or settings.use_lora:
-            with _adapters_disabled(tm.unet):
-                target = tm.unet(noisy, t, base_te.embeds, added_cond_kwargs=added).sample
-        else:
-            target = base_unet(noisy, t, base_te.embeds.to(base_unet.dtype), added_cond_kwargs=added).sample
-    ctx = contextlib.nullcontext() if with_grad else torch.no_grad()
-    with ctx:
-        te = encode_prompts(tm, prompts, clip_skip)
-    added = {"text_embeds": te.pooled, "time_ids": time_ids} if tm.is_sdxl else None
-    pred = unet_fwd(noisy, t, te.embeds, added_cond_kwargs=added).sample
-    # each example's own concept weight (a batch may mix concepts), unless the settings override them all
-    weights = torch.tensor([settings.prior_loss_weight if settings.prior_loss_weight is not None
-                            else concepts[batch.concept_indices[i]].prior_loss_weight for i in keep],
-                           device=pred.device, dtype=torch.float32)
-    return (per_sample_mse(pred, target.detach()) * weights).mean()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1086,26 +835,3 @@ def _resume_target(output_root, run_id, resume):
     raise ValueError(f"resume: {resume!r} is neither 'auto', 'new', a run folder nor a checkpoint folder")
 
 
-def _finish_model(tm, model, named, settings, ema_state, run_id):
-    """The trained SDModel: eval mode, no grads, EMA copy attached when trained with EMA. Modules still shared
-    with the received `model` are left as they are."""
-    import torch
-
-    ema_unet = None
-    if ema_state is not None:
-        from .setup.ema import EMA
-
-        with torch.no_grad():
-            ema = EMA(tm.unet, settings.ema_decay) if any(p.requires_grad for p in tm.unet.parameters()) else None
-            if ema is not None:
-                ema.load_state_dict(ema_state)
-                ema_unet = ema.averaged_copy(tm.unet)
-    for m in _owned_modules(tm, model):
-        m.eval().requires_grad_(False)
-    if ema_unet is not None:
-        ema_unet.eval().requires_grad_(False)
-    metadata = dict(tm.metadata)
-    metadata["training"] = settings.result_dict()
-    metadata["trained_run_id"] = run_id          # names these weights if they are trained further
-    return tm.replace(ema_unet=ema_unet, metadata=metadata,
-                      zero_terminal_snr=bool(tm.zero_terminal_snr or settings.zero_terminal_snr))
