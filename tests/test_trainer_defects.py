@@ -110,7 +110,7 @@ def _copy_as(module, dtype):
 
 # ---- f. the fp16 GradScaler state is part of a checkpoint ----------------------------------------------------------
 def test_grad_scaler_state_is_saved_and_restored(tmp_path):
-    from comfyui_dreambooth.training import trainer
+    from comfyui_dreambooth.training import checkpoints
 
     p = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.SGD([p], lr=0.1)
@@ -120,9 +120,9 @@ def test_grad_scaler_state_is_saved_and_restored(tmp_path):
     scaler.update(512.0)
     folder = tmp_path / "ckpt"
     folder.mkdir()
-    trainer._write_state(str(folder), {"p": p}, opt, sched, None, {"step": 3, "run_id": "r"}, scaler=scaler)
+    checkpoints.write_state(str(folder), {"p": p}, opt, sched, None, {"step": 3, "run_id": "r"}, scaler=scaler)
     fresh = torch.amp.GradScaler("cpu", init_scale=65536.0, growth_interval=2000)
-    step = trainer._load_checkpoint(str(folder), {"p": p}, opt, sched, None, "r", scaler=fresh)
+    step = checkpoints.load_checkpoint(str(folder), {"p": p}, opt, sched, None, "r", scaler=fresh)
     assert step == 3
     assert fresh.get_scale() == 512.0
     assert fresh.get_growth_interval() == 7

@@ -24,17 +24,17 @@ import math
 import os
 import time
 
+from .checkpoints import (copy_weights, create_run, first_loadable, names_a_checkpoint, read_checkpoint,
+                          read_own_checkpoint, resume_target, write_state)
+from .control import TrainingDiverged, TrainingInterrupted, TrainingSaveError, TrainResult, format_eta
 from .models.imagic_embeddings import (IMAGIC_KEYS, OPTIMIZED_KEY, OPTIMIZED_POOLED_KEY, SIDECAR_SUFFIX, TARGET_KEY,
                                       TARGET_POOLED_KEY, imagic_tensors, interpolated, is_imagic, load_sidecar,
                                       save_sidecar, sidecar_path, with_imagic)
 from .runs import RunFolder, compute_run_id
 from .settings import SettingsError
-from .control import TrainingDiverged, TrainingInterrupted, TrainingSaveError, TrainResult, format_eta
 from .setup.noise import seed_global_rng, step_seed
 from .setup.trainable import (build_trainable, finish_model, has_inference_tensors, named_trainables, owned_modules,
                               set_attention, trainable_copy)
-from .trainer import (_copy_weights, _create_run, _first_loadable, _names_a_checkpoint, _read_checkpoint,
-                      _read_own_checkpoint, _resume_target, _write_state)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -180,11 +180,11 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
         if done is not None:
             say(f"an identical run already finished: {done.path} (reusing its result)")
             named = {**embedding, **unet_named}
-            _copy_weights(done.final_dir, named, _read_checkpoint(done.final_dir)["weights"])
+            copy_weights(done.final_dir, named, read_checkpoint(done.final_dir)["weights"])
             cfg = done.read_config()
             return TrainResult(result_model(named), done.path, cfg.get("steps", total_steps), reused=True,
                                final_loss=cfg.get("final_loss"), report=report, info=cfg)
-    run, checkpoint = _resume_target(output_root, run_id, resume)
+    run, checkpoint = resume_target(output_root, run_id, resume)
     if run is not None and main:
         held.enter_context(run.lock())
         for path in run.remove_leftovers():
@@ -215,8 +215,8 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
     stage = embedding_stage()
     start_step = 0
     if checkpoint:
-        loaded = _first_loadable(run, checkpoint, lambda folder: _read_own_checkpoint(folder, run_id), say,
-                                 fallback=not _names_a_checkpoint(resume), set_aside=main)
+        loaded = first_loadable(run, checkpoint, lambda folder: read_own_checkpoint(folder, run_id), say,
+                                fallback=not names_a_checkpoint(resume), set_aside=main)
         if loaded is None:
             say(f"no checkpoint of {run.path} loads; starting again in a new run folder (the old one is kept)")
             checkpoint = None
@@ -225,7 +225,7 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
             start_step = int(ckpt["state"]["step"])
             if int(ckpt["state"].get("stage", 1)) == 2:
                 stage = unet_stage()
-            _copy_weights(checkpoint, stage.named, ckpt["weights"])
+            copy_weights(checkpoint, stage.named, ckpt["weights"])
             stage.optimizer.load_state_dict(ckpt["optimizer"]["optimizer"])
             stage.lr_scheduler.load_state_dict(ckpt["optimizer"]["lr_scheduler"])
             if accelerator.scaler is not None and ckpt["optimizer"].get("scaler"):
@@ -235,7 +235,7 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
         if main:
             run.truncate_loss(start_step)
     elif main:
-        run = _create_run(output_root, settings, concepts, data, model, run_id, parent_run, total_steps, report, held,
+        run = create_run(output_root, settings, concepts, data, model, run_id, parent_run, total_steps, report, held,
                           imagic={"target_text": target_text, "embed_steps": embed_steps, "unet_steps": unet_steps})
     say(f"Imagic: {embed_steps} embedding steps + {unet_steps} UNet steps for {target_text!r} in {run.path}")
 
@@ -244,10 +244,10 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
             return None
 
         def write(folder):
-            _write_state(folder, stage.named, stage.optimizer, stage.lr_scheduler, None,
-                         {"step": step, "stage": stage.number, "stage_step": step - (embed_steps if stage.number == 2
-                                                                                     else 0),
-                          "run_id": run_id, "loss": loss, "time": time.time()}, scaler=accelerator.scaler)
+            write_state(folder, stage.named, stage.optimizer, stage.lr_scheduler, None,
+                        {"step": step, "stage": stage.number, "stage_step": step - (embed_steps if stage.number == 2
+                                                                                    else 0),
+                         "run_id": run_id, "loss": loss, "time": time.time()}, scaler=accelerator.scaler)
         try:
             return run.save_final(write) if final else run.save_checkpoint(step, write,
                                                                            keep_last=settings.keep_last_checkpoints)

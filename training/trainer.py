@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .checkpoints import (apply_checkpoint, create_run, first_loadable, load_weights, names_a_checkpoint,
+                          read_own_checkpoint, resume_target, write_state)
 from .compat import enable_text_encoder_checkpointing
 from .control import (TrainCallbacks, TrainingDiverged, TrainingInterrupted, TrainingSaveError, TrainResult,
                       format_eta)
 from .distributed import Dist, collective_timeout, mark_stopped_together, process_info, shard_plan
-from .runs import RunFolder, compute_run_id, library_versions
+from .runs import RunFolder, compute_run_id
 from .setup.noise import base_model_prior_loss, example_generators, seed_global_rng, step_seed
 from .setup.trainable import build_trainable, finish_model, named_trainables, owned_modules, set_attention, trainable_copy
 
@@ -47,15 +47,6 @@ def _fresh_accelerate_state():
 # --------------------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------------------
-def _file_names_as_text(text: str) -> str:
-    """`text` with the bytes of non-UTF-8 file names (lone surrogates, as os.listdir gives them) shown as \\xNN
-    escapes, so a report naming them can be written as UTF-8."""
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:         # surrogates that are not escaped bytes
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 def train(model, concepts, settings, *, output_root: str, resume: str = "auto", device=None,
           callbacks: TrainCallbacks | None = None, reuse_finished: bool = True) -> TrainResult:
     """Train `model` on `concepts` with `settings`; returns a new model (the input is untouched).
@@ -271,7 +262,7 @@ def _reused_result(job: _Job):
     job.say(f"an identical run already finished: {done.path} (reusing its result)")
     tm, unet_params, te_params = build_trainable(job.model, job.settings)
     named = named_trainables(tm, unet_params, te_params)
-    ema_state = _load_weights(done.final_dir, named)
+    ema_state = load_weights(done.final_dir, named)
     tm = finish_model(tm, job.model, named, job.settings, ema_state, job.run_id)
     cfg = done.read_config()
     return TrainResult(tm, done.path, cfg.get("steps", job.total_steps), reused=True,
@@ -282,7 +273,7 @@ def _claim_run(job: _Job, resume) -> None:
     """The interrupted run to continue, if any: rank 0 decides (it holds the lock and cleans up what an
     interrupted save left), the others follow; an error there ends every process with rank 0's message."""
     def choose():
-        run, checkpoint = _resume_target(job.output_root, job.run_id, resume)
+        run, checkpoint = resume_target(job.output_root, job.run_id, resume)
         if run is not None:
             processes = run.read_config().get("processes", 1)
             if processes != job.dist.world:
@@ -426,27 +417,27 @@ def _resume_or_create_run(job: _Job, resume) -> None:
         loaded = [None]
 
         def choose():
-            loaded[0] = _first_loadable(run, checkpoint, lambda folder: _read_own_checkpoint(folder, job.run_id),
-                                        job.say, fallback=not _names_a_checkpoint(resume))
+            loaded[0] = first_loadable(run, checkpoint, lambda folder: read_own_checkpoint(folder, job.run_id),
+                                       job.say, fallback=not names_a_checkpoint(resume))
             return loaded[0][1] if loaded[0] else None
         chosen = job.dist.decide(choose, "read the checkpoint to resume")
         loaded = loaded[0]
         if chosen is not None and loaded is None:
-            loaded = (_read_own_checkpoint(chosen, job.run_id), chosen)
+            loaded = (read_own_checkpoint(chosen, job.run_id), chosen)
         if loaded is None:
             job.say(f"no checkpoint of {run.path} loads; starting again in a new run folder (the old one is kept)")
             checkpoint = None
         else:
             ckpt, checkpoint = loaded
-            job.start_step = _apply_checkpoint(checkpoint, ckpt, job.named, job.optimizer, job.lr_scheduler, job.ema,
-                                               scaler=job.accelerator.scaler)
+            job.start_step = apply_checkpoint(checkpoint, ckpt, job.named, job.optimizer, job.lr_scheduler, job.ema,
+                                              scaler=job.accelerator.scaler)
             del ckpt
     if checkpoint:
         job.say(f"resuming {run.path} from step {job.start_step}")
         if job.main:
             run.truncate_loss(job.start_step)
     else:
-        run = RunFolder(job.dist.decide(lambda: _create_run(
+        run = RunFolder(job.dist.decide(lambda: create_run(
             job.output_root, job.settings, job.concepts, job.data, job.model, job.run_id, job.parent_run,
             job.total_steps, job.report, job.held,
             **({"processes": job.dist.world} if job.dist.active else {})).path,
@@ -596,9 +587,9 @@ def _save(job: _Job, step: int, loss: float | None, *, final: bool = False) -> s
         return None
 
     def write(folder):
-        _write_state(folder, job.named, job.optimizer, job.lr_scheduler, job.ema,
-                     {"step": step, "run_id": job.run_id, "loss": loss, "time": time.time()},
-                     scaler=job.accelerator.scaler)
+        write_state(folder, job.named, job.optimizer, job.lr_scheduler, job.ema,
+                    {"step": step, "run_id": job.run_id, "loss": loss, "time": time.time()},
+                    scaler=job.accelerator.scaler)
     try:
         if final:
             return job.run.save_final(write)
@@ -650,29 +641,6 @@ def _finish(job: _Job, step: int, last_loss: float | None) -> TrainResult:
                        info=job.run.read_config())
 
 
-def _create_run(output_root, settings, concepts, data, model, run_id, parent_run, total_steps, report, held,
-                **extra_config):
-    """A new run folder with config.json and dataset_report.txt, locked for this process (`held`); a failure here
-    leaves no run folder behind (nothing has started)."""
-    run = RunFolder.create(output_root, settings.run_name, {
-        "run_id": run_id, "settings": settings.to_dict(), "concepts": [c.to_dict() for c in concepts],
-        "dataset_report": data.report.to_dict(), "base_model": {"path": model.source, "hash": model.source_hash,
-                                                                "family": model.family,
-                                                                "prediction_type": model.prediction_type,
-                                                                "parent_run_id": parent_run},
-        **extra_config, "libraries": library_versions(), "total_steps": total_steps, "finished": False,
-        "created": time.strftime("%Y-%m-%d %H:%M:%S")})
-    try:
-        held.enter_context(run.lock())
-        with open(os.path.join(run.path, "dataset_report.txt"), "w", encoding="utf-8",
-                  errors="backslashreplace") as f:
-            f.write(_file_names_as_text(report) + "\n")
-    except BaseException:
-        shutil.rmtree(run.path, ignore_errors=True)     # no run folder for a run that never started
-        raise
-    return run
-
-
 def _freeze(params):
     for p in params:
         p.requires_grad_(False)
@@ -691,147 +659,3 @@ def _pause(seconds: float, cb, control, say):
 # --------------------------------------------------------------------------------------------------------------
 # Checkpoint files
 # --------------------------------------------------------------------------------------------------------------
-def _write_state(folder, named, optimizer, lr_scheduler, ema, state, scaler=None):
-    import torch
-    from safetensors.torch import save_file
-
-    save_file({k: p.detach().float().cpu().contiguous() for k, p in named.items()},
-              os.path.join(folder, "trainable.safetensors"))
-    extra = {"scaler": scaler.state_dict()} if scaler is not None else {}     # fp16: the loss scale and its clock
-    torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), **extra},
-               os.path.join(folder, "optimizer.pt"))
-    if ema is not None:
-        torch.save(ema.state_dict(), os.path.join(folder, "ema.pt"))
-    with open(os.path.join(folder, "state.json"), "w", encoding="utf-8") as f:
-        json.dump(state, f, indent=2)
-
-
-class CheckpointMismatch(ValueError):
-    """A readable checkpoint of another run (other settings, data or base model)."""
-
-
-def _copy_weights(folder, named, saved: dict) -> None:
-    """Trainable tensors of a checkpoint into `named` (in place)."""
-    import torch
-
-    missing = sorted(set(named) - set(saved))
-    if missing:
-        raise CheckpointMismatch(f"{folder}: the checkpoint lacks {len(missing)} trained tensors (e.g. "
-                                 f"{missing[:2]}); it was made with other settings")
-    with torch.no_grad():
-        for k, p in named.items():
-            p.copy_(saved[k].to(device=p.device, dtype=p.dtype))
-
-
-def _load_weights(folder, named) -> dict | None:
-    """Trainable tensors into `named` (in place); returns the EMA state if the folder has one."""
-    import torch
-    from safetensors.torch import load_file
-
-    _copy_weights(folder, named, load_file(os.path.join(folder, "trainable.safetensors")))
-    ema_path = os.path.join(folder, "ema.pt")
-    return torch.load(ema_path, map_location="cpu", weights_only=True) if os.path.exists(ema_path) else None
-
-
-def _read_checkpoint(folder) -> dict:
-    """Every file of a checkpoint read into memory (CPU), so a damaged one fails here, before any state changes."""
-    import torch
-    from safetensors.torch import load_file
-
-    with open(os.path.join(folder, "state.json"), encoding="utf-8") as f:
-        state = json.load(f)
-    ema_path = os.path.join(folder, "ema.pt")
-    return {"state": state, "weights": load_file(os.path.join(folder, "trainable.safetensors")),
-            "optimizer": torch.load(os.path.join(folder, "optimizer.pt"), map_location="cpu", weights_only=True),
-            "ema": torch.load(ema_path, map_location="cpu", weights_only=True) if os.path.exists(ema_path) else None}
-
-
-def _read_own_checkpoint(folder, run_id) -> dict:
-    """A checkpoint's contents, read whole; another run's checkpoint is an error (CheckpointMismatch)."""
-    ckpt = _read_checkpoint(folder)
-    if ckpt["state"].get("run_id") != run_id:
-        raise CheckpointMismatch(
-            f"{folder}: this checkpoint belongs to a run with other settings, data or base model (run id "
-            f"{ckpt['state'].get('run_id')} vs {run_id}); start a new run (resume = new) or restore the "
-            "original settings")
-    return ckpt
-
-
-def _apply_checkpoint(folder, ckpt, named, optimizer, lr_scheduler, ema, scaler=None) -> int:
-    """A checkpoint read by _read_own_checkpoint into the training state; returns its step."""
-    _copy_weights(folder, named, ckpt["weights"])
-    opt = ckpt["optimizer"]
-    optimizer.load_state_dict(opt["optimizer"])
-    lr_scheduler.load_state_dict(opt["lr_scheduler"])
-    if scaler is not None and opt.get("scaler"):
-        scaler.load_state_dict(opt["scaler"])
-    if ema is not None and ckpt["ema"] is not None:
-        ema.load_state_dict(ckpt["ema"])
-    return int(ckpt["state"]["step"])
-
-
-def _load_checkpoint(folder, named, optimizer, lr_scheduler, ema, run_id, scaler=None) -> int:
-    return _apply_checkpoint(folder, _read_own_checkpoint(folder, run_id), named, optimizer, lr_scheduler, ema,
-                             scaler)
-
-
-def _first_loadable(run, checkpoint, load, say, fallback, set_aside: bool = True):
-    """(load(folder), folder) for `checkpoint`, or (with `fallback`) for the newest older checkpoint of `run` that
-    loads when it is damaged (truncated by a full disk, cut by a crash); None when none loads. A checkpoint the
-    user named explicitly is not replaced: its damage is an error naming it. Another run's checkpoint
-    (CheckpointMismatch) is always an error. A damaged checkpoint passed over is renamed `.step-N.damaged`
-    (`set_aside`, the main process): kept for a look, but no longer the newest, so keep_last_checkpoints never
-    prunes a good checkpoint in its favour."""
-    candidates = [checkpoint]
-    if fallback:
-        newest = run.checkpoints().index(checkpoint) if checkpoint in run.checkpoints() else 0
-        candidates += list(reversed(run.checkpoints()[:newest]))
-    for i, folder in enumerate(candidates):
-        try:
-            value = load(folder)
-        except CheckpointMismatch:
-            raise
-        except Exception as e:         # SafetensorError, UnpicklingError, EOFError, JSON/OS errors: damaged
-            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-            if not fallback:
-                raise ValueError(f"{folder}: the checkpoint is damaged and cannot be loaded ({reason}); resume "
-                                 f"from another checkpoint of {run.path}, or start a new run") from None
-            say(f"checkpoint {folder} is damaged ({reason}); trying an older one")
-            if set_aside:
-                aside = os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.damaged")
-                if not os.path.exists(aside):
-                    with contextlib.suppress(OSError):
-                        os.replace(folder, aside)
-            continue
-        if i:
-            say(f"resuming from {folder} instead of the damaged {checkpoint}")
-        return value, folder
-    return None
-
-
-def _names_a_checkpoint(resume) -> bool:
-    """resume is the path of one checkpoint folder (not auto/new or a run folder)."""
-    if resume in ("auto", "new", "", None):
-        return False
-    return os.path.exists(os.path.join(os.path.abspath(os.path.expanduser(resume)), "state.json"))
-
-
-def _resume_target(output_root, run_id, resume):
-    """(RunFolder or None, checkpoint folder or None) for the `resume` setting."""
-    if resume in ("new", "", None):
-        return None, None
-    if resume == "auto":
-        run = RunFolder.find(output_root, run_id, finished=False)
-        return (run, run.latest_checkpoint()) if run else (None, None)
-    path = os.path.abspath(os.path.expanduser(resume))
-    if os.path.exists(os.path.join(path, "state.json")):                  # a checkpoint folder
-        return RunFolder(os.path.dirname(os.path.dirname(path))), path
-    if os.path.exists(os.path.join(path, "config.json")):                 # a run folder: its latest checkpoint
-        run = RunFolder(path)
-        ckpt = run.latest_checkpoint()
-        if ckpt is None:
-            raise ValueError(f"resume: {path} has no checkpoint yet; start a new run")
-        return run, ckpt
-    raise ValueError(f"resume: {resume!r} is neither 'auto', 'new', a run folder nor a checkpoint folder")
-
-
