@@ -1,4 +1,6 @@
-"""Requests from outside the training loop (the web panel's buttons, a CLI signal) to the trainer.
+"""How a run talks to its caller: requests from outside the training loop (the web panel's buttons, a CLI signal)
+to the trainer (TrainingControl), the callbacks and result of train(), the exceptions a run ends early with, and
+the step clock behind its progress (StepClock). trainer.py, loop.py and imagic.py share all of it.
 
 The trainer runs in ComfyUI's executor thread; the requests arrive on the server's event-loop thread. So the
 requests are plain flags behind a lock: the outside sets them, the trainer polls them at step boundaries and
@@ -178,3 +180,27 @@ class TrainResult:
 def format_eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class StepClock:
+    """Optimizer steps per second (smoothed over the last steps) and the time left, from the wall time between
+    steps: what the loss log and the progress callback show."""
+
+    def __init__(self) -> None:
+        self.started = self.last = time.time()
+        self.rate: float | None = None
+
+    def tick(self) -> float:
+        """One step done; returns the time now."""
+        now = time.time()
+        dt, self.last = now - self.last, now
+        self.rate = 1.0 / dt if self.rate is None else 0.9 * self.rate + 0.1 / max(dt, 1e-9)
+        return now
+
+    def since_start(self, now: float) -> float:
+        return round(now - self.started, 4)
+
+    def timing(self, steps_left: int) -> dict:
+        """The progress callback's it_per_s, eta_s and eta (h:mm:ss)."""
+        eta = steps_left / self.rate if self.rate else None
+        return {"it_per_s": self.rate, "eta_s": eta, "eta": format_eta(eta) if self.rate else ""}

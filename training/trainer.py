@@ -1,8 +1,9 @@
-"""The DreamBooth training loop. Read `train()` top to bottom: prepare → build → loop → finish.
+"""DreamBooth training: `train()`, then the stages of a run in the order they happen. Read it top to bottom:
+start -> data -> length -> (reuse a finished run) -> claim the run to continue -> model -> optimizer -> pre-flight
+-> resume or create the run folder -> the step loop (loop.py) -> finish.
 
-One optimizer step = `gradient_accumulation_steps` planned batches. Every random draw of step s comes from
-generators seeded by (seed, s), and the data order of an epoch is a function of (seed, epoch): a run resumed
-from the checkpoint of step s therefore continues exactly where the uninterrupted run would have been.
+The stages fill one `loop.Job`; checkpoints are read and written by checkpoints.py, the trainable copy is
+setup/trainable.py's. Imagic (train_imagic_only) branches off in `_train` to imagic.py, on the same pieces.
 """
 from __future__ import annotations
 
@@ -11,42 +12,20 @@ import gc
 import math
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Callable
 
 from .checkpoints import (apply_checkpoint, create_run, first_loadable, load_weights, names_a_checkpoint,
-                          read_own_checkpoint, resume_target, write_state)
+                          read_own_checkpoint, resume_target)
 from .compat import enable_text_encoder_checkpointing
-from .control import (TrainCallbacks, TrainingDiverged, TrainingInterrupted, TrainingSaveError, TrainResult,
-                      format_eta)
-from .distributed import Dist, collective_timeout, mark_stopped_together, process_info, shard_plan
+from .control import TrainCallbacks, TrainingDiverged, TrainingInterrupted, TrainingSaveError, TrainResult
+from .distributed import Dist, collective_timeout, process_info
+from .loop import Job, micro_batch_loss, preview, run_steps, save_state
 from .runs import RunFolder, compute_run_id
-from .setup.noise import base_model_prior_loss, example_generators, seed_global_rng, step_seed
 from .setup.trainable import build_trainable, finish_model, named_trainables, owned_modules, set_attention, trainable_copy
 
-
-# --------------------------------------------------------------------------------------------------------------
-# Small helpers
-# --------------------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _fresh_accelerate_state():
-    """accelerate keeps one process-wide AcceleratorState: a second run with other mixed precision in the same
-    process (ComfyUI runs every queued prompt in one) fails with "already initialized". Each run starts from a
-    clean state and leaves none behind; the distributed setup (PartialState) is kept."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-    try:
-        yield
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=False)
-        GradientState._reset_state()
+# train()'s callbacks, result and exceptions are part of its interface: callers import them from here
+__all__ = ["train", "TrainCallbacks", "TrainResult", "TrainingInterrupted", "TrainingDiverged", "TrainingSaveError"]
 
 
-# --------------------------------------------------------------------------------------------------------------
-# The loop
-# --------------------------------------------------------------------------------------------------------------
 def train(model, concepts, settings, *, output_root: str, resume: str = "auto", device=None,
           callbacks: TrainCallbacks | None = None, reuse_finished: bool = True) -> TrainResult:
     """Train `model` on `concepts` with `settings`; returns a new model (the input is untouched).
@@ -86,51 +65,20 @@ def train(model, concepts, settings, *, output_root: str, resume: str = "auto", 
             model.unet.to(unet_home)
 
 
-@dataclass
-class _Job:
-    """One training run, filled in stage by stage by `_train` (the stages read and write its fields)."""
+@contextlib.contextmanager
+def _fresh_accelerate_state():
+    """accelerate keeps one process-wide AcceleratorState: a second run with other mixed precision in the same
+    process (ComfyUI runs every queued prompt in one) fails with "already initialized". Each run starts from a
+    clean state and leaves none behind; the distributed setup (PartialState) is kept."""
+    from accelerate.state import AcceleratorState, GradientState
 
-    model: object                       # the received SDModel (never modified; its modules may be shared)
-    concepts: list
-    settings: object
-    output_root: str
-    device: object
-    cb: TrainCallbacks
-    held: contextlib.ExitStack          # what must be undone however the run ends (lock, hooks, devices)
-    say: Callable[[str], None]
-    accelerator: object = None
-    dist: Dist = field(default_factory=Dist)
-    mp: str = "no"
-    # data and the run's length
-    model_for_data: object = None       # the model whose VAE encodes latents (vae_dtype)
-    data: object = None
-    report: str = ""
-    steps_per_epoch: int = 1
-    total_steps: int = 0
-    te_steps: int = 0
-    zero_terminal_snr: bool = False
-    run_id: str = ""
-    identity: tuple = ()                # what compute_run_id hashes, less the process count
-    parent_run: str | None = None
-    # the run folder
-    run: RunFolder | None = None
-    checkpoint: str | None = None
-    start_step: int = 0
-    # what trains
-    tm: object = None
-    unet_params: list = field(default_factory=list)
-    te_params: list = field(default_factory=list)
-    named: dict = field(default_factory=dict)
-    trained_modules: list = field(default_factory=list)
-    offloaded: list = field(default_factory=list)
-    optimizer: object = None
-    lr_scheduler: object = None
-    noise_scheduler: object = None
-    ema: object = None
-
-    @property
-    def main(self) -> bool:
-        return self.dist.main
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    try:
+        yield
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
 
 
 def _train(model, concepts, settings, output_root, resume, device, cb, reuse_finished, held):
@@ -154,12 +102,12 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
     _build_optimizer(job)               # optimizer, LR and noise schedules, EMA
     _preflight(job)                     # one step at the largest bucket and batch: does it fit the device?
     _resume_or_create_run(job, resume)  # a checkpoint's state loaded, or a new run folder
-    step, last_loss = _loop(job)
+    step, last_loss = run_steps(job)
     return _finish(job, step, last_loss)
 
 
 # ---- stages ----------------------------------------------------------------------------------------------------
-def _start(model, concepts, settings, output_root, device, cb, held) -> _Job:
+def _start(model, concepts, settings, output_root, device, cb, held) -> Job:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
@@ -183,11 +131,11 @@ def _start(model, concepts, settings, output_root, device, cb, held) -> _Job:
         if not dist.main:                   # one voice: rank 0 logs, shows progress and previews
             cb = TrainCallbacks(should_stop=cb.should_stop)
             say = lambda msg: None          # noqa: E731
-    return _Job(model=model, concepts=concepts, settings=settings, output_root=output_root, device=device, cb=cb,
+    return Job(model=model, concepts=concepts, settings=settings, output_root=output_root, device=device, cb=cb,
                 held=held, say=say, accelerator=accelerator, dist=dist, mp=mp)
 
 
-def _prepare_data(job: _Job) -> None:
+def _prepare_data(job: Job) -> None:
     from .data.dataset import generate_missing_class_images, prepare_training_data
     from .setup.precision import vae_dtype
 
@@ -230,7 +178,7 @@ def _prepare_data(job: _Job) -> None:
                        "times")
 
 
-def _plan_length(job: _Job) -> None:
+def _plan_length(job: Job) -> None:
     settings, data, model, world = job.settings, job.data, job.model, job.dist.world
     batches_per_epoch = math.ceil(data.batches_per_epoch / world)
     job.steps_per_epoch = max(1, math.ceil(batches_per_epoch / settings.gradient_accumulation_steps))
@@ -253,7 +201,7 @@ def _plan_length(job: _Job) -> None:
     job.identity = identity
 
 
-def _reused_result(job: _Job):
+def _reused_result(job: Job):
     found = job.dist.decide(lambda: getattr(RunFolder.find(job.output_root, job.run_id, finished=True), "path", None),
                             "look for a finished identical run")
     if found is None:
@@ -269,7 +217,7 @@ def _reused_result(job: _Job):
                        final_loss=cfg.get("final_loss"), report=job.report, info=cfg)
 
 
-def _claim_run(job: _Job, resume) -> None:
+def _claim_run(job: Job, resume) -> None:
     """The interrupted run to continue, if any: rank 0 decides (it holds the lock and cleans up what an
     interrupted save left), the others follow; an error there ends every process with rank 0's message."""
     def choose():
@@ -291,7 +239,7 @@ def _claim_run(job: _Job, resume) -> None:
     job.run = RunFolder(path) if path else None
 
 
-def _say_other_process_count(job: _Job) -> None:
+def _say_other_process_count(job: Job) -> None:
     """resume auto found nothing to continue: say so when the same run was interrupted with another number of
     processes (its effective batch and data split differ, so it is not continued silently either way)."""
     for run in reversed(RunFolder.all_runs(job.output_root)):
@@ -305,7 +253,7 @@ def _say_other_process_count(job: _Job) -> None:
             return
 
 
-def _build_model(job: _Job) -> None:
+def _build_model(job: Job) -> None:
     from .setup import precision
 
     model, settings, device, held = job.model, job.settings, job.device, job.held
@@ -345,7 +293,7 @@ def _build_model(job: _Job) -> None:
     job.dist.broadcast_tensors(job.named.values())    # fresh adapters start equal on every process
 
 
-def _build_optimizer(job: _Job) -> None:
+def _build_optimizer(job: Job) -> None:
     from .setup.ema import EMA
     from .setup.fused import build_training_optimizer
     from .setup.noise import build_noise_scheduler
@@ -372,7 +320,7 @@ def _build_optimizer(job: _Job) -> None:
         job.optimizer = job.accelerator.prepare(*job.trained_modules, optimizer)[-1]
 
 
-def _preflight(job: _Job) -> None:
+def _preflight(job: Job) -> None:
     """Measure one forward/backward at the largest bucket with a full batch (training/preflight.py); raise
     preflight.DoesNotFit before anything is trained or written when it would not fit. Skipped where the device
     cannot report its memory (CPU)."""
@@ -386,7 +334,7 @@ def _preflight(job: _Job) -> None:
     te_frozen = job.te_steps == 0
 
     def one_step():
-        job.accelerator.backward(_micro_batch_loss(job, item, job.start_step, te_frozen))
+        job.accelerator.backward(micro_batch_loss(job, item, job.start_step, te_frozen))
 
     est = estimate(job.model, job.settings, resolution=max(item.bucket), batch=len(item.items))
     with preflight.no_optimizer_steps(job.optimizer):
@@ -408,7 +356,7 @@ def _preflight(job: _Job) -> None:
             f"{need / 2**30:.2f} GB of {budget / 2**30:.2f} GB")
 
 
-def _resume_or_create_run(job: _Job, resume) -> None:
+def _resume_or_create_run(job: Job, resume) -> None:
     run, checkpoint = job.run, job.checkpoint
     if checkpoint:
         # rank 0 decides which checkpoint loads (and sets damaged ones aside); the others load the same one.
@@ -446,192 +394,11 @@ def _resume_or_create_run(job: _Job, resume) -> None:
     job.say(f"training {job.total_steps} steps ({job.steps_per_epoch}/epoch) in {run.path}")
 
 
-def _loop(job: _Job) -> tuple[int, float | None]:
-    """The optimizer steps from job.start_step to job.total_steps. Returns (steps done, last loss)."""
-    import torch
-
-    settings, cb, control, dist, device = job.settings, job.cb, job.cb.control, job.dist, job.device
-    trained = [*job.unet_params, *job.te_params]
-    step, last_loss = job.start_step, None
-    te_frozen = job.te_steps == 0 or step >= job.te_steps
-    if job.te_steps and te_frozen:
-        _freeze(job.te_params)
-    started, t_last, rate = time.time(), time.time(), None
-    plan_cache: dict[int, list] = {}
-    while step < job.total_steps:
-        epoch, k = divmod(step, job.steps_per_epoch)
-        if epoch not in plan_cache:
-            plan_cache = {epoch: shard_plan(job.data.epoch_plan(epoch), dist.rank, dist.world)}
-        accum = settings.gradient_accumulation_steps
-        micro_batches = plan_cache[epoch][k * accum:(k + 1) * accum]
-        seed_global_rng(step_seed(settings.seed, step), device)   # dropout and any other global draw
-        step_loss = torch.zeros((), device=device)
-        for plan_item in micro_batches:
-            loss = _micro_batch_loss(job, plan_item, step, te_frozen) / len(micro_batches)
-            if settings.fused_backward and not math.isfinite(float(loss.detach())):
-                step_loss += loss.detach()        # fused_backward steps inside backward: stop before it
-                break
-            job.accelerator.backward(loss)
-            step_loss += loss.detach()
-        loss_value = dist.sum([float(step_loss)], device)[0] / dist.world     # every process sees the same loss
-        if not math.isfinite(loss_value):
-            last = job.run.latest_checkpoint() if job.main else None
-            raise TrainingDiverged(
-                f"the loss became {loss_value} at step {step + 1} (learning rate "
-                f"{job.lr_scheduler.get_last_lr()[0]:.3g}); training stopped without saving this state. Last good "
-                f"checkpoint: {last or 'none'} (resume from it with a lower learning_rate, or mixed_precision bf16/no)")
-        dist.average_gradients(trained)
-        if settings.max_grad_norm > 0:
-            job.accelerator.clip_grad_norm_([p for p in trained if p.grad is not None], settings.max_grad_norm)
-        lr = job.lr_scheduler.get_last_lr()[0]            # the rate this step uses: what the log shows for it
-        job.optimizer.step()
-        job.lr_scheduler.step()
-        job.optimizer.zero_grad(set_to_none=settings.set_grads_to_none)
-        if job.ema is not None:
-            job.ema.step(job.tm.unet)
-        step += 1
-        last_loss = loss_value
-        if job.te_steps and not te_frozen and step >= job.te_steps:
-            _freeze(job.te_params)
-            te_frozen = True
-            job.say(f"text encoder frozen after step {step} (text_encoder_ratio {settings.text_encoder_ratio})")
-
-        # ---- bookkeeping: log, progress, saves, previews, stop -----------------------------------------------
-        now = time.time()
-        dt, t_last = now - t_last, now
-        rate = 1.0 / dt if rate is None else 0.9 * rate + 0.1 / max(dt, 1e-9)
-        if job.main:
-            job.run.append_loss({"step": step, "epoch": epoch + 1, "loss": loss_value, "lr": lr,
-                                 "time": round(now - started, 4)})
-        if cb.progress:
-            eta = (job.total_steps - step) / rate if rate else None
-            cb.progress({"step": step, "total": job.total_steps, "epoch": epoch + 1,
-                         "epochs": math.ceil(job.total_steps / job.steps_per_epoch), "loss": loss_value, "lr": lr,
-                         "it_per_s": rate, "eta_s": eta, "eta": format_eta(eta) if rate else ""})
-        epoch_end = step % job.steps_per_epoch == 0 or step == job.total_steps
-        saved = None   # this step's checkpoint: written once, whether requested, per epoch or on stop
-        if control is not None and control.take_save_request():
-            saved = _save(job, step, loss_value)
-            job.say(f"saved {saved} (requested)")
-        if epoch_end and step < job.total_steps:
-            done_epochs = step // job.steps_per_epoch
-            if settings.save_every_epochs and done_epochs % settings.save_every_epochs == 0 and saved is None:
-                saved = _save(job, step, loss_value)
-            if settings.preview_every_epochs and done_epochs % settings.preview_every_epochs == 0:
-                _preview(job, done_epochs)
-            if settings.pause_after_epochs and done_epochs % settings.pause_after_epochs == 0:
-                _pause(settings.pause_seconds, cb, control, job.say)
-        stop_now = (cb.should_stop is not None and cb.should_stop()) or (
-            control is not None and control.should_stop(epoch_end=epoch_end))
-        if dist.sum([float(stop_now)], device)[0] and step < job.total_steps:     # one stops: all stop together
-            path = saved or _save(job, step, loss_value)
-            if dist.active:
-                mark_stopped_together()
-            raise TrainingInterrupted(f"training stopped at step {step}/{job.total_steps}; resumable checkpoint: "
-                                      f"{path}", job.run.path, step, path)
-    return step, last_loss
-
-
-def _micro_batch_loss(job: _Job, plan_item, step: int, te_frozen: bool):
-    """The weighted loss of one planned batch. Each example's random draws (VAE posterior sample, noise, offset,
-    timestep) come from its own generator, seeded by (seed, step, example): the same example draws the same
-    values whichever batch, micro-batch or process holds it."""
-    import torch
-
-    from .models.text import encode_prompts
-    from .setup.noise import (min_snr_weights, per_sample_mse, sample_noise, sample_timesteps, training_target,
-                              weighted_mean_loss)
-
-    settings, tm, model, device, sched = job.settings, job.tm, job.model, job.device, job.noise_scheduler
-    gens = example_generators(settings.seed, step, plan_item.items)
-    batch = job.data.load_batch(plan_item, device=device, dtype=torch.float32, generator=gens)
-    with job.accelerator.autocast():
-        if batch.embeds is not None:
-            embeds, pooled = batch.embeds, batch.pooled
-        else:
-            te_out = _encode_captions(job, batch.captions, with_grad=not te_frozen)
-            embeds, pooled = te_out.embeds, te_out.pooled
-        latents = batch.latents
-        noise = torch.cat([sample_noise(latents[i:i + 1], settings.offset_noise, g) for i, g in enumerate(gens)])
-        t = torch.cat([sample_timesteps(sched, 1, g, device) for g in gens])
-        noisy = sched.add_noise(latents, noise, t)
-        added = {"text_embeds": pooled, "time_ids": batch.time_ids} if tm.is_sdxl else None
-        pred = tm.unet(noisy, t, embeds, added_cond_kwargs=added).sample
-        target = training_target(sched, latents, noise, t, model.prediction_type)
-        weights = batch.loss_weights.to(device)
-        if settings.prior_loss_weight is not None:
-            weights = torch.where(batch.is_prior.to(device), torch.tensor(settings.prior_loss_weight, device=device),
-                                  weights)
-        weights = weights * min_snr_weights(sched, t, settings.min_snr_gamma, model.prediction_type)
-        loss = weighted_mean_loss(per_sample_mse(pred, target), weights)
-        if settings.prior_mode == "base_model":
-            loss = loss + base_model_prior_loss(tm, model, model.unet, tm.unet, job.concepts, batch, noisy, t,
-                                                 settings, encode_prompts, per_sample_mse, with_grad=not te_frozen)
-    return loss
-
-
-def _encode_captions(job: _Job, captions, with_grad: bool):
-    import torch
-
-    from .models.text import encode_tokens, tokenize
-
-    ctx = contextlib.nullcontext() if with_grad else torch.no_grad()
-    with ctx:
-        return encode_tokens(job.tm, tokenize(job.tm, captions, job.settings.data.long_captions),
-                             job.settings.clip_skip_or_none)
-
-
-def _save(job: _Job, step: int, loss: float | None, *, final: bool = False) -> str | None:
-    """A checkpoint of the training state (rank 0 writes it; the others return None)."""
-    if not job.main:
-        return None
-
-    def write(folder):
-        write_state(folder, job.named, job.optimizer, job.lr_scheduler, job.ema,
-                    {"step": step, "run_id": job.run_id, "loss": loss, "time": time.time()},
-                    scaler=job.accelerator.scaler)
-    try:
-        if final:
-            return job.run.save_final(write)
-        return job.run.save_checkpoint(step, write, keep_last=job.settings.keep_last_checkpoints)
-    except OSError as e:
-        last = job.run.latest_checkpoint()
-        raise TrainingSaveError(f"could not save the checkpoint of step {step} in {job.run.path}: {e}. "
-                                f"The previous checkpoint is intact: {last or 'none yet'}") from e
-
-
-def _preview(job: _Job, epoch: int) -> None:
-    """Sample each concept's prompt with the model as trained so far into the run's previews folder."""
-    if not job.main:
-        return
-    from .sampling import generate, to_pil
-    from .setup import precision
-
-    settings = job.settings
-    prompts = [c.sample_prompt or c.instance_prompt for c in job.concepts]
-    for m in job.trained_modules:
-        m.eval()
-    res = settings.data.resolution
-    with job.accelerator.autocast(), precision.frozen_on(job.device, job.offloaded):
-        images = generate(job.tm, prompts, steps=settings.preview_steps, cfg=settings.preview_cfg,
-                          seed=settings.seed, width=res, height=res, scheduler=settings.preview_scheduler,
-                          clip_skip=settings.clip_skip_or_none, long_prompts=settings.data.long_captions)
-    for m in job.trained_modules:
-        m.train()
-    paths = []
-    for i, image in enumerate(to_pil(images)):
-        path = os.path.join(job.run.previews_dir, f"epoch-{epoch:05d}_{i}.png")
-        image.save(path)
-        paths.append(path)
-    if job.cb.preview:
-        job.cb.preview(paths)
-
-
-def _finish(job: _Job, step: int, last_loss: float | None) -> TrainResult:
+def _finish(job: Job, step: int, last_loss: float | None) -> TrainResult:
     if job.main:
         if job.settings.preview_every_epochs:
-            _preview(job, math.ceil(job.total_steps / job.steps_per_epoch))
-        _save(job, step, last_loss, final=True)
+            preview(job, math.ceil(job.total_steps / job.steps_per_epoch))
+        save_state(job, step, last_loss, final=True)
         job.run.update_config(finished=True, steps=step, final_loss=last_loss,
                               finished_at=time.strftime("%Y-%m-%d %H:%M:%S"))
     job.dist.barrier()                    # the others read the finished run's config after rank 0 wrote it
@@ -639,21 +406,6 @@ def _finish(job: _Job, step: int, last_loss: float | None) -> TrainResult:
                            job.ema.state_dict() if job.ema is not None else None, job.run_id)
     return TrainResult(result, job.run.path, step, final_loss=last_loss, report=job.report,
                        info=job.run.read_config())
-
-
-def _freeze(params):
-    for p in params:
-        p.requires_grad_(False)
-        p.grad = None
-
-
-def _pause(seconds: float, cb, control, say):
-    say(f"pausing {seconds:.0f} s")
-    end = time.time() + seconds
-    while time.time() < end:
-        if (cb.should_stop and cb.should_stop()) or (control is not None and control.stop_requested):
-            return
-        time.sleep(min(0.2, max(0.0, end - time.time())))
 
 
 # --------------------------------------------------------------------------------------------------------------
