@@ -471,8 +471,9 @@ def _estimate_arguments(p: argparse.ArgumentParser) -> None:
 @command("estimate", "estimate the VRAM a training run needs, per part (weights, gradients, optimizer, "
                      "activations, ...)", arguments=_estimate_arguments)
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from .training.memory import ESTIMATE_NOTE, GB, WIZARD_SETTINGS, DeviceMemory, estimate, estimate_report
+    from .training.memory import ESTIMATE_NOTE, GB, DeviceMemory, estimate, estimate_report
     from .training.settings import DreamBoothSettings
+    from .training.wizard import WIZARD_SETTINGS
 
     settings = DreamBoothSettings()
     if args.workflow:
@@ -511,7 +512,7 @@ def _wizard_arguments(p: argparse.ArgumentParser) -> None:
 
 @command("wizard", "choose settings that fit a card's VRAM, and explain each choice", arguments=_wizard_arguments)
 def cmd_wizard(args: argparse.Namespace) -> int:
-    from .training.memory import choose_settings
+    from .training.wizard import choose_settings
 
     if args.vram <= 0:
         raise CliError(f"--vram {args.vram:g}: give the card's memory in GB, e.g. --vram 8")

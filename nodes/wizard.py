@@ -1,7 +1,8 @@
 """PerformanceWizard: settings that fit the card, with the reason for each choice (training/memory.py)."""
 from __future__ import annotations
 
-from ..training.memory import MODES, choose_settings, concept_type_of, free_device_memory_gb, images_in
+from ..training.memory import free_device_memory_gb
+from ..training.wizard import MODES, choose_settings, concept_type_of, images_in
 from ..training.settings import DreamBoothSettings
 from .settings import CONFIG_TYPE
 
