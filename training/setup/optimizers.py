@@ -46,7 +46,9 @@ def training_param_groups(unet_params: Iterable, text_encoder_params: Iterable, 
     return groups
 
 
-def _normalise_groups(param_groups) -> list[dict]:
+def normalise_groups(param_groups) -> list[dict]:
+    """Parameter groups as dicts with a list of params (a plain iterable becomes one group); empty groups dropped,
+    none left is an error. build_optimizer and fused_backward's optimizer see the same groups."""
     groups = list(param_groups)
     if groups and not isinstance(groups[0], dict):
         groups = [{"params": groups}]
@@ -65,7 +67,7 @@ def build_optimizer(param_groups, settings):
     import torch
 
     name = settings.optimizer
-    groups = _normalise_groups(param_groups)
+    groups = normalise_groups(param_groups)
     lr = settings.unet_lr
     wd = settings.weight_decay
     betas = (settings.adam_beta1, settings.adam_beta2)
