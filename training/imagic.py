@@ -76,7 +76,7 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
     from accelerate import Accelerator
     from torch.optim.lr_scheduler import LambdaLR
 
-    from .data.dataset import prepare_training_data
+    from .data.prepare import prepare_training_data
     from .models.text import encode_prompts
     from .setup.noise import build_noise_scheduler, per_sample_mse, sample_noise, sample_timesteps, training_target
     from .setup.optimizers import build_optimizer, training_param_groups

@@ -136,7 +136,7 @@ def _start(model, concepts, settings, output_root, device, cb, held) -> Job:
 
 
 def _prepare_data(job: Job) -> None:
-    from .data.dataset import generate_missing_class_images, prepare_training_data
+    from .data.prepare import generate_missing_class_images, prepare_training_data
     from .setup.precision import vae_dtype
 
     model, settings, device, cb, dist = job.model, job.settings, job.device, job.cb, job.dist

@@ -52,7 +52,7 @@ def _train(model, root, settings, concept, **kw):
 
 
 def _prepare(model, concept, tmp, **data):
-    from comfyui_dreambooth.training.data.dataset import prepare_training_data
+    from comfyui_dreambooth.training.data.prepare import prepare_training_data
 
     return prepare_training_data(model, [concept], tiny_settings(data=data or None).data,
                                  cache_dir=str(tmp / "cache"), text_encoder_trained=False, batch_size=1)
