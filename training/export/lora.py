@@ -28,7 +28,7 @@ import os
 import time
 
 from ..models.components import SDModel
-# shared with full-checkpoint saves (training/models/io.py), so both name architectures the same way
+# shared with full-checkpoint saves (training/models/save.py), so both name architectures the same way
 from ..models.identity import MODELSPEC_VERSION, default_resolution, modelspec_architecture  # noqa: F401
 from ..setup.adapters import adapted_layers, adapter_config, ADAPTER_NAME
 from .naming import safe_output_path, unique_path  # noqa: F401  (node-facing helpers live beside the writer)
