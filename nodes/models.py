@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 from . import comfy_compat as compat
+from ..training.sampling import SCHEDULER_NAMES
 from .paths import check_path, typed_path
 
 CATEGORY = "DreamBooth"
@@ -14,7 +15,6 @@ MODEL_TYPE = "DB_MODEL"
 FROM_CHECKPOINT = "(from checkpoint)"
 PATH_BELOW = "(use model_path)"
 DIFFUSERS_PREFIX = "diffusers/"
-SCHEDULER_NAMES = ("pndm", "lms", "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc")  # = sampling.SCHEDULERS
 MAX_SEED = 2**63 - 1024
 
 

@@ -28,6 +28,7 @@ from typing import Any, Iterable
 
 from . import compat
 from .data.settings import DataSettings, concept_type_defaults
+from .sampling import MAX_SEED, SCHEDULER_NAMES
 
 LORA_TYPES = ("lora", "dora", "loha", "lokr")
 # Names of training.setup.adapters' target presets (duplicated to keep this module light; a test compares).
@@ -47,10 +48,8 @@ FROZEN_DTYPES = ("auto", "bf16", "fp16", "fp8")
 MEMORY_ENGINE_FIELDS = ("fused_backward", "weights_dtype", "frozen_dtype")
 NOISE_SCHEDULERS = ("DDPM",)
 PRIOR_MODES = ("class_images", "base_model")
-# Names of training.sampling.SCHEDULERS (kept here so this module stays torch-free; a test checks they agree).
-PREVIEW_SCHEDULERS = ("pndm", "lms", "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc")
+PREVIEW_SCHEDULERS = SCHEDULER_NAMES       # sampling.py's samplers (its module imports no torch either)
 
-MAX_SEED = 2 ** 64 - 1
 CONFIG_SCHEMA = 1
 _RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,99}$")
 

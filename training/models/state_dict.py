@@ -16,6 +16,7 @@ from . import detect
 SINGLE_FILE_EXTS = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
 CONFIG_METADATA_KEY = "comfyui_dreambooth.config"
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+DTYPE_CHOICES = ("fp16", "bf16", "fp32")      # the save dtypes as offered (nodes, CLI): the usual one first
 KEEP_DTYPE = "keep"      # save dtype None / "keep": every tensor as it is (lossless)
 
 
