@@ -1,7 +1,7 @@
 """Checkpoints, in one place for the trainer and Imagic alike: *which* one a run continues from (the resume
-setting, the newest that loads), *what* one holds and how it is applied to the training state, and the new run
-folder a run without one starts in. The step loops never open a checkpoint file; runs.RunFolder owns where
-folders are and their atomic writes.
+setting, the newest that loads; the run claimed), *what* one holds, how it is written and applied to the training
+state, and the new run folder a run without one starts in. The step loops never open a checkpoint file;
+runs.RunFolder owns where folders are and their atomic writes.
 
 A checkpoint folder holds trainable.safetensors (the trained tensors by name), optimizer.pt (optimizer, LR
 schedule, fp16 loss scaler), ema.pt (when EMA is on) and state.json (step, run id; Imagic adds its stage).
@@ -14,6 +14,7 @@ import os
 import shutil
 import time
 
+from .control import TrainingSaveError
 from .runs import RunFolder, library_versions
 
 
@@ -76,6 +77,21 @@ def first_loadable(run, checkpoint, load, say, fallback, set_aside: bool = True)
             say(f"resuming from {folder} instead of the damaged {checkpoint}")
         return value, folder
     return None
+
+
+def claim_run(run, held, say) -> None:
+    """Lock `run` for this process until `held` closes, before anything reads or writes its files, and remove what
+    an interrupted save left in it."""
+    held.enter_context(run.lock())
+    for path in run.remove_leftovers():
+        say(f"removed {path} (left by an interrupted save)")
+
+
+def loadable_checkpoint(run, checkpoint, run_id, resume, say, set_aside: bool = True):
+    """(contents, folder) of the checkpoint a run resumes from: `checkpoint` read whole, or when it is damaged the
+    newest older one that reads (not when the user named that checkpoint); None when none does (first_loadable)."""
+    return first_loadable(run, checkpoint, lambda folder: read_own_checkpoint(folder, run_id), say,
+                          fallback=not names_a_checkpoint(resume), set_aside=set_aside)
 
 
 # ---- what a checkpoint holds: write, read, apply --------------------------------------------------------------
@@ -161,6 +177,21 @@ def load_weights(folder, named) -> dict | None:
     copy_weights(folder, named, load_file(os.path.join(folder, "trainable.safetensors")))
     ema_path = os.path.join(folder, "ema.pt")
     return torch.load(ema_path, map_location="cpu", weights_only=True) if os.path.exists(ema_path) else None
+
+
+def save_training_state(run, step: int, state: dict, named, optimizer, lr_scheduler, ema=None, scaler=None, *,
+                        final: bool = False, keep_last=None) -> str:
+    """The training state as the checkpoint of `step` (or, `final`, as the run's final state), written atomically by
+    RunFolder; a failed write (a full disk) is a TrainingSaveError naming the previous checkpoint, which is intact."""
+    def write(folder):
+        write_state(folder, named, optimizer, lr_scheduler, ema, state, scaler=scaler)
+    try:
+        if final:
+            return run.save_final(write)
+        return run.save_checkpoint(step, write, keep_last=keep_last)
+    except OSError as e:
+        raise TrainingSaveError(f"could not save the checkpoint of step {step} in {run.path}: {e}. The previous "
+                                f"checkpoint is intact: {run.latest_checkpoint() or 'none yet'}") from e
 
 
 # ---- a new run folder -----------------------------------------------------------------------------------------

@@ -204,3 +204,32 @@ class StepClock:
         """The progress callback's it_per_s, eta_s and eta (h:mm:ss)."""
         eta = steps_left / self.rate if self.rate else None
         return {"it_per_s": self.rate, "eta_s": eta, "eta": format_eta(eta) if self.rate else ""}
+
+
+# ---- between two optimizer steps: what both step loops (loop.py, imagic.py) report and check ------------------
+def log_step(run, clock: StepClock, progress, *, step: int, total: int, loss: float, lr: float, logged: dict,
+             shown: dict, main: bool = True) -> None:
+    """One step done: its line in the run's loss log (the main process writes it) and the progress callback.
+    `logged` / `shown`: the loop's own fields (epoch, stage...) after "step" in the log line and after "total" in
+    the progress."""
+    now = clock.tick()
+    if main:
+        run.append_loss({"step": step, **logged, "loss": loss, "lr": lr, "time": clock.since_start(now)})
+    if progress:
+        progress({"step": step, "total": total, **shown, "loss": loss, "lr": lr, **clock.timing(total - step)})
+
+
+def requested_save(control, save, say) -> str | None:
+    """The web panel's Save now: the checkpoint `save()` writes for it at this step boundary, or None."""
+    if control is None or not control.take_save_request():
+        return None
+    saved = save()
+    say(f"saved {saved} (requested)")
+    return saved
+
+
+def stop_requested(cb: TrainCallbacks, epoch_end: bool) -> bool:
+    """Stop now (Cancel, Ctrl-C), or the panel's stop: now, or at the end of this epoch (Imagic: this stage)."""
+    control = cb.control
+    return (cb.should_stop is not None and cb.should_stop()) or (
+        control is not None and control.should_stop(epoch_end=epoch_end))

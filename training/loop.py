@@ -15,8 +15,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .checkpoints import write_state
-from .control import StepClock, TrainCallbacks, TrainingDiverged, TrainingInterrupted, TrainingSaveError
+from .checkpoints import save_training_state
+from .control import (StepClock, TrainCallbacks, TrainingDiverged, TrainingInterrupted, log_step, requested_save,
+                      stop_requested)
 from .distributed import Dist, mark_stopped_together, shard_plan
 from .runs import RunFolder
 from .setup.noise import base_model_prior_loss, example_generators, seed_global_rng, step_seed
@@ -120,19 +121,12 @@ def run_steps(job: Job) -> tuple[int, float | None]:
             job.say(f"text encoder frozen after step {step} (text_encoder_ratio {settings.text_encoder_ratio})")
 
         # ---- bookkeeping: log, progress, saves, previews, stop -----------------------------------------------
-        now = clock.tick()
-        if job.main:
-            job.run.append_loss({"step": step, "epoch": epoch + 1, "loss": loss_value, "lr": lr,
-                                 "time": clock.since_start(now)})
-        if cb.progress:
-            cb.progress({"step": step, "total": job.total_steps, "epoch": epoch + 1,
-                         "epochs": math.ceil(job.total_steps / job.steps_per_epoch), "loss": loss_value, "lr": lr,
-                         **clock.timing(job.total_steps - step)})
+        log_step(job.run, clock, cb.progress, step=step, total=job.total_steps, loss=loss_value, lr=lr,
+                 logged={"epoch": epoch + 1}, shown={"epoch": epoch + 1, "epochs": math.ceil(
+                     job.total_steps / job.steps_per_epoch)}, main=job.main)
         epoch_end = step % job.steps_per_epoch == 0 or step == job.total_steps
-        saved = None   # this step's checkpoint: written once, whether requested, per epoch or on stop
-        if control is not None and control.take_save_request():
-            saved = save_state(job, step, loss_value)
-            job.say(f"saved {saved} (requested)")
+        # this step's checkpoint: written once, whether requested, per epoch or on stop
+        saved = requested_save(control, lambda: save_state(job, step, loss_value), job.say)
         if epoch_end and step < job.total_steps:
             done_epochs = step // job.steps_per_epoch
             if settings.save_every_epochs and done_epochs % settings.save_every_epochs == 0 and saved is None:
@@ -141,8 +135,7 @@ def run_steps(job: Job) -> tuple[int, float | None]:
                 preview(job, done_epochs)
             if settings.pause_after_epochs and done_epochs % settings.pause_after_epochs == 0:
                 _pause(settings.pause_seconds, cb, control, job.say)
-        stop_now = (cb.should_stop is not None and cb.should_stop()) or (
-            control is not None and control.should_stop(epoch_end=epoch_end))
+        stop_now = stop_requested(cb, epoch_end)
         if dist.sum([float(stop_now)], device)[0] and step < job.total_steps:     # one stops: all stop together
             path = saved or save_state(job, step, loss_value)
             if dist.active:
@@ -205,19 +198,9 @@ def save_state(job: Job, step: int, loss: float | None, *, final: bool = False) 
     """A checkpoint of the training state (rank 0 writes it; the others return None)."""
     if not job.main:
         return None
-
-    def write(folder):
-        write_state(folder, job.named, job.optimizer, job.lr_scheduler, job.ema,
-                    {"step": step, "run_id": job.run_id, "loss": loss, "time": time.time()},
-                    scaler=job.accelerator.scaler)
-    try:
-        if final:
-            return job.run.save_final(write)
-        return job.run.save_checkpoint(step, write, keep_last=job.settings.keep_last_checkpoints)
-    except OSError as e:
-        last = job.run.latest_checkpoint()
-        raise TrainingSaveError(f"could not save the checkpoint of step {step} in {job.run.path}: {e}. "
-                                f"The previous checkpoint is intact: {last or 'none yet'}") from e
+    return save_training_state(job.run, step, {"step": step, "run_id": job.run_id, "loss": loss, "time": time.time()},
+                               job.named, job.optimizer, job.lr_scheduler, job.ema, job.accelerator.scaler,
+                               final=final, keep_last=job.settings.keep_last_checkpoints)
 
 
 def preview(job: Job, epoch: int) -> None:

@@ -13,14 +13,15 @@ import math
 import os
 import time
 
-from .checkpoints import (apply_checkpoint, create_run, first_loadable, load_weights, names_a_checkpoint,
+from .checkpoints import (apply_checkpoint, claim_run, create_run, load_weights, loadable_checkpoint,
                           read_own_checkpoint, resume_target)
 from .compat import enable_text_encoder_checkpointing
 from .control import TrainCallbacks, TrainingDiverged, TrainingInterrupted, TrainingSaveError, TrainResult
 from .distributed import Dist, collective_timeout, process_info
 from .loop import Job, micro_batch_loss, preview, run_steps, save_state
 from .runs import RunFolder, compute_run_id
-from .setup.trainable import build_trainable, finish_model, named_trainables, owned_modules, set_attention, trainable_copy
+from .setup.trainable import (build_trainable, finish_model, named_trainables, owned_modules, set_attention,
+                              with_data_vae)
 
 # train()'s callbacks, result and exceptions are part of its interface: callers import them from here
 __all__ = ["train", "TrainCallbacks", "TrainResult", "TrainingInterrupted", "TrainingDiverged", "TrainingSaveError"]
@@ -143,14 +144,7 @@ def _prepare_data(job: Job) -> None:
     for m in (model.vae, *model.text_encoders):
         m.to(device)
     model.unet.to(device)
-    # the VAE that encodes the training latents (and decodes previews) has the vae_dtype setting's precision:
-    # fp16 VAEs give NaN/black images, so a half-precision model's VAE is copied to fp32 unless asked otherwise
-    data_vae_dtype = vae_dtype(settings, device, job.say)
-    if model.vae.dtype != data_vae_dtype:
-        job.model_for_data = model.replace(vae=trainable_copy(model.vae).to(dtype=data_vae_dtype)
-                                           .requires_grad_(False))
-    else:
-        job.model_for_data = model
+    job.model_for_data = with_data_vae(model, vae_dtype(settings, device, job.say))
     progress = (lambda d, t: cb.stage("data", d, t)) if cb.stage else None
     from_class_images = settings.prior_mode == "class_images"
     generate = from_class_images
@@ -228,9 +222,7 @@ def _claim_run(job: Job, resume) -> None:
                 raise ValueError(f"resume: {run.path} was trained by {processes} process(es); continue it with "
                                  f"the same number (this run has {job.dist.world}), or start a new run "
                                  "(resume 'new')")
-            job.held.enter_context(run.lock())         # before anything reads or writes the run's files
-            for path in run.remove_leftovers():
-                job.say(f"removed {path} (left by an interrupted save)")
+            claim_run(run, job.held, job.say)
         elif resume == "auto":
             _say_other_process_count(job)
         return (run.path if run else None), checkpoint
@@ -365,8 +357,7 @@ def _resume_or_create_run(job: Job, resume) -> None:
         loaded = [None]
 
         def choose():
-            loaded[0] = first_loadable(run, checkpoint, lambda folder: read_own_checkpoint(folder, job.run_id),
-                                       job.say, fallback=not names_a_checkpoint(resume))
+            loaded[0] = loadable_checkpoint(run, checkpoint, job.run_id, resume, job.say)
             return loaded[0][1] if loaded[0] else None
         chosen = job.dist.decide(choose, "read the checkpoint to resume")
         loaded = loaded[0]

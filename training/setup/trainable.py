@@ -48,6 +48,15 @@ def build_trainable(model, settings):
     return _own_frozen_unet_if_needed(tm, model, settings), unet_params, te_params
 
 
+def with_data_vae(model, dtype):
+    """`model`, with its VAE in `dtype` (a frozen copy when it is not already): the VAE that encodes the training
+    latents and decodes previews has the vae_dtype setting's precision, because fp16 VAEs give NaN / black images
+    (a half-precision model's VAE is copied to fp32 unless asked otherwise)."""
+    if model.vae.dtype == dtype:
+        return model
+    return model.replace(vae=trainable_copy(model.vae).to(dtype=dtype).requires_grad_(False))
+
+
 def _own_frozen_unet_if_needed(tm, model, settings):
     """A frozen UNet stays shared with the received model, unless training must change it (another attention
     kernel) or backpropagate through it (text encoder training) while it holds inference tensors, which
