@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import os
 
+from ..training.sampling import MAX_SEED, SCHEDULER_NAMES
 from . import comfy_compat as compat
-from ..training.sampling import SCHEDULER_NAMES
 from .paths import check_path, typed_path
 
 CATEGORY = "DreamBooth"
@@ -15,7 +15,6 @@ MODEL_TYPE = "DB_MODEL"
 FROM_CHECKPOINT = "(from checkpoint)"
 PATH_BELOW = "(use model_path)"
 DIFFUSERS_PREFIX = "diffusers/"
-MAX_SEED = 2**63 - 1024
 
 
 def model_choices() -> list[str]:
