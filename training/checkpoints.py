@@ -166,7 +166,7 @@ def apply_checkpoint(folder, ckpt, named, optimizer, lr_scheduler, ema, scaler=N
 
 def load_checkpoint(folder, named, optimizer, lr_scheduler, ema, run_id, scaler=None) -> int:
     return apply_checkpoint(folder, read_own_checkpoint(folder, run_id), named, optimizer, lr_scheduler, ema,
-                             scaler)
+                            scaler)
 
 
 def load_weights(folder, named) -> dict | None:
@@ -196,7 +196,7 @@ def save_training_state(run, step: int, state: dict, named, optimizer, lr_schedu
 
 # ---- a new run folder -----------------------------------------------------------------------------------------
 def create_run(output_root, settings, concepts, data, model, run_id, parent_run, total_steps, report, held,
-                **extra_config):
+               **extra_config):
     """A new run folder with config.json and dataset_report.txt, locked for this process (`held`); a failure here
     leaves no run folder behind (nothing has started)."""
     run = RunFolder.create(output_root, settings.run_name, {

@@ -30,8 +30,8 @@ from .checkpoints import (apply_checkpoint, claim_run, create_run, load_weights,
 from .control import (StepClock, TrainingDiverged, TrainingInterrupted, TrainResult, log_step, requested_save,
                       stop_requested)
 from .models.imagic_embeddings import (IMAGIC_KEYS, OPTIMIZED_KEY, OPTIMIZED_POOLED_KEY, SIDECAR_SUFFIX, TARGET_KEY,
-                                      TARGET_POOLED_KEY, imagic_tensors, interpolated, is_imagic, load_sidecar,
-                                      save_sidecar, sidecar_path, with_imagic)
+                                       TARGET_POOLED_KEY, imagic_tensors, interpolated, is_imagic, load_sidecar,
+                                       save_sidecar, sidecar_path, with_imagic)
 from .runs import RunFolder, compute_run_id
 from .settings import SettingsError
 from .setup.noise import seed_global_rng, step_seed

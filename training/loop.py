@@ -179,7 +179,7 @@ def micro_batch_loss(job: Job, plan_item, step: int, te_frozen: bool):
         loss = weighted_mean_loss(per_sample_mse(pred, target), weights)
         if settings.prior_mode == "base_model":
             loss = loss + base_model_prior_loss(tm, model, model.unet, tm.unet, job.concepts, batch, noisy, t,
-                                                 settings, encode_prompts, per_sample_mse, with_grad=not te_frozen)
+                                                settings, encode_prompts, per_sample_mse, with_grad=not te_frozen)
     return loss
 
 

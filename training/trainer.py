@@ -394,11 +394,6 @@ def _finish(job: Job, step: int, last_loss: float | None) -> TrainResult:
                               finished_at=time.strftime("%Y-%m-%d %H:%M:%S"))
     job.dist.barrier()                    # the others read the finished run's config after rank 0 wrote it
     result = finish_model(job.tm, job.model, job.named, job.settings,
-                           job.ema.state_dict() if job.ema is not None else None, job.run_id)
+                          job.ema.state_dict() if job.ema is not None else None, job.run_id)
     return TrainResult(result, job.run.path, step, final_loss=last_loss, report=job.report,
                        info=job.run.read_config())
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Checkpoint files
-# --------------------------------------------------------------------------------------------------------------

@@ -158,7 +158,7 @@ def example_generators(seed: int, step: int, items) -> list:
 
 
 def base_model_prior_loss(tm, base_model, base_unet, unet_fwd, concepts, batch, noisy, t, settings,
-                           encode_prompts, per_sample_mse, with_grad):
+                          encode_prompts, per_sample_mse, with_grad):
     """Prior preservation without class images: on the same noisy latents, the trained model's prediction
     for the class prompt is pulled toward the frozen base model's prediction for it."""
     import torch
