@@ -32,14 +32,15 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable
 
+# torch-free modules (--help stays instant): the file, dtype, prediction and seed vocabulary is defined once there
+from .training.models.components import PREDICTION_TYPES
+from .training.models.state_dict import DTYPE_CHOICES, KEEP_DTYPE, SINGLE_FILE_EXTS
+from .training.sampling import MAX_SEED
+
 PROG = "comfyui-dreambooth"
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
 IMAGE_EXTENSIONS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
-SINGLE_FILE_EXTENSIONS = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
-PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
-DTYPE_CHOICES = ("fp16", "bf16", "fp32")
-KEEP_DTYPE = "keep"
-MAX_SEED = 2 ** 64 - 1            # what torch.Generator.manual_seed takes (and ComfyUI's seed widgets)
+PREDICTION_CHOICES = ("auto", *PREDICTION_TYPES)
 LONGEST_WORD_SHOWN = 160          # longer words of an error line (paths, values) keep their start and end
 # argparse destination -> how the command line spells it, for "is empty" errors
 PATH_ARGUMENTS = {"model": "MODEL", "input": "IN", "output": "OUT", "out": "--out", "vae": "--vae",
@@ -141,7 +142,7 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", help="OUT.safetensors / .ckpt = single file; anything else = diffusers folder")
     p.add_argument("--dtype", choices=(KEEP_DTYPE,) + DTYPE_CHOICES, default=KEEP_DTYPE,
                    help="weights precision of the output (default keep: every tensor as in the input, lossless)")
-    p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default="auto",
+    p.add_argument("--prediction-type", choices=PREDICTION_CHOICES, default="auto",
                    help="override what the input says (auto: its markers and weights, see `info`)")
     p.add_argument("--vae", help="replace the VAE with this file or folder")
     p.add_argument("--overwrite", action="store_true",
@@ -150,7 +151,7 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def output_is_single_file(path: str) -> bool:
-    return path.lower().endswith(SINGLE_FILE_EXTENSIONS)
+    return path.lower().endswith(SINGLE_FILE_EXTS)
 
 
 @command("convert", "convert single-file <-> diffusers (by OUT's extension / folder)", arguments=_convert_arguments)
@@ -204,7 +205,7 @@ def _sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, help="default: as --width")
     p.add_argument("--batch", type=int, default=1, help="images for a single prompt")
     p.add_argument("--clip-skip", type=int, help="1 = last CLIP layer (default: the family's own)")
-    p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default="auto")
+    p.add_argument("--prediction-type", choices=PREDICTION_CHOICES, default="auto")
     p.add_argument("--vae", help="use this VAE file or folder")
     p.add_argument("--dtype", choices=("auto",) + DTYPE_CHOICES, default="auto",
                    help="compute precision (auto: fp32 on CPU, bf16/fp16 on GPU)")
@@ -479,8 +480,9 @@ def _estimate_arguments(p: argparse.ArgumentParser) -> None:
 @command("estimate", "estimate the VRAM a training run needs, per part (weights, gradients, optimizer, "
                      "activations, ...)", arguments=_estimate_arguments)
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from .training.memory import ESTIMATE_NOTE, GB, WIZARD_SETTINGS, DeviceMemory, estimate, estimate_report
+    from .training.memory import ESTIMATE_NOTE, GB, DeviceMemory, estimate, estimate_report
     from .training.settings import DreamBoothSettings
+    from .training.wizard import WIZARD_SETTINGS
 
     settings = DreamBoothSettings()
     if args.workflow:
@@ -520,7 +522,7 @@ def _wizard_arguments(p: argparse.ArgumentParser) -> None:
 
 @command("wizard", "choose settings that fit a card's VRAM, and explain each choice", arguments=_wizard_arguments)
 def cmd_wizard(args: argparse.Namespace) -> int:
-    from .training.memory import choose_settings
+    from .training.wizard import choose_settings
 
     if args.vram <= 0:
         raise CliError(f"--vram {args.vram:g}: give the card's memory in GB, e.g. --vram 8")

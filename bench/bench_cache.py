@@ -93,7 +93,7 @@ def run_epoch(data, model, device, dtype, *, train_step: bool) -> float:
 
 
 def bench_cache(model, args, root, device, dtype) -> dict:
-    from comfyui_dreambooth.training.data.dataset import prepare_training_data
+    from comfyui_dreambooth.training.data.prepare import prepare_training_data
     from comfyui_dreambooth.training.data.settings import ConceptSettings, DataSettings
 
     make_dataset(os.path.join(root, "inst"), args.images, args.resolution)

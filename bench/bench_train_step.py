@@ -131,7 +131,7 @@ class BareLoop:
         from comfyui_dreambooth.training.models.text import encode_prompts
         from comfyui_dreambooth.training.setup.noise import build_noise_scheduler
         from comfyui_dreambooth.training.setup.optimizers import build_optimizer, training_param_groups
-        from comfyui_dreambooth.training.trainer import _set_attention, build_trainable
+        from comfyui_dreambooth.training.setup.trainable import build_trainable, set_attention
 
         self.device = device
         self.settings = settings
@@ -143,7 +143,7 @@ class BareLoop:
             for p in self.unet.parameters():
                 if not p.requires_grad:
                     p.data = p.data.to(self.dtype)
-        _set_attention(self.unet, settings.attention)
+        set_attention(self.unet, settings.attention)
         if settings.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.unet.train()

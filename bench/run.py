@@ -45,16 +45,16 @@ Results: tables on stdout and JSON in bench/results/run-<device>-<time>.json (or
 (CPU model, cores, GPU, torch / diffusers / transformers / peft / accelerate versions), the settings, the exact
 diffusers commands and which diffusers scripts (ref, commit, sha256) were used. Child logs go to
 bench/.cache/run-logs/<time>/ (git-ignored).
+
+This file is the orchestrator (arguments, child processes, tables, JSON); what the children do and the shared
+settings are workload.py, the diffusers scripts and their command line diffusers_ref.py.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -64,32 +64,20 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))   # the folder holding the comfyui_dreambooth package
 sys.path.insert(0, HERE)
-import bench_train_step  # noqa: E402  (models, images, settings and the bare loop are shared, not copied)
+# the work (workload.py) and the diffusers reference (diffusers_ref.py) are files of their own beside this one
+from diffusers_ref import (diffusers_command, diffusers_scripts, diffusers_source,  # noqa: E402
+                           extract_diffusers_examples, tqdm_elapsed)
+from workload import CACHE, LEARNING_RATE, LORA_RANK, MAX_GRAD_NORM, PROMPT, SEED, e2e_child, mfu_child  # noqa: E402
 
-CACHE = os.path.join(HERE, ".cache")
 STANDIN = os.path.join(HERE, "_torchvision_standin")
-PROMPT = bench_train_step.PROMPT
 STEPS, QUICK_STEPS = 100, 30
 NUM_IMAGES = 4
-LORA_RANK = 16
-LEARNING_RATE = {"lora": 1e-4, "full": 1e-5}
-MAX_GRAD_NORM = 1.0
-SEED = 0
 TARGET_STEP_RATIO = 1.05            # trainer step / bare step, at most
 TARGET_E2E_SPEEDUP = 1.5            # diffusers wall / ours, at least
 MODELS = {"cpu": {"tiny": 64, "small": 128}, "cuda": {"sd15": 512}}
 QUICK_MODELS = {"cpu": ["tiny"], "cuda": ["sd15"]}
-DIFFUSERS_SCRIPTS = {"lora": "train_dreambooth_lora.py", "full": "train_dreambooth.py"}
 MFU_BATCH = 8
 MFU_STEPS = {"cpu": (1, 2), "cuda": (5, 20)}         # (warm-up, measured)
-# Dense (no sparsity) bf16 tensor-core peak in TFLOP/s, matched by substring of torch.cuda.get_device_name(),
-# first match wins (so the more specific names come first).
-PEAK_TFLOPS = [
-    ("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H800", 989.0),
-    ("GH200", 989.0), ("B200", 2250.0), ("B100", 1750.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0),
-    ("L40", 181.0), ("L4", 121.0), ("A6000", 155.0), ("A40", 150.0), ("A10G", 70.0), ("A10", 125.0),
-    ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("V100", 125.0), ("T4", 65.0),
-]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -122,100 +110,6 @@ def verdict(value, target: float, at_most: bool) -> str:
     if value is None:
         return "n/a"
     return "ok" if (value <= target if at_most else value >= target) else "MISSED"
-
-
-def peak_tflops(device_name: str | None) -> float | None:
-    if not device_name:
-        return None
-    for key, tflops in PEAK_TFLOPS:
-        if key.lower() in device_name.lower():
-            return tflops
-    return None
-
-
-def diffusers_scripts(folder: str | None) -> tuple[dict | None, str | None]:
-    """({mode: script path}, None), or (None, the note to print) when the comparison has to be skipped."""
-    if not folder:
-        return None, ("diffusers comparison skipped: no --diffusers-examples DIR (a checkout of diffusers' "
-                      "examples/dreambooth) or --diffusers-git GIT_DIR given")
-    if not os.path.isdir(folder):
-        return None, f"diffusers comparison skipped: --diffusers-examples {folder}: no such folder"
-    paths = {mode: os.path.join(os.path.abspath(folder), name) for mode, name in DIFFUSERS_SCRIPTS.items()}
-    missing = [os.path.basename(p) for p in paths.values() if not os.path.isfile(p)]
-    if missing:
-        return None, f"diffusers comparison skipped: {folder} has no {', '.join(missing)}"
-    return paths, None
-
-
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def diffusers_source(folder: str, ref: str | None = None) -> dict:
-    """Which diffusers scripts these are: the given ref, else the folder's git commit, else its SOURCE file."""
-    info = {"dir": os.path.abspath(folder)}
-    if ref:
-        info["ref"] = ref
-    source = os.path.join(folder, "SOURCE")              # written by --diffusers-git
-    if not ref and os.path.isfile(source):
-        with open(source, encoding="utf-8") as f:
-            info.update(json.load(f))
-    elif not ref:      # a diffusers clone: only when DIR is its examples/dreambooth (not some enclosing repo)
-        proc = subprocess.run(["git", "-C", folder, "rev-parse", "--show-prefix", "HEAD"], capture_output=True,
-                              text=True)
-        lines = proc.stdout.split()
-        if proc.returncode == 0 and len(lines) == 2 and lines[0].rstrip("/").endswith("examples/dreambooth"):
-            info["commit"] = lines[1]
-    info.setdefault("ref", info.get("commit", "unknown"))
-    info["sha256"] = {name: _sha256(os.path.join(folder, name)) for name in DIFFUSERS_SCRIPTS.values()
-                      if os.path.isfile(os.path.join(folder, name))}
-    return info
-
-
-def nearest_tag(tags: list[str], installed: str) -> str | None:
-    """v<installed> when tagged, else the newest release tag not newer than it, else the newest release tag."""
-    from packaging.version import InvalidVersion, Version
-
-    releases = []
-    for tag in tags:
-        try:
-            v = Version(tag.lstrip("v"))
-        except InvalidVersion:
-            continue
-        if not v.is_prerelease and not v.is_devrelease:
-            releases.append((v, tag))
-    if not releases:
-        return None
-    releases.sort()
-    target = Version(installed)
-    older = [tag for v, tag in releases if v <= target]
-    return older[-1] if older else releases[-1][1]
-
-
-def extract_diffusers_examples(git_dir: str, ref: str | None = None, dest_root: str = CACHE) -> str:
-    """`git show REF:examples/dreambooth/<script>` from a diffusers git directory into the git-ignored cache."""
-    import diffusers
-
-    def git(*args):
-        proc = subprocess.run(["git", f"--git-dir={git_dir}", *args], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"git {' '.join(args)} in {git_dir} failed: {proc.stderr.strip()}")
-        return proc.stdout
-
-    if not os.path.isdir(os.path.join(git_dir, "objects")):
-        dot_git = os.path.join(git_dir, ".git")
-        git_dir = dot_git if os.path.isdir(dot_git) else git_dir
-    ref = ref or nearest_tag(git("tag", "--list", "v*").split(), diffusers.__version__) or "HEAD"
-    commit = git("rev-parse", f"{ref}^{{commit}}").strip()
-    folder = os.path.join(dest_root, f"diffusers-{re.sub(r'[^A-Za-z0-9._-]', '_', ref)}", "examples", "dreambooth")
-    os.makedirs(folder, exist_ok=True)
-    for name in DIFFUSERS_SCRIPTS.values():
-        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
-            f.write(git("show", f"{commit}:examples/dreambooth/{name}"))
-    with open(os.path.join(folder, "SOURCE"), "w", encoding="utf-8") as f:
-        json.dump({"ref": ref, "commit": commit, "installed_diffusers": diffusers.__version__}, f)
-    return folder
 
 
 def machine_info(device: str) -> dict:
@@ -352,61 +246,6 @@ def step_table(part: dict) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # b) our end-to-end run, c) diffusers' scripts
 # ----------------------------------------------------------------------------------------------------------------
-def e2e_settings(mode: str, resolution: int, steps: int, precision: str = "no", batch_size: int = 1,
-                 checkpointing: bool = False):
-    """bench_train_step's settings (no EMA / previews / intermediate checkpoints, frozen text encoder) with what
-    diffusers' scripts do by default: clipping at 1.0, LoRA on the attention projections."""
-    cfg = dict(mode=mode, resolution=resolution, warmup=0, steps=steps, precision=precision,
-               checkpointing=checkpointing, optimizer="AdamW")
-    settings = bench_train_step.bench_settings(cfg)
-    return dataclasses.replace(settings, max_grad_norm=MAX_GRAD_NORM, lora_rank=LORA_RANK,
-                               lora_alpha=float(LORA_RANK), lora_unet_targets="attention",
-                               learning_rate=LEARNING_RATE[mode], batch_size=batch_size, seed=SEED)
-
-
-def e2e_child(cfg: dict) -> None:
-    """One end-to-end run of our trainer (this whole process is what the parent times)."""
-    marks = {"start": time.time()}
-    import torch
-
-    if cfg.get("threads"):
-        torch.set_num_threads(cfg["threads"])
-    from comfyui_dreambooth.training.data.settings import ConceptSettings
-    from comfyui_dreambooth.training.export.checkpoint import export_diffusers
-    from comfyui_dreambooth.training.export.lora import save_kohya_lora
-    from comfyui_dreambooth.training.models import load_model
-    from comfyui_dreambooth.training.trainer import TrainCallbacks, train
-
-    marks["imported"] = time.time()
-    device = torch.device(cfg["device"])
-    model = load_model(cfg["model_dir"])
-    marks["loaded"] = time.time()
-    settings = e2e_settings(cfg["mode"], cfg["resolution"], cfg["steps"], cfg.get("precision", "no"))
-    concept = ConceptSettings(instance_dir=cfg["images"], instance_prompt=PROMPT)
-
-    def progress(p):
-        if p["step"] == 1:
-            marks["first_step"] = time.time()
-
-    result = train(model, [concept], settings, output_root=os.path.join(cfg["out"], "runs"), resume="new",
-                   device=device, callbacks=TrainCallbacks(progress=progress), reuse_finished=False)
-    marks["trained"] = time.time()
-    if cfg["mode"] == "lora":
-        save_kohya_lora(result.model, os.path.join(cfg["out"], "lora.safetensors"), dtype="fp32")
-    else:
-        export_diffusers(result.model, os.path.join(cfg["out"], "model"), dtype="fp32")
-    marks["exported"] = time.time()
-    t0 = cfg.get("spawned", marks["start"])         # the parent's clock at spawn (same machine)
-    phases = {"python_start_s": marks["start"] - t0, "imports_s": marks["imported"] - marks["start"],
-              "model_load_s": marks["loaded"] - marks["imported"],
-              "to_first_step_s": marks.get("first_step", marks["trained"]) - t0,
-              "training_s": marks["trained"] - marks.get("first_step", marks["loaded"]),
-              "export_s": marks["exported"] - marks["trained"], "steps": result.steps,
-              "final_loss": result.final_loss}
-    print("RESULT " + json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in phases.items()}),
-          flush=True)
-
-
 def run_ours(args, model_name: str, mode: str, inputs: dict, work: str, log_dir: str) -> dict:
     out = os.path.join(work, f"ours-{model_name}-{mode}")
     cfg = {"model_dir": inputs["model_dir"], "images": inputs["images"], "mode": mode, "device": args.device,
@@ -420,27 +259,6 @@ def run_ours(args, model_name: str, mode: str, inputs: dict, work: str, log_dir:
         res["phases"] = phases
     shutil.rmtree(out, ignore_errors=True)
     return res
-
-
-def diffusers_command(script: str, mode: str, inputs: dict, resolution: int, steps: int, out: str) -> list[str]:
-    cmd = [sys.executable, script, "--pretrained_model_name_or_path", inputs["model_dir"],
-           "--instance_data_dir", inputs["images"], "--instance_prompt", PROMPT, "--output_dir", out,
-           "--resolution", str(resolution), "--train_batch_size", "1", "--max_train_steps", str(steps),
-           "--learning_rate", str(LEARNING_RATE[mode]), "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
-           "--max_grad_norm", str(MAX_GRAD_NORM), "--mixed_precision", "no", "--seed", str(SEED),
-           "--checkpointing_steps", str(steps + 1)]
-    if mode == "lora":
-        cmd += ["--rank", str(LORA_RANK)]
-    return cmd
-
-
-def tqdm_elapsed(text: str, steps: int) -> float | None:
-    """Seconds of the last `steps/steps [mm:ss<...` tqdm bar in a log: the diffusers scripts' training loop."""
-    found = re.findall(rf"\b{steps}/{steps} \[(?:(\d+):)?(\d+):(\d+)<", text)
-    if not found:
-        return None
-    hours, minutes, seconds = found[-1]
-    return 3600 * int(hours or 0) + 60 * int(minutes) + int(seconds)
 
 
 def run_import_floor(args, log_dir: str) -> dict:
@@ -495,64 +313,8 @@ def e2e_table(rows: list[dict], diffusers_note: str | None, import_floor: dict |
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# d) model FLOP utilisation
+# d) model FLOP utilisation (the measurement itself runs in a child: workload.mfu_child)
 # ----------------------------------------------------------------------------------------------------------------
-def mfu_child(cfg: dict) -> None:
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from comfyui_dreambooth.training.data.settings import ConceptSettings
-    from comfyui_dreambooth.training.trainer import TrainCallbacks, train
-
-    if cfg.get("threads"):
-        torch.set_num_threads(cfg["threads"])
-    device = torch.device(cfg["device"])
-    warm, steps = cfg["warmup"], cfg["steps"]
-    model = bench_train_step.build_model(cfg["model"])
-    settings = e2e_settings(cfg["mode"], cfg["resolution"], warm + steps, cfg["precision"], cfg["batch"])
-    settings = dataclasses.replace(settings, max_grad_norm=0.0)    # the bare loop does not clip either
-
-    # FLOPs of one forward + backward (+ the optimizer's matmul-free step) at this batch, on the trainer's model
-    bare = bench_train_step.BareLoop(model, settings, device)
-    bare.latents = bare.latents.repeat(cfg["batch"], 1, 1, 1)
-    bare.embeds = bare.embeds.repeat(cfg["batch"], 1, 1)
-    bare.step()                                                      # warm (lazy inits outside the count)
-    with FlopCounterMode(display=False) as counter:
-        bare.step()
-    flops = counter.get_total_flops()
-    del bare
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-    work = tempfile.mkdtemp(prefix="bench_run_mfu_")
-    try:
-        images = bench_train_step.make_images(os.path.join(work, "images"), cfg["batch"], cfg["resolution"])
-        times, mark = [], {"end": None}
-
-        def progress(p):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            now = time.perf_counter()
-            if mark["end"] is not None and p["step"] > warm:
-                times.append(now - mark["end"])
-            mark["end"] = now
-
-        concept = ConceptSettings(instance_dir=images, instance_prompt=PROMPT)
-        result = train(model, [concept], settings, output_root=os.path.join(work, "out"), resume="new",
-                       device=device, callbacks=TrainCallbacks(progress=progress), reuse_finished=False)
-        used_precision = result.info.get("mixed_precision", cfg["precision"]) if isinstance(result.info, dict) \
-            else cfg["precision"]
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    step_s = sum(times) / len(times)
-    gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
-    peak = peak_tflops(gpu)
-    achieved = flops / step_s / 1e12
-    print("RESULT " + json.dumps({"flops_per_step": flops, "step_ms": 1000 * step_s, "achieved_tflops": achieved,
-                                  "peak_tflops": peak, "mfu": achieved / peak if peak else None, "gpu": gpu,
-                                  "measured_steps": len(times), "precision": used_precision}), flush=True)
-
-
 def run_mfu_part(args, log_dir: str) -> dict:
     model = "sd15" if args.device == "cuda" else "tiny"
     resolution = args.mfu_resolution or (512 if args.device == "cuda" else 64)

@@ -8,10 +8,11 @@ round trip does: adapters are merged (on a copy), the weights are laid out as a 
 """
 from __future__ import annotations
 
+from ..training.models.state_dict import DTYPE_CHOICES
 from . import comfy_compat as compat
 
 CATEGORY = "DreamBooth"
-DTYPES = ["fp16", "bf16", "fp32"]
+DTYPES = list(DTYPE_CHOICES)      # a list: ComfyUI takes a list (not a tuple) as a combo
 
 
 class ComfyUIRequired(RuntimeError):

@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import re
 import threading
 import time
 import uuid
@@ -35,6 +34,7 @@ from typing import Callable
 
 from ..training.control import ACTIONS, find_control, new_control, release_control
 from . import comfy_compat
+from .paths import ABSOLUTE_PATH, public_path, public_text
 
 log = logging.getLogger(__name__)
 
@@ -67,60 +67,6 @@ def _send_ui_message(event: str, data: dict) -> None:
         comfy_compat.send_ui_message(event, data)
     except Exception:  # noqa: BLE001 - a dead websocket must not kill hours of training
         log.debug("could not send %s to the browser", event, exc_info=True)
-
-
-# --- paths the browser may see ----------------------------------------------------------------------------------
-# An absolute path in free text: POSIX (/a/b, not the tail of a URL or of a relative path "x/y") or Windows (C:\a).
-_ABS_PATH = re.compile(r"(?<![\w.~:/\\-])/[^\s'\"<>|/]+(?:/[^\s'\"<>|/]+)*/?"
-                       r"|(?<![\w])[A-Za-z]:[\\/][^\s'\"<>|]*")
-
-
-def _folders() -> list[tuple[str, str]]:
-    """ComfyUI's folders that may be named to a browser, as (normalised path, label), longest path first."""
-    try:
-        folders = comfy_compat.public_folders()
-    except Exception:  # noqa: BLE001 - never let path hygiene break a run; everything then shows as basenames
-        log.debug("could not list ComfyUI's folders", exc_info=True)
-        folders = []
-    found = {}
-    for path, label in folders:
-        for variant in {os.path.normpath(path), os.path.realpath(path)}:
-            if len(variant) > 1 and variant not in found:      # never "/" (it would name everything)
-                found[variant] = label
-    return sorted(found.items(), key=lambda item: -len(item[0]))
-
-
-def _last_component(path: str) -> str:
-    return re.split(r"[\\/]", path.rstrip("\\/"))[-1] or path
-
-
-def public_path(path, folders=None) -> str:
-    """`path` as a browser may see it: "output/dreambooth/run-1" under ComfyUI's output folder (likewise input,
-    temp, models, models/<kind>), else only its last component. Relative paths are returned as they are."""
-    path = str(path or "")
-    if not path or not (os.path.isabs(path) or _ABS_PATH.fullmatch(path)):
-        return path
-    folders = _folders() if folders is None else folders
-    for candidate in dict.fromkeys([os.path.normpath(path), os.path.realpath(path)]):
-        for root, label in folders:
-            if candidate == root:
-                return label
-            if candidate.startswith(root.rstrip(os.sep) + os.sep):
-                return label + "/" + os.path.relpath(candidate, root).replace(os.sep, "/")
-    return _last_component(path)
-
-
-def public_text(text) -> str:
-    """A message with every absolute path in it replaced by public_path() (folders first, so paths with spaces
-    inside ComfyUI's folders come out whole)."""
-    text = str(text or "")
-    if not _ABS_PATH.search(text):   # the common case ("caching latents: 3/8"): no folder lookups per stage line
-        return text
-    folders = _folders()
-    for root, label in folders:
-        text = re.sub(re.escape(root) + r"(?=$|[\\/\s'\",;:)\]])(?:[\\/](?=\S))?",
-                      lambda m, label=label: label + ("/" if m.group(0)[-1:] in "/\\" else ""), text)
-    return _ABS_PATH.sub(lambda m: public_path(m.group(0), folders), text)
 
 
 # --- JSON hygiene --------------------------------------------------------------------------------------------
@@ -440,7 +386,7 @@ def _image_ref(image) -> dict | None:
     if not isinstance(image, dict) or not image.get("filename"):
         return None
     filename, subfolder = str(image["filename"]), str(image.get("subfolder") or "").replace("\\", "/")
-    if "/" in filename.replace("\\", "/") or os.path.isabs(subfolder) or _ABS_PATH.match(subfolder) \
+    if "/" in filename.replace("\\", "/") or os.path.isabs(subfolder) or ABSOLUTE_PATH.match(subfolder) \
             or ".." in subfolder.split("/"):
         return None
     return {"filename": filename, "subfolder": subfolder, "type": str(image.get("type") or "output")}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+from ..training.sampling import MAX_SEED, SCHEDULER_NAMES
 from . import comfy_compat as compat
 from .paths import check_path, typed_path
 
@@ -14,8 +15,6 @@ MODEL_TYPE = "DB_MODEL"
 FROM_CHECKPOINT = "(from checkpoint)"
 PATH_BELOW = "(use model_path)"
 DIFFUSERS_PREFIX = "diffusers/"
-SCHEDULER_NAMES = ("pndm", "lms", "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc")  # = sampling.SCHEDULERS
-MAX_SEED = 2**63 - 1024
 
 
 def model_choices() -> list[str]:

@@ -1,4 +1,6 @@
-"""Paths typed into node inputs: how they are read, and the folder check every one goes through.
+"""Paths in and out of the nodes: paths typed into node inputs (how they are read, and the folder check every one
+goes through), and paths shown to a browser (public_path / public_text: relative to ComfyUI's folders, never an
+absolute path).
 
 The rule itself lives in training/access.py; this module only gathers what ComfyUI says (its folders, its --listen
 address, through comfy_compat) and turns a typed text into a path:
@@ -10,10 +12,14 @@ address, through comfy_compat) and turns a typed text into a path:
 """
 from __future__ import annotations
 
+import logging
 import os
+import re
 
 from ..training.access import UNRESTRICTED, AccessPolicy, PathNotAllowedError, is_loopback, read_allowed_dirs
 from . import comfy_compat as compat
+
+log = logging.getLogger(__name__)
 
 _ROOTS_DESCRIBED = "ComfyUI's input, output and models folders, and the folders allowed for DreamBooth"
 
@@ -59,4 +65,59 @@ def path_allowed(path: str) -> bool:
         return False
 
 
-__all__ = ["access_policy", "typed_path", "check_path", "path_allowed", "PathNotAllowedError"]
+# ---- paths the browser may see (the live panel's state and messages) ------------------------------------------
+# An absolute path in free text: POSIX (/a/b, not the tail of a URL or of a relative path "x/y") or Windows (C:\a).
+ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/\\-])/[^\s'\"<>|/]+(?:/[^\s'\"<>|/]+)*/?"
+                           r"|(?<![\w])[A-Za-z]:[\\/][^\s'\"<>|]*")
+
+
+def _folders() -> list[tuple[str, str]]:
+    """ComfyUI's folders that may be named to a browser, as (normalised path, label), longest path first."""
+    try:
+        folders = compat.public_folders()
+    except Exception:  # noqa: BLE001 - never let path hygiene break a run; everything then shows as basenames
+        log.debug("could not list ComfyUI's folders", exc_info=True)
+        folders = []
+    found = {}
+    for path, label in folders:
+        for variant in {os.path.normpath(path), os.path.realpath(path)}:
+            if len(variant) > 1 and variant not in found:      # never "/" (it would name everything)
+                found[variant] = label
+    return sorted(found.items(), key=lambda item: -len(item[0]))
+
+
+def _last_component(path: str) -> str:
+    return re.split(r"[\\/]", path.rstrip("\\/"))[-1] or path
+
+
+def public_path(path, folders=None) -> str:
+    """`path` as a browser may see it: "output/dreambooth/run-1" under ComfyUI's output folder (likewise input,
+    temp, models, models/<kind>), else only its last component. Relative paths are returned as they are."""
+    path = str(path or "")
+    if not path or not (os.path.isabs(path) or ABSOLUTE_PATH.fullmatch(path)):
+        return path
+    folders = _folders() if folders is None else folders
+    for candidate in dict.fromkeys([os.path.normpath(path), os.path.realpath(path)]):
+        for root, label in folders:
+            if candidate == root:
+                return label
+            if candidate.startswith(root.rstrip(os.sep) + os.sep):
+                return label + "/" + os.path.relpath(candidate, root).replace(os.sep, "/")
+    return _last_component(path)
+
+
+def public_text(text) -> str:
+    """A message with every absolute path in it replaced by public_path() (folders first, so paths with spaces
+    inside ComfyUI's folders come out whole)."""
+    text = str(text or "")
+    if not ABSOLUTE_PATH.search(text):   # the common case ("caching latents: 3/8"): no folder lookups per stage line
+        return text
+    folders = _folders()
+    for root, label in folders:
+        text = re.sub(re.escape(root) + r"(?=$|[\\/\s'\",;:)\]])(?:[\\/](?=\S))?",
+                      lambda m, label=label: label + ("/" if m.group(0)[-1:] in "/\\" else ""), text)
+    return ABSOLUTE_PATH.sub(lambda m: public_path(m.group(0), folders), text)
+
+
+__all__ = ["access_policy", "typed_path", "check_path", "path_allowed", "PathNotAllowedError", "public_path",
+           "public_text", "ABSOLUTE_PATH"]

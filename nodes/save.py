@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 
+from ..training.models.state_dict import DTYPE_CHOICES
 from . import comfy_compat
 
 DB_MODEL = "DB_MODEL"
 CATEGORY = "DreamBooth/save"
-DTYPES = ["fp16", "bf16", "fp32"]
+DTYPES = list(DTYPE_CHOICES)      # a list: ComfyUI takes a list (not a tuple) as a combo
 
 _DTYPE_TIP = ("Precision of the saved weights. fp16: half the size of fp32, what almost everyone uses. "
               "bf16: same size, wider range, fine for newer GPUs. fp32: exact, twice the size.")

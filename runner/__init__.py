@@ -21,8 +21,8 @@ from __future__ import annotations
 # one module per concern; this package re-exports the public API (cli.py, demo.py, the tests)
 from .errors import (CoreNodesError, NodeExecutionError, OverrideError, ValidationIssue, WorkflowError,
                      WorkflowFormatError, WorkflowInterrupted, WorkflowValidationError)
-from .specs import pack_display_names, pack_node_classes
-from .formats import PreparedWorkflow, canvas_to_api, prepare_workflow, read_workflow_file, workflow_format
+from .specs import PreparedWorkflow, pack_display_names, pack_node_classes
+from .formats import canvas_to_api, prepare_workflow, read_workflow_file, workflow_format
 from .overrides import apply_overrides, parse_override
 from .validation import execution_order, output_node_ids, validate_workflow
 from .execute import execute_workflow, run_workflow, saved_files

@@ -13,8 +13,8 @@ from typing import Any, Iterable, Mapping, TextIO
 from ..nodes import comfy_compat
 from ..training.distributed import SUPERVISOR_ENV, process_info, register_with_supervisor
 from .errors import NodeExecutionError, WorkflowError, WorkflowInterrupted
-from .formats import PreparedWorkflow, prepare_workflow
-from .specs import _hidden_values, _input_spec, _input_types, _is_link, _title, runner_package, shorten
+from .formats import prepare_workflow
+from .specs import PreparedWorkflow, hidden_values, input_spec, input_types, is_link, node_title, runner_package, shorten
 from .validation import validate_workflow
 
 OUTPUT_ROOM_BYTES = 1024     # for run folders, checkpoints and saved models inside the output folder
@@ -24,12 +24,12 @@ def _gather_inputs(node_id: str, prepared: PreparedWorkflow, types: dict, output
     """Each input as a list of values, as ComfyUI's get_input_data does (a linked input is its producer's list)."""
     gathered = {}
     for name, value in prepared.prompt[node_id]["inputs"].items():
-        _, category, options = _input_spec(types, name)
-        if _is_link(value) and not options.get("rawLink"):
+        _, category, options = input_spec(types, name)
+        if is_link(value) and not options.get("rawLink"):
             gathered[name] = outputs[str(value[0])][value[1]]
         elif category is not None:
             gathered[name] = [value]
-    for name, value in _hidden_values(types, node_id, prepared).items():
+    for name, value in hidden_values(types, node_id, prepared).items():
         gathered[name] = [value]
     return gathered
 
@@ -119,12 +119,12 @@ def execute_workflow(prepared: PreparedWorkflow, node_classes: Mapping[str, type
             class_type = node["class_type"]
             cls = node_classes[class_type]
             current = node_id
-            label = f"node {node_id}" + (f" '{_title(node)}'" if _title(node) != class_type else "") + f" ({class_type})"
+            label = f"node {node_id}" + (f" '{node_title(node)}'" if node_title(node) != class_type else "") + f" ({class_type})"
             try:
                 comfy_compat.check_interrupt()
                 _say(stream, f"[{position}/{len(order)}] {label}")
                 started = time.monotonic()
-                types = _input_types(cls, class_type)
+                types = input_types(cls, class_type)
                 returns = _call_over_lists(cls(), getattr(cls, "FUNCTION"), _gather_inputs(node_id, prepared, types, outputs))
                 node_outputs, ui = _merge_returns(returns, cls, label)
             except WorkflowError:
@@ -133,7 +133,7 @@ def execute_workflow(prepared: PreparedWorkflow, node_classes: Mapping[str, type
                 if comfy_compat.is_interrupt(exc):
                     result["status"] = "interrupted"
                     raise WorkflowInterrupted(current, result) from exc
-                raise NodeExecutionError(node_id, class_type, _title(node), exc) from exc
+                raise NodeExecutionError(node_id, class_type, node_title(node), exc) from exc
             outputs[node_id] = node_outputs
             if ui:
                 result["outputs"][node_id] = ui
@@ -246,7 +246,7 @@ def training_share(prepared: PreparedWorkflow, node_classes: Mapping[str, type],
         if node_id in needed:
             continue
         needed.add(node_id)
-        todo += [str(v[0]) for v in prompt[node_id]["inputs"].values() if _is_link(v)]
+        todo += [str(v[0]) for v in prompt[node_id]["inputs"].values() if is_link(v)]
     return [n for n in order if n in needed]
 
 

@@ -4,26 +4,13 @@ from __future__ import annotations
 import errno
 import json
 import os
-from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from .errors import CoreNodesError, WorkflowFormatError
 from .overrides import apply_overrides
-from .specs import (CONTROL_AFTER_GENERATE_VALUES, FRONTEND_ONLY_NODES, MODE_BYPASSED, MODE_MUTED,
-                    TOO_DEEP, UPLOAD_WIDGET_VALUES, _combo_options, _declared_inputs, _input_types, _is_widget,
-                    check_nesting, runner_package)
-
-
-@dataclass
-class PreparedWorkflow:
-    prompt: dict                          # API format: {"id": {"class_type", "inputs", "_meta": {"title"}}}
-    format: str                           # "api" | "canvas"
-    source: str = ""                      # file it came from ("" for a dict)
-    extra_pnginfo: dict | None = None     # handed to nodes' EXTRA_PNGINFO hidden input
-    # canvas PrimitiveNode id / title -> the (node id, input) pairs it feeds, so --set can target the primitive
-    primitive_targets: dict | None = None
-    # (node id, input) -> why a canvas link was dropped (muted source...), to explain "required input is missing"
-    dropped_links: dict | None = None
+from .specs import (CONTROL_AFTER_GENERATE_VALUES, FRONTEND_ONLY_NODES, MODE_BYPASSED, MODE_MUTED, TOO_DEEP,
+                    UPLOAD_WIDGET_VALUES, PreparedWorkflow, check_nesting, combo_options, declared_inputs,
+                    input_types, is_widget, runner_package)
 
 
 def read_workflow_file(path: str | os.PathLike) -> dict:
@@ -129,7 +116,7 @@ def canvas_to_api(canvas: dict, node_classes: Mapping[str, type],
     prompt, primitive_targets, dropped = {}, {}, {}
     for node in sorted(active, key=lambda n: (0, n["id"]) if isinstance(n["id"], int) else (1, str(n["id"]))):
         node_id, class_type = str(node["id"]), node["type"]
-        types = _input_types(node_classes[class_type], class_type)
+        types = input_types(node_classes[class_type], class_type)
         inputs = _widget_values_to_inputs(node.get("widgets_values"), types)
         for inp in node.get("inputs") or []:
             if inp.get("link") is None:
@@ -160,8 +147,8 @@ def _widget_values_to_inputs(widgets_values: Any, types: dict) -> dict:
     else:
         values = list(widgets_values or [])
         i = 0
-        for name, input_type, options, _ in _declared_inputs(types):
-            if not _is_widget(input_type, options):
+        for name, input_type, options, _ in declared_inputs(types):
+            if not is_widget(input_type, options):
                 continue
             if i >= len(values):
                 break
@@ -178,10 +165,10 @@ def _widget_values_to_inputs(widgets_values: Any, types: dict) -> dict:
                     and i < len(values) and values[i] in UPLOAD_WIDGET_VALUES:
                 i += 1
     # widgets the file did not save: their defaults, as the frontend would show them
-    for name, input_type, options, required in _declared_inputs(types):
-        if name in inputs or not required or not _is_widget(input_type, options):
+    for name, input_type, options, required in declared_inputs(types):
+        if name in inputs or not required or not is_widget(input_type, options):
             continue
-        combo = _combo_options(input_type, options)
+        combo = combo_options(input_type, options)
         if "default" in options:
             inputs[name] = options["default"]
         elif combo:

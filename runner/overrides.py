@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 from .errors import OverrideError, WorkflowFormatError
-from .specs import TOO_DEEP, _declared_inputs, _input_types, _sort_ids, _title, check_nesting, shorten
+from .specs import (TOO_DEEP, PreparedWorkflow, check_nesting, declared_inputs, input_types, node_title, shorten,
+                    sort_ids)
 
-if TYPE_CHECKING:
-    from .formats import PreparedWorkflow
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
@@ -42,13 +41,13 @@ def _override_targets(prepared: PreparedWorkflow, target: str, input_name: str, 
         return list(primitives[target])
     explicit_title = lambda n: (n.get("_meta") or {}).get("title")
     for key, label in ((explicit_title, "title"), (lambda n: n.get("class_type"), "node type")):
-        matches = _sort_ids(i for i, n in prompt.items() if key(n) == target)
+        matches = sort_ids(i for i, n in prompt.items() if key(n) == target)
         if len(matches) == 1:
             return [(matches[0], input_name)]
         if len(matches) > 1:
             raise OverrideError(f"--set {shorten(text)!r}: {label} {target!r} matches nodes {', '.join(matches)}; "
                                 f"use the node id instead")
-    known = ", ".join(f"{i} '{_title(prompt[i])}'" for i in _sort_ids(prompt))
+    known = ", ".join(f"{i} '{node_title(prompt[i])}'" for i in sort_ids(prompt))
     raise OverrideError(f"--set {shorten(text)!r}: no node with id or title {target!r} (nodes: {known})")
 
 
@@ -61,8 +60,8 @@ def apply_overrides(prepared: PreparedWorkflow, overrides: Iterable[str], node_c
                     and input_name not in ("value", name):
                 raise OverrideError(f"--set {shorten(text)!r}: a primitive node has one input, 'value'")
             class_type = node["class_type"]
-            types = _input_types(node_classes[class_type], class_type)
-            declared = [n for n, *_ in _declared_inputs(types)]
+            types = input_types(node_classes[class_type], class_type)
+            declared = [n for n, *_ in declared_inputs(types)]
             if name not in declared:
                 raise OverrideError(f"--set {shorten(text)!r}: node {node_id} ({class_type}) has no input {name!r}; "
                                     f"its inputs are {', '.join(declared) or '(none)'}")

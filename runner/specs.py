@@ -1,14 +1,13 @@
-"""Node classes, their INPUT_TYPES specs and small graph helpers shared by the other runner modules."""
+"""The runner's vocabulary: node classes, their INPUT_TYPES specs, the prepared workflow and the small graph helpers
+the other runner modules share (this module imports none of them)."""
 from __future__ import annotations
 
 import importlib
 import sys
-from typing import TYPE_CHECKING, Any, Iterable
+from dataclasses import dataclass
+from typing import Any, Iterable
 
 from .errors import WorkflowError, WorkflowFormatError
-
-if TYPE_CHECKING:
-    from .formats import PreparedWorkflow
 
 FRONTEND_ONLY_NODES = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -16,6 +15,21 @@ CONTROL_AFTER_GENERATE_VALUES = {"fixed", "increment", "decrement", "randomize",
 UPLOAD_WIDGET_VALUES = {"image", "upload", "video", "audio"}
 MODE_MUTED, MODE_BYPASSED = 2, 4
 COMBO_LIST_SHOWN = 20        # longer option lists are summarised in messages (ComfyUI does the same)
+
+
+@dataclass
+class PreparedWorkflow:
+    """A workflow in API format, ready to validate and run (formats.prepare_workflow makes it)."""
+
+    prompt: dict                          # API format: {"id": {"class_type", "inputs", "_meta": {"title"}}}
+    format: str                           # "api" | "canvas"
+    source: str = ""                      # file it came from ("" for a dict)
+    extra_pnginfo: dict | None = None     # handed to nodes' EXTRA_PNGINFO hidden input
+    # canvas PrimitiveNode id / title -> the (node id, input) pairs it feeds, so --set can target the primitive
+    primitive_targets: dict | None = None
+    # (node id, input) -> why a canvas link was dropped (muted source...), to explain "required input is missing"
+    dropped_links: dict | None = None
+
 
 # the pack's root package (this package's parent): it keeps NODE_CLASS_MAPPINGS
 _PACK = __package__.rpartition(".")[0]
@@ -61,7 +75,7 @@ def pack_display_names() -> dict[str, str]:
     return dict(getattr(importlib.import_module(_PACK), "NODE_DISPLAY_NAME_MAPPINGS", {}) or {})
 
 
-def _input_types(cls: type, class_type: str) -> dict:
+def input_types(cls: type, class_type: str) -> dict:
     try:
         types = cls.INPUT_TYPES()
     except Exception as exc:      # a node bug: report it as such, not as a user error in the graph
@@ -77,7 +91,7 @@ def _spec_parts(spec: Any) -> tuple[Any, dict]:
     return spec, {}
 
 
-def _input_spec(types: dict, name: str) -> tuple[Any, str | None, dict]:
+def input_spec(types: dict, name: str) -> tuple[Any, str | None, dict]:
     """(type, "required"|"optional"|"hidden", options) of input `name`, or (None, None, {})."""
     for category in ("required", "optional", "hidden"):
         section = types.get(category) or {}
@@ -87,7 +101,7 @@ def _input_spec(types: dict, name: str) -> tuple[Any, str | None, dict]:
     return None, None, {}
 
 
-def _declared_inputs(types: dict) -> list[tuple[str, Any, dict, bool]]:
+def declared_inputs(types: dict) -> list[tuple[str, Any, dict, bool]]:
     """(name, type, options, required) for every required then optional input, in INPUT_TYPES order."""
     out = []
     for category in ("required", "optional"):
@@ -97,7 +111,7 @@ def _declared_inputs(types: dict) -> list[tuple[str, Any, dict, bool]]:
     return out
 
 
-def _combo_options(input_type: Any, options: dict) -> list | None:
+def combo_options(input_type: Any, options: dict) -> list | None:
     if isinstance(input_type, (list, tuple)):
         return list(input_type)
     if input_type == "COMBO":
@@ -105,28 +119,28 @@ def _combo_options(input_type: Any, options: dict) -> list | None:
     return None
 
 
-def _is_widget(input_type: Any, options: dict) -> bool:
+def is_widget(input_type: Any, options: dict) -> bool:
     if options.get("forceInput"):
         return False
     return isinstance(input_type, (list, tuple)) or input_type in WIDGET_TYPES
 
 
-def _is_link(value: Any) -> bool:
+def is_link(value: Any) -> bool:
     return isinstance(value, list) and len(value) == 2 and isinstance(value[0], (str, int)) \
         and isinstance(value[1], int) and not isinstance(value[1], bool)
 
 
-def _sort_ids(ids: Iterable[str]) -> list[str]:
+def sort_ids(ids: Iterable[str]) -> list[str]:
     """Numeric ids in numeric order ("2" before "10"), others after, alphabetically."""
     return sorted(ids, key=lambda i: (0, int(i), "") if str(i).isdigit() else (1, 0, str(i)))
 
 
 
-def _title(node: dict) -> str:
+def node_title(node: dict) -> str:
     return (node.get("_meta") or {}).get("title") or node.get("class_type", "")
 
 
-def _hidden_values(types: dict, node_id: str, prepared: PreparedWorkflow) -> dict:
+def hidden_values(types: dict, node_id: str, prepared: PreparedWorkflow) -> dict:
     values = {}
     for name, kind in (types.get("hidden") or {}).items():
         kind = kind[0] if isinstance(kind, (list, tuple)) else kind

@@ -4,14 +4,11 @@ from __future__ import annotations
 import inspect
 import json
 import math
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 from .errors import ValidationIssue, WorkflowValidationError
-from .specs import (COMBO_LIST_SHOWN, WIDGET_TYPES, _combo_options, _declared_inputs, _hidden_values, _input_types,
-                    _is_link, _sort_ids, _title)
-
-if TYPE_CHECKING:
-    from .formats import PreparedWorkflow
+from .specs import (COMBO_LIST_SHOWN, WIDGET_TYPES, PreparedWorkflow, combo_options, declared_inputs, hidden_values,
+                    input_types, is_link, node_title, sort_ids)
 
 
 def _types_match(received: Any, expected: Any) -> bool:
@@ -87,7 +84,7 @@ def _validate_function(cls: type):
 
 def _node_issue(prompt: dict, node_id: str, message: str, input_name: str | None = None) -> ValidationIssue:
     node = prompt.get(node_id) or {}
-    return ValidationIssue(node_id=node_id, message=message, title=_title(node),
+    return ValidationIssue(node_id=node_id, message=message, title=node_title(node),
                            class_type=node.get("class_type", ""), input_name=input_name)
 
 
@@ -96,7 +93,7 @@ def _validate_node(prepared: PreparedWorkflow, node_id: str, node_classes: Mappi
     node = prompt[node_id]
     class_type = node["class_type"]
     cls = node_classes[class_type]
-    types = _input_types(cls, class_type)
+    types = input_types(cls, class_type)
     inputs = node.setdefault("inputs", {})
     if not isinstance(inputs, dict):
         return [_node_issue(prompt, node_id, "'inputs' must be an object")]
@@ -107,7 +104,7 @@ def _validate_node(prepared: PreparedWorkflow, node_id: str, node_classes: Mappi
     def issue(message, name):
         issues.append(_node_issue(prompt, node_id, message, name))
 
-    for name, input_type, options, required in _declared_inputs(types):
+    for name, input_type, options, required in declared_inputs(types):
         if name not in inputs:
             if required:
                 why = (prepared.dropped_links or {}).get((node_id, name))
@@ -115,7 +112,7 @@ def _validate_node(prepared: PreparedWorkflow, node_id: str, node_classes: Mappi
             continue
         value = inputs[name]
         if isinstance(value, list):
-            if not _is_link(value):
+            if not is_link(value):
                 issue(f"bad link {json.dumps(value)[:60]}: a link is [node_id, output_index]", name)
                 continue
             source_id, slot = str(value[0]), value[1]
@@ -152,7 +149,7 @@ def _validate_node(prepared: PreparedWorkflow, node_id: str, node_classes: Mappi
         if "max" in options and isinstance(value, (int, float)) and value > options["max"]:
             issue(f"value {value} is bigger than the maximum {options['max']}", name)
             continue
-        combo = _combo_options(input_type, options)
+        combo = combo_options(input_type, options)
         if combo is not None and value not in combo:
             listing = (f"one of {len(combo)} options" if len(combo) > COMBO_LIST_SHOWN
                        else ("one of " + ", ".join(repr(o) for o in combo)) if combo else "an option, but the list is empty")
@@ -173,10 +170,10 @@ def _run_validate_inputs(prompt, node_id, cls, types, validate_fn, validate_args
     """Call VALIDATE_INPUTS with the constant inputs it names (linked ones arrive as None, as in ComfyUI)."""
     inputs = prompt[node_id]["inputs"]
     available = {}
-    for name, *_ in _declared_inputs(types):
+    for name, *_ in declared_inputs(types):
         if name in inputs:
-            available[name] = None if _is_link(inputs[name]) else inputs[name]
-    available.update(_hidden_values(types, node_id, prepared))
+            available[name] = None if is_link(inputs[name]) else inputs[name]
+    available.update(hidden_values(types, node_id, prepared))
     if validate_kwargs:
         call_args = dict(available)
     else:
@@ -193,7 +190,7 @@ def _run_validate_inputs(prompt, node_id, cls, types, validate_fn, validate_args
 
 
 def output_node_ids(prompt: dict, node_classes: Mapping[str, type]) -> list[str]:
-    return _sort_ids(i for i, n in prompt.items() if getattr(node_classes[n["class_type"]], "OUTPUT_NODE", False) is True)
+    return sort_ids(i for i, n in prompt.items() if getattr(node_classes[n["class_type"]], "OUTPUT_NODE", False) is True)
 
 
 def execution_order(prompt: dict, outputs: list[str]) -> list[str]:
@@ -208,7 +205,7 @@ def execution_order(prompt: dict, outputs: list[str]) -> list[str]:
             raise WorkflowValidationError([ValidationIssue(None, "the graph has a cycle: " + " -> ".join(cycle))])
         state[node_id] = 1
         for value in (prompt[node_id].get("inputs") or {}).values():
-            if _is_link(value) and str(value[0]) in prompt:
+            if is_link(value) and str(value[0]) in prompt:
                 visit(str(value[0]), path + [node_id])
         state[node_id] = 2
         order.append(node_id)

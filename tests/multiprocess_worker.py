@@ -38,13 +38,15 @@ def run_phase(spec: dict, phase: dict) -> None:
                               class_prompt="a photo of dog", num_class_images_per_image=0)
     steps = []
     if phase.get("fail_rank") == rank:           # this rank fails mid-run; the others must not hang
-        real = trainer._micro_batch_loss
+        from comfyui_dreambooth.training import loop
+
+        real = loop.micro_batch_loss
 
         def failing(job, plan_item, step, te_frozen):
             if step + 1 >= phase["fail_at"]:
                 raise RuntimeError(f"injected failure on rank {rank} at step {step + 1}")
             return real(job, plan_item, step, te_frozen)
-        trainer._micro_batch_loss = failing
+        loop.micro_batch_loss = failing      # run_steps looks it up in loop.py at each batch
     stop_at = phase.get("stop_at")
     said = []
     callbacks = trainer.TrainCallbacks(progress=lambda p: steps.append(p["step"]), log=said.append,

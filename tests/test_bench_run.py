@@ -24,6 +24,17 @@ def run():
 
 
 @pytest.fixture(scope="module")
+def workload(run):
+    """bench/workload.py as run.py imported it (run.py puts bench/ on sys.path)."""
+    return sys.modules["workload"]
+
+
+@pytest.fixture(scope="module")
+def diffusers_ref(run):
+    return sys.modules["diffusers_ref"]
+
+
+@pytest.fixture(scope="module")
 def standin():
     """The stand-in loaded under another name: a `torchvision` in this process would change what transformers
     imports for every later test."""
@@ -68,7 +79,7 @@ def test_standin_transforms(standin):
     assert {"lanczos", "bilinear", "bicubic", "nearest"} <= set(modes)
 
 
-def test_table_and_verdicts(run):
+def test_table_and_verdicts(run, workload, diffusers_ref):
     text = run.format_table(["model", "ms", "ratio"], [["tiny", 12.5, 1.0312], ["small", None, 0.5]], "title")
     lines = text.splitlines()
     assert lines[0] == "title" and lines[1].split() == ["model", "ms", "ratio"]
@@ -77,22 +88,22 @@ def test_table_and_verdicts(run):
     assert lines[3].index("12.5") + 4 == lines[4].index("-") + 1         # numbers right-aligned
     assert run.verdict(1.04, 1.05, at_most=True) == "ok" and run.verdict(1.2, 1.5, at_most=False) == "MISSED"
     assert run.verdict(None, 1.5, at_most=False) == "n/a"
-    assert run.peak_tflops("NVIDIA H200") == 989.0 and run.peak_tflops("NVIDIA H100 PCIe") == 756.0
-    assert run.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0 and run.peak_tflops("cpu") is None
-    assert run.nearest_tag(["v0.39.0", "v0.40.0", "v0.41.0rc1", "nightly"], "0.42.1") == "v0.40.0"
-    assert run.nearest_tag(["v0.39.0", "v0.40.0"], "0.39.0") == "v0.39.0"
+    assert workload.peak_tflops("NVIDIA H200") == 989.0 and workload.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert workload.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0 and workload.peak_tflops("cpu") is None
+    assert diffusers_ref.nearest_tag(["v0.39.0", "v0.40.0", "v0.41.0rc1", "nightly"], "0.42.1") == "v0.40.0"
+    assert diffusers_ref.nearest_tag(["v0.39.0", "v0.40.0"], "0.39.0") == "v0.39.0"
     bar = "Steps:  97%|#| 29/30 [00:13<00:00, 2.2it/s]\rSteps: 100%|#| 30/30 [01:14<00:00, 2.25it/s, loss=1.1]"
-    assert run.tqdm_elapsed(bar, 30) == 74 and run.tqdm_elapsed(bar, 100) is None
+    assert diffusers_ref.tqdm_elapsed(bar, 30) == 74 and diffusers_ref.tqdm_elapsed(bar, 100) is None
 
 
-def test_skip_note_without_diffusers_examples(run, tmp_path, capsys):
-    scripts, note = run.diffusers_scripts(None)
+def test_skip_note_without_diffusers_examples(run, diffusers_ref, tmp_path, capsys):
+    scripts, note = diffusers_ref.diffusers_scripts(None)
     assert scripts is None and "skipped" in note
-    assert "no such folder" in run.diffusers_scripts(str(tmp_path / "nope"))[1]
+    assert "no such folder" in diffusers_ref.diffusers_scripts(str(tmp_path / "nope"))[1]
     (tmp_path / "train_dreambooth.py").write_text("")
-    assert "train_dreambooth_lora.py" in run.diffusers_scripts(str(tmp_path))[1]
+    assert "train_dreambooth_lora.py" in diffusers_ref.diffusers_scripts(str(tmp_path))[1]
     (tmp_path / "train_dreambooth_lora.py").write_text("")
-    scripts, note = run.diffusers_scripts(str(tmp_path))
+    scripts, note = diffusers_ref.diffusers_scripts(str(tmp_path))
     assert note is None and scripts["lora"].endswith("train_dreambooth_lora.py")
     table = run.e2e_table([{"model": "tiny", "mode": "lora", "resolution": 64, "steps": 30,
                             "ours": {"wall_s": 12.0, "phases": {"to_first_step_s": 8.0, "training_s": 3.5}}}],

@@ -171,7 +171,7 @@ def test_malformed_pack_metadata_falls_back_to_the_weights(tmp_path, tiny_files,
     from safetensors.torch import save_file
 
     from comfyui_dreambooth.training.models import load_model
-    from comfyui_dreambooth.training.models.io import CONFIG_METADATA_KEY
+    from comfyui_dreambooth.training.models.state_dict import CONFIG_METADATA_KEY
 
     source = tiny_files[family]["safetensors"]
     with safe_open(source, "pt") as f:
@@ -199,7 +199,7 @@ def test_the_cli_shows_a_malformed_stored_config_as_one_warning_line(capsys, tmp
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from comfyui_dreambooth.training.models.io import CONFIG_METADATA_KEY
+    from comfyui_dreambooth.training.models.state_dict import CONFIG_METADATA_KEY
 
     with safe_open(tiny_files["sd1"]["safetensors"], "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from comfyui_dreambooth.training.data.dataset import DatasetError, PreparationStopped, prepare_training_data
+from comfyui_dreambooth.training.data.dataset import DatasetError, PreparationStopped
+from comfyui_dreambooth.training.data.prepare import prepare_training_data
 from comfyui_dreambooth.training.data.settings import ConceptSettings, DataSettings
 from comfyui_dreambooth.training.models.tiny import build_tiny_model
 
@@ -469,7 +470,7 @@ def test_processes_share_class_image_generation_and_make_the_same_set(sd1, tmp_p
     orders it) make disjoint halves of the batches; together the same files, seeds and pixels as one process."""
     import threading
 
-    from comfyui_dreambooth.training.data.dataset import generate_missing_class_images
+    from comfyui_dreambooth.training.data.prepare import generate_missing_class_images
 
     make_images(tmp_path / "inst", sizes=SIZES[:3], captions=["a dog on grass"] * 3)
 

@@ -138,6 +138,26 @@ def test_refuses_other_than_one_image_before_any_work(sd1, tmp_path, n):
     assert not os.path.exists(tmp_path / "out" / "dreambooth")       # nothing written
 
 
+def test_a_finished_identical_run_is_reused_from_its_weights(sd1, run, tmp_path):
+    """The finished run's result again without training: the optimised embedding and the UNet come from the final
+    state's weights (its optimizer state is not read: here it is gone)."""
+    import shutil
+
+    from comfyui_dreambooth.training.runs import RunFolder
+
+    out = tmp_path / "out"
+    shutil.copytree(run["root"] / "out", out)
+    copied = RunFolder(str(out / os.path.relpath(run["result"].run_dir, run["root"] / "out")))
+    os.remove(os.path.join(copied.final_dir, "optimizer.pt"))
+    again = train(sd1, [run["concept"]], _settings(), output_root=str(out), resume="auto")
+    want = run["result"].model
+    assert again.reused and again.run_dir == copied.path and again.steps == run["result"].steps
+    assert torch.equal(again.model.extras[imagic.OPTIMIZED_KEY], want.extras[imagic.OPTIMIZED_KEY])
+    for (name, a), (_, b) in zip(sorted(again.model.unet.state_dict().items()),
+                                 sorted(want.unet.state_dict().items())):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("stop_at", [2, 5])          # mid stage 1, mid stage 2
 def test_resume_mid_stage_is_identical(sd1, run, tmp_path, stop_at):
     steps = []

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from comfyui_dreambooth.nodes import comfy_compat, live
+from comfyui_dreambooth.nodes import comfy_compat, live, paths
 from comfyui_dreambooth.training import control as control_module
 from comfyui_dreambooth.training.control import find_control
 
@@ -710,26 +710,26 @@ def folders(tmp_path):
 
 
 def test_public_path(folders):
-    assert live.public_path(str(folders.output / "dreambooth" / "run-1")) == "output/dreambooth/run-1"
-    assert live.public_path(str(folders.output)) == "output"
-    assert live.public_path(str(folders.input / "dog" / "a b.png")) == "input/dog/a b.png"
-    assert live.public_path(str(folders.output / ".." / "secret" / "x.safetensors")) == "x.safetensors"
-    assert live.public_path("/home/someone/models/sd15.safetensors") == "sd15.safetensors"
-    assert live.public_path("C:\\Users\\someone\\sd15.safetensors") == "sd15.safetensors"
-    assert live.public_path("output/dreambooth/run-1") == "output/dreambooth/run-1"   # already relative
-    assert live.public_path("") == ""
+    assert paths.public_path(str(folders.output / "dreambooth" / "run-1")) == "output/dreambooth/run-1"
+    assert paths.public_path(str(folders.output)) == "output"
+    assert paths.public_path(str(folders.input / "dog" / "a b.png")) == "input/dog/a b.png"
+    assert paths.public_path(str(folders.output / ".." / "secret" / "x.safetensors")) == "x.safetensors"
+    assert paths.public_path("/home/someone/models/sd15.safetensors") == "sd15.safetensors"
+    assert paths.public_path("C:\\Users\\someone\\sd15.safetensors") == "sd15.safetensors"
+    assert paths.public_path("output/dreambooth/run-1") == "output/dreambooth/run-1"   # already relative
+    assert paths.public_path("") == ""
 
 
 def test_public_text_keeps_everything_but_absolute_paths(folders):
     message = (f"training 40 steps (8/epoch) in {folders.output}/dreambooth/dog run-1: 3/8, 2.5 it/s, "
                f"images from '{folders.input / 'dog'}', base /home/someone/private models/sd15.safetensors, "
                f"see https://example.org/a/b and C:\\Users\\someone\\x.ckpt; 5 / 10 done")
-    text = live.public_text(message)
+    text = paths.public_text(message)
     assert text == ("training 40 steps (8/epoch) in output/dreambooth/dog run-1: 3/8, 2.5 it/s, images from "
                     "'input/dog', base private models/sd15.safetensors, see https://example.org/a/b and x.ckpt; "
                     "5 / 10 done")
     assert str(folders.tmp) not in text and "someone" not in text
-    assert live.public_text("caching latents: 3/8") == "caching latents: 3/8"
+    assert paths.public_text("caching latents: 3/8") == "caching latents: 3/8"
 
 
 def test_state_and_messages_show_no_absolute_paths(folders):
@@ -769,12 +769,12 @@ def test_paths_inside_comfyui_are_shown_relative_to_its_folders(monkeypatch, tmp
     extra_loras = tmp_path / "big disk" / "loras"
     folder_paths.get_folder_paths = lambda kind: [str(base / "models" / kind)] + (
         [str(extra_loras)] if kind == "loras" else [])
-    assert live.public_path(str(base / "models" / "checkpoints" / "sd15.safetensors")) == \
+    assert paths.public_path(str(base / "models" / "checkpoints" / "sd15.safetensors")) == \
         "models/checkpoints/sd15.safetensors"
-    assert live.public_path(str(extra_loras / "dog.safetensors")) == "models/loras/dog.safetensors"
-    assert live.public_path(str(base / "temp" / "preview.png")) == "temp/preview.png"
-    assert live.public_path(str(base / "output" / "dreambooth" / "r")) == "output/dreambooth/r"
-    assert live.public_path(str(base / "custom_nodes" / "x.py")) == "x.py"
+    assert paths.public_path(str(extra_loras / "dog.safetensors")) == "models/loras/dog.safetensors"
+    assert paths.public_path(str(base / "temp" / "preview.png")) == "temp/preview.png"
+    assert paths.public_path(str(base / "output" / "dreambooth" / "r")) == "output/dreambooth/r"
+    assert paths.public_path(str(base / "custom_nodes" / "x.py")) == "x.py"
     reporter = live.LiveReporter("8", str(base / "output" / "dreambooth" / "r"), send=lambda e, d: None)
     reporter.status("done", f"finished {base / 'output' / 'dreambooth' / 'r'}; LoRA {extra_loras / 'dog.safetensors'}")
     assert live.get_state("8")["message"] == "finished output/dreambooth/r; LoRA models/loras/dog.safetensors"

@@ -15,7 +15,7 @@ def _real(model, settings):
     """Trained tensors and optimizer state after one real optimizer step, built by the trainer's own code."""
     from comfyui_dreambooth.training.setup.fused import build_training_optimizer
     from comfyui_dreambooth.training.setup.optimizers import training_param_groups
-    from comfyui_dreambooth.training.trainer import build_trainable
+    from comfyui_dreambooth.training.setup.trainable import build_trainable
 
     tm, unet_params, te_params = build_trainable(model, settings)
     params = [*unet_params, *te_params]
@@ -188,7 +188,8 @@ def test_resolution_raises_the_estimate():
 @pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl"])
 @pytest.mark.parametrize("vram", [4, 6, 8, 12, 16, 24])
 def test_wizard_picks_fit(family, vram):
-    from comfyui_dreambooth.training.memory import GB, choose_settings, estimate
+    from comfyui_dreambooth.training.memory import GB, estimate
+    from comfyui_dreambooth.training.wizard import choose_settings
 
     r = choose_settings(family, vram, images=10, concept_type="person")
     if family == "sdxl" and vram == 4:          # SDXL at 1024 px: no combination fits 4 GB; said so
@@ -202,7 +203,7 @@ def test_wizard_picks_fit(family, vram):
 
 
 def test_wizard_modes_and_batch_divides_images():
-    from comfyui_dreambooth.training.memory import choose_settings
+    from comfyui_dreambooth.training.wizard import choose_settings
 
     assert choose_settings("sd15", 24, images=12, mode="lora").settings.use_lora is True
     assert choose_settings("sd15", 24, images=12, mode="full").settings.use_lora is False
@@ -218,7 +219,7 @@ def test_wizard_modes_and_batch_divides_images():
 
 def test_wizard_json_shape():
     from comfyui_dreambooth.nodes.settings import DreamBoothSettingsNode
-    from comfyui_dreambooth.training.memory import choose_settings
+    from comfyui_dreambooth.training.wizard import choose_settings
 
     out = choose_settings("sd15", 8, images=10).to_json_dict()
     assert set(out) == {"settings", "estimate_gb", "explanation"}

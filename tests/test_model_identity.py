@@ -91,12 +91,12 @@ def test_sd2_prediction_type_from_norm_bias_not_name(sd2_std, tmp_path, name, st
 
 def test_sd2_statistic_reads_one_tensor_lazily(sd2_std, tmp_path, monkeypatch):
     """inspect_model decides SD2's type reading only the norm-bias tensor, no other weight."""
-    from comfyui_dreambooth.training.models import io
+    from comfyui_dreambooth.training.models.state_dict import LazyStateDict
 
     path = community_file(sd2_std, tmp_path / "v2.safetensors", bias_std=0.2)
     read = []
-    original = io.LazyStateDict.get
-    monkeypatch.setattr(io.LazyStateDict, "get", lambda self, key: read.append(key) or original(self, key))
+    original = LazyStateDict.get
+    monkeypatch.setattr(LazyStateDict, "get", lambda self, key: read.append(key) or original(self, key))
     assert inspect_model(path)["prediction_type"] == "v_prediction"
     assert read == [SD2_BIAS]
 

@@ -66,3 +66,15 @@ def test_sample_trained_returns_image_and_saves_inside_output(output_dir, tiny_m
                         "../../escape/sample")
     assert again["ui"]["images"][0]["filename"] not in {e["filename"] for e in ui}   # counter, no overwrite
     assert torch.allclose(again["result"][0][0], images[0], atol=1e-4)
+
+
+def test_sample_trained_seed_widget_takes_the_samplers_whole_range(output_dir, tiny_models):
+    """The seed widget's range is the sampler's (sampling.MAX_SEED, 2^64 - 1, as ComfyUI's own samplers), and a
+    seed beyond 2^63 samples."""
+    from comfyui_dreambooth.training.sampling import MAX_SEED
+
+    seed_spec = SampleTrained.INPUT_TYPES()["required"]["seed"][1]
+    assert seed_spec["max"] == MAX_SEED == 2**64 - 1
+    out = SampleTrained().sample(tiny_models["sd1"], "a photo of sks dog", "", 2, 7.0, 2**63 + 5, 64, 64, 1, "euler",
+                                 0, "seed_range")
+    assert out["result"][0].shape == (1, 64, 64, 3)

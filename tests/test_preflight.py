@@ -88,7 +88,7 @@ def test_auto_fit_applies_the_next_saving_and_trains(sd1, tmp_path, simulated_de
 def test_the_probe_uses_the_largest_bucket_with_a_full_batch(sd1, tmp_path, simulated_device):
     from PIL import Image
 
-    from comfyui_dreambooth.training.data.dataset import prepare_training_data
+    from comfyui_dreambooth.training.data.prepare import prepare_training_data
     from comfyui_dreambooth.training.trainer import train
 
     concept = make_concept(tmp_path, n=1)

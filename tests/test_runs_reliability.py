@@ -285,7 +285,7 @@ def test_a_kill_between_the_two_renames_of_a_save_keeps_the_old_copy(tmp_path):
 def test_an_error_applying_a_readable_checkpoint_is_not_taken_for_damage(sd1, tmp_path, monkeypatch):
     """Only a checkpoint that cannot be read is passed over; an error while applying one (out of memory, say) is
     raised as it is — falling back would start from a half-overwritten state."""
-    from comfyui_dreambooth.training import trainer
+    from comfyui_dreambooth.training import checkpoints
 
     concept = make_concept(tmp_path)
     run_dir, settings = _interrupted_run(sd1, tmp_path / "out", concept, stop_at=3)
@@ -293,7 +293,7 @@ def test_an_error_applying_a_readable_checkpoint_is_not_taken_for_damage(sd1, tm
     def out_of_memory(*a, **k):
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(trainer, "_copy_weights", out_of_memory)
+    monkeypatch.setattr(checkpoints, "copy_weights", out_of_memory)
     with pytest.raises(RuntimeError, match="out of memory"):
         _train(sd1, tmp_path / "out", settings, concept)
     names = os.listdir(os.path.join(run_dir, "checkpoints"))

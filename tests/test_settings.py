@@ -136,9 +136,9 @@ def test_length_dependent_problems_need_the_example_count():
 
 
 def test_environment_problems_name_the_package(monkeypatch):
-    from comfyui_dreambooth.training.setup import optimizers
+    from comfyui_dreambooth.training import compat
 
-    monkeypatch.setattr(optimizers, "_installed", lambda module: False)
+    monkeypatch.setattr(compat, "installed", lambda module: False)
     (problem,) = DreamBoothSettings(optimizer="AdamW8bit").validate()
     assert "pip install bitsandbytes" in problem and "'AdamW'" in problem
     (problem,) = DreamBoothSettings(optimizer="Prodigy").validate()
@@ -147,9 +147,9 @@ def test_environment_problems_name_the_package(monkeypatch):
 
 
 def test_xformers_is_checked_when_chosen(monkeypatch):
-    from comfyui_dreambooth.training import settings as settings_module
+    from comfyui_dreambooth.training import compat
 
-    monkeypatch.setattr(settings_module, "_installed", lambda module: False)
+    monkeypatch.setattr(compat, "installed", lambda module: False)
     (problem,) = DreamBoothSettings(attention="xformers").validate()
     assert "xformers is not installed" in problem and "sdpa" in problem
 

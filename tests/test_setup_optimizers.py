@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from comfyui_dreambooth.training import compat
 from comfyui_dreambooth.training.settings import OPTIMIZERS, DreamBoothSettings
 from comfyui_dreambooth.training.setup import optimizers
 from comfyui_dreambooth.training.setup.optimizers import (
@@ -87,7 +88,7 @@ def test_8bit_optimizers_keep_8bit_state(name):
 
 
 def test_missing_package_gives_a_clear_error(monkeypatch):
-    monkeypatch.setattr(optimizers, "_installed", lambda module: False)
+    monkeypatch.setattr(compat, "installed", lambda module: False)
     unet, _ = _two_modules()
     for name, package, alternative in [("AdamW8bit", "bitsandbytes", "AdamW"), ("Lion8bit", "bitsandbytes", "Lion"),
                                        ("Lion", "lion-pytorch", "AdamW"), ("Prodigy", "prodigyopt", "AdamW")]:
@@ -101,7 +102,7 @@ def test_missing_package_gives_a_clear_error(monkeypatch):
 
 
 def test_a_package_that_fails_to_import_is_reported(monkeypatch):
-    monkeypatch.setattr(optimizers, "_installed", lambda module: True)
+    monkeypatch.setattr(compat, "installed", lambda module: True)
 
     def broken(module):
         raise RuntimeError("CUDA Setup failed")
@@ -127,11 +128,11 @@ def test_no_trainable_parameters():
 def test_lion_prefers_lion_pytorch_and_falls_back_to_bitsandbytes(monkeypatch):
     unet, _ = _two_modules()
     s = DreamBoothSettings(optimizer="Lion", learning_rate=1e-4, weight_decay=0.1)
-    if optimizers._installed("lion_pytorch"):
+    if compat.installed("lion_pytorch"):
         assert type(build_optimizer(unet.parameters(), s)).__module__.startswith("lion_pytorch")
     pytest.importorskip("bitsandbytes")
-    real = optimizers._installed
-    monkeypatch.setattr(optimizers, "_installed", lambda module: module != "lion_pytorch" and real(module))
+    real = compat.installed
+    monkeypatch.setattr(compat, "installed", lambda module: module != "lion_pytorch" and real(module))
     opt = build_optimizer(unet.parameters(), s)
     assert type(opt).__module__.startswith("bitsandbytes") and opt.param_groups[0]["weight_decay"] == 0.1
     unet(torch.randn(2, 8)).sum().backward()

@@ -73,7 +73,7 @@ def test_walk_follows_a_linked_folder_elsewhere(tmp_path):
 
 
 def test_file_hash_of_a_folder_with_loops_is_the_hash_without_them(tmp_path):
-    from comfyui_dreambooth.training.models.io import file_hash
+    from comfyui_dreambooth.training.models.state_dict import file_hash
 
     folder = tmp_path / "m"
     (folder / "unet").mkdir(parents=True)

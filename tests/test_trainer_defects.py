@@ -110,7 +110,7 @@ def _copy_as(module, dtype):
 
 # ---- f. the fp16 GradScaler state is part of a checkpoint ----------------------------------------------------------
 def test_grad_scaler_state_is_saved_and_restored(tmp_path):
-    from comfyui_dreambooth.training import trainer
+    from comfyui_dreambooth.training import checkpoints
 
     p = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.SGD([p], lr=0.1)
@@ -120,9 +120,9 @@ def test_grad_scaler_state_is_saved_and_restored(tmp_path):
     scaler.update(512.0)
     folder = tmp_path / "ckpt"
     folder.mkdir()
-    trainer._write_state(str(folder), {"p": p}, opt, sched, None, {"step": 3, "run_id": "r"}, scaler=scaler)
+    checkpoints.write_state(str(folder), {"p": p}, opt, sched, None, {"step": 3, "run_id": "r"}, scaler=scaler)
     fresh = torch.amp.GradScaler("cpu", init_scale=65536.0, growth_interval=2000)
-    step = trainer._load_checkpoint(str(folder), {"p": p}, opt, sched, None, "r", scaler=fresh)
+    step = checkpoints.load_checkpoint(str(folder), {"p": p}, opt, sched, None, "r", scaler=fresh)
     assert step == 3
     assert fresh.get_scale() == 512.0
     assert fresh.get_growth_interval() == 7
@@ -131,16 +131,16 @@ def test_grad_scaler_state_is_saved_and_restored(tmp_path):
 # ---- g. vae_dtype decides the VAE that encodes the training latents -------------------------------------------------
 @pytest.mark.parametrize("vae_dtype,mp,expected", [("fp32", "bf16", torch.float32), ("bf16", "bf16", torch.bfloat16)])
 def test_vae_dtype_is_the_dtype_latents_are_encoded_with(sd1, tmp_path, monkeypatch, vae_dtype, mp, expected):
-    from comfyui_dreambooth.training.data import dataset
+    from comfyui_dreambooth.training.data import prepare
 
     seen = []
-    real = dataset.prepare_training_data
+    real = prepare.prepare_training_data
 
     def spy(model, *args, **kwargs):
         seen.append(model.vae.dtype)
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(dataset, "prepare_training_data", spy)
+    monkeypatch.setattr(prepare, "prepare_training_data", spy)
     start = sd1.replace(vae=_copy_as(sd1.vae, torch.bfloat16)) if expected == torch.float32 else sd1
     _train(start, tmp_path, tiny_settings(vae_dtype=vae_dtype, mixed_precision=mp, steps_per_image=1))
     assert seen == [expected]

@@ -319,7 +319,7 @@ def test_text_encoder_only(sd1, tmp_path, use_lora):
 @pytest.mark.parametrize("lora_type", ["dora", "loha", "lokr"])
 def test_other_adapter_types_train(sd1, tmp_path, lora_type):
     from comfyui_dreambooth.training.setup.adapters import adapter_config, adapted_layers
-    from comfyui_dreambooth.training.trainer import _named_trainables, build_trainable
+    from comfyui_dreambooth.training.setup.trainable import build_trainable, named_trainables
 
     settings = tiny_settings(lora_type=lora_type, steps_per_image=0, max_train_steps=2)
     result = _train(sd1, tmp_path, settings)
@@ -327,7 +327,7 @@ def test_other_adapter_types_train(sd1, tmp_path, lora_type):
     losses = _losses(result)
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     fresh, unet_params, te_params = build_trainable(sd1, settings.resolved([]))
-    start = {k: p.detach() for k, p in _named_trainables(fresh, unet_params, te_params).items()}
+    start = {k: p.detach() for k, p in named_trainables(fresh, unet_params, te_params).items()}
     final = load_tensors(os.path.join(result.run_dir, "final", "trainable.safetensors"))
     assert set(start) == set(final) and not same_tensors(start, final)
 
@@ -350,8 +350,7 @@ def test_base_model_prior_weights_each_example_by_its_own_concept(sd1):
     from comfyui_dreambooth.training.data.settings import ConceptSettings
     from comfyui_dreambooth.training.models.text import encode_prompts
     from comfyui_dreambooth.training.setup.adapters import add_adapters, adapter_parameters
-    from comfyui_dreambooth.training.setup.noise import per_sample_mse
-    from comfyui_dreambooth.training.trainer import _base_model_prior_loss
+    from comfyui_dreambooth.training.setup.noise import base_model_prior_loss, per_sample_mse
 
     tm = add_adapters(sd1, rank=2, on_unet=True, seed=0)
     with torch.no_grad():
@@ -365,7 +364,7 @@ def test_base_model_prior_weights_each_example_by_its_own_concept(sd1):
         concepts = [ConceptSettings(class_prompt="a photo of dog", prior_loss_weight=w0),
                     ConceptSettings(class_prompt="a photo of cat", prior_loss_weight=w1)]
         with torch.no_grad():
-            return float(_base_model_prior_loss(tm, sd1, sd1.unet, tm.unet, concepts, batch, noisy, t,
+            return float(base_model_prior_loss(tm, sd1, sd1.unet, tm.unet, concepts, batch, noisy, t,
                                                 tiny_settings(prior_loss_weight=None), encode_prompts, per_sample_mse,
                                                 with_grad=False))
 

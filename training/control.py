@@ -1,4 +1,6 @@
-"""Requests from outside the training loop (the web panel's buttons, a CLI signal) to the trainer.
+"""How a run talks to its caller: requests from outside the training loop (the web panel's buttons, a CLI signal)
+to the trainer (TrainingControl), the callbacks and result of train(), the exceptions a run ends early with, and
+the step clock behind its progress (StepClock). trainer.py, loop.py and imagic.py share all of it.
 
 The trainer runs in ComfyUI's executor thread; the requests arrive on the server's event-loop thread. So the
 requests are plain flags behind a lock: the outside sets them, the trainer polls them at step boundaries and
@@ -14,6 +16,10 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .speed import StepTimer
 
 ACTIONS = ("save_now", "stop_after_epoch", "stop_now")
 
@@ -131,3 +137,103 @@ def release_control(key) -> None:
     """Forget the control under `key` (after a run ends; later requests then find no run)."""
     with _registry_lock:
         controls.pop(str(key), None)
+
+
+# ---- what a run gives back, and how it ends early (trainer.py and imagic.py alike) --------------------------
+class TrainingInterrupted(Exception):
+    """Stopped on request (Cancel, Ctrl-C, 'stop after epoch'); a resumable checkpoint was saved.
+    `result`: the model as trained up to `step` (what the checkpoint holds), for a caller that goes on with it."""
+
+    def __init__(self, message: str, run_dir: str = "", step: int = 0, checkpoint: str | None = None,
+                 result: "TrainResult | None" = None):
+        super().__init__(message)
+        self.run_dir, self.step, self.checkpoint, self.result = run_dir, step, checkpoint, result
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; nothing was saved from the broken step on."""
+
+
+class TrainingSaveError(RuntimeError):
+    """A checkpoint could not be written (e.g. disk full); the previous checkpoint is intact."""
+
+
+@dataclass
+class TrainCallbacks:
+    """Hooks for the node layer / CLI. All optional; none of them may raise except to stop training."""
+
+    progress: Callable[[dict], None] | None = None       # {step, total, epoch, loss, lr, it_per_s, eta_s}
+    preview: Callable[[list[str]], None] | None = None   # paths of new preview images
+    log: Callable[[str], None] | None = None
+    should_stop: Callable[[], bool] | None = None        # stop now (interrupt), with a resumable checkpoint
+    control: TrainingControl | None = None               # save-now / stop-after-epoch from the web panel
+    stage: Callable[[str, int, int], None] | None = None  # data preparation progress (stage, done, total)
+
+
+@dataclass
+class TrainResult:
+    model: object
+    run_dir: str
+    steps: int
+    reused: bool = False
+    final_loss: float | None = None
+    report: str = ""
+    info: dict = field(default_factory=dict)
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class StepClock:
+    """Optimizer steps per second (from the mean of the latest step times, speed.StepTimer) and the time left:
+    what the loss log and the progress callback show."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self._timer = StepTimer(self.started)
+        self.rate: float | None = None
+
+    def tick(self) -> float:
+        """One step done; returns the time now."""
+        now = time.time()
+        self.rate = self._timer.step(now)
+        return now
+
+    def since_start(self, now: float) -> float:
+        return round(now - self.started, 4)
+
+    def timing(self, steps_left: int) -> dict:
+        """The progress callback's it_per_s, eta_s and eta (h:mm:ss)."""
+        eta = steps_left / self.rate if self.rate else None
+        return {"it_per_s": self.rate, "eta_s": eta, "eta": format_eta(eta) if self.rate else ""}
+
+
+# ---- between two optimizer steps: what both step loops (loop.py, imagic.py) report and check ------------------
+def log_step(run, clock: StepClock, progress, *, step: int, total: int, loss: float, lr: float, logged: dict,
+             shown: dict, main: bool = True) -> None:
+    """One step done: its line in the run's loss log (the main process writes it) and the progress callback.
+    `logged` / `shown`: the loop's own fields (epoch, stage...) after "step" in the log line and after "total" in
+    the progress."""
+    now = clock.tick()
+    if main:
+        run.append_loss({"step": step, **logged, "loss": loss, "lr": lr, "time": clock.since_start(now)})
+    if progress:
+        progress({"step": step, "total": total, **shown, "loss": loss, "lr": lr, **clock.timing(total - step)})
+
+
+def requested_save(control, save, say) -> str | None:
+    """The web panel's Save now: the checkpoint `save()` writes for it at this step boundary, or None."""
+    if control is None or not control.take_save_request():
+        return None
+    saved = save()
+    say(f"saved {saved} (requested)")
+    return saved
+
+
+def stop_requested(cb: TrainCallbacks, epoch_end: bool) -> bool:
+    """Stop now (Cancel, Ctrl-C), or the panel's stop: now, or at the end of this epoch (Imagic: this stage)."""
+    control = cb.control
+    return (cb.should_stop is not None and cb.should_stop()) or (
+        control is not None and control.should_stop(epoch_end=epoch_end))

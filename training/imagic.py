@@ -11,12 +11,13 @@ Read `train_imagic()` top to bottom:
 
 The trained SDModel carries both embeddings in `extras` (IMAGIC_KEYS, (1, 77, D); SDXL also the pooled ones), so
 the checkpoint and diffusers writers store them as extra tensors and loading brings them back; a LoRA gets a
-sidecar `<name>.imagic.safetensors` (`save_sidecar` / `load_sidecar`).
+sidecar `<name>.imagic.safetensors` (`save_sidecar` / `load_sidecar`); all of that is models/imagic_embeddings.py.
 
 One run = imagic_embed_steps + imagic_unet_steps optimizer steps, counted as one global step; step s draws its noise
-and timestep from generators seeded by (seed, s) exactly like trainer.py, and a checkpoint records the stage and the
-global step, so a run resumed in either stage continues bit-identically (on CPU). Run folders, checkpoint files,
-seeds, the trainable model and the optimizers are trainer.py's.
+and timestep from generators seeded by (seed, s) exactly like loop.py, and a checkpoint records the stage and the
+global step, so a run resumed in either stage continues bit-identically (on CPU). It runs on the trainer's pieces:
+run folders and checkpoints (claim, resume, save: checkpoints.py), seeds (setup/noise.py), the trainable model
+(setup/trainable.py), the optimizers, and the per-step log, progress, save and stop checks (control.py).
 """
 from __future__ import annotations
 
@@ -24,80 +25,18 @@ import math
 import os
 import time
 
+from .checkpoints import (apply_checkpoint, claim_run, create_run, load_weights, loadable_checkpoint, resume_target,
+                          save_training_state)
+from .control import (StepClock, TrainingDiverged, TrainingInterrupted, TrainResult, log_step, requested_save,
+                      stop_requested)
+from .models.imagic_embeddings import (IMAGIC_KEYS, OPTIMIZED_KEY, OPTIMIZED_POOLED_KEY, SIDECAR_SUFFIX, TARGET_KEY,
+                                       TARGET_POOLED_KEY, imagic_tensors, interpolated, is_imagic, load_sidecar,
+                                       save_sidecar, sidecar_path, with_imagic)
 from .runs import RunFolder, compute_run_id
 from .settings import SettingsError
-from .speed import StepTimer
-from .trainer import (TrainingDiverged, TrainingInterrupted, TrainingSaveError, TrainResult, _copy_weights,
-                      _create_run, _finish_model, _first_loadable, _format_eta, _has_inference_tensors,
-                      _mixed_precision, _named_trainables, _names_a_checkpoint, _owned_modules, _read_checkpoint,
-                      _read_own_checkpoint, _resume_target, _seed_global_rng, _set_attention, _step_seed,
-                      _trainable_copy, _vae_dtype, _write_state, build_trainable)
-
-TARGET_KEY = "imagic.target_embedding"
-OPTIMIZED_KEY = "imagic.optimized_embedding"
-TARGET_POOLED_KEY = "imagic.target_pooled"            # SDXL only
-OPTIMIZED_POOLED_KEY = "imagic.optimized_pooled"      # SDXL only
-IMAGIC_KEYS = (TARGET_KEY, OPTIMIZED_KEY, TARGET_POOLED_KEY, OPTIMIZED_POOLED_KEY)
-SIDECAR_SUFFIX = ".imagic.safetensors"
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The embeddings a model carries
-# --------------------------------------------------------------------------------------------------------------
-def is_imagic(model) -> bool:
-    return TARGET_KEY in model.extras and OPTIMIZED_KEY in model.extras
-
-
-def interpolated(model, alpha: float):
-    """(embeds (1, 77k, D), pooled (1, P) or None): alpha * target + (1 - alpha) * optimised (Imagic eq. 3)."""
-    ex = model.extras
-    embeds = alpha * ex[TARGET_KEY].float() + (1.0 - alpha) * ex[OPTIMIZED_KEY].float()
-    pooled = None
-    if TARGET_POOLED_KEY in ex and OPTIMIZED_POOLED_KEY in ex:
-        pooled = alpha * ex[TARGET_POOLED_KEY].float() + (1.0 - alpha) * ex[OPTIMIZED_POOLED_KEY].float()
-    return embeds, pooled
-
-
-def imagic_tensors(model) -> dict:
-    return {k: v for k, v in model.extras.items() if k in IMAGIC_KEYS}
-
-
-def sidecar_path(lora_path: str) -> str:
-    """`x.safetensors` -> `x.imagic.safetensors` (beside the LoRA)."""
-    stem = lora_path[:-len(".safetensors")] if lora_path.lower().endswith(".safetensors") else lora_path
-    return stem + SIDECAR_SUFFIX
-
-
-def save_sidecar(model, lora_path: str) -> str | None:
-    """Write the model's Imagic embeddings beside a LoRA (fp32, atomically); None for a non-Imagic model."""
-    from safetensors.torch import save_file
-
-    from .fsutil import atomic_path
-
-    tensors = imagic_tensors(model)
-    if not is_imagic(model):
-        return None
-    path = sidecar_path(lora_path)
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, tmp,
-                  metadata={"format": "pt", "imagic.target_text": str(model.metadata.get("imagic", {})
-                                                                        .get("target_text", ""))})
-    return path
-
-
-def load_sidecar(path: str) -> dict:
-    """The Imagic tensors of a sidecar file (or of the LoRA it sits beside)."""
-    from safetensors.torch import load_file
-
-    if not path.endswith(SIDECAR_SUFFIX):
-        path = sidecar_path(path)
-    tensors = load_file(path)
-    return {k: v for k, v in tensors.items() if k in IMAGIC_KEYS}
-
-
-def with_imagic(model, tensors: dict):
-    """A new SDModel carrying `tensors` (IMAGIC_KEYS) in its extras (e.g. from load_sidecar)."""
-    return model.replace(extras={**model.extras, **tensors})
+from .setup.noise import seed_global_rng, step_seed
+from .setup.trainable import (build_trainable, finish_model, has_inference_tensors, named_trainables, owned_modules,
+                              set_attention, trainable_copy, with_data_vae)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -139,10 +78,11 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
     from accelerate import Accelerator
     from torch.optim.lr_scheduler import LambdaLR
 
-    from .data.dataset import prepare_training_data
+    from .data.prepare import prepare_training_data
     from .models.text import encode_prompts
     from .setup.noise import build_noise_scheduler, per_sample_mse, sample_noise, sample_timesteps, training_target
     from .setup.optimizers import build_optimizer, training_param_groups
+    from .setup.precision import mixed_precision, vae_dtype
     from .setup.schedulers import build_lr_scheduler
 
     say = cb.log or (lambda msg: None)
@@ -170,7 +110,7 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    mp = _mixed_precision(settings, device, say, model)
+    mp = mixed_precision(settings, device, say, model)
     accelerator = Accelerator(mixed_precision=mp, cpu=device.type == "cpu")
     device = accelerator.device if device.type != "cpu" else device
     main = accelerator.is_main_process
@@ -181,9 +121,7 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
     # ---- 1. data: the one photo, its latents (cached like any run's) -----------------------------------------
     for m in (model.vae, *model.text_encoders, model.unet):
         m.to(device)
-    vae_dtype = _vae_dtype(settings, device, say)
-    model_for_data = model if model.vae.dtype == vae_dtype else model.replace(
-        vae=_trainable_copy(model.vae).to(dtype=vae_dtype).requires_grad_(False))
+    model_for_data = with_data_vae(model, vae_dtype(settings, device, say))
     data = prepare_training_data(
         model_for_data, concepts, unet_settings.data, cache_dir=os.path.join(output_root, "dreambooth", "cache"),
         text_encoder_trained=True, batch_size=1, gradient_accumulation_steps=1, seed=settings.seed,
@@ -200,19 +138,19 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
                             [item.content_hash for item in data.items], model_identity,
                             "imagic-lora" if settings.use_lora else "imagic-full")
 
-    # ---- 2. the model: trainer.py's trainable copy; the embeddings -----------------------------------------
+    # ---- 2. the model: the trainable copy (setup/trainable.py); the embeddings ------------------------------
     tm, unet_params, _ = build_trainable(model, unet_settings)
-    if tm.unet is model.unet or _has_inference_tensors(tm.unet):
-        tm = tm.replace(unet=_trainable_copy(tm.unet))    # stage 1 backpropagates through it
+    if tm.unet is model.unet or has_inference_tensors(tm.unet):
+        tm = tm.replace(unet=trainable_copy(tm.unet))    # stage 1 backpropagates through it
     if tm.unet is not model.unet:
-        _set_attention(tm.unet, settings.attention)
+        set_attention(tm.unet, settings.attention)
     tm = tm.replace(vae=model_for_data.vae)
-    for m in _owned_modules(tm, model):
+    for m in owned_modules(tm, model):
         m.to(device)
     tm.vae.to(device)
     if settings.gradient_checkpointing:
         tm.unet.enable_gradient_checkpointing()
-    unet_named = _named_trainables(tm, unet_params, [])
+    unet_named = named_trainables(tm, unet_params, [])
     with torch.no_grad():
         target = encode_prompts(tm, [target_text], settings.clip_skip_or_none, settings.data.long_captions)
     e_tgt = target.embeds.detach().float()
@@ -233,7 +171,7 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
         return m.replace(extras=extras, metadata={**m.metadata, "imagic": {"target_text": target_text}})
 
     def result_model(named):
-        out = carrying_embeddings(_finish_model(tm, model, named, unet_settings, None, run_id))
+        out = carrying_embeddings(finish_model(tm, model, named, unet_settings, None, run_id))
         return out.replace(metadata={**out.metadata, "training": settings.result_dict()})
 
     # ---- 3. a finished identical run is reused; an interrupted one resumed ---------------------------------
@@ -242,15 +180,13 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
         if done is not None:
             say(f"an identical run already finished: {done.path} (reusing its result)")
             named = {**embedding, **unet_named}
-            _copy_weights(done.final_dir, named, _read_checkpoint(done.final_dir)["weights"])
+            load_weights(done.final_dir, named)            # the weights only (no optimizer state is read)
             cfg = done.read_config()
             return TrainResult(result_model(named), done.path, cfg.get("steps", total_steps), reused=True,
                                final_loss=cfg.get("final_loss"), report=report, info=cfg)
-    run, checkpoint = _resume_target(output_root, run_id, resume)
+    run, checkpoint = resume_target(output_root, run_id, resume)
     if run is not None and main:
-        held.enter_context(run.lock())
-        for path in run.remove_leftovers():
-            say(f"removed {path} (left by an interrupted save)")
+        claim_run(run, held, say)
 
     # ---- 4. the two stages' optimizers (stage 2's is built when it starts) -----------------------------------
     class Stage:
@@ -277,45 +213,32 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
     stage = embedding_stage()
     start_step = 0
     if checkpoint:
-        loaded = _first_loadable(run, checkpoint, lambda folder: _read_own_checkpoint(folder, run_id), say,
-                                 fallback=not _names_a_checkpoint(resume), set_aside=main)
+        loaded = loadable_checkpoint(run, checkpoint, run_id, resume, say, set_aside=main)
         if loaded is None:
             say(f"no checkpoint of {run.path} loads; starting again in a new run folder (the old one is kept)")
             checkpoint = None
         else:
             ckpt, checkpoint = loaded
-            start_step = int(ckpt["state"]["step"])
-            if int(ckpt["state"].get("stage", 1)) == 2:
+            if int(ckpt["state"].get("stage", 1)) == 2:      # the checkpoint's stage decides what it holds
                 stage = unet_stage()
-            _copy_weights(checkpoint, stage.named, ckpt["weights"])
-            stage.optimizer.load_state_dict(ckpt["optimizer"]["optimizer"])
-            stage.lr_scheduler.load_state_dict(ckpt["optimizer"]["lr_scheduler"])
-            if accelerator.scaler is not None and ckpt["optimizer"].get("scaler"):
-                accelerator.scaler.load_state_dict(ckpt["optimizer"]["scaler"])
+            start_step = apply_checkpoint(checkpoint, ckpt, stage.named, stage.optimizer, stage.lr_scheduler, None,
+                                          scaler=accelerator.scaler)
     if checkpoint:
         say(f"resuming {run.path} from step {start_step} (Imagic stage {stage.number})")
         if main:
             run.truncate_loss(start_step)
     elif main:
-        run = _create_run(output_root, settings, concepts, data, model, run_id, parent_run, total_steps, report, held,
-                          imagic={"target_text": target_text, "embed_steps": embed_steps, "unet_steps": unet_steps})
+        run = create_run(output_root, settings, concepts, data, model, run_id, parent_run, total_steps, report, held,
+                         imagic={"target_text": target_text, "embed_steps": embed_steps, "unet_steps": unet_steps})
     say(f"Imagic: {embed_steps} embedding steps + {unet_steps} UNet steps for {target_text!r} in {run.path}")
 
     def save(step: int, loss, *, final: bool = False) -> str | None:
         if not main:
             return None
-
-        def write(folder):
-            _write_state(folder, stage.named, stage.optimizer, stage.lr_scheduler, None,
-                         {"step": step, "stage": stage.number, "stage_step": step - (embed_steps if stage.number == 2
-                                                                                     else 0),
-                          "run_id": run_id, "loss": loss, "time": time.time()}, scaler=accelerator.scaler)
-        try:
-            return run.save_final(write) if final else run.save_checkpoint(step, write,
-                                                                           keep_last=settings.keep_last_checkpoints)
-        except OSError as e:
-            raise TrainingSaveError(f"could not save the checkpoint of step {step} in {run.path}: {e}. The previous "
-                                    f"checkpoint is intact: {run.latest_checkpoint() or 'none yet'}") from e
+        state = {"step": step, "stage": stage.number, "stage_step": step - (embed_steps if stage.number == 2 else 0),
+                 "run_id": run_id, "loss": loss, "time": time.time()}
+        return save_training_state(run, step, state, stage.named, stage.optimizer, stage.lr_scheduler, None,
+                                   accelerator.scaler, final=final, keep_last=settings.keep_last_checkpoints)
 
     def preview(name: str, alphas):
         if not (main and settings.preview_every_epochs):
@@ -341,16 +264,14 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
 
     # ---- 5. the loop: stage 1 (embedding), then stage 2 (UNet) ---------------------------------------------
     step, last_loss = start_step, None
-    started = time.time()
-    timer = StepTimer(started)      # speed and ETA: the mean of the latest step times
-    control = cb.control
+    clock = StepClock()
     while step < total_steps:
         if stage.number == 1 and step >= embed_steps:      # stage 1 done: show it, then fine-tune the UNet
             preview("stage1", (0.0,))
             stage = unet_stage()
             say(f"Imagic stage 2: fine-tuning the UNet on the optimised embedding ({unet_steps} steps)")
-        _seed_global_rng(_step_seed(settings.seed, step), device)
-        gen = torch.Generator("cpu").manual_seed(_step_seed(settings.seed, step, 1))
+        seed_global_rng(step_seed(settings.seed, step), device)
+        gen = torch.Generator("cpu").manual_seed(step_seed(settings.seed, step, 1))
         batch = data.load_batch(plan, device=device, dtype=torch.float32, generator=gen)
         with accelerator.autocast():
             latents = batch.latents
@@ -379,27 +300,16 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
         last_loss = loss_value
 
         # ---- bookkeeping: log, progress, controls --------------------------------------------------------
-        now = time.time()
-        rate = timer.step(now)
         stage_step = step - (embed_steps if stage.number == 2 else 0)
-        if main:
-            run.append_loss({"step": step, "epoch": stage.number, "stage": stage.number, "stage_step": stage_step,
-                             "loss": loss_value, "lr": lr, "time": round(now - started, 4)})
-        if cb.progress:
-            cb.progress({"step": step, "total": total_steps, "epoch": stage.number, "epochs": 2,
-                         "stage": "embedding" if stage.number == 1 else "unet", "loss": loss_value, "lr": lr,
-                         "it_per_s": rate, "eta_s": (total_steps - step) / rate if rate else None,
-                         "eta": _format_eta((total_steps - step) / rate) if rate else ""})
+        log_step(run, clock, cb.progress, step=step, total=total_steps, loss=loss_value, lr=lr,
+                 logged={"epoch": stage.number, "stage": stage.number, "stage_step": stage_step},
+                 shown={"epoch": stage.number, "epochs": 2, "stage": "embedding" if stage.number == 1 else "unet"},
+                 main=main)
         stage_end = step in (embed_steps, total_steps)
-        saved = None
-        if control is not None and control.take_save_request():
-            saved = save(step, loss_value)
-            say(f"saved {saved} (requested)")
+        saved = requested_save(cb.control, lambda: save(step, loss_value), say)
         if stage_end and step < total_steps and settings.save_every_epochs and saved is None:
             saved = save(step, loss_value)
-        stop_now = (cb.should_stop is not None and cb.should_stop()) or (
-            control is not None and control.should_stop(epoch_end=stage_end))
-        if stop_now and step < total_steps:
+        if stop_requested(cb, stage_end) and step < total_steps:
             path = saved or save(step, loss_value)
             raise TrainingInterrupted(f"training stopped at step {step}/{total_steps} (Imagic stage {stage.number});"
                                       f" resumable checkpoint: {path}", run.path, step, path,

@@ -68,9 +68,9 @@ def no_optimizer_steps(optimizer):
 def next_saving(settings, images: int, processes: int = 1):
     """(description, changed settings) of the wizard's first saving that applies to `settings`, or (None, None).
     Several processes: savings they refuse (fused_backward steps before gradients are averaged) are skipped."""
-    from .memory import _savings
+    from .wizard import savings
 
-    for text, change in _savings(settings.use_lora, max(1, images)):
+    for text, change in savings(settings.use_lora, max(1, images)):
         changed = change(settings)
         if changed is not None and processes > 1 and changed.fused_backward:
             continue

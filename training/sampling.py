@@ -86,7 +86,7 @@ def generate(model, prompts, negative_prompt="", steps: int = 20, cfg: float = 7
     """
     import torch
 
-    from .imagic import is_imagic
+    from .models.imagic_embeddings import is_imagic
     from .models.text import check_clip_skip, encode_prompts
 
     prompts = [prompts] * batch_size if isinstance(prompts, str) else list(prompts)
@@ -132,7 +132,7 @@ def _imagic_conditioning(model, alpha: float, n: int, neg):
     its length (a chunked negative longer than 75 tokens keeps its first window)."""
     import math
 
-    from .imagic import interpolated
+    from .models.imagic_embeddings import interpolated
     from .models.text import TextEmbeds
 
     if not math.isfinite(alpha):

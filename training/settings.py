@@ -26,7 +26,9 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable
 
+from . import compat
 from .data.settings import DataSettings, concept_type_defaults
+from .sampling import MAX_SEED, SCHEDULER_NAMES
 
 LORA_TYPES = ("lora", "dora", "loha", "lokr")
 # Names of training.setup.adapters' target presets (duplicated to keep this module light; a test compares).
@@ -46,10 +48,8 @@ FROZEN_DTYPES = ("auto", "bf16", "fp16", "fp8")
 MEMORY_ENGINE_FIELDS = ("fused_backward", "weights_dtype", "frozen_dtype")
 NOISE_SCHEDULERS = ("DDPM",)
 PRIOR_MODES = ("class_images", "base_model")
-# Names of training.sampling.SCHEDULERS (kept here so this module stays torch-free; a test checks they agree).
-PREVIEW_SCHEDULERS = ("pndm", "lms", "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc")
+PREVIEW_SCHEDULERS = SCHEDULER_NAMES       # sampling.py's samplers (its module imports no torch either)
 
-MAX_SEED = 2 ** 64 - 1
 CONFIG_SCHEMA = 1
 _RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,99}$")
 
@@ -505,13 +505,11 @@ class DreamBoothSettings:
         return self
 
     def _environment_problems(self) -> list[str]:
-        from .setup.optimizers import missing_optimizer_package
-
         p: list[str] = []
-        missing = missing_optimizer_package(self.optimizer)
+        missing = compat.missing_optimizer_package(self.optimizer)
         if missing:
             p.append(f"optimizer = {self.optimizer!r}: {missing}")
-        if self.attention == "xformers" and not _installed("xformers"):
+        if self.attention == "xformers" and not compat.installed("xformers"):
             p.append("attention = 'xformers' but xformers is not installed; `pip install xformers` (matching your "
                      "torch build) or use attention 'sdpa'")
         return p
@@ -616,15 +614,6 @@ _DATA_COSMETIC = frozenset({"cache_mode"})
 def settings_fields() -> dict[str, dataclasses.Field]:
     """name -> dataclass field (with metadata: help, range, choices, kind, optional, auto, affects_result)."""
     return {f.name: f for f in fields(DreamBoothSettings)}
-
-
-def _installed(module: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def _field_problems(f: dataclasses.Field, value: Any) -> list[str]:

@@ -1,270 +1,30 @@
-"""The DreamBooth training loop. Read `train()` top to bottom: prepare → build → loop → finish.
+"""DreamBooth training: `train()`, then the stages of a run in the order they happen. Read it top to bottom:
+start -> data -> length -> (reuse a finished run) -> claim the run to continue -> model -> optimizer -> pre-flight
+-> resume or create the run folder -> the step loop (loop.py) -> finish.
 
-One optimizer step = `gradient_accumulation_steps` planned batches. Every random draw of step s comes from
-generators seeded by (seed, s), and the data order of an epoch is a function of (seed, epoch): a run resumed
-from the checkpoint of step s therefore continues exactly where the uninterrupted run would have been.
+The stages fill one `loop.Job`; checkpoints are read and written by checkpoints.py, the trainable copy is
+setup/trainable.py's. Imagic (train_imagic_only) branches off in `_train` to imagic.py, on the same pieces.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
-import hashlib
-import json
 import math
 import os
-import shutil
 import time
-from dataclasses import dataclass, field
-from typing import Callable
 
+from .checkpoints import (apply_checkpoint, claim_run, create_run, load_weights, loadable_checkpoint,
+                          read_own_checkpoint, resume_target)
 from .compat import enable_text_encoder_checkpointing
-from .control import TrainingControl
-from .distributed import Dist, collective_timeout, mark_stopped_together, process_info, shard_plan
-from .runs import RunFolder, compute_run_id, library_versions
-from .speed import StepTimer
+from .control import TrainCallbacks, TrainingDiverged, TrainingInterrupted, TrainingSaveError, TrainResult
+from .distributed import Dist, collective_timeout, process_info
+from .loop import Job, micro_batch_loss, preview, run_steps, save_state
+from .runs import RunFolder, compute_run_id
+from .setup.trainable import (build_trainable, finish_model, named_trainables, owned_modules, set_attention,
+                              with_data_vae)
 
-
-class TrainingInterrupted(Exception):
-    """Stopped on request (Cancel, Ctrl-C, 'stop after epoch'); a resumable checkpoint was saved.
-    `result`: the model as trained up to `step` (what the checkpoint holds), for a caller that goes on with it."""
-
-    def __init__(self, message: str, run_dir: str = "", step: int = 0, checkpoint: str | None = None,
-                 result: "TrainResult | None" = None):
-        super().__init__(message)
-        self.run_dir, self.step, self.checkpoint, self.result = run_dir, step, checkpoint, result
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; nothing was saved from the broken step on."""
-
-
-class TrainingSaveError(RuntimeError):
-    """A checkpoint could not be written (e.g. disk full); the previous checkpoint is intact."""
-
-
-@dataclass
-class TrainCallbacks:
-    """Hooks for the node layer / CLI. All optional; none of them may raise except to stop training."""
-
-    progress: Callable[[dict], None] | None = None       # {step, total, epoch, loss, lr, it_per_s, eta_s}
-    preview: Callable[[list[str]], None] | None = None   # paths of new preview images
-    log: Callable[[str], None] | None = None
-    should_stop: Callable[[], bool] | None = None        # stop now (interrupt), with a resumable checkpoint
-    control: TrainingControl | None = None               # save-now / stop-after-epoch from the web panel
-    stage: Callable[[str, int, int], None] | None = None  # data preparation progress (stage, done, total)
-
-
-@dataclass
-class TrainResult:
-    model: object
-    run_dir: str
-    steps: int
-    reused: bool = False
-    final_loss: float | None = None
-    report: str = ""
-    info: dict = field(default_factory=dict)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Small helpers
-# --------------------------------------------------------------------------------------------------------------
-def _step_seed(seed: int, step: int, micro: int = 0) -> int:
-    digest = hashlib.sha256(f"{seed}:{step}:{micro}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def _seed_global_rng(seed: int, device) -> None:
-    """Seed the global generators a step may draw from: the CPU's and the training device's.
-    (torch.manual_seed also walks every other backend: 0.7 ms a step on a CPU-only build.)"""
-    import torch
-
-    torch.default_generator.manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.manual_seed_all(seed)
-    elif device.type != "cpu":
-        torch.manual_seed(seed)
-
-
-def _trainable_copy(module):
-    """A deep copy made outside inference mode: ComfyUI loads weights as inference tensors, which autograd
-    refuses; the copy's tensors are ordinary ones."""
-    import torch
-
-    with torch.inference_mode(False), torch.no_grad():
-        return copy.deepcopy(module)
-
-
-@contextlib.contextmanager
-def _adapters_disabled(module):
-    """Run a peft-adapted module as its frozen base (prior preservation from the base model)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield module
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)
-
-
-def _set_attention(unet, attention: str):
-    if attention == "xformers":
-        try:
-            unet.enable_xformers_memory_efficient_attention()
-        except Exception as e:  # diffusers raises ModuleNotFoundError / ValueError depending on the cause
-            raise ValueError(f"attention = xformers: {e}. Install xformers matching your torch, or use sdpa") from None
-    elif attention == "sliced":
-        unet.set_attention_slice("auto")
-    else:
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        unet.set_attn_processor(AttnProcessor2_0())
-
-
-@contextlib.contextmanager
-def _fresh_accelerate_state():
-    """accelerate keeps one process-wide AcceleratorState: a second run with other mixed precision in the same
-    process (ComfyUI runs every queued prompt in one) fails with "already initialized". Each run starts from a
-    clean state and leaves none behind; the distributed setup (PartialState) is kept."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-    try:
-        yield
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=False)
-        GradientState._reset_state()
-
-
-def _mixed_precision(settings, device, say, model) -> str:
-    import torch
-
-    mp = settings.mixed_precision
-    if device.type == "cpu" and mp == "fp16":
-        say("mixed_precision fp16 needs a GPU; training in fp32 on the CPU")
-        mp = "no"
-    loaded = next(model.unet.parameters()).dtype
-    if mp == "no" and loaded in (torch.float16, torch.bfloat16):
-        # fp32 compute would meet the frozen half-precision base weights in every layer (dtype mismatch)
-        half = "bf16" if loaded == torch.bfloat16 else "fp16"
-        if half == "fp16" and device.type == "cpu":
-            raise ValueError("the model is loaded in fp16, which cannot train on the CPU; load it in fp32 or bf16 "
-                             "(LoadBaseModel's dtype)")
-        say(f"the model is loaded in {half}: computing in {half} mixed precision (trained weights stay fp32); "
-            "load it in fp32 for full-precision training")
-        mp = half
-    return mp
-
-
-def _vae_dtype(settings, device, say):
-    import torch
-
-    if device.type == "cpu" and settings.vae_dtype == "fp16":
-        say("vae_dtype fp16 needs a GPU; the VAE runs in fp32 on the CPU")
-        return torch.float32
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(settings.vae_dtype, torch.float32)
-
-
-def _format_eta(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Building the model to train
-# --------------------------------------------------------------------------------------------------------------
-def build_trainable(model, settings):
-    """(trained model, unet params, text-encoder params). The received model is never modified: every module
-    that trains, or that training must change (attention kernel, dtype), is a copy; frozen ones are shared."""
-    from .setup.adapters import adapter_parameters, add_adapters
-    from .setup.precision import cast_trained, trained_weight_dtype
-
-    trains_te = settings.trains_text_encoder
-    if settings.use_lora:
-        with _no_inference():
-            tm = add_adapters(model, rank=settings.lora_rank, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
-                              lora_type=settings.lora_type, on_unet=settings.train_unet, on_text_encoder=trains_te,
-                              seed=settings.seed, unet_targets=settings.lora_unet_targets,
-                              text_encoder_targets=settings.lora_text_encoder_targets)
-        unet_params = adapter_parameters(tm, unet=True, text_encoders=False) if settings.train_unet else []
-        te_params = adapter_parameters(tm, unet=False, text_encoders=True) if trains_te else []
-        cast_trained([*unet_params, *te_params], trained_weight_dtype(settings))   # weights_dtype (fp32 / bf16)
-        return _own_frozen_unet_if_needed(tm, model, settings), unet_params, te_params
-    # trained weights are fp32 master copies whatever precision the model was loaded in: a bf16 weight cannot
-    # take a 1e-6 step (it rounds back), and fp16 gradients cannot be unscaled; autocast computes in half
-    # (or bf16 with weights_dtype = bf16: the optimizer then rounds each update stochastically, setup/fused.py)
-    wdt = trained_weight_dtype(settings)
-    unet = _trainable_copy(model.unet).to(wdt) if settings.train_unet else model.unet
-    tes = [_trainable_copy(te).to(wdt) for te in model.text_encoders] if trains_te else list(model.text_encoders)
-    unet_params, te_params = [], []
-    if settings.train_unet:
-        unet.requires_grad_(True)
-        unet_params = list(unet.parameters())
-    if trains_te:
-        for te in tes:
-            for name, p in te.named_parameters():
-                norm = "layer_norm" in name or "final_layer_norm" in name
-                p.requires_grad_(not (settings.freeze_clip_norm and norm))
-                if p.requires_grad:
-                    te_params.append(p)
-    tm = model.replace(unet=unet, text_encoders=tes, ema_unet=None)
-    return _own_frozen_unet_if_needed(tm, model, settings), unet_params, te_params
-
-
-def _own_frozen_unet_if_needed(tm, model, settings):
-    """A frozen UNet stays shared with the received model, unless training must change it (another attention
-    kernel) or backpropagate through it (text encoder training) while it holds inference tensors, which
-    autograd refuses to save for backward (ComfyUI loads models under torch.inference_mode())."""
-    if tm.unet is not model.unet:
-        return tm
-    backprop = settings.trains_text_encoder
-    if settings.attention != "sdpa" or (backprop and _has_inference_tensors(model.unet)):
-        return tm.replace(unet=_trainable_copy(model.unet).requires_grad_(False))
-    return tm
-
-
-def _has_inference_tensors(module) -> bool:
-    return any(t.is_inference() for t in module.parameters()) or any(t.is_inference() for t in module.buffers())
-
-
-def _owned_modules(tm, model) -> list:
-    """The UNet / text encoders of `tm` that are training's own copies (never the received model's)."""
-    received = [model.unet, *model.text_encoders]
-    return [m for m in (tm.unet, *tm.text_encoders) if not any(m is r for r in received)]
-
-
-@contextlib.contextmanager
-def _no_inference():
-    import torch
-
-    with torch.inference_mode(False):
-        yield
-
-
-def _named_trainables(tm, unet_params, te_params) -> dict:
-    ids = {id(p) for p in [*unet_params, *te_params]}
-    out = {}
-    for part, module in [("unet", tm.unet), *[(f"te{i}", te) for i, te in enumerate(tm.text_encoders)]]:
-        for name, p in module.named_parameters():
-            if id(p) in ids:
-                out[f"{part}.{name}"] = p
-    return out
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The loop
-# --------------------------------------------------------------------------------------------------------------
-def _file_names_as_text(text: str) -> str:
-    """`text` with the bytes of non-UTF-8 file names (lone surrogates, as os.listdir gives them) shown as \\xNN
-    escapes, so a report naming them can be written as UTF-8."""
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:         # surrogates that are not escaped bytes
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+# train()'s callbacks, result and exceptions are part of its interface: callers import them from here
+__all__ = ["train", "TrainCallbacks", "TrainResult", "TrainingInterrupted", "TrainingDiverged", "TrainingSaveError"]
 
 
 def train(model, concepts, settings, *, output_root: str, resume: str = "auto", device=None,
@@ -306,51 +66,20 @@ def train(model, concepts, settings, *, output_root: str, resume: str = "auto", 
             model.unet.to(unet_home)
 
 
-@dataclass
-class _Job:
-    """One training run, filled in stage by stage by `_train` (the stages read and write its fields)."""
+@contextlib.contextmanager
+def _fresh_accelerate_state():
+    """accelerate keeps one process-wide AcceleratorState: a second run with other mixed precision in the same
+    process (ComfyUI runs every queued prompt in one) fails with "already initialized". Each run starts from a
+    clean state and leaves none behind; the distributed setup (PartialState) is kept."""
+    from accelerate.state import AcceleratorState, GradientState
 
-    model: object                       # the received SDModel (never modified; its modules may be shared)
-    concepts: list
-    settings: object
-    output_root: str
-    device: object
-    cb: TrainCallbacks
-    held: contextlib.ExitStack          # what must be undone however the run ends (lock, hooks, devices)
-    say: Callable[[str], None]
-    accelerator: object = None
-    dist: Dist = field(default_factory=Dist)
-    mp: str = "no"
-    # data and the run's length
-    model_for_data: object = None       # the model whose VAE encodes latents (vae_dtype)
-    data: object = None
-    report: str = ""
-    steps_per_epoch: int = 1
-    total_steps: int = 0
-    te_steps: int = 0
-    zero_terminal_snr: bool = False
-    run_id: str = ""
-    identity: tuple = ()                # what compute_run_id hashes, less the process count
-    parent_run: str | None = None
-    # the run folder
-    run: RunFolder | None = None
-    checkpoint: str | None = None
-    start_step: int = 0
-    # what trains
-    tm: object = None
-    unet_params: list = field(default_factory=list)
-    te_params: list = field(default_factory=list)
-    named: dict = field(default_factory=dict)
-    trained_modules: list = field(default_factory=list)
-    offloaded: list = field(default_factory=list)
-    optimizer: object = None
-    lr_scheduler: object = None
-    noise_scheduler: object = None
-    ema: object = None
-
-    @property
-    def main(self) -> bool:
-        return self.dist.main
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    try:
+        yield
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
 
 
 def _train(model, concepts, settings, output_root, resume, device, cb, reuse_finished, held):
@@ -375,7 +104,7 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
     _preflight(job)                     # one step at the largest bucket and batch: does it fit the device?
     _resume_or_create_run(job, resume)  # a checkpoint's state loaded, or a new run folder
     try:
-        step, last_loss = _loop(job)
+        step, last_loss = run_steps(job)
     except TrainingInterrupted as stopped:   # a requested stop: the model it saved goes with it (run not finished)
         stopped.result = _stopped_result(job, stopped.step)
         raise
@@ -383,15 +112,17 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
 
 
 # ---- stages ----------------------------------------------------------------------------------------------------
-def _start(model, concepts, settings, output_root, device, cb, held) -> _Job:
+def _start(model, concepts, settings, output_root, device, cb, held) -> Job:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
+    from .setup.precision import mixed_precision
+
     settings = settings.resolved(concepts).check()
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     say = cb.log or (lambda msg: None)
-    mp = _mixed_precision(settings, device, say, model)
+    mp = mixed_precision(settings, device, say, model)
     if mp != settings.mixed_precision:      # checks that depend on it (fused_backward, frozen_dtype) see the real one
         settings.replace(mixed_precision=mp).check(check_environment=False)
     accelerator = Accelerator(mixed_precision=mp, cpu=device.type == "cpu",
@@ -405,24 +136,19 @@ def _start(model, concepts, settings, output_root, device, cb, held) -> _Job:
         if not dist.main:                   # one voice: rank 0 logs, shows progress and previews
             cb = TrainCallbacks(should_stop=cb.should_stop)
             say = lambda msg: None          # noqa: E731
-    return _Job(model=model, concepts=concepts, settings=settings, output_root=output_root, device=device, cb=cb,
+    return Job(model=model, concepts=concepts, settings=settings, output_root=output_root, device=device, cb=cb,
                 held=held, say=say, accelerator=accelerator, dist=dist, mp=mp)
 
 
-def _prepare_data(job: _Job) -> None:
-    from .data.dataset import generate_missing_class_images, prepare_training_data
+def _prepare_data(job: Job) -> None:
+    from .data.prepare import generate_missing_class_images, prepare_training_data
+    from .setup.precision import vae_dtype
 
     model, settings, device, cb, dist = job.model, job.settings, job.device, job.cb, job.dist
     for m in (model.vae, *model.text_encoders):
         m.to(device)
     model.unet.to(device)
-    # the VAE that encodes the training latents (and decodes previews) has the vae_dtype setting's precision:
-    # fp16 VAEs give NaN/black images, so a half-precision model's VAE is copied to fp32 unless asked otherwise
-    vae_dtype = _vae_dtype(settings, device, job.say)
-    if model.vae.dtype != vae_dtype:
-        job.model_for_data = model.replace(vae=_trainable_copy(model.vae).to(dtype=vae_dtype).requires_grad_(False))
-    else:
-        job.model_for_data = model
+    job.model_for_data = with_data_vae(model, vae_dtype(settings, device, job.say))
     progress = (lambda d, t: cb.stage("data", d, t)) if cb.stage else None
     from_class_images = settings.prior_mode == "class_images"
     generate = from_class_images
@@ -450,7 +176,7 @@ def _prepare_data(job: _Job) -> None:
                        "times")
 
 
-def _plan_length(job: _Job) -> None:
+def _plan_length(job: Job) -> None:
     settings, data, model, world = job.settings, job.data, job.model, job.dist.world
     batches_per_epoch = math.ceil(data.batches_per_epoch / world)
     job.steps_per_epoch = max(1, math.ceil(batches_per_epoch / settings.gradient_accumulation_steps))
@@ -473,7 +199,7 @@ def _plan_length(job: _Job) -> None:
     job.identity = identity
 
 
-def _reused_result(job: _Job):
+def _reused_result(job: Job):
     found = job.dist.decide(lambda: getattr(RunFolder.find(job.output_root, job.run_id, finished=True), "path", None),
                             "look for a finished identical run")
     if found is None:
@@ -481,28 +207,26 @@ def _reused_result(job: _Job):
     done = RunFolder(found)
     job.say(f"an identical run already finished: {done.path} (reusing its result)")
     tm, unet_params, te_params = build_trainable(job.model, job.settings)
-    named = _named_trainables(tm, unet_params, te_params)
-    ema_state = _load_weights(done.final_dir, named)
-    tm = _finish_model(tm, job.model, named, job.settings, ema_state, job.run_id)
+    named = named_trainables(tm, unet_params, te_params)
+    ema_state = load_weights(done.final_dir, named)
+    tm = finish_model(tm, job.model, named, job.settings, ema_state, job.run_id)
     cfg = done.read_config()
     return TrainResult(tm, done.path, cfg.get("steps", job.total_steps), reused=True,
                        final_loss=cfg.get("final_loss"), report=job.report, info=cfg)
 
 
-def _claim_run(job: _Job, resume) -> None:
+def _claim_run(job: Job, resume) -> None:
     """The interrupted run to continue, if any: rank 0 decides (it holds the lock and cleans up what an
     interrupted save left), the others follow; an error there ends every process with rank 0's message."""
     def choose():
-        run, checkpoint = _resume_target(job.output_root, job.run_id, resume)
+        run, checkpoint = resume_target(job.output_root, job.run_id, resume)
         if run is not None:
             processes = run.read_config().get("processes", 1)
             if processes != job.dist.world:
                 raise ValueError(f"resume: {run.path} was trained by {processes} process(es); continue it with "
                                  f"the same number (this run has {job.dist.world}), or start a new run "
                                  "(resume 'new')")
-            job.held.enter_context(run.lock())         # before anything reads or writes the run's files
-            for path in run.remove_leftovers():
-                job.say(f"removed {path} (left by an interrupted save)")
+            claim_run(run, job.held, job.say)
         elif resume == "auto":
             _say_other_process_count(job)
         return (run.path if run else None), checkpoint
@@ -511,7 +235,7 @@ def _claim_run(job: _Job, resume) -> None:
     job.run = RunFolder(path) if path else None
 
 
-def _say_other_process_count(job: _Job) -> None:
+def _say_other_process_count(job: Job) -> None:
     """resume auto found nothing to continue: say so when the same run was interrupted with another number of
     processes (its effective batch and data split differ, so it is not continued silently either way)."""
     for run in reversed(RunFolder.all_runs(job.output_root)):
@@ -525,7 +249,7 @@ def _say_other_process_count(job: _Job) -> None:
             return
 
 
-def _build_model(job: _Job) -> None:
+def _build_model(job: Job) -> None:
     from .setup import precision
 
     model, settings, device, held = job.model, job.settings, job.device, job.held
@@ -535,7 +259,7 @@ def _build_model(job: _Job) -> None:
         precision.apply_fp8_storage(tm.unet, precision.compute_dtype(job.mp))  # before the move: no full-size copy
         held.callback(precision.restore_fp8_storage, tm.unet, model.unet)      # on the GPU at any time
     frozen_dt = precision.frozen_weight_dtype(settings, job.mp, device)   # frozen_dtype (auto: compute's half)
-    for m in _owned_modules(tm, model):               # shared (received) modules keep their dtype
+    for m in owned_modules(tm, model):               # shared (received) modules keep their dtype
         m.to(device)
         if frozen_dt is not None:                     # frozen weights in half precision; trained ones as trained
             for p in m.parameters():
@@ -546,7 +270,7 @@ def _build_model(job: _Job) -> None:
     tm = tm.replace(vae=job.model_for_data.vae, zero_terminal_snr=job.zero_terminal_snr)
     tm.vae.to(device)
     if tm.unet is not model.unet:                     # build_trainable copied it when the kernel must change
-        _set_attention(tm.unet, settings.attention)
+        set_attention(tm.unet, settings.attention)
     if settings.gradient_checkpointing:
         if settings.train_unet:
             tm.unet.enable_gradient_checkpointing()
@@ -561,11 +285,11 @@ def _build_model(job: _Job) -> None:
     # be the received model's own (a later node samples the base model)
     held.callback(lambda: [m.to(device) for m in job.offloaded])
     job.tm = tm
-    job.named = _named_trainables(tm, job.unet_params, job.te_params)
+    job.named = named_trainables(tm, job.unet_params, job.te_params)
     job.dist.broadcast_tensors(job.named.values())    # fresh adapters start equal on every process
 
 
-def _build_optimizer(job: _Job) -> None:
+def _build_optimizer(job: Job) -> None:
     from .setup.ema import EMA
     from .setup.fused import build_training_optimizer
     from .setup.noise import build_noise_scheduler
@@ -592,7 +316,7 @@ def _build_optimizer(job: _Job) -> None:
         job.optimizer = job.accelerator.prepare(*job.trained_modules, optimizer)[-1]
 
 
-def _preflight(job: _Job) -> None:
+def _preflight(job: Job) -> None:
     """Measure one forward/backward at the largest bucket with a full batch (training/preflight.py); raise
     preflight.DoesNotFit before anything is trained or written when it would not fit. Skipped where the device
     cannot report its memory (CPU)."""
@@ -606,7 +330,7 @@ def _preflight(job: _Job) -> None:
     te_frozen = job.te_steps == 0
 
     def one_step():
-        job.accelerator.backward(_micro_batch_loss(job, item, job.start_step, te_frozen))
+        job.accelerator.backward(micro_batch_loss(job, item, job.start_step, te_frozen))
 
     est = estimate(job.model, job.settings, resolution=max(item.bucket), batch=len(item.items))
     with preflight.no_optimizer_steps(job.optimizer):
@@ -628,7 +352,7 @@ def _preflight(job: _Job) -> None:
             f"{need / 2**30:.2f} GB of {budget / 2**30:.2f} GB")
 
 
-def _resume_or_create_run(job: _Job, resume) -> None:
+def _resume_or_create_run(job: Job, resume) -> None:
     run, checkpoint = job.run, job.checkpoint
     if checkpoint:
         # rank 0 decides which checkpoint loads (and sets damaged ones aside); the others load the same one.
@@ -637,27 +361,26 @@ def _resume_or_create_run(job: _Job, resume) -> None:
         loaded = [None]
 
         def choose():
-            loaded[0] = _first_loadable(run, checkpoint, lambda folder: _read_own_checkpoint(folder, job.run_id),
-                                        job.say, fallback=not _names_a_checkpoint(resume))
+            loaded[0] = loadable_checkpoint(run, checkpoint, job.run_id, resume, job.say)
             return loaded[0][1] if loaded[0] else None
         chosen = job.dist.decide(choose, "read the checkpoint to resume")
         loaded = loaded[0]
         if chosen is not None and loaded is None:
-            loaded = (_read_own_checkpoint(chosen, job.run_id), chosen)
+            loaded = (read_own_checkpoint(chosen, job.run_id), chosen)
         if loaded is None:
             job.say(f"no checkpoint of {run.path} loads; starting again in a new run folder (the old one is kept)")
             checkpoint = None
         else:
             ckpt, checkpoint = loaded
-            job.start_step = _apply_checkpoint(checkpoint, ckpt, job.named, job.optimizer, job.lr_scheduler, job.ema,
-                                               scaler=job.accelerator.scaler)
+            job.start_step = apply_checkpoint(checkpoint, ckpt, job.named, job.optimizer, job.lr_scheduler, job.ema,
+                                              scaler=job.accelerator.scaler)
             del ckpt
     if checkpoint:
         job.say(f"resuming {run.path} from step {job.start_step}")
         if job.main:
             run.truncate_loss(job.start_step)
     else:
-        run = RunFolder(job.dist.decide(lambda: _create_run(
+        run = RunFolder(job.dist.decide(lambda: create_run(
             job.output_root, job.settings, job.concepts, job.data, job.model, job.run_id, job.parent_run,
             job.total_steps, job.report, job.held,
             **({"processes": job.dist.world} if job.dist.active else {})).path,
@@ -666,462 +389,24 @@ def _resume_or_create_run(job: _Job, resume) -> None:
     job.say(f"training {job.total_steps} steps ({job.steps_per_epoch}/epoch) in {run.path}")
 
 
-def _loop(job: _Job) -> tuple[int, float | None]:
-    """The optimizer steps from job.start_step to job.total_steps. Returns (steps done, last loss)."""
-    import torch
-
-    settings, cb, control, dist, device = job.settings, job.cb, job.cb.control, job.dist, job.device
-    trained = [*job.unet_params, *job.te_params]
-    step, last_loss = job.start_step, None
-    te_frozen = job.te_steps == 0 or step >= job.te_steps
-    if job.te_steps and te_frozen:
-        _freeze(job.te_params)
-    started = time.time()
-    timer = StepTimer(started)      # speed and ETA: the mean of the latest step times
-    plan_cache: dict[int, list] = {}
-    while step < job.total_steps:
-        epoch, k = divmod(step, job.steps_per_epoch)
-        if epoch not in plan_cache:
-            plan_cache = {epoch: shard_plan(job.data.epoch_plan(epoch), dist.rank, dist.world)}
-        accum = settings.gradient_accumulation_steps
-        micro_batches = plan_cache[epoch][k * accum:(k + 1) * accum]
-        _seed_global_rng(_step_seed(settings.seed, step), device)   # dropout and any other global draw
-        step_loss = torch.zeros((), device=device)
-        for plan_item in micro_batches:
-            loss = _micro_batch_loss(job, plan_item, step, te_frozen) / len(micro_batches)
-            if settings.fused_backward and not math.isfinite(float(loss.detach())):
-                step_loss += loss.detach()        # fused_backward steps inside backward: stop before it
-                break
-            job.accelerator.backward(loss)
-            step_loss += loss.detach()
-        loss_value = dist.sum([float(step_loss)], device)[0] / dist.world     # every process sees the same loss
-        if not math.isfinite(loss_value):
-            last = job.run.latest_checkpoint() if job.main else None
-            raise TrainingDiverged(
-                f"the loss became {loss_value} at step {step + 1} (learning rate "
-                f"{job.lr_scheduler.get_last_lr()[0]:.3g}); training stopped without saving this state. Last good "
-                f"checkpoint: {last or 'none'} (resume from it with a lower learning_rate, or mixed_precision bf16/no)")
-        dist.average_gradients(trained)
-        if settings.max_grad_norm > 0:
-            job.accelerator.clip_grad_norm_([p for p in trained if p.grad is not None], settings.max_grad_norm)
-        lr = job.lr_scheduler.get_last_lr()[0]            # the rate this step uses: what the log shows for it
-        job.optimizer.step()
-        job.lr_scheduler.step()
-        job.optimizer.zero_grad(set_to_none=settings.set_grads_to_none)
-        if job.ema is not None:
-            job.ema.step(job.tm.unet)
-        step += 1
-        last_loss = loss_value
-        if job.te_steps and not te_frozen and step >= job.te_steps:
-            _freeze(job.te_params)
-            te_frozen = True
-            job.say(f"text encoder frozen after step {step} (text_encoder_ratio {settings.text_encoder_ratio})")
-
-        # ---- bookkeeping: log, progress, saves, previews, stop -----------------------------------------------
-        now = time.time()
-        rate = timer.step(now)
-        if job.main:
-            job.run.append_loss({"step": step, "epoch": epoch + 1, "loss": loss_value, "lr": lr,
-                                 "time": round(now - started, 4)})
-        if cb.progress:
-            eta = (job.total_steps - step) / rate if rate else None
-            cb.progress({"step": step, "total": job.total_steps, "epoch": epoch + 1,
-                         "epochs": math.ceil(job.total_steps / job.steps_per_epoch), "loss": loss_value, "lr": lr,
-                         "it_per_s": rate, "eta_s": eta, "eta": _format_eta(eta) if rate else ""})
-        epoch_end = step % job.steps_per_epoch == 0 or step == job.total_steps
-        saved = None   # this step's checkpoint: written once, whether requested, per epoch or on stop
-        if control is not None and control.take_save_request():
-            saved = _save(job, step, loss_value)
-            job.say(f"saved {saved} (requested)")
-        if epoch_end and step < job.total_steps:
-            done_epochs = step // job.steps_per_epoch
-            if settings.save_every_epochs and done_epochs % settings.save_every_epochs == 0 and saved is None:
-                saved = _save(job, step, loss_value)
-            if settings.preview_every_epochs and done_epochs % settings.preview_every_epochs == 0:
-                _preview(job, done_epochs)
-            if settings.pause_after_epochs and done_epochs % settings.pause_after_epochs == 0:
-                _pause(settings.pause_seconds, cb, control, job.say)
-        stop_now = (cb.should_stop is not None and cb.should_stop()) or (
-            control is not None and control.should_stop(epoch_end=epoch_end))
-        if dist.sum([float(stop_now)], device)[0] and step < job.total_steps:     # one stops: all stop together
-            path = saved or _save(job, step, loss_value)
-            if dist.active:
-                mark_stopped_together()
-            raise TrainingInterrupted(f"training stopped at step {step}/{job.total_steps}; resumable checkpoint: "
-                                      f"{path}", job.run.path, step, path)
-    return step, last_loss
-
-
-def _micro_batch_loss(job: _Job, plan_item, step: int, te_frozen: bool):
-    """The weighted loss of one planned batch. Each example's random draws (VAE posterior sample, noise, offset,
-    timestep) come from its own generator, seeded by (seed, step, example): the same example draws the same
-    values whichever batch, micro-batch or process holds it."""
-    import torch
-
-    from .models.text import encode_prompts
-    from .setup.noise import (min_snr_weights, per_sample_mse, sample_noise, sample_timesteps, training_target,
-                              weighted_mean_loss)
-
-    settings, tm, model, device, sched = job.settings, job.tm, job.model, job.device, job.noise_scheduler
-    gens = _example_generators(settings.seed, step, plan_item.items)
-    batch = job.data.load_batch(plan_item, device=device, dtype=torch.float32, generator=gens)
-    with job.accelerator.autocast():
-        if batch.embeds is not None:
-            embeds, pooled = batch.embeds, batch.pooled
-        else:
-            te_out = _encode_captions(job, batch.captions, with_grad=not te_frozen)
-            embeds, pooled = te_out.embeds, te_out.pooled
-        latents = batch.latents
-        noise = torch.cat([sample_noise(latents[i:i + 1], settings.offset_noise, g) for i, g in enumerate(gens)])
-        t = torch.cat([sample_timesteps(sched, 1, g, device) for g in gens])
-        noisy = sched.add_noise(latents, noise, t)
-        added = {"text_embeds": pooled, "time_ids": batch.time_ids} if tm.is_sdxl else None
-        pred = tm.unet(noisy, t, embeds, added_cond_kwargs=added).sample
-        target = training_target(sched, latents, noise, t, model.prediction_type)
-        weights = batch.loss_weights.to(device)
-        if settings.prior_loss_weight is not None:
-            weights = torch.where(batch.is_prior.to(device), torch.tensor(settings.prior_loss_weight, device=device),
-                                  weights)
-        weights = weights * min_snr_weights(sched, t, settings.min_snr_gamma, model.prediction_type)
-        loss = weighted_mean_loss(per_sample_mse(pred, target), weights)
-        if settings.prior_mode == "base_model":
-            loss = loss + _base_model_prior_loss(tm, model, model.unet, tm.unet, job.concepts, batch, noisy, t,
-                                                 settings, encode_prompts, per_sample_mse, with_grad=not te_frozen)
-    return loss
-
-
-def _example_generators(seed: int, step: int, items) -> list:
-    """One CPU generator per example of a batch, seeded by (seed, step, dataset index, repeat within the batch)."""
-    import torch
-
-    seen: dict[int, int] = {}
-    gens = []
-    for index in items:
-        seen[index] = seen.get(index, -1) + 1
-        digest = hashlib.sha256(f"{seed}:{step}:{index}:{seen[index]}".encode()).digest()
-        gens.append(torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1)))
-    return gens
-
-
-def _encode_captions(job: _Job, captions, with_grad: bool):
-    import torch
-
-    from .models.text import encode_tokens, tokenize
-
-    ctx = contextlib.nullcontext() if with_grad else torch.no_grad()
-    with ctx:
-        return encode_tokens(job.tm, tokenize(job.tm, captions, job.settings.data.long_captions),
-                             job.settings.clip_skip_or_none)
-
-
-def _save(job: _Job, step: int, loss: float | None, *, final: bool = False) -> str | None:
-    """A checkpoint of the training state (rank 0 writes it; the others return None)."""
-    if not job.main:
-        return None
-
-    def write(folder):
-        _write_state(folder, job.named, job.optimizer, job.lr_scheduler, job.ema,
-                     {"step": step, "run_id": job.run_id, "loss": loss, "time": time.time()},
-                     scaler=job.accelerator.scaler)
-    try:
-        if final:
-            return job.run.save_final(write)
-        return job.run.save_checkpoint(step, write, keep_last=job.settings.keep_last_checkpoints)
-    except OSError as e:
-        last = job.run.latest_checkpoint()
-        raise TrainingSaveError(f"could not save the checkpoint of step {step} in {job.run.path}: {e}. "
-                                f"The previous checkpoint is intact: {last or 'none yet'}") from e
-
-
-def _preview(job: _Job, epoch: int) -> None:
-    """Sample each concept's prompt with the model as trained so far into the run's previews folder."""
-    if not job.main:
-        return
-    from .sampling import generate, to_pil
-    from .setup import precision
-
-    settings = job.settings
-    prompts = [c.sample_prompt or c.instance_prompt for c in job.concepts]
-    for m in job.trained_modules:
-        m.eval()
-    res = settings.data.resolution
-    with job.accelerator.autocast(), precision.frozen_on(job.device, job.offloaded):
-        images = generate(job.tm, prompts, steps=settings.preview_steps, cfg=settings.preview_cfg,
-                          seed=settings.seed, width=res, height=res, scheduler=settings.preview_scheduler,
-                          clip_skip=settings.clip_skip_or_none, long_prompts=settings.data.long_captions)
-    for m in job.trained_modules:
-        m.train()
-    paths = []
-    for i, image in enumerate(to_pil(images)):
-        path = os.path.join(job.run.previews_dir, f"epoch-{epoch:05d}_{i}.png")
-        image.save(path)
-        paths.append(path)
-    if job.cb.preview:
-        job.cb.preview(paths)
-
-
-def _finish(job: _Job, step: int, last_loss: float | None) -> TrainResult:
-    if job.main:
-        if job.settings.preview_every_epochs:
-            _preview(job, math.ceil(job.total_steps / job.steps_per_epoch))
-        _save(job, step, last_loss, final=True)
-        job.run.update_config(finished=True, steps=step, final_loss=last_loss,
-                              finished_at=time.strftime("%Y-%m-%d %H:%M:%S"))
-    job.dist.barrier()                    # the others read the finished run's config after rank 0 wrote it
-    result = _finish_model(job.tm, job.model, job.named, job.settings,
-                           job.ema.state_dict() if job.ema is not None else None, job.run_id)
-    return TrainResult(result, job.run.path, step, final_loss=last_loss, report=job.report,
-                       info=job.run.read_config())
-
-
-def _stopped_result(job: _Job, step: int) -> TrainResult:
+def _stopped_result(job: Job, step: int) -> TrainResult:
     """The model of a stopped run as its checkpoint of `step` holds it; the run folder stays unfinished (resumable)."""
     losses = job.run.read_loss() if job.main else []
-    return TrainResult(_finish_model(job.tm, job.model, job.named, job.settings,
-                                     job.ema.state_dict() if job.ema is not None else None, job.run_id),
+    return TrainResult(finish_model(job.tm, job.model, job.named, job.settings,
+                                    job.ema.state_dict() if job.ema is not None else None, job.run_id),
                        job.run.path, step, final_loss=losses[-1].get("loss") if losses else None, report=job.report,
                        info={"stopped": True})
 
 
-def _create_run(output_root, settings, concepts, data, model, run_id, parent_run, total_steps, report, held,
-                **extra_config):
-    """A new run folder with config.json and dataset_report.txt, locked for this process (`held`); a failure here
-    leaves no run folder behind (nothing has started)."""
-    run = RunFolder.create(output_root, settings.run_name, {
-        "run_id": run_id, "settings": settings.to_dict(), "concepts": [c.to_dict() for c in concepts],
-        "dataset_report": data.report.to_dict(), "base_model": {"path": model.source, "hash": model.source_hash,
-                                                                "family": model.family,
-                                                                "prediction_type": model.prediction_type,
-                                                                "parent_run_id": parent_run},
-        **extra_config, "libraries": library_versions(), "total_steps": total_steps, "finished": False,
-        "created": time.strftime("%Y-%m-%d %H:%M:%S")})
-    try:
-        held.enter_context(run.lock())
-        with open(os.path.join(run.path, "dataset_report.txt"), "w", encoding="utf-8",
-                  errors="backslashreplace") as f:
-            f.write(_file_names_as_text(report) + "\n")
-    except BaseException:
-        shutil.rmtree(run.path, ignore_errors=True)     # no run folder for a run that never started
-        raise
-    return run
-
-
-def _freeze(params):
-    for p in params:
-        p.requires_grad_(False)
-        p.grad = None
-
-
-def _pause(seconds: float, cb, control, say):
-    say(f"pausing {seconds:.0f} s")
-    end = time.time() + seconds
-    while time.time() < end:
-        if (cb.should_stop and cb.should_stop()) or (control is not None and control.stop_requested):
-            return
-        time.sleep(min(0.2, max(0.0, end - time.time())))
-
-
-def _base_model_prior_loss(tm, base_model, base_unet, unet_fwd, concepts, batch, noisy, t, settings,
-                           encode_prompts, per_sample_mse, with_grad):
-    """Prior preservation without class images: on the same noisy latents, the trained model's prediction
-    for the class prompt is pulled toward the frozen base model's prediction for it."""
-    import torch
-
-    prompts = [concepts[ci].class_prompt for ci in batch.concept_indices]
-    keep = [i for i, p in enumerate(prompts) if p]
-    if not keep:
-        return torch.zeros((), device=noisy.device)
-    prompts = [prompts[i] for i in keep]
-    noisy, t = noisy[keep], t[keep]
-    time_ids = batch.time_ids[keep] if batch.time_ids is not None else None
-    clip_skip = settings.clip_skip_or_none
-    with torch.no_grad():
-        base_te = encode_prompts(base_model, prompts, clip_skip)
-        added = {"text_embeds": base_te.pooled, "time_ids": time_ids} if tm.is_sdxl else None
-        if tm.unet is base_unet or settings.use_lora:
-            with _adapters_disabled(tm.unet):
-                target = tm.unet(noisy, t, base_te.embeds, added_cond_kwargs=added).sample
-        else:
-            target = base_unet(noisy, t, base_te.embeds.to(base_unet.dtype), added_cond_kwargs=added).sample
-    ctx = contextlib.nullcontext() if with_grad else torch.no_grad()
-    with ctx:
-        te = encode_prompts(tm, prompts, clip_skip)
-    added = {"text_embeds": te.pooled, "time_ids": time_ids} if tm.is_sdxl else None
-    pred = unet_fwd(noisy, t, te.embeds, added_cond_kwargs=added).sample
-    # each example's own concept weight (a batch may mix concepts), unless the settings override them all
-    weights = torch.tensor([settings.prior_loss_weight if settings.prior_loss_weight is not None
-                            else concepts[batch.concept_indices[i]].prior_loss_weight for i in keep],
-                           device=pred.device, dtype=torch.float32)
-    return (per_sample_mse(pred, target.detach()) * weights).mean()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Checkpoint files
-# --------------------------------------------------------------------------------------------------------------
-def _write_state(folder, named, optimizer, lr_scheduler, ema, state, scaler=None):
-    import torch
-    from safetensors.torch import save_file
-
-    save_file({k: p.detach().float().cpu().contiguous() for k, p in named.items()},
-              os.path.join(folder, "trainable.safetensors"))
-    extra = {"scaler": scaler.state_dict()} if scaler is not None else {}     # fp16: the loss scale and its clock
-    torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), **extra},
-               os.path.join(folder, "optimizer.pt"))
-    if ema is not None:
-        torch.save(ema.state_dict(), os.path.join(folder, "ema.pt"))
-    with open(os.path.join(folder, "state.json"), "w", encoding="utf-8") as f:
-        json.dump(state, f, indent=2)
-
-
-class CheckpointMismatch(ValueError):
-    """A readable checkpoint of another run (other settings, data or base model)."""
-
-
-def _copy_weights(folder, named, saved: dict) -> None:
-    """Trainable tensors of a checkpoint into `named` (in place)."""
-    import torch
-
-    missing = sorted(set(named) - set(saved))
-    if missing:
-        raise CheckpointMismatch(f"{folder}: the checkpoint lacks {len(missing)} trained tensors (e.g. "
-                                 f"{missing[:2]}); it was made with other settings")
-    with torch.no_grad():
-        for k, p in named.items():
-            p.copy_(saved[k].to(device=p.device, dtype=p.dtype))
-
-
-def _load_weights(folder, named) -> dict | None:
-    """Trainable tensors into `named` (in place); returns the EMA state if the folder has one."""
-    import torch
-    from safetensors.torch import load_file
-
-    _copy_weights(folder, named, load_file(os.path.join(folder, "trainable.safetensors")))
-    ema_path = os.path.join(folder, "ema.pt")
-    return torch.load(ema_path, map_location="cpu", weights_only=True) if os.path.exists(ema_path) else None
-
-
-def _read_checkpoint(folder) -> dict:
-    """Every file of a checkpoint read into memory (CPU), so a damaged one fails here, before any state changes."""
-    import torch
-    from safetensors.torch import load_file
-
-    with open(os.path.join(folder, "state.json"), encoding="utf-8") as f:
-        state = json.load(f)
-    ema_path = os.path.join(folder, "ema.pt")
-    return {"state": state, "weights": load_file(os.path.join(folder, "trainable.safetensors")),
-            "optimizer": torch.load(os.path.join(folder, "optimizer.pt"), map_location="cpu", weights_only=True),
-            "ema": torch.load(ema_path, map_location="cpu", weights_only=True) if os.path.exists(ema_path) else None}
-
-
-def _read_own_checkpoint(folder, run_id) -> dict:
-    """A checkpoint's contents, read whole; another run's checkpoint is an error (CheckpointMismatch)."""
-    ckpt = _read_checkpoint(folder)
-    if ckpt["state"].get("run_id") != run_id:
-        raise CheckpointMismatch(
-            f"{folder}: this checkpoint belongs to a run with other settings, data or base model (run id "
-            f"{ckpt['state'].get('run_id')} vs {run_id}); start a new run (resume = new) or restore the "
-            "original settings")
-    return ckpt
-
-
-def _apply_checkpoint(folder, ckpt, named, optimizer, lr_scheduler, ema, scaler=None) -> int:
-    """A checkpoint read by _read_own_checkpoint into the training state; returns its step."""
-    _copy_weights(folder, named, ckpt["weights"])
-    opt = ckpt["optimizer"]
-    optimizer.load_state_dict(opt["optimizer"])
-    lr_scheduler.load_state_dict(opt["lr_scheduler"])
-    if scaler is not None and opt.get("scaler"):
-        scaler.load_state_dict(opt["scaler"])
-    if ema is not None and ckpt["ema"] is not None:
-        ema.load_state_dict(ckpt["ema"])
-    return int(ckpt["state"]["step"])
-
-
-def _load_checkpoint(folder, named, optimizer, lr_scheduler, ema, run_id, scaler=None) -> int:
-    return _apply_checkpoint(folder, _read_own_checkpoint(folder, run_id), named, optimizer, lr_scheduler, ema,
-                             scaler)
-
-
-def _first_loadable(run, checkpoint, load, say, fallback, set_aside: bool = True):
-    """(load(folder), folder) for `checkpoint`, or (with `fallback`) for the newest older checkpoint of `run` that
-    loads when it is damaged (truncated by a full disk, cut by a crash); None when none loads. A checkpoint the
-    user named explicitly is not replaced: its damage is an error naming it. Another run's checkpoint
-    (CheckpointMismatch) is always an error. A damaged checkpoint passed over is renamed `.step-N.damaged`
-    (`set_aside`, the main process): kept for a look, but no longer the newest, so keep_last_checkpoints never
-    prunes a good checkpoint in its favour."""
-    candidates = [checkpoint]
-    if fallback:
-        newest = run.checkpoints().index(checkpoint) if checkpoint in run.checkpoints() else 0
-        candidates += list(reversed(run.checkpoints()[:newest]))
-    for i, folder in enumerate(candidates):
-        try:
-            value = load(folder)
-        except CheckpointMismatch:
-            raise
-        except Exception as e:         # SafetensorError, UnpicklingError, EOFError, JSON/OS errors: damaged
-            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-            if not fallback:
-                raise ValueError(f"{folder}: the checkpoint is damaged and cannot be loaded ({reason}); resume "
-                                 f"from another checkpoint of {run.path}, or start a new run") from None
-            say(f"checkpoint {folder} is damaged ({reason}); trying an older one")
-            if set_aside:
-                aside = os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.damaged")
-                if not os.path.exists(aside):
-                    with contextlib.suppress(OSError):
-                        os.replace(folder, aside)
-            continue
-        if i:
-            say(f"resuming from {folder} instead of the damaged {checkpoint}")
-        return value, folder
-    return None
-
-
-def _names_a_checkpoint(resume) -> bool:
-    """resume is the path of one checkpoint folder (not auto/new or a run folder)."""
-    if resume in ("auto", "new", "", None):
-        return False
-    return os.path.exists(os.path.join(os.path.abspath(os.path.expanduser(resume)), "state.json"))
-
-
-def _resume_target(output_root, run_id, resume):
-    """(RunFolder or None, checkpoint folder or None) for the `resume` setting."""
-    if resume in ("new", "", None):
-        return None, None
-    if resume == "auto":
-        run = RunFolder.find(output_root, run_id, finished=False)
-        return (run, run.latest_checkpoint()) if run else (None, None)
-    path = os.path.abspath(os.path.expanduser(resume))
-    if os.path.exists(os.path.join(path, "state.json")):                  # a checkpoint folder
-        return RunFolder(os.path.dirname(os.path.dirname(path))), path
-    if os.path.exists(os.path.join(path, "config.json")):                 # a run folder: its latest checkpoint
-        run = RunFolder(path)
-        ckpt = run.latest_checkpoint()
-        if ckpt is None:
-            raise ValueError(f"resume: {path} has no checkpoint yet; start a new run")
-        return run, ckpt
-    raise ValueError(f"resume: {resume!r} is neither 'auto', 'new', a run folder nor a checkpoint folder")
-
-
-def _finish_model(tm, model, named, settings, ema_state, run_id):
-    """The trained SDModel: eval mode, no grads, EMA copy attached when trained with EMA. Modules still shared
-    with the received `model` are left as they are."""
-    import torch
-
-    ema_unet = None
-    if ema_state is not None:
-        from .setup.ema import EMA
-
-        with torch.no_grad():
-            ema = EMA(tm.unet, settings.ema_decay) if any(p.requires_grad for p in tm.unet.parameters()) else None
-            if ema is not None:
-                ema.load_state_dict(ema_state)
-                ema_unet = ema.averaged_copy(tm.unet)
-    for m in _owned_modules(tm, model):
-        m.eval().requires_grad_(False)
-    if ema_unet is not None:
-        ema_unet.eval().requires_grad_(False)
-    metadata = dict(tm.metadata)
-    metadata["training"] = settings.result_dict()
-    metadata["trained_run_id"] = run_id          # names these weights if they are trained further
-    return tm.replace(ema_unet=ema_unet, metadata=metadata,
-                      zero_terminal_snr=bool(tm.zero_terminal_snr or settings.zero_terminal_snr))
+def _finish(job: Job, step: int, last_loss: float | None) -> TrainResult:
+    if job.main:
+        if job.settings.preview_every_epochs:
+            preview(job, math.ceil(job.total_steps / job.steps_per_epoch))
+        save_state(job, step, last_loss, final=True)
+        job.run.update_config(finished=True, steps=step, final_loss=last_loss,
+                              finished_at=time.strftime("%Y-%m-%d %H:%M:%S"))
+    job.dist.barrier()                    # the others read the finished run's config after rank 0 wrote it
+    result = finish_model(job.tm, job.model, job.named, job.settings,
+                          job.ema.state_dict() if job.ema is not None else None, job.run_id)
+    return TrainResult(result, job.run.path, step, final_loss=last_loss, report=job.report,
+                       info=job.run.read_config())

@@ -52,7 +52,7 @@ def _train(model, root, settings, concept, **kw):
 
 
 def _prepare(model, concept, tmp, **data):
-    from comfyui_dreambooth.training.data.dataset import prepare_training_data
+    from comfyui_dreambooth.training.data.prepare import prepare_training_data
 
     return prepare_training_data(model, [concept], tiny_settings(data=data or None).data,
                                  cache_dir=str(tmp / "cache"), text_encoder_trained=False, batch_size=1)
@@ -234,7 +234,7 @@ class _Payload:
 def _(tmp, sd1):
     import torch
 
-    from comfyui_dreambooth.training.models.io import ModelLoadError, load_model
+    from comfyui_dreambooth.training.models import ModelLoadError, load_model
 
     marker = tmp / "pwned"
     path = tmp / "evil.ckpt"
@@ -250,7 +250,7 @@ def _(tmp, sd1):
     import json
     import struct
 
-    from comfyui_dreambooth.training.models.io import ModelLoadError, load_model
+    from comfyui_dreambooth.training.models import ModelLoadError, load_model
 
     header = json.dumps({"x": {"dtype": "F32", "shape": [1000000], "data_offsets": [0, 4000000]}}).encode()
     path = tmp / "oob.safetensors"
@@ -264,7 +264,7 @@ def _(tmp, sd1):
       "clear error naming the file")
 def _(tmp, sd1):
     from comfyui_dreambooth.training.models import save_single_file
-    from comfyui_dreambooth.training.models.io import ModelLoadError, load_model
+    from comfyui_dreambooth.training.models import ModelLoadError, load_model
 
     path = tmp / "cut.safetensors"
     save_single_file(sd1, str(path), dtype="fp16")
@@ -281,7 +281,7 @@ def _(tmp, sd1):
     import torch
     from safetensors.torch import save_file
 
-    from comfyui_dreambooth.training.models.io import ModelLoadError, load_model
+    from comfyui_dreambooth.training.models import ModelLoadError, load_model
 
     path = tmp / "lora.safetensors"
     save_file({"lora_unet_down.lora_up.weight": torch.zeros(4, 4)}, str(path))
@@ -534,7 +534,7 @@ def _(tmp, sd1):
     import threading
 
     from comfyui_dreambooth.training.models import save_diffusers
-    from comfyui_dreambooth.training.models.io import file_hash
+    from comfyui_dreambooth.training.models.state_dict import file_hash
 
     folder = tmp / "model"
     save_diffusers(sd1, str(folder), dtype="fp16")

@@ -269,11 +269,12 @@ def scan_report(concepts: list[ConceptSettings], data_settings=None) -> DatasetR
         report.concepts.append(cr)
         report.examples_per_epoch += cr.instance_examples_per_epoch + (
             cr.instance_examples_per_epoch if concept.uses_prior_preservation else 0)
-        report.warnings += _concept_warnings(cr)
+        report.warnings += concept_warnings(cr)
     return report
 
 
-def _concept_warnings(cr: ConceptReport) -> list[str]:
+def concept_warnings(cr: ConceptReport) -> list[str]:
+    """The warnings of one concept's report: no usable images, broken files, over-long captions."""
     w = []
     if cr.instance_images == 0:
         w.append(f"concept {cr.index + 1}: no usable images in {cr.instance_dir!r}")

@@ -28,7 +28,7 @@ import os
 import time
 
 from ..models.components import SDModel
-# shared with full-checkpoint saves (training/models/io.py), so both name architectures the same way
+# shared with full-checkpoint saves (training/models/save.py), so both name architectures the same way
 from ..models.identity import MODELSPEC_VERSION, default_resolution, modelspec_architecture  # noqa: F401
 from ..setup.adapters import adapted_layers, adapter_config, ADAPTER_NAME
 from .naming import safe_output_path, unique_path  # noqa: F401  (node-facing helpers live beside the writer)
@@ -306,7 +306,7 @@ def save_kohya_lora(model: SDModel, path: str, *, dtype: str = "fp16", use_ema: 
     """Write the model's adapters as a kohya LoRA .safetensors file, atomically. Returns the path.
 
     Weights are stored in `dtype`; `.alpha` stays float32 so the training alpha survives exactly. An Imagic model
-    also gets its embeddings beside the file (training.imagic.save_sidecar).
+    also gets its embeddings beside the file (training/models/imagic_embeddings.py: save_sidecar).
     """
     from safetensors.torch import save_file
 
@@ -323,7 +323,7 @@ def save_kohya_lora(model: SDModel, path: str, *, dtype: str = "fp16", use_ema: 
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = _sshs_hashes(state, meta)
     with atomic_path(path) as tmp:
         save_file(state, tmp, metadata=meta)
-    from ..imagic import save_sidecar
+    from ..models.imagic_embeddings import save_sidecar
 
     save_sidecar(model, path)      # an Imagic model's embeddings: <name>.imagic.safetensors beside the LoRA
     return path

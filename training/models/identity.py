@@ -25,7 +25,8 @@ import os
 import re
 from dataclasses import asdict, dataclass
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+from .components import PREDICTION_TYPES
+
 # ComfyUI: comfy/supported_models.py SD20.model_type (key under the "model.diffusion_model." UNet prefix)
 SD2_VPRED_TENSOR = "output_blocks.11.1.transformer_blocks.0.norm1.bias"
 SD2_VPRED_STD_THRESHOLD = 0.09

@@ -15,8 +15,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import torch
-
 
 @dataclass(frozen=True)
 class Rule:
@@ -187,5 +185,26 @@ def to_ldm(rule: Rule, tensors: list, ldm_shape=None) -> torch.Tensor:
     if rule.kind == "transpose":
         return tensors[0].t().contiguous()
     if rule.kind == "split3":
+        import torch    # here only: load.py and save.py import this module, and `models` stays torch-free to import
+
         return torch.cat(tensors, dim=0)
     raise ValueError(rule.kind)
+
+
+# ---- the rules of one module (loading and saving apply them in opposite directions) ----------------------------
+def canonical_te_key(module_key: str) -> str:
+    """transformers 5 dropped 'text_model.' from CLIPTextModel keys; rules use the prefixed form."""
+    if module_key.startswith(("text_model.", "text_projection")):
+        return module_key
+    return "text_model." + module_key
+
+
+def module_rules(component: str, module, config: dict, family: str, te_kind: str = "", prefix: str = ""):
+    keys = list(module.state_dict().keys())
+    if component == "unet":
+        return unet_rules(keys, config), {k: k for k in keys}
+    if component == "vae":
+        return vae_rules(keys, config), {k: k for k in keys}
+    canon = {canonical_te_key(k): k for k in keys}
+    rules = hf_clip_rules(canon, prefix) if te_kind == "hf" else open_clip_rules(canon, prefix)
+    return rules, canon

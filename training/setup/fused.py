@@ -27,7 +27,7 @@ import hashlib
 
 import torch
 
-from .optimizers import build_optimizer, _normalise_groups
+from .optimizers import build_optimizer, normalise_groups
 
 BF16_MASK = -65536          # 0xFFFF0000 as int32: the bits a bf16 keeps of an fp32
 
@@ -56,7 +56,7 @@ class PerParameterOptimizer(torch.optim.Optimizer):
     def __init__(self, param_groups, settings, *, fused: bool, seed: int = 0):
         self._optimizers: list = []
         self._by_param: dict[int, tuple[int, object]] = {}
-        for group in _normalise_groups(param_groups):
+        for group in normalise_groups(param_groups):
             for p in group["params"]:
                 single = {**group, "params": [p]}
                 opt = build_optimizer([single], settings)

@@ -17,42 +17,12 @@ from __future__ import annotations
 import importlib.util
 from typing import Iterable
 
-# optimizer -> [(module to import, pip package)], any one of them is enough
-_OPTIONAL_PACKAGES = {
-    "AdamW8bit": [("bitsandbytes", "bitsandbytes")],
-    "Lion8bit": [("bitsandbytes", "bitsandbytes")],
-    "Lion": [("lion_pytorch", "lion-pytorch"), ("bitsandbytes", "bitsandbytes")],
-    "Prodigy": [("prodigyopt", "prodigyopt")],
-    "Adafactor": [("transformers", "transformers")],
-}
-_ALTERNATIVE = {"AdamW8bit": "AdamW", "Lion8bit": "Lion or AdamW", "Lion": "AdamW", "Prodigy": "AdamW",
-                "Adafactor": "AdamW"}
+from .. import compat
+from ..compat import OPTIONAL_PACKAGES, install_hint, missing_optimizer_package
 
 
 class OptimizerUnavailable(ImportError):
     """The chosen optimizer needs a package that is missing or does not load here."""
-
-
-def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def _install_hint(name: str) -> str:
-    pips = " or ".join(f"`pip install {pip}`" for _, pip in _OPTIONAL_PACKAGES[name])
-    return (f"{pips} into the Python environment that runs ComfyUI (or this CLI), or choose optimizer "
-            f"'{_ALTERNATIVE[name]}'")
-
-
-def missing_optimizer_package(name: str) -> str | None:
-    """None when `name` can be built here; else a sentence naming the pip package and an alternative."""
-    options = _OPTIONAL_PACKAGES.get(name)
-    if not options or any(_installed(module) for module, _ in options):
-        return None
-    packages = " or ".join(pip for _, pip in options)
-    return f"needs the package {packages}, which is not installed; {_install_hint(name)}"
 
 
 def _import(name: str, module: str):
@@ -60,7 +30,7 @@ def _import(name: str, module: str):
         return importlib.import_module(module)
     except Exception as e:  # bitsandbytes may raise RuntimeError/OSError on a broken CUDA setup, not only ImportError
         raise OptimizerUnavailable(f"optimizer {name!r}: importing {module} failed ({type(e).__name__}: {e}); "
-                                   f"{_install_hint(name)}") from e
+                                   f"{install_hint(name)}") from e
 
 
 def training_param_groups(unet_params: Iterable, text_encoder_params: Iterable, settings) -> list[dict]:
@@ -76,7 +46,9 @@ def training_param_groups(unet_params: Iterable, text_encoder_params: Iterable, 
     return groups
 
 
-def _normalise_groups(param_groups) -> list[dict]:
+def normalise_groups(param_groups) -> list[dict]:
+    """Parameter groups as dicts with a list of params (a plain iterable becomes one group); empty groups dropped,
+    none left is an error. build_optimizer and fused_backward's optimizer see the same groups."""
     groups = list(param_groups)
     if groups and not isinstance(groups[0], dict):
         groups = [{"params": groups}]
@@ -95,7 +67,7 @@ def build_optimizer(param_groups, settings):
     import torch
 
     name = settings.optimizer
-    groups = _normalise_groups(param_groups)
+    groups = normalise_groups(param_groups)
     lr = settings.unet_lr
     wd = settings.weight_decay
     betas = (settings.adam_beta1, settings.adam_beta2)
@@ -104,7 +76,7 @@ def build_optimizer(param_groups, settings):
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=wd)
     if name == "SGD":
         return torch.optim.SGD(groups, lr=lr, momentum=settings.sgd_momentum, weight_decay=wd)
-    if name in _OPTIONAL_PACKAGES:
+    if name in OPTIONAL_PACKAGES:
         missing = missing_optimizer_package(name)
         if missing:
             raise OptimizerUnavailable(f"optimizer {name!r} {missing}")
@@ -115,7 +87,7 @@ def build_optimizer(param_groups, settings):
         bnb = _import(name, "bitsandbytes")
         return bnb.optim.Lion8bit(groups, lr=lr, weight_decay=wd)
     if name == "Lion":
-        if _installed("lion_pytorch"):
+        if compat.installed("lion_pytorch"):
             return _import(name, "lion_pytorch").Lion(groups, lr=lr, weight_decay=wd)
         return _import(name, "bitsandbytes").optim.Lion(groups, lr=lr, weight_decay=wd)
     if name == "Prodigy":

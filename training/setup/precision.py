@@ -131,5 +131,31 @@ def frozen_on(device, modules):
             m.to("cpu")
 
 
+# ---- the precision a run computes in (the model as loaded, the device) ---------------------------------------
+def mixed_precision(settings, device, say, model) -> str:
+    mp = settings.mixed_precision
+    if device.type == "cpu" and mp == "fp16":
+        say("mixed_precision fp16 needs a GPU; training in fp32 on the CPU")
+        mp = "no"
+    loaded = next(model.unet.parameters()).dtype
+    if mp == "no" and loaded in (torch.float16, torch.bfloat16):
+        # fp32 compute would meet the frozen half-precision base weights in every layer (dtype mismatch)
+        half = "bf16" if loaded == torch.bfloat16 else "fp16"
+        if half == "fp16" and device.type == "cpu":
+            raise ValueError("the model is loaded in fp16, which cannot train on the CPU; load it in fp32 or bf16 "
+                             "(LoadBaseModel's dtype)")
+        say(f"the model is loaded in {half}: computing in {half} mixed precision (trained weights stay fp32); "
+            "load it in fp32 for full-precision training")
+        mp = half
+    return mp
+
+
+def vae_dtype(settings, device, say):
+    if device.type == "cpu" and settings.vae_dtype == "fp16":
+        say("vae_dtype fp16 needs a GPU; the VAE runs in fp32 on the CPU")
+        return torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(settings.vae_dtype, torch.float32)
+
+
 __all__ = ["trained_weight_dtype", "cast_trained", "compute_dtype", "frozen_weight_dtype", "apply_fp8_storage",
-           "restore_fp8_storage", "offload_frozen", "frozen_on"]
+           "restore_fp8_storage", "offload_frozen", "frozen_on", "mixed_precision", "vae_dtype"]
