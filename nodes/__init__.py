@@ -8,7 +8,7 @@ import inspect
 
 from ..training.quiet import run_quietly
 from . import concepts, convert, models, save, settings, train, wizard
-from .live import register_routes
+from .live_routes import register_routes
 
 NODE_CLASS_MAPPINGS = {
     "LoadBaseModel": models.LoadBaseModel,

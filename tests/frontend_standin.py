@@ -4,7 +4,7 @@ build ComfyUI pins) to run in headless Chromium without ComfyUI:
   * the frontend's static files, and /api/object_info built from the pack's own node classes (the core nodes the
     examples use from tests/workflow_tools.py's CORE_NODES);
   * the pack's web/ extensions, its example workflows (/api/workflow_templates), and its two routes answered by
-    nodes/live.py's state_response / control_response, the code ComfyUI runs;
+    nodes/live_routes.py's state_response / control_response, the code ComfyUI runs;
   * a websocket (/ws) that carries what the pack's LiveReporter sends, as ComfyUI's PromptServer.send_sync does;
   * POST /api/prompt answers a prompt id and, for every TrainDreamBooth node of the prompt, plays a run the way the
     node drives its reporter (stages, steps, Save now taken and confirmed, a requested stop ending "stopped");
@@ -207,7 +207,7 @@ class Handler(BaseHTTPRequestHandler):
 
     # --- GET ------------------------------------------------------------------------------------------------
     def do_GET(self):  # noqa: C901 - one branch per route
-        from comfyui_dreambooth.nodes import live
+        from comfyui_dreambooth.nodes import live_routes
 
         url = urlparse(self.path)
         path = unquote(url.path)
@@ -237,7 +237,7 @@ class Handler(BaseHTTPRequestHandler):
         if route in answers:
             return self._json(answers[route]())
         if route == "/dreambooth/state":
-            status, body = live.state_response(query.get("node"))
+            status, body = live_routes.state_response(query.get("node"))
             return self._json(body, status)
         if route.startswith(f"/workflow_templates/{PACK}/"):
             return self._file(REPO / "example_workflows" / route.rsplit("/", 1)[1])
@@ -252,7 +252,7 @@ class Handler(BaseHTTPRequestHandler):
 
     # --- POST -----------------------------------------------------------------------------------------------
     def do_POST(self):
-        from comfyui_dreambooth.nodes import live
+        from comfyui_dreambooth.nodes import live_routes
 
         path = unquote(urlparse(self.path).path)
         route = path[4:] if path.startswith("/api/") else path
@@ -260,7 +260,7 @@ class Handler(BaseHTTPRequestHandler):
         if route == "/prompt":
             return self._json(self.server.queue(body or {}))
         if route == "/dreambooth/control":
-            status, answer = live.control_response(body)
+            status, answer = live_routes.control_response(body)
             return self._json(answer, status)
         if route == "/harness/shot":
             if self.server.on_shot is not None:

@@ -1,4 +1,5 @@
-"""nodes/live.py: LiveReporter messages + throttle, the state store, the two routes, and the recorded fixtures."""
+"""nodes/live.py (LiveReporter messages + throttle, the state store), nodes/live_routes.py (the two routes), and the
+recorded fixtures."""
 import asyncio
 import json
 import subprocess
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from comfyui_dreambooth.nodes import comfy_compat, live, paths
+from comfyui_dreambooth.nodes import comfy_compat, live, live_routes, paths
 from comfyui_dreambooth.training import control as control_module
 from comfyui_dreambooth.training.control import find_control
 
@@ -241,13 +242,13 @@ def test_default_transport_inside_comfyui_uses_prompt_server(monkeypatch):
 
 # --- routes --------------------------------------------------------------------------------------------------
 def test_state_response():
-    assert live.state_response() == (200, {"nodes": {}, "runs": []})
+    assert live_routes.state_response() == (200, {"nodes": {}, "runs": []})
     make_reporter("3")
-    status, body = live.state_response("3")
+    status, body = live_routes.state_response("3")
     assert status == 200 and body["node"] == "3"
-    status, body = live.state_response(None)
+    status, body = live_routes.state_response(None)
     assert status == 200 and set(body["nodes"]) == {"3"}
-    status, body = live.state_response("4")
+    status, body = live_routes.state_response("4")
     assert status == 404 and "node '4'" in body["error"]
 
 
@@ -266,16 +267,16 @@ def test_every_message_and_the_state_name_the_prompt_that_started_the_run():
 def test_runs_of_the_same_node_id_from_other_workflows_are_all_kept(monkeypatch):
     """Issue 23.1: workflow A's node 5 trained, then workflow B's node 5: A's panel still finds A's run (by its
     prompt) in GET /dreambooth/state; the latest run of each node stays the one controls act on."""
-    monkeypatch.setattr(live, "_send_ui_message", lambda e, d: None)
+    monkeypatch.setattr(live, "send_ui_message", lambda e, d: None)
     first, _, _ = make_reporter("5", prompt_id="prompt-a")
     first.status("done", "finished")
     second, _, _ = make_reporter("5", prompt_id="prompt-b")
-    status, body = live.state_response()
+    status, body = live_routes.state_response()
     assert status == 200 and [(s["run"], s["prompt"]) for s in body["runs"]] == [(first.run, "prompt-a"),
                                                                                   (second.run, "prompt-b")]
     assert body["nodes"]["5"]["run"] == second.run
-    assert live.control_response({"node": "5", "run": first.run, "action": "save_now"})[0] == 409
-    assert live.control_response({"node": "5", "run": second.run, "action": "save_now"})[0] == 200
+    assert live_routes.control_response({"node": "5", "run": first.run, "action": "save_now"})[0] == 409
+    assert live_routes.control_response({"node": "5", "run": second.run, "action": "save_now"})[0] == 200
 
 
 def test_kept_runs_are_bounded_but_each_nodes_latest_stays():
@@ -291,11 +292,11 @@ def test_kept_runs_are_bounded_but_each_nodes_latest_stays():
 def test_save_now_is_confirmed_on_the_panel_when_the_checkpoint_is_written(monkeypatch):
     """Issue 23.3: the notice "Save requested: ..." stayed for the rest of the run; the "saved" line reached only
     the console. Taking the request shows "saving", the trainer's next word (after the write) "saved step N"."""
-    monkeypatch.setattr(live, "_send_ui_message", lambda e, d: None)
+    monkeypatch.setattr(live, "send_ui_message", lambda e, d: None)
     reporter, sent, clock = make_reporter("5")
     reporter.progress(1, 10, epoch=1, loss=0.5)
     reporter.progress(2, 10, epoch=1, loss=0.4)
-    assert live.control_response({"node": "5", "run": reporter.run, "action": "save_now"})[0] == 200
+    assert live_routes.control_response({"node": "5", "run": reporter.run, "action": "save_now"})[0] == 200
     assert not reporter.trainer_control.should_stop(epoch_end=True)        # the other flags are the run's own
     del sent[:]
     assert reporter.trainer_control.take_save_request()                     # the trainer writes it now
@@ -361,17 +362,17 @@ def test_current_prompt_id_inside_comfyui(monkeypatch):
 
 def test_control_response_sets_the_flags_and_tells_every_tab(monkeypatch):
     broadcast = []
-    monkeypatch.setattr(live, "_send_ui_message", lambda e, d: broadcast.append((e, d)))
+    monkeypatch.setattr(live, "send_ui_message", lambda e, d: broadcast.append((e, d)))
     reporter, _, _ = make_reporter("3")
-    status, body = live.control_response({"node": "3", "run": reporter.run, "action": "save_now"})
+    status, body = live_routes.control_response({"node": "3", "run": reporter.run, "action": "save_now"})
     assert status == 200 and body["ok"] and body["control"]["save_requested"] and body["run"] == reporter.run
     assert reporter.control.take_save_request()
-    status, body = live.control_response({"node": 3, "run": reporter.run, "action": "stop_after_epoch"})
+    status, body = live_routes.control_response({"node": 3, "run": reporter.run, "action": "stop_after_epoch"})
     assert status == 200 and "end of this epoch" in body["message"]
     assert reporter.control.should_stop(epoch_end=True) and not reporter.control.should_stop(epoch_end=False)
     assert broadcast[-1][0] == live.STATUS_EVENT and broadcast[-1][1]["control"]["stop_after_epoch"]
     assert broadcast[-1][1]["run"] == reporter.run
-    live.control_response({"node": "3", "run": reporter.run, "action": "stop_now"})
+    live_routes.control_response({"node": "3", "run": reporter.run, "action": "stop_now"})
     assert reporter.control.should_stop(epoch_end=False)
 
 
@@ -385,20 +386,20 @@ def test_control_response_sets_the_flags_and_tells_every_tab(monkeypatch):
 ])
 def test_control_response_errors(payload, status, fragment):
     make_reporter("3", run_id="r3")
-    got_status, body = live.control_response(payload)
+    got_status, body = live_routes.control_response(payload)
     assert got_status == status and fragment in body["error"]
 
 
 def test_control_after_the_run_ended_is_404():
     reporter, _, _ = make_reporter("3")
     reporter.status("done")
-    status, body = live.control_response({"node": "3", "run": reporter.run, "action": "save_now"})
+    status, body = live_routes.control_response({"node": "3", "run": reporter.run, "action": "save_now"})
     assert status == 404 and "has ended" in body["error"]
 
 
 def test_register_routes_is_a_no_op_outside_comfyui(monkeypatch):
-    monkeypatch.setattr(live, "_routes_registered", False)
-    assert live.register_routes() is False
+    monkeypatch.setattr(live_routes, "_routes_registered", False)
+    assert live_routes.register_routes() is False
 
 
 class FakeRoutes:
@@ -454,18 +455,18 @@ def fake_route_table(monkeypatch) -> "FakeRoutes":
     fake_aiohttp.web = fake_web
     monkeypatch.setitem(sys.modules, "aiohttp", fake_aiohttp)
     monkeypatch.setitem(sys.modules, "aiohttp.web", fake_web)
-    monkeypatch.setattr(live, "_routes_registered", False)
+    monkeypatch.setattr(live_routes, "_routes_registered", False)
     return routes
 
 
 def test_register_routes_inside_comfyui(monkeypatch):
     routes = fake_route_table(monkeypatch)
-    assert live.register_routes() is True
+    assert live_routes.register_routes() is True
     routes.handlers.clear()
-    assert live.register_routes() is True            # idempotent: no second registration
+    assert live_routes.register_routes() is True            # idempotent: no second registration
     assert routes.handlers == {}
-    monkeypatch.setattr(live, "_routes_registered", False)
-    live.register_routes()
+    monkeypatch.setattr(live_routes, "_routes_registered", False)
+    live_routes.register_routes()
     assert set(routes.handlers) == {("GET", "/dreambooth/state"), ("POST", "/dreambooth/control")}
 
     reporter, _, _ = make_reporter("5")
@@ -500,7 +501,7 @@ def test_recorded_fixtures_match_what_the_reporter_sends():
 
 def test_module_is_cheap_to_import():
     code = ("import sys, comfyui_dreambooth; before = set(sys.modules); "
-            "import comfyui_dreambooth.nodes.live; "
+            "import comfyui_dreambooth.nodes.live, comfyui_dreambooth.nodes.live_routes; "
             "heavy = {'torch', 'diffusers', 'transformers', 'aiohttp'} & (set(sys.modules) - before); "
             "print(sorted(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -536,7 +537,7 @@ def test_snapshots_while_training_are_consistent():
 def installed_routes(monkeypatch):
     """(GET state handler, POST control handler) as registered inside a (fake) ComfyUI with a fake aiohttp.web."""
     routes = fake_route_table(monkeypatch)
-    assert live.register_routes()
+    assert live_routes.register_routes()
     return routes.handlers[("GET", "/dreambooth/state")], routes.handlers[("POST", "/dreambooth/control")]
 
 
@@ -548,54 +549,54 @@ def post(handler, request):
 
 def test_control_names_the_run_a_stale_tab_gets_409_and_touches_nothing(monkeypatch):
     broadcast = []
-    monkeypatch.setattr(live, "_send_ui_message", lambda e, d: broadcast.append((e, d)))
+    monkeypatch.setattr(live, "send_ui_message", lambda e, d: broadcast.append((e, d)))
     first, _, _ = make_reporter("3", run_id="run-a")
     first.status("stopped", "stopped after epoch 1")          # the tab that showed run-a stays open...
     second, _, _ = make_reporter("3", run_id="run-b")         # ...while the node trains run-b
     for action in ("stop_now", "stop_after_epoch", "save_now"):
-        status, body = live.control_response({"node": "3", "run": "run-a", "action": action})
+        status, body = live_routes.control_response({"node": "3", "run": "run-a", "action": action})
         assert status == 409 and "stale run id 'run-a'" in body["error"], body
     assert second.control.snapshot() == {"save_requested": False, "stop_after_epoch": False, "stop_now": False}
     assert broadcast == []
-    status, body = live.control_response({"node": "3", "run": "run-b", "action": "stop_now"})
+    status, body = live_routes.control_response({"node": "3", "run": "run-b", "action": "stop_now"})
     assert status == 200 and second.control.should_stop(epoch_end=False)
     # a guessed node id, or a guessed run id on a node that never trained: 404 either way, nothing set anywhere
-    status, body = live.control_response({"node": "4", "run": "run-b", "action": "stop_now"})
+    status, body = live_routes.control_response({"node": "4", "run": "run-b", "action": "stop_now"})
     assert status == 404 and find_control("4") is None
     second.status("done")
-    status, body = live.control_response({"node": "3", "run": "run-b", "action": "save_now"})
+    status, body = live_routes.control_response({"node": "3", "run": "run-b", "action": "save_now"})
     assert status == 404 and "run 'run-b' of node '3' has ended" in body["error"]
 
 
 def test_repeated_stop_requests_are_told_to_the_tabs_once(monkeypatch):
     broadcast = []
-    monkeypatch.setattr(live, "_send_ui_message", lambda e, d: broadcast.append((e, d)))
+    monkeypatch.setattr(live, "send_ui_message", lambda e, d: broadcast.append((e, d)))
     reporter, _, _ = make_reporter("3")
     for _ in range(50):
-        status, _ = live.control_response({"node": "3", "run": reporter.run, "action": "stop_after_epoch"})
+        status, _ = live_routes.control_response({"node": "3", "run": reporter.run, "action": "stop_after_epoch"})
         assert status == 200
     assert len(broadcast) == 1
 
 
 def test_save_now_is_rate_limited_per_run(monkeypatch):
-    monkeypatch.setattr(live, "_send_ui_message", lambda e, d: None)
+    monkeypatch.setattr(live, "send_ui_message", lambda e, d: None)
     reporter, _, clock = make_reporter("3", save_interval_s=30)
     request = {"node": "3", "run": reporter.run, "action": "save_now"}
-    assert live.control_response(request)[0] == 200
-    status, body = live.control_response(request)                   # the first one is not written yet
+    assert live_routes.control_response(request)[0] == 200
+    status, body = live_routes.control_response(request)                   # the first one is not written yet
     assert status == 429 and "already requested" in body["error"] and body["retry_after_s"] >= 1
     assert reporter.control.take_save_request() and not reporter.control.take_save_request()   # one checkpoint
     clock.t += 10
-    status, body = live.control_response(request)                   # written, but only 10 s ago
+    status, body = live_routes.control_response(request)                   # written, but only 10 s ago
     assert status == 429 and "once every 30 s" in body["error"] and body["retry_after_s"] == 20
     assert not reporter.control.snapshot()["save_requested"]
     # stopping is never rate-limited (it ends the run)
-    assert live.control_response({**request, "action": "stop_after_epoch"})[0] == 200
+    assert live_routes.control_response({**request, "action": "stop_after_epoch"})[0] == 200
     clock.t += 20
-    assert live.control_response(request)[0] == 200
+    assert live_routes.control_response(request)[0] == 200
     # a new run on the node starts with a clean slate
     fresh, _, _ = make_reporter("3", save_interval_s=30)
-    assert live.control_response({**request, "run": fresh.run})[0] == 200
+    assert live_routes.control_response({**request, "run": fresh.run})[0] == 200
 
 
 def test_save_now_rate_limit_reaches_the_client_with_retry_after(monkeypatch):
@@ -667,7 +668,7 @@ def test_huge_control_bodies_are_refused_without_reading_them(monkeypatch):
     assert declared.content.given == 0
     chunked = FakeRequest(raw=huge, length=None)          # no Content-Length: read no further than the limit
     response = post(post_control, chunked)
-    assert response["status"] == 413 and chunked.content.given <= live.MAX_CONTROL_BODY_BYTES + 1
+    assert response["status"] == 413 and chunked.content.given <= live_routes.MAX_CONTROL_BODY_BYTES + 1
     assert not reporter.control.stop_requested
     fits = FakeRequest(body={"node": "5", "run": "r", "action": "stop_now"}, length=None)
     assert post(post_control, fits)["status"] == 200 and reporter.control.stop_requested
@@ -679,8 +680,8 @@ def test_route_bugs_answer_500_in_one_line(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("/home/someone/secret/path exploded")
 
-    monkeypatch.setattr(live, "control_response", broken)
-    monkeypatch.setattr(live, "state_response", broken)
+    monkeypatch.setattr(live_routes, "control_response", broken)
+    monkeypatch.setattr(live_routes, "state_response", broken)
     for response in (post(post_control, FakeRequest(body={"node": "5", "run": "r", "action": "stop_now"})),
                      post(get_state, FakeRequest())):
         assert response["status"] == 500 and "see the server log" in response["body"]["error"]
@@ -753,7 +754,7 @@ def test_state_and_messages_show_no_absolute_paths(folders):
                                 "(run folder output/dreambooth/dog-20250101)")
     assert state["previews"] == [{"filename": "p.png", "subfolder": "dreambooth/dog-20250101/previews",
                                   "type": "output"}]
-    everything = json.dumps([state, sent, live.state_response()[1]])
+    everything = json.dumps([state, sent, live_routes.state_response()[1]])
     assert str(folders.tmp) not in everything and "/srv/private" not in everything
     assert "input/dog" in everything
 
@@ -795,7 +796,7 @@ def test_routes_in_a_real_aiohttp_server():
     test_utils = pytest.importorskip("aiohttp.test_utils")
 
     routes = aiohttp_web.RouteTableDef()
-    live._add_routes(routes)
+    live_routes._add_routes(routes)
     app = aiohttp_web.Application(client_max_size=100 * 1024 * 1024)
     app.add_routes(routes)
     reporter, _, _ = make_reporter("5", save_interval_s=30)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from comfyui_dreambooth.nodes import comfy_compat as compat
-from comfyui_dreambooth.nodes import live
+from comfyui_dreambooth.nodes import live, live_routes
 from comfyui_dreambooth.nodes.train import TrainDreamBooth
 from trainer_fixtures import make_concept, read_losses, tiny_settings
 
@@ -68,7 +68,7 @@ def test_headless_run_returns_model_run_dir_report_and_ui(sd1, tmp_path, headles
     # absolute path at all (the concept's images live outside ComfyUI's folders here: named by their last part)
     assert state["run_dir"] == "output/" + os.path.relpath(os.path.realpath(run_dir), output).replace(os.sep, "/")
     assert state["message"] == "finished " + state["run_dir"]
-    everything = json.dumps([live.state_response()[1], headless])
+    everything = json.dumps([live_routes.state_response()[1], headless])
     assert str(tmp_path) not in everything and os.path.realpath(str(tmp_path)) not in everything
 
     # re-queueing the same graph after a restart: the finished run is found on disk, nothing retrains

@@ -704,11 +704,11 @@ def _(tmp, sd1):
 @case("control-route", "POST /dreambooth/control from a stale tab, a guessed node id or with a malformed body",
       "refused: 409 (stale run) / 404 (no such run) / 400 (bad body) in one JSON line; no other run is touched")
 def _(tmp, sd1):
-    from comfyui_dreambooth.nodes import live
+    from comfyui_dreambooth.nodes import live_routes
 
-    assert live.control_response({"node": "999", "run": "guess", "action": "stop_now"})[0] == 404
-    assert live.control_response(["not", "an", "object"])[0] == 400
-    assert live.control_response({"node": "1", "run": "r", "action": "rm -rf"})[0] == 400
+    assert live_routes.control_response({"node": "999", "run": "guess", "action": "stop_now"})[0] == 404
+    assert live_routes.control_response(["not", "an", "object"])[0] == 400
+    assert live_routes.control_response({"node": "1", "run": "r", "action": "rm -rf"})[0] == 400
 
 
 # ---- the matrix -------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ class FakeApi extends EventTarget {
         return jsonResponse({ error }, status);
       }
       const { node, run, action } = call.body ?? {};
-      // like nodes/live.py: the run id must be the node's current run
+      // like nodes/live_routes.py: the run id must be the node's current run
       if (run == null) return jsonResponse({ error: "missing 'run'" }, 400);
       const current = this.stateBody?.nodes?.[node]?.run;
       if (current == null) return jsonResponse({ error: `no training run is active for node '${node}'` }, 404);
