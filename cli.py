@@ -274,7 +274,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
                 raise CliError("already exists; pass --overwrite to replace it")
     with about(args.model):
         _require_exists(args.model, "model")
-    from .nodes.comfy_compat import TerminalProgress, comfy_torch_device
+    from .nodes.comfy_compat import comfy_torch_device
+    from .nodes.terminal_progress import TerminalProgress
     from .training.models import load_model
     from .training.sampling import SCHEDULER_NAMES, generate, to_pil
 
@@ -480,7 +481,8 @@ def _estimate_arguments(p: argparse.ArgumentParser) -> None:
 @command("estimate", "estimate the VRAM a training run needs, per part (weights, gradients, optimizer, "
                      "activations, ...)", arguments=_estimate_arguments)
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from .training.memory import ESTIMATE_NOTE, GB, DeviceMemory, estimate, estimate_report
+    from .training.devices import GB, DeviceMemory
+    from .training.memory import ESTIMATE_NOTE, estimate, estimate_report
     from .training.settings import DreamBoothSettings
     from .training.wizard import WIZARD_SETTINGS
 
@@ -502,7 +504,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
                                                                  int(args.vram * GB))))
     else:                       # the settings nodes' text, for the device training would use here
         from .nodes.comfy_compat import comfy_torch_device
-        from .training.memory import read_device
+        from .training.devices import read_device
 
         memory, found = read_device(comfy_torch_device())
         print(estimate_report(model, settings, memory, device_label=found))

@@ -8,6 +8,7 @@ import types
 import pytest
 
 from comfyui_dreambooth.nodes import comfy_compat as cc
+from comfyui_dreambooth.nodes import terminal_progress
 
 
 @pytest.fixture(autouse=True)
@@ -94,7 +95,7 @@ def test_terminal_progress_on_a_tty_redraws_in_place():
             return True
 
     stream = Tty()
-    bar = cc.TerminalProgress(4, label="sample", stream=stream)
+    bar = terminal_progress.TerminalProgress(4, label="sample", stream=stream)
     bar.update_absolute(1)
     bar.update_absolute(4)
     out = stream.getvalue()
@@ -104,8 +105,8 @@ def test_terminal_progress_on_a_tty_redraws_in_place():
 
 def test_terminal_progress_render_shows_rate_and_eta(monkeypatch):
     clock = [100.0]
-    monkeypatch.setattr(cc.time, "monotonic", lambda: clock[0])
-    bar = cc.TerminalProgress(10, label="x", stream=io.StringIO(), width=10)
+    monkeypatch.setattr(terminal_progress.time, "monotonic", lambda: clock[0])
+    bar = terminal_progress.TerminalProgress(10, label="x", stream=io.StringIO(), width=10)
     clock[0] += 4.0
     bar.current = 2
     assert bar.render() == "x |##--------| 2/10 2.00 s/it ETA 0:16"
@@ -264,6 +265,7 @@ if not torch.cuda.is_available():
     comfy.cli_args.args.cpu = True
 import folder_paths, comfy.utils, comfy.model_management as mm
 from comfyui_dreambooth.nodes import comfy_compat as cc
+from comfyui_dreambooth.nodes import terminal_progress
 
 assert cc.in_comfyui()
 tmp = tempfile.mkdtemp()
