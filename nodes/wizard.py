@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from ..training.memory import free_device_memory_gb
+from ..training.devices import free_device_memory_gb
 from ..training.settings import DreamBoothSettings, recommended_learning_rate
 from ..training.wizard import MODES, choose_settings, concept_type_of, images_in
 from .settings import CONFIG_TYPE

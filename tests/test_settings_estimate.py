@@ -6,8 +6,9 @@ import re
 import pytest
 
 from comfyui_dreambooth.nodes import NODE_CLASS_MAPPINGS
-from comfyui_dreambooth.training import memory
-from comfyui_dreambooth.training.memory import GB, DeviceMemory, estimate
+from comfyui_dreambooth.training import devices, memory
+from comfyui_dreambooth.training.devices import GB, DeviceMemory
+from comfyui_dreambooth.training.memory import estimate
 from comfyui_dreambooth.training.settings import DreamBoothSettings
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -38,7 +39,7 @@ def device(monkeypatch):
         gb = None
 
     fake = Fake()
-    monkeypatch.setattr(memory, "device_memory", lambda d: None if fake.gb is None else DeviceMemory(
+    monkeypatch.setattr(devices, "device_memory", lambda d: None if fake.gb is None else DeviceMemory(
         "cuda:0 (Fake GPU)", int(fake.gb * GB), int(fake.gb * GB * 0.9)))
     return fake
 
@@ -111,7 +112,7 @@ def test_on_this_cpu_the_real_device_check_finds_no_accelerator():
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    assert memory.device_memory("cpu") is None
+    assert devices.device_memory("cpu") is None
     assert "no accelerator found" in run_node("DreamBoothSettings")["result"][1]
 
 
@@ -131,7 +132,7 @@ def test_a_device_that_cannot_be_read_still_shows_the_estimate(monkeypatch):
     def broken(device):
         raise RuntimeError("CUDA error: busy")
 
-    monkeypatch.setattr(memory, "device_memory", broken)
+    monkeypatch.setattr(devices, "device_memory", broken)
     text = memory.settings_estimate_text(None, DreamBoothSettings(), "cuda")
     assert "could not be read" in text and "CUDA error: busy" in text and "total" in text
     assert "WARNING" not in text

@@ -30,7 +30,7 @@ Estimated (marked in `Estimate.estimated`):
 - overhead: CUDA context, cuBLAS/cuDNN workspaces and allocator fragmentation, a constant (`OVERHEAD_BYTES`).
 
 `wizard.choose_settings(...)` is the wizard: see its docstring for the order in which savings are applied.
-`estimate_report(...)` is the estimate as text against a device's memory (`device_memory`), WARNING first when it
+`estimate_report(...)` is the estimate as text against a device's memory (devices.py reads it), WARNING first when it
 does not fit: the `comfyui-dreambooth estimate` output, and through `settings_estimate_text` (which never raises)
 the settings nodes' memory_estimate output.
 This module imports torch and diffusers only inside functions that need them (CLI --help stays instant).
@@ -42,7 +42,8 @@ import functools
 import math
 from dataclasses import dataclass, field
 
-GB = 1024 ** 3
+from .devices import GB, DeviceMemory, read_device
+
 BNB_BLOCK = 256            # bitsandbytes Optimizer8bit.init_state, block_wise: one fp32 absmax per 256 elements
 BNB_MIN_8BIT_SIZE = 4096   # bitsandbytes' min_8bit_size default: smaller tensors keep fp32 state
 OVERHEAD_BYTES = int(0.8 * GB)   # CUDA context (~300-500 MB) + workspaces + fragmentation (estimate)
@@ -372,14 +373,6 @@ def estimate(model, settings, resolution: int | None = None, batch: int | None =
     return Estimate(parts, details)
 
 
-def free_device_memory_gb(device) -> float:
-    """Free memory of an accelerator (torch.cuda.mem_get_info); ValueError on a CPU or an unknown device."""
-    memory = device_memory(device)
-    if memory is None or memory.free is None:
-        raise ValueError(f"cannot read the free memory of device {device}; set vram_gb to the card's memory in GB")
-    return memory.free / GB
-
-
 # ------------------------------------------------------------------------------------------------------------
 # The estimate of a config, as text (the settings nodes' memory_estimate output and `comfyui-dreambooth estimate`)
 # ------------------------------------------------------------------------------------------------------------
@@ -389,47 +382,6 @@ TIGHT_FRACTION = 0.9          # above this share of the card: a note that the es
 WIZARD_HINT = "the DreamBooth Performance Wizard node (or `comfyui-dreambooth wizard`)"
 ESTIMATE_NOTE = ("activations, weight_casts and overhead are calibrated estimates (+-30%); weights, gradients, "
                  "optimizer, ema, text_encoders and vae are exact for these settings")
-
-
-@dataclass
-class DeviceMemory:
-    """An accelerator's memory in bytes (free: None when it cannot be read)."""
-    name: str
-    total: int
-    free: int | None = None
-
-
-def device_memory(device) -> DeviceMemory | None:
-    """The memory of `device` when it is an accelerator whose memory can be read (CUDA / ROCm, Apple MPS), else
-    None (the CPU, or a device torch cannot report on)."""
-    import torch
-
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_available():
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        free, total = torch.cuda.mem_get_info(index)
-        return DeviceMemory(f"cuda:{index} ({torch.cuda.get_device_name(index)})", int(total), int(free))
-    mps = getattr(torch, "mps", None)
-    if device.type == "mps" and mps is not None and hasattr(mps, "recommended_max_memory"):
-        total = int(mps.recommended_max_memory())
-        used = int(mps.driver_allocated_memory()) if hasattr(mps, "driver_allocated_memory") else None
-        return DeviceMemory("mps (Apple GPU, recommended limit)", total, None if used is None else total - used)
-    return None
-
-
-def read_device(device) -> tuple[DeviceMemory | None, str]:
-    """(its memory, "") for an accelerator; (None, what was found instead) for the CPU, a device whose memory
-    cannot be read, or None (not known). `device` may already be a DeviceMemory."""
-    if device is None:
-        return None, "no device detected"
-    if isinstance(device, DeviceMemory):
-        return device, ""
-    memory = device_memory(device)
-    if memory is not None:
-        return memory, ""
-    if getattr(device, "type", str(device)) == "cpu":
-        return None, f"{device}, no accelerator found (training on the CPU uses system RAM)"
-    return None, f"{device}, its memory cannot be read"
 
 
 def _what(shape: ModelShape, s) -> str:

@@ -1,0 +1,59 @@
+"""The accelerator's memory, read through torch: CUDA / ROCm (torch.cuda.mem_get_info) and Apple MPS (its
+recommended limit). What the memory estimate is compared with (memory.estimate_report, the settings nodes'
+memory_estimate output, `comfyui-dreambooth estimate`) and what the performance wizard plans for.
+torch is imported inside the functions (CLI --help stays instant).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GB = 1024 ** 3
+
+
+@dataclass
+class DeviceMemory:
+    """An accelerator's memory in bytes (free: None when it cannot be read)."""
+    name: str
+    total: int
+    free: int | None = None
+
+
+def device_memory(device) -> DeviceMemory | None:
+    """The memory of `device` when it is an accelerator whose memory can be read (CUDA / ROCm, Apple MPS), else
+    None (the CPU, or a device torch cannot report on)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        free, total = torch.cuda.mem_get_info(index)
+        return DeviceMemory(f"cuda:{index} ({torch.cuda.get_device_name(index)})", int(total), int(free))
+    mps = getattr(torch, "mps", None)
+    if device.type == "mps" and mps is not None and hasattr(mps, "recommended_max_memory"):
+        total = int(mps.recommended_max_memory())
+        used = int(mps.driver_allocated_memory()) if hasattr(mps, "driver_allocated_memory") else None
+        return DeviceMemory("mps (Apple GPU, recommended limit)", total, None if used is None else total - used)
+    return None
+
+
+def read_device(device) -> tuple[DeviceMemory | None, str]:
+    """(its memory, "") for an accelerator; (None, what was found instead) for the CPU, a device whose memory
+    cannot be read, or None (not known). `device` may already be a DeviceMemory."""
+    if device is None:
+        return None, "no device detected"
+    if isinstance(device, DeviceMemory):
+        return device, ""
+    memory = device_memory(device)
+    if memory is not None:
+        return memory, ""
+    if getattr(device, "type", str(device)) == "cpu":
+        return None, f"{device}, no accelerator found (training on the CPU uses system RAM)"
+    return None, f"{device}, its memory cannot be read"
+
+
+def free_device_memory_gb(device) -> float:
+    """Free memory of an accelerator (torch.cuda.mem_get_info); ValueError on a CPU or an unknown device."""
+    memory = device_memory(device)
+    if memory is None or memory.free is None:
+        raise ValueError(f"cannot read the free memory of device {device}; set vram_gb to the card's memory in GB")
+    return memory.free / GB
