@@ -86,7 +86,8 @@ def test_pretrain_script_makes_a_checkpoint_the_pack_loads(tmp_path):
 
     out = tmp_path / "base.safetensors"
     assert main(["--out", str(out), "--log", str(tmp_path / "log.jsonl"), "--images", "40", "--vae-steps", "2",
-                 "--decoder-steps", "2", "--unet-steps", "2", "--batch", "4", "--threads", "1"]) == 0
+                 "--decoder-steps", "2", "--unet-steps", "2", "--offset-steps", "2", "--batch", "4",
+                 "--threads", "1"]) == 0
     model = load_model(str(out), dtype="fp32")
     assert model.family == "sd1" and model.vae_scale_factor == 4 and model.unet.config.sample_size == 16
     stages = [line.split('"stage": "')[1].split('"')[0] for line in (tmp_path / "log.jsonl").read_text().splitlines()]

@@ -21,7 +21,7 @@ from .world import CLASS_NOUN, Subject, caption, draw_subject, instance_prompt
 TOKEN = "sks"
 CLASS_PROMPT = caption()      # "a toy"
 SAMPLE_STEPS = 20
-SAMPLE_CFG = 5.0
+SAMPLE_CFG = 7.5
 SAMPLER = "euler"
 
 

@@ -158,8 +158,13 @@ def encode_latents(vae, images, batch: int = 256):
 
 
 def train_denoiser(model, means, stds, toys, steps: int, batch: int, lr: float, log, *, seed: int = 0,
-                   save_every: int = 0, save=None, ema_decay: float = 0.999, min_snr_gamma: float = 5.0):
-    """UNet + text encoder, epsilon prediction on the SD noise schedule, min-SNR weighting, EMA of the UNet."""
+                   save_every: int = 0, save=None, ema_decay: float = 0.999, min_snr_gamma: float = 5.0,
+                   offset_noise: float = 0.0, stage: str = "unet"):
+    """UNet + text encoder, epsilon prediction on the SD noise schedule, min-SNR weighting, EMA of the UNet.
+
+    offset_noise: a per-image, per-channel constant added to the noise. The SD schedule never reaches pure noise;
+    on a 16×16 latent the mean of the noisiest input still tells the image's average colour, so a model trained
+    without it copies the colour of its starting noise and ignores the prompt's background (stage 3)."""
     import copy
 
     import torch
@@ -196,6 +201,8 @@ def train_denoiser(model, means, stds, toys, steps: int, batch: int, lr: float, 
         latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scale
         caps = [pretraining_caption(toys[i][0], toys[i][1], rng) for i in idx.tolist()]
         noise = torch.randn(latents.shape, generator=gen)
+        if offset_noise:
+            noise = noise + offset_noise * torch.randn((batch, latents.shape[1], 1, 1), generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
         noisy = sched.add_noise(latents, noise, t)
         embeds = encode_tokens(model, tokens(caps)).embeds
@@ -213,7 +220,7 @@ def train_denoiser(model, means, stds, toys, steps: int, batch: int, lr: float, 
         running += loss.item()
         count += 1
         if (step + 1) % 25 == 0:
-            log(stage="unet", step=step + 1, loss=round(running / count, 5), lr=round(opt.param_groups[0]["lr"], 7))
+            log(stage=stage, step=step + 1, loss=round(running / count, 5), lr=round(opt.param_groups[0]["lr"], 7))
             running, count = 0.0, 0
         if save is not None and save_every and (step + 1) % save_every == 0 and step + 1 < steps:
             save(ema, step + 1)
@@ -223,10 +230,12 @@ def train_denoiser(model, means, stds, toys, steps: int, batch: int, lr: float, 
 
 
 def pretrain(out: str, *, images: int = 30000, vae_steps: int = 300, decoder_steps: int = 1200,
-             unet_steps: int = 2500, batch: int = 64, seed: int = 0, log_path: str | None = None, save_every: int = 500, threads: int | None = None):
+             unet_steps: int = 2500, offset_steps: int = 600, batch: int = 64, seed: int = 0,
+             start_from: str | None = None, log_path: str | None = None, save_every: int = 500,
+             threads: int | None = None):
     import torch
 
-    from ..models.io import save_single_file
+    from ..models import save_single_file
 
     if threads:
         torch.set_num_threads(threads)
@@ -262,9 +271,22 @@ def pretrain(out: str, *, images: int = 30000, vae_steps: int = 300, decoder_ste
         save_single_file(snapshot, out, dtype="fp16", metadata={"toyworld.steps": str(step)})
         log(stage="saved", step=step, path=out)
 
-    ema = train_denoiser(model, means, stds, toys, unet_steps, batch, 4e-4, log, seed=seed,
-                         save_every=save_every, save=save)
-    save(ema, unet_steps)
+    if start_from:                   # stage 2 done by an earlier run: its saved (EMA) UNet and text encoder
+        from ..models import load_model
+
+        done = load_model(start_from, dtype="fp32")
+        model.unet.load_state_dict(done.unet.state_dict())
+        model.text_encoders[0].load_state_dict(done.text_encoders[0].state_dict())
+        log(stage="stage2 loaded", path=start_from)
+    else:
+        ema = train_denoiser(model, means, stds, toys, unet_steps, batch, 4e-4, log, seed=seed,
+                             save_every=save_every, save=save)
+        model.unet.load_state_dict(ema.state_dict())     # stage 3 goes on from the EMA weights (as saved)
+        save(ema, unet_steps)
+    if offset_steps:
+        ema = train_denoiser(model, means, stds, toys, offset_steps, batch, 1e-4, log, seed=seed + 2,
+                             save=None, offset_noise=0.1, stage="offset")
+        save(ema, unet_steps + offset_steps)
     log(stage="done")
     return out
 
@@ -277,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae-steps", type=int, default=300)
     p.add_argument("--decoder-steps", type=int, default=1200)
     p.add_argument("--unet-steps", type=int, default=2500)
+    p.add_argument("--offset-steps", type=int, default=600, help="stage 3: steps with offset noise (0 = none)")
+    p.add_argument("--start-from", default=None, help="a checkpoint saved at the end of stage 2: go on from there")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=500)
@@ -284,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     pretrain(a.out, images=a.images, vae_steps=a.vae_steps, decoder_steps=a.decoder_steps, unet_steps=a.unet_steps,
-             batch=a.batch, seed=a.seed, log_path=a.log, save_every=a.save_every, threads=a.threads)
+             offset_steps=a.offset_steps, start_from=a.start_from, batch=a.batch, seed=a.seed, log_path=a.log,
+             save_every=a.save_every, threads=a.threads)
     return 0
 
 
