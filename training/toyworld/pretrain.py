@@ -144,6 +144,21 @@ def polish_decoder(vae, images, steps: int, batch: int, lr: float, log, seed: in
     return last
 
 
+def centre_latents(vae, means):
+    """Shift the VAE's latent space so its per-channel mean is 0, exactly (no retraining): the encoder's mean
+    output loses the channel means and the decoder's first 1×1 conv adds them back. SD's samplers start from
+    zero-mean noise, and the SD schedule never reaches pure noise: with a latent mean far from 0 (here up to a
+    whole std) a sample starts off its data, which shows as a colour cast. Returns the centred means."""
+    import torch
+
+    mu = means.mean(dim=(0, 2, 3))
+    channels = mu.numel()
+    with torch.no_grad():
+        vae.quant_conv.bias[:channels] -= mu
+        vae.post_quant_conv.bias += vae.post_quant_conv.weight[:, :, 0, 0] @ mu
+    return means - mu[None, :, None, None]
+
+
 def encode_latents(vae, images, batch: int = 256):
     """(mean, std) of the VAE's latent distribution for each image."""
     import torch
@@ -180,6 +195,8 @@ def train_denoiser(model, means, stds, toys, steps: int, batch: int, lr: float, 
     unet.train().requires_grad_(True)
     te.train().requires_grad_(True)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    ema_te = copy.deepcopy(te).eval().requires_grad_(False)     # the UNet's EMA must meet the text it was made for
+    pairs = list(zip(ema.parameters(), unet.parameters())) + list(zip(ema_te.parameters(), te.parameters()))
     opt = torch.optim.AdamW([{"params": unet.parameters()}, {"params": te.parameters()}], lr=lr, weight_decay=1e-2)
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
@@ -215,7 +232,7 @@ def train_denoiser(model, means, stds, toys, steps: int, batch: int, lr: float, 
         opt.step()
         decay = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for e, p in zip(ema.parameters(), unet.parameters()):
+            for e, p in pairs:
                 e.lerp_(p, 1 - decay)
         running += loss.item()
         count += 1
@@ -223,15 +240,15 @@ def train_denoiser(model, means, stds, toys, steps: int, batch: int, lr: float, 
             log(stage=stage, step=step + 1, loss=round(running / count, 5), lr=round(opt.param_groups[0]["lr"], 7))
             running, count = 0.0, 0
         if save is not None and save_every and (step + 1) % save_every == 0 and step + 1 < steps:
-            save(ema, step + 1)
+            save(ema, ema_te, step + 1)
     unet.eval().requires_grad_(False)
     te.eval().requires_grad_(False)
-    return ema
+    return ema, ema_te
 
 
 def pretrain(out: str, *, images: int = 30000, vae_steps: int = 300, decoder_steps: int = 1200,
-             unet_steps: int = 2500, offset_steps: int = 600, batch: int = 64, seed: int = 0,
-             start_from: str | None = None, log_path: str | None = None, save_every: int = 500,
+             unet_steps: int = 2500, offset_steps: int = 0, batch: int = 64, seed: int = 0,
+             start_from: str | None = None, centre: bool = True, offset_noise: float = 0.05, log_path: str | None = None, save_every: int = 500,
              threads: int | None = None):
     import torch
 
@@ -262,12 +279,14 @@ def pretrain(out: str, *, images: int = 30000, vae_steps: int = 300, decoder_ste
     if decoder_steps:
         vae_mse = polish_decoder(model.vae, [w[0] for w in world[:8192]], decoder_steps, 16, 1e-3, log, seed)
     del world
+    if centre:
+        means = centre_latents(model.vae, means)
     scale = 1.0 / float(means.std())
     model.vae.register_to_config(scaling_factor=scale)
     log(stage="latents", count=len(means), scaling_factor=round(scale, 5), vae_mse=round(vae_mse, 5))
 
-    def save(unet, step):
-        snapshot = model.replace(unet=unet)
+    def save(unet, te, step):
+        snapshot = model.replace(unet=unet, text_encoders=[te])
         save_single_file(snapshot, out, dtype="fp16", metadata={"toyworld.steps": str(step)})
         log(stage="saved", step=step, path=out)
 
@@ -279,14 +298,15 @@ def pretrain(out: str, *, images: int = 30000, vae_steps: int = 300, decoder_ste
         model.text_encoders[0].load_state_dict(done.text_encoders[0].state_dict())
         log(stage="stage2 loaded", path=start_from)
     else:
-        ema = train_denoiser(model, means, stds, toys, unet_steps, batch, 4e-4, log, seed=seed,
-                             save_every=save_every, save=save)
+        ema, ema_te = train_denoiser(model, means, stds, toys, unet_steps, batch, 4e-4, log, seed=seed,
+                                     save_every=save_every, save=save, offset_noise=offset_noise)
         model.unet.load_state_dict(ema.state_dict())     # stage 3 goes on from the EMA weights (as saved)
-        save(ema, unet_steps)
+        model.text_encoders[0].load_state_dict(ema_te.state_dict())
+        save(ema, ema_te, unet_steps)
     if offset_steps:
-        ema = train_denoiser(model, means, stds, toys, offset_steps, batch, 1e-4, log, seed=seed + 2,
-                             save=None, offset_noise=0.1, stage="offset")
-        save(ema, unet_steps + offset_steps)
+        ema, ema_te = train_denoiser(model, means, stds, toys, offset_steps, batch, 1e-4, log, seed=seed + 2,
+                                     save=None, offset_noise=0.1, stage="offset")
+        save(ema, ema_te, unet_steps + offset_steps)
     log(stage="done")
     return out
 
@@ -299,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae-steps", type=int, default=300)
     p.add_argument("--decoder-steps", type=int, default=1200)
     p.add_argument("--unet-steps", type=int, default=2500)
-    p.add_argument("--offset-steps", type=int, default=600, help="stage 3: steps with offset noise (0 = none)")
+    p.add_argument("--offset-steps", type=int, default=0, help="stage 3: more steps with offset noise 0.1")
+    p.add_argument("--offset-noise", type=float, default=0.05, help="offset noise in stage 2")
+    p.add_argument("--no-centre", dest="centre", action="store_false", help="keep the latent means (not centred)")
     p.add_argument("--start-from", default=None, help="a checkpoint saved at the end of stage 2: go on from there")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -308,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     pretrain(a.out, images=a.images, vae_steps=a.vae_steps, decoder_steps=a.decoder_steps, unet_steps=a.unet_steps,
-             offset_steps=a.offset_steps, start_from=a.start_from, batch=a.batch, seed=a.seed, log_path=a.log,
+             offset_steps=a.offset_steps, start_from=a.start_from, centre=a.centre, offset_noise=a.offset_noise, batch=a.batch, seed=a.seed, log_path=a.log,
              save_every=a.save_every, threads=a.threads)
     return 0
 
