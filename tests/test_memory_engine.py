@@ -304,6 +304,19 @@ def test_impossible_combinations_are_refused_naming_both_settings(changes, names
     assert all(n in problems[0] for n in names), problems
 
 
+@pytest.mark.parametrize("frozen", ["fp16", "bf16"])
+def test_half_frozen_weights_on_the_cpu_name_the_cpu_and_a_fix_that_works_there(sd1, tmp_path, frozen):
+    """Issue 24.7: the CPU turns mixed_precision fp16 into 'no'; the refusal must say so, not ask for fp16."""
+    from comfyui_dreambooth.training.settings import SettingsError
+
+    with pytest.raises(SettingsError) as e:
+        _train(sd1, tmp_path / "o", tiny_settings(mixed_precision="fp16", frozen_dtype=frozen, steps_per_image=1),
+               make_concept(tmp_path, n=1), device="cpu")
+    message = str(e.value)
+    assert "CPU" in message and "fp32" in message and "frozen_dtype 'auto'" in message and "GPU" in message, message
+    assert "set mixed_precision to 'fp16'" not in message and "set mixed_precision to" not in message, message
+
+
 def test_memory_settings_at_defaults_keep_old_run_hashes():
     from comfyui_dreambooth.training.settings import MEMORY_ENGINE_FIELDS, DreamBoothSettings
 

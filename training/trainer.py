@@ -117,14 +117,13 @@ def _start(model, concepts, settings, output_root, device, cb, held) -> Job:
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    from .setup.precision import mixed_precision
+    from .setup.precision import check_device_precision, mixed_precision
 
     settings = settings.resolved(concepts).check()
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     say = cb.log or (lambda msg: None)
     mp = mixed_precision(settings, device, say, model)
-    if mp != settings.mixed_precision:      # checks that depend on it (fused_backward, frozen_dtype) see the real one
-        settings.replace(mixed_precision=mp).check(check_environment=False)
+    check_device_precision(settings, mp, device)    # checks that depend on it (fused_backward, frozen_dtype)
     accelerator = Accelerator(mixed_precision=mp, cpu=device.type == "cpu",
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=collective_timeout())])
     device = accelerator.device if device.type != "cpu" else device

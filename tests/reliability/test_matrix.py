@@ -711,6 +711,20 @@ def _(tmp, sd1):
     assert live_routes.control_response({"node": "1", "run": "r", "action": "rm -rf"})[0] == 400
 
 
+# ---- issue 24: estimate, wizard, run --json, device precision ---------------------------------------------------
+@case("cpu-half-frozen", "frozen_dtype fp16 or bf16 with mixed_precision fp16, trained on a CPU",
+      "clear error: the CPU trains in fp32 (mixed_precision becomes 'no'); set frozen_dtype auto or use a GPU")
+def _(tmp, sd1):
+    from comfyui_dreambooth.training.settings import SettingsError
+
+    for frozen in ("fp16", "bf16"):
+        with pytest.raises(SettingsError) as e:
+            _train(sd1, tmp / frozen, tiny_settings(mixed_precision="fp16", frozen_dtype=frozen),
+                   make_concept(tmp, n=1), device="cpu")
+        assert "CPU" in str(e.value) and "frozen_dtype 'auto'" in str(e.value), e.value
+        assert "set mixed_precision to" not in str(e.value), e.value
+
+
 # ---- the matrix -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
 def test_case(c, tmp_path, sd1, single_thread):

@@ -150,6 +150,28 @@ def mixed_precision(settings, device, say, model) -> str:
     return mp
 
 
+def check_device_precision(settings, mp: str, device) -> None:
+    """The checks that depend on mixed_precision (fused_backward, frozen_dtype) with `mp`, the precision this device
+    and model really compute in; a refusal says why it differs from the setting and names a fix that works here."""
+    from ..settings import SettingsError
+
+    if mp == settings.mixed_precision:
+        return
+    problems = settings.replace(mixed_precision=mp).validate(check_environment=False)
+    if not problems:
+        return
+    on_cpu = device.type == "cpu" and settings.mixed_precision == "fp16" and mp == "no"
+    if on_cpu and settings.frozen_dtype in ("bf16", "fp16"):
+        other = " or mixed_precision 'bf16'" if settings.frozen_dtype == "bf16" else ""
+        raise SettingsError([
+            f"frozen_dtype = {settings.frozen_dtype!r} with mixed_precision = 'fp16' on the CPU: the CPU trains in "
+            "fp32 (mixed_precision 'fp16' becomes 'no' there), and half-precision frozen weights would meet fp32 "
+            f"compute; set frozen_dtype 'auto'{other}, or train on a GPU"])
+    why = ("the CPU trains in fp32: mixed_precision 'fp16' becomes 'no' there" if on_cpu else
+           f"the model as loaded computes in {mp}: mixed_precision {settings.mixed_precision!r} becomes {mp!r}")
+    raise SettingsError([f"{p} ({why})" for p in problems])
+
+
 def vae_dtype(settings, device, say):
     if device.type == "cpu" and settings.vae_dtype == "fp16":
         say("vae_dtype fp16 needs a GPU; the VAE runs in fp32 on the CPU")
@@ -158,4 +180,4 @@ def vae_dtype(settings, device, say):
 
 
 __all__ = ["trained_weight_dtype", "cast_trained", "compute_dtype", "frozen_weight_dtype", "apply_fp8_storage",
-           "restore_fp8_storage", "offload_frozen", "frozen_on", "mixed_precision", "vae_dtype"]
+           "restore_fp8_storage", "offload_frozen", "frozen_on", "mixed_precision", "check_device_precision", "vae_dtype"]
