@@ -397,6 +397,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------------------------
 # estimate / wizard (training/memory.py)
 # ------------------------------------------------------------------------------------------------------------------
+MAX_VRAM_GB = 16384           # a card's memory in GB; more is a typo (1e308 overflowed the byte count)
 MODEL_OR_FAMILY_HELP = ("checkpoint file or diffusers folder (loaded), or a family size keyword: sd15, sd2 or sdxl "
                         "(the architecture is built without weights: nothing to download or load)")
 
@@ -410,6 +411,19 @@ def _memory_model(spec: str):
         _require_exists(spec, "model")
         from .training.models import load_model
         return load_model(spec)
+
+
+def check_vram(vram: float | None) -> None:
+    if vram is not None and not 0 < vram <= MAX_VRAM_GB:
+        raise CliError(f"--vram {vram:g}: give the card's memory in GB, more than 0 and at most {MAX_VRAM_GB}, "
+                       "e.g. --vram 8")
+
+
+def check_settings(settings) -> None:
+    """Settings the trainer would refuse are refused here too (an estimate of them means nothing)."""
+    problems = settings.validate(check_environment=False)
+    if problems:
+        raise CliError("the trainer would refuse these settings: " + "; ".join(problems))
 
 
 def _setting_value(text: str):
@@ -492,13 +506,16 @@ def cmd_estimate(args: argparse.Namespace) -> int:
             _require_exists(args.workflow, "workflow")
             settings = settings_from_workflow(args.workflow)
     settings = apply_setting_overrides(settings, args.overrides)
-    if args.vram is not None and args.vram <= 0:
-        raise CliError(f"--vram {args.vram:g}: give the card's memory in GB, e.g. --vram 8")
+    check_vram(args.vram)
+    check_settings(settings)
     model = _memory_model(args.model)
     if args.json:
         est = estimate(model, settings)
         shown = {k: getattr(settings, k) for k in WIZARD_SETTINGS} | {"resolution": settings.data.resolution}
-        print(json.dumps({"settings": shown, "estimate_gb": est.gb(), "explanation": ESTIMATE_NOTE}, indent=2))
+        out = {"settings": shown, "estimate_gb": est.gb(), "explanation": ESTIMATE_NOTE}
+        if args.vram is not None:           # the verdict for the card named
+            out |= {"vram_gb": args.vram, "fits": est.total <= int(args.vram * GB)}
+        print(json.dumps(out, indent=2))
     elif args.vram is not None:
         print(estimate_report(model, settings, DeviceMemory(f"{_article(args.vram)} {args.vram:g} GB card",
                                                                  int(args.vram * GB))))
@@ -524,15 +541,20 @@ def _wizard_arguments(p: argparse.ArgumentParser) -> None:
 
 @command("wizard", "choose settings that fit a card's VRAM, and explain each choice", arguments=_wizard_arguments)
 def cmd_wizard(args: argparse.Namespace) -> int:
+    from .training.data.settings import DataSettings
     from .training.wizard import choose_settings
 
-    if args.vram <= 0:
-        raise CliError(f"--vram {args.vram:g}: give the card's memory in GB, e.g. --vram 8")
+    check_vram(args.vram)
     if args.images < 1:
         raise CliError(f"--images {args.images}: give the number of training images (1 or more)")
+    if args.resolution is not None:
+        problems = DataSettings(resolution=args.resolution).validate()
+        if problems:
+            raise CliError(f"--resolution {args.resolution}: " + "; ".join(problems))
     model = _memory_model(args.model)
     result = choose_settings(model, args.vram, images=args.images, resolution=args.resolution, mode=args.mode,
                              concept_type=args.concept_type)
+    check_settings(result.settings)
     out = result.to_json_dict()
     if args.json:
         print(json.dumps(out, indent=2))

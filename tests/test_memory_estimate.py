@@ -371,3 +371,40 @@ def test_text_nits(sd1, capsys):
     assert code == 0 and "an 8 GB card" in out
     code, out, _ = _cli(capsys, "estimate", "sd15", "--vram", "12")
     assert code == 0 and "a 12 GB card" in out
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["estimate", "sd15", "--set", "batch_size=-3"], ["batch_size = -3", "1 to 256"]),
+    (["estimate", "sd15", "--set", "use_lora=false", "--set", "fused_backward=true", "--set", "max_grad_norm=0",
+      "--set", "mixed_precision=bf16", "--set", "frozen_dtype=fp8"], ["frozen_dtype", "use_lora"]),
+    (["estimate", "sd15", "--set", "optimizer=Prodigy", "--set", "weights_dtype=bf16", "--set",
+      "mixed_precision=bf16"], ["Prodigy", "weights_dtype"]),
+    (["estimate", "sd15", "--set", "resolution=100", "--json"], ["resolution = 100", "multiple of 64"]),
+    (["estimate", "sd15", "--vram", "1e308"], ["--vram", "at most"]),
+    (["wizard", "sd15", "--vram", "1e308"], ["--vram", "at most"]),
+    (["wizard", "sd15", "--vram", "8", "--resolution", "0"], ["--resolution", "64 to 4096"]),
+    (["wizard", "sd15", "--vram", "8", "--resolution", "-512"], ["--resolution", "64 to 4096"]),
+    (["wizard", "sd15", "--vram", "8", "--resolution", "100"], ["--resolution", "multiple of 64"]),
+    (["wizard", "sd15", "--vram", "8", "--resolution", "8192"], ["--resolution", "64 to 4096"]),
+])
+def test_cli_refuses_settings_the_trainer_refuses(capsys, argv, needles):
+    """Issue 24.3: a negative batch "fitted", refused combinations were estimated, 1e308 GB overflowed."""
+    code, out, err = _cli(capsys, *argv)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("error: "), (code, out, err)
+    assert "unexpected" not in err and "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_cli_estimate_json_with_vram_gives_a_verdict(capsys):
+    """Issue 24.3: --json ignored --vram."""
+    code, out, err = _cli(capsys, "estimate", "sd15", "--json", "--vram", "80")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["vram_gb"] == 80 and data["fits"] is True
+    code, out, err = _cli(capsys, "estimate", "sdxl", "--set", "use_lora=false", "--json", "--vram", "1")
+    data = json.loads(out)
+    assert data["vram_gb"] == 1 and data["fits"] is False
+    code, out, err = _cli(capsys, "estimate", "sd15", "--json")
+    assert "fits" not in json.loads(out)                # no card named: nothing to compare with

@@ -725,6 +725,19 @@ def _(tmp, sd1):
         assert "set mixed_precision to" not in str(e.value), e.value
 
 
+@case("estimate-refused-settings", "`estimate --set batch_size=-3`, Prodigy + weights_dtype bf16, fp8 frozen weights in "
+      "a full fine-tune, `--vram 1e308`; `wizard --resolution 0 / -512 / 100 / 8192`",
+      "clear error naming the setting and its allowed range or fix (the trainer's own checks); no estimate")
+def _(tmp, sd1):
+    _one_line_error(*_cli("estimate", "sd15", "--set", "batch_size=-3"), "batch_size = -3", "1 to 256")
+    _one_line_error(*_cli("estimate", "sd15", "--set", "optimizer=Prodigy", "--set", "weights_dtype=bf16", "--set",
+                          "mixed_precision=bf16"), "Prodigy")
+    _one_line_error(*_cli("estimate", "sd15", "--set", "use_lora=false", "--set", "frozen_dtype=fp8"), "fp8")
+    _one_line_error(*_cli("estimate", "sd15", "--vram", "1e308"), "--vram", "at most")
+    for resolution in ("0", "-512", "100", "8192"):
+        _one_line_error(*_cli("wizard", "sd15", "--vram", "8", "--resolution", resolution), "--resolution")
+
+
 # ---- the matrix -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
 def test_case(c, tmp_path, sd1, single_thread):
