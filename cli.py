@@ -330,7 +330,8 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
                         "VALUE is JSON when it parses, else text (repeatable)")
     p.add_argument("--output-dir", default="output", help="folder used in place of ComfyUI's output folder")
     p.add_argument("--quiet", action="store_true", help="no per-node progress lines")
-    p.add_argument("--json", action="store_true", help="print the result (outputs, timings) as JSON")
+    p.add_argument("--json", action="store_true", help="print the result (outputs, timings) as JSON: stdout holds the JSON alone, the run's "
+                        "own lines go to stderr")
     p.add_argument("--num-processes", type=int, default=1, metavar="N",
                    help="train data-parallel in N processes on this machine (one per GPU; on a CPU-only machine N "
                         "CPU processes): the same as `accelerate launch --num_processes N -m comfyui_dreambooth run "
@@ -366,8 +367,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _relaunch(args, args.argv)
     pin_local_device()
     check_output_dir(args.output_dir)
+    # --json: stdout holds the JSON alone; the pack's lines and the nodes' prints go to stderr with the progress
+    lines_to = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     try:
-        with about(args.workflow):
+        with about(args.workflow), lines_to:
             result = run_workflow(args.workflow, overrides=args.overrides, output_dir=args.output_dir,
                                   show_progress=not args.quiet)
     except Exception as exc:

@@ -219,6 +219,28 @@ def test_run_executes_with_overrides_and_output_dir(capsys, tmp_path, echo_pack)
     assert json.loads(out)["executed"] == ["3"]
 
 
+class LoudEcho(Echo):
+    def go(self, text, times):
+        comfy_compat.log("scanning images")           # the pack's own lines, as the data node prints them
+        print("a node's own print")
+        return super().go(text, times)
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_run_json_keeps_stdout_for_the_json_alone(capsys, tmp_path, monkeypatch, quiet):
+    """Issue 24.9: `run --json --quiet` put "[DreamBooth] scanning images" before the JSON on stdout."""
+    monkeypatch.setattr(runner, "pack_node_classes", lambda: {"Echo": LoudEcho})
+    wf = tmp_path / "wf.json"
+    wf.write_text(json.dumps({"3": {"class_type": "Echo", "inputs": {"text": "a", "times": 1}}}))
+    code, out, err = run_cli(capsys, "run", str(wf), "--output-dir", str(tmp_path / "o"), "--json",
+                             *(["--quiet"] if quiet else []))
+    assert code == 0, err
+    assert json.loads(out)["executed"] == ["3"]               # stdout is the JSON and nothing else
+    assert "[DreamBooth] scanning images" in err and "a node's own print" in err
+    code, out, err = run_cli(capsys, "run", str(wf), "--output-dir", str(tmp_path / "o"), "--quiet")
+    assert code == 0 and "[DreamBooth] scanning images" in out     # without --json: as before
+
+
 def test_run_errors_are_one_line(capsys, tmp_path, echo_pack):
     wf = tmp_path / "wf.json"
     wf.write_text(json.dumps({"3": {"class_type": "Echo", "inputs": {"text": "a", "times": 9}},

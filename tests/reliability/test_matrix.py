@@ -738,6 +738,40 @@ def _(tmp, sd1):
         _one_line_error(*_cli("wizard", "sd15", "--vram", "8", "--resolution", resolution), "--resolution")
 
 
+@case("run-json-stdout", "`run --json --quiet` of a graph whose nodes print lines (the data node's \"scanning images\")",
+      "handled: stdout holds the JSON alone; the pack's lines go to stderr")
+def _(tmp, sd1):
+    import contextlib
+    import json
+
+    from comfyui_dreambooth import cli, runner
+    from comfyui_dreambooth.nodes import comfy_compat
+
+    class Loud:
+        RETURN_TYPES, FUNCTION, OUTPUT_NODE, CATEGORY = (), "go", True, "DreamBooth/test"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {}}
+
+        def go(self):
+            comfy_compat.log("scanning images")
+            return {}
+
+    path = tmp / "wf.json"
+    path.write_text(json.dumps({"1": {"class_type": "Loud", "inputs": {}}}))
+    out, err = io.StringIO(), io.StringIO()
+    real = runner.pack_node_classes
+    runner.pack_node_classes = lambda: {"Loud": Loud}
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(["run", str(path), "--json", "--quiet", "--output-dir", str(tmp / "o")])
+    finally:
+        runner.pack_node_classes = real
+    assert code == 0, err.getvalue()
+    assert json.loads(out.getvalue())["executed"] == ["1"] and "scanning images" in err.getvalue()
+
+
 # ---- the matrix -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
 def test_case(c, tmp_path, sd1, single_thread):
