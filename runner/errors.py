@@ -12,10 +12,19 @@ class WorkflowFormatError(WorkflowError):
     """Not a readable workflow (bad JSON, neither API nor canvas format, unsupported feature)."""
 
 
+LISTED = 10        # node ids (and node types) an error lists; the rest are counted ("and N more")
+
+
+def listed(items: list[str], what: str = "") -> str:
+    """The first LISTED items, comma-separated, then "and N more" (a graph of 399k Note nodes made a 3 MB line)."""
+    shown = ", ".join(items[:LISTED])
+    return shown + (f" and {len(items) - LISTED} more{what}" if len(items) > LISTED else "")
+
+
 class CoreNodesError(WorkflowError):
     def __init__(self, class_types: dict[str, list[str]]):
-        self.class_types = class_types
-        names = ", ".join(f"{t} (node {', '.join(ids)})" for t, ids in sorted(class_types.items()))
+        self.class_types = class_types            # every id, for callers; the message lists the first ones
+        names = listed([f"{t} (node {listed(list(ids))})" for t, ids in sorted(class_types.items())], " node types")
         super().__init__(f"this graph uses ComfyUI core nodes (or other packs' nodes) that the headless runner "
                          f"does not have: {names}; run it inside ComfyUI or remove them")
 
@@ -49,7 +58,9 @@ class WorkflowValidationError(WorkflowError):
     def __init__(self, issues: list[ValidationIssue]):
         self.issues = issues
         count = f"{len(issues)} validation error{'s' if len(issues) != 1 else ''}"
-        super().__init__(f"{count}: " + "; ".join(str(i) for i in issues))
+        shown = "; ".join(str(i) for i in issues[:LISTED])
+        more = f"; and {len(issues) - LISTED} more" if len(issues) > LISTED else ""
+        super().__init__(f"{count}: {shown}{more}")
 
 
 class NodeExecutionError(WorkflowError):

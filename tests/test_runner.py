@@ -363,6 +363,30 @@ def test_core_nodes_are_named(tmp_path):
     assert "run it inside ComfyUI or remove them" in str(info.value)
 
 
+def test_many_unknown_nodes_give_a_short_line(tmp_path):
+    """Issue 24.10: a workflow of 399k Note nodes gave a 3 MB line listing every node id."""
+    graph = api_graph()
+    for i in range(100, 20_100):
+        graph[str(i)] = {"class_type": "Note", "inputs": {}}
+    for i in range(30):
+        graph[str(50_000 + i)] = {"class_type": f"Other{i:02d}", "inputs": {}}
+    with pytest.raises(CoreNodesError) as info:
+        run(graph, tmp_path)
+    message = str(info.value)
+    assert len(message) < 1000, len(message)
+    assert "Note (node 100, 101, 102, 103, 104, 105, 106, 107, 108, 109 and 19990 more)" in message, message
+    assert "Other00 (node 50000)" in message and "and 21 more node types" in message, message
+    assert "run it inside ComfyUI or remove them" in message
+    assert len(info.value.class_types["Note"]) == 20_000          # the whole list stays on the exception
+    graph = {str(i): {"class_type": "MakeNumber", "inputs": {"value": 999}} for i in range(5000)}
+    graph |= {str(10_000 + i): {"class_type": "ShowNumber", "inputs": {"number": [str(i), 0]}} for i in range(5000)}
+    with pytest.raises(WorkflowValidationError) as info:
+        run(graph, tmp_path)
+    assert str(info.value).startswith("5000 validation errors: node "), str(info.value)[:300]
+    assert str(info.value).endswith("; and 4990 more") and len(str(info.value)) < 2000
+    assert len(info.value.issues) == 5000
+
+
 # --- execution errors and interrupts --------------------------------------------------------------------------------
 def test_node_exception_names_the_node(tmp_path):
     graph = {"1": {"class_type": "MakeNumber", "inputs": {"value": 1}},

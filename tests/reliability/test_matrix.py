@@ -772,6 +772,16 @@ def _(tmp, sd1):
     assert json.loads(out.getvalue())["executed"] == ["1"] and "scanning images" in err.getvalue()
 
 
+@case("many-unknown-nodes", "a workflow of 50,000 Note nodes (unknown to the headless runner)",
+      "clear error in one short line: the first 10 node ids of each type, then \"and N more\"")
+def _(tmp, sd1):
+    import json
+
+    path = tmp / "notes.json"
+    path.write_text(json.dumps({str(i): {"class_type": "Note", "inputs": {}} for i in range(50_000)}))
+    _one_line_error(*_cli("run", path, "--output-dir", tmp / "o"), "Note (node 0, 1,", "and 49990 more")
+
+
 # ---- the matrix -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
 def test_case(c, tmp_path, sd1, single_thread):
