@@ -514,7 +514,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     model = _memory_model(args.model)
     if args.json:
         est = estimate(model, settings)
-        shown = {k: getattr(settings, k) for k in WIZARD_SETTINGS} | {"resolution": settings.data.resolution}
+        resolved = settings.resolved()      # auto values as the estimate (and the wizard) fill them in
+        shown = {k: getattr(resolved, k) for k in WIZARD_SETTINGS} | {"resolution": resolved.data.resolution}
         out = {"settings": shown, "estimate_gb": est.gb(), "explanation": ESTIMATE_NOTE}
         if args.vram is not None:           # the verdict for the card named
             out |= {"vram_gb": args.vram, "fits": est.total <= int(args.vram * GB)}

@@ -62,6 +62,10 @@ class PerformanceWizard:
             raise TypeError(f"config must be a DB_CONFIG (DreamBoothSettings), got {type(config).__name__}")
         if concepts:
             images, concept_type = images_in(concepts), concept_type_of(concepts)
+            if images < 1:
+                folders = ", ".join(str(getattr(c, "instance_dir", c)) for c in concepts)
+                raise ValueError(f"the connected concepts hold no training images (in {folders}); add images to "
+                                 "the concept folders, or check their paths")
         note = ""
         if not vram_gb:
             vram_gb, note = detected_memory_gb()

@@ -185,3 +185,26 @@ def test_resume_mid_stage_is_identical(sd1, run, tmp_path, stop_at):
     logged = [json.loads(line) for line in open(os.path.join(resumed.run_dir, "loss.jsonl"))]
     wanted = [json.loads(line) for line in open(os.path.join(run["result"].run_dir, "loss.jsonl"))]
     assert [r["loss"] for r in logged] == [r["loss"] for r in wanted]
+
+
+class _Said(Exception):
+    pass
+
+
+@pytest.mark.parametrize("changes, line", [
+    (dict(text_encoder_ratio=0.5), "Imagic: text_encoder_ratio does not apply"),
+    (dict(text_encoder_ratio=0.5, use_ema=True), "Imagic: use_ema, text_encoder_ratio do not apply"),
+])
+def test_the_ignored_settings_line_agrees_in_number(sd1, tmp_path, changes, line):
+    """Issue 24.11: "Imagic: text_encoder_ratio do not apply"."""
+    said = []
+
+    def log(message):
+        said.append(message)
+        if message.startswith("Imagic:"):
+            raise _Said
+
+    with pytest.raises(_Said):
+        train(sd1, [_concept(tmp_path / "data")], _settings(**changes), output_root=str(tmp_path / "out"),
+              resume="new", callbacks=TrainCallbacks(log=log))
+    assert said[-1].startswith(line), said[-1]

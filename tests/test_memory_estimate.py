@@ -408,3 +408,28 @@ def test_cli_estimate_json_with_vram_gives_a_verdict(capsys):
     assert data["vram_gb"] == 1 and data["fits"] is False
     code, out, err = _cli(capsys, "estimate", "sd15", "--json")
     assert "fits" not in json.loads(out)                # no card named: nothing to compare with
+
+
+def test_performance_wizard_names_the_empty_concept_folders(sd1, tmp_path):
+    """Issue 24.11: connected concepts with 0 images gave "images = 0: ..." naming no folder."""
+    from comfyui_dreambooth.nodes import NODE_CLASS_MAPPINGS
+    from trainer_fixtures import make_concept
+
+    empty = make_concept(tmp_path / "a", n=0)
+    other = make_concept(tmp_path / "b", n=0)
+    with pytest.raises(ValueError) as e:
+        NODE_CLASS_MAPPINGS["PerformanceWizard"]().choose(sd1, vram_gb=8.0, resolution=64, images=4, mode="lora",
+                                                          concept_type="person", concepts=[empty, other])
+    assert empty.instance_dir in str(e.value) and other.instance_dir in str(e.value), e.value
+    assert "no training images" in str(e.value), e.value
+
+
+def test_cli_estimate_json_resolves_auto_values_as_the_wizard_does(capsys):
+    """Issue 24.11: `estimate --json` showed text_encoder_ratio null where the wizard showed a number."""
+    code, out, err = _cli(capsys, "estimate", "sd15", "--json")
+    assert code == 0, err
+    shown = json.loads(out)["settings"]
+    code, out, err = _cli(capsys, "wizard", "sd15", "--vram", "80", "--json")
+    wizard = json.loads(out)["settings"]
+    assert None not in shown.values(), shown
+    assert shown["text_encoder_ratio"] == wizard["text_encoder_ratio"]      # both the "person" preset

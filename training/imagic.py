@@ -101,7 +101,8 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
                                      ("shuffle_tags", settings.data.shuffle_tags),
                                      ("text_encoder_ratio", settings.text_encoder_ratio > 0)) if on]
     if ignored:
-        say(f"Imagic: {', '.join(ignored)} do not apply (one photo, frozen text encoder); ignored")
+        verb = "does" if len(ignored) == 1 else "do"
+        say(f"Imagic: {', '.join(ignored)} {verb} not apply (one photo, frozen text encoder); ignored")
     # the UNet stage as an ordinary run of trainer.py's machinery: UNet only, at imagic_unet_lr
     unet_settings = settings.replace(learning_rate=settings.imagic_unet_lr, text_encoder_ratio=0.0, train_unet=True,
                                      use_ema=False, prior_mode="class_images",

@@ -782,6 +782,18 @@ def _(tmp, sd1):
     _one_line_error(*_cli("run", path, "--output-dir", tmp / "o"), "Note (node 0, 1,", "and 49990 more")
 
 
+@case("wizard-empty-concepts", "PerformanceWizard with connected concepts whose folders hold 0 images",
+      "clear error naming each concept folder: add images or check the paths")
+def _(tmp, sd1):
+    from comfyui_dreambooth.nodes.wizard import PerformanceWizard
+
+    concept = make_concept(tmp, n=0)
+    with pytest.raises(ValueError) as e:
+        PerformanceWizard().choose(sd1, vram_gb=8.0, resolution=64, images=4, mode="lora", concept_type="person",
+                                   concepts=[concept])
+    assert concept.instance_dir in str(e.value) and "no training images" in str(e.value), e.value
+
+
 # ---- the matrix -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
 def test_case(c, tmp_path, sd1, single_thread):
