@@ -241,8 +241,8 @@ def test_accelerate_launch_runs_the_workflow_once_and_saves_once(tmp_path):
         cmd += ["--set", o]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert proc.stdout.count("training 4 steps (2/epoch)") == 1         # rank 1 trains silently
-    report = json.loads(proc.stdout[proc.stdout.index("\n{\n") + 1:])   # one report, from rank 0 (two would not parse)
+    assert proc.stderr.count("training 4 steps (2/epoch)") == 1         # rank 1 trains silently; --json: on stderr
+    report = json.loads(proc.stdout)         # stdout is one report, from rank 0, alone (two would not parse)
     assert report["status"] == "success"
     loras = list((out / "loras").rglob("*.safetensors"))
     assert [p.name for p in loras] == [f"{demo.LORA_NAME}.safetensors"]
