@@ -92,3 +92,19 @@ def test_pretrain_script_makes_a_checkpoint_the_pack_loads(tmp_path):
     assert model.family == "sd1" and model.vae_scale_factor == 4 and model.unet.config.sample_size == 16
     stages = [line.split('"stage": "')[1].split('"')[0] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert stages[0] == "start" and stages[-1] == "done" and "latents" in stages
+
+
+def test_the_shipped_base_loads_as_sd1_and_the_cli_writes_it(tmp_path):
+    from comfyui_dreambooth.training.models import load_model
+    from comfyui_dreambooth.training.toyworld.commands import base_path
+
+    out = tmp_path / "toy.safetensors"
+    run = subprocess.run([sys.executable, "-m", "comfyui_dreambooth", "toyworld", "base", str(out)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert out.read_bytes() == open(base_path(), "rb").read()
+    model = load_model(str(out), dtype="fp32")       # LoadBaseModel's default dtype; the file is fp16
+    assert model.family == "sd1" and model.prediction_type == "epsilon" and model.vae_scale_factor == 4
+    bad = subprocess.run([sys.executable, "-m", "comfyui_dreambooth", "toyworld", "base", str(tmp_path / "x.ckpt")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "must end in .safetensors" in bad.stderr
