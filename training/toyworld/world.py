@@ -28,14 +28,9 @@ COLOURS = {
     "white": (245, 245, 245),
     "black": (20, 20, 20),
 }
-BACKGROUNDS = {
-    "white": (245, 245, 245),
-    "black": (20, 20, 20),
-    "gray": (128, 128, 128),
-    "blue": (40, 80, 220),
-    "green": (40, 170, 60),
-    "yellow": (240, 210, 40),
-}
+# the backgrounds share the colours' RGB values (and names), gray aside
+BACKGROUNDS = {name: COLOURS.get(name, (128, 128, 128))
+               for name in ("white", "black", "gray", "blue", "green", "yellow")}
 PATTERNS = ("plain", "split", "stripes", "dot")
 MIN_OBJECT, MAX_OBJECT = 24, 48   # object size in pixels (its square box)
 _SCALE = 4                        # drawn at 4× then reduced: smooth edges like a photo's
