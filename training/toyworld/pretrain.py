@@ -87,10 +87,8 @@ def train_vae(vae, images, steps: int, batch: int, lr: float, log, seed: int = 0
     gen = torch.Generator().manual_seed(seed)
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    running, last = 0.0, float("nan")
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, steps, lr, 50)
+
+    def step_loss():
         x = data[torch.randint(0, len(data), (batch,), generator=gen)]
         if crop:      # the VAE is convolutional: crops teach it the same edges and colours at a quarter of the cost
             top, left = (int(v) for v in torch.randint(0, x.shape[-1] - crop + 1, (2,), generator=gen))
@@ -98,15 +96,27 @@ def train_vae(vae, images, steps: int, batch: int, lr: float, log, seed: int = 0
         dist = vae.encode(x).latent_dist
         recon = vae.decode(dist.sample(generator=gen)).sample
         mse = (recon - x).pow(2).mean()
-        loss = mse + 0.5 * (recon - x).abs().mean() + 1e-6 * dist.kl().mean()
+        return mse + 0.5 * (recon - x).abs().mean() + 1e-6 * dist.kl().mean(), mse
+
+    last = _reconstruction_loop(opt, steps, lr, step_loss, log, "vae")
+    vae.eval().requires_grad_(False)
+    return last
+
+
+def _reconstruction_loop(opt, steps: int, lr: float, step_loss, log, stage: str) -> float:
+    """The VAE stages' shared loop: learning-rate schedule, step, MSE logged every 50 steps; returns the last."""
+    running, last = 0.0, float("nan")
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, steps, lr, 50)
+        loss, mse = step_loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         running += mse.item()
         if (step + 1) % 50 == 0:
-            log(stage="vae", step=step + 1, mse=round(running / 50, 5))
+            log(stage=stage, step=step + 1, mse=round(running / 50, 5))
             last, running = running / 50, 0.0
-    vae.eval().requires_grad_(False)
     return last
 
 
@@ -123,23 +133,16 @@ def polish_decoder(vae, images, steps: int, batch: int, lr: float, log, seed: in
         p.requires_grad_(True)
     vae.decoder.train()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    running, last = 0.0, float("nan")
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, steps, lr, 50)
+
+    def step_loss():
         x = data[torch.randint(0, len(data), (batch,), generator=gen)]
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample(generator=gen)
         recon = vae.decode(z).sample
         mse = (recon - x).pow(2).mean()
-        loss = mse + 0.5 * (recon - x).abs().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        running += mse.item()
-        if (step + 1) % 50 == 0:
-            log(stage="decoder", step=step + 1, mse=round(running / 50, 5))
-            last, running = running / 50, 0.0
+        return mse + 0.5 * (recon - x).abs().mean(), mse
+
+    last = _reconstruction_loop(opt, steps, lr, step_loss, log, "decoder")
     vae.eval().requires_grad_(False)
     return last
 
