@@ -178,7 +178,12 @@ def encode_latents(vae, images, batch: int = 256):
 def train_denoiser(model, means, stds, toys, steps: int, batch: int, lr: float, log, *, seed: int = 0,
                    save_every: int = 0, save=None, ema_decay: float = 0.999, min_snr_gamma: float = 5.0,
                    offset_noise: float = 0.0, stage: str = "unet"):
-    """UNet + text encoder, epsilon prediction on the SD noise schedule, min-SNR weighting, EMA of the UNet.
+    """UNet + text encoder on the SD noise schedule, min-SNR weighting, EMA of both. The model's prediction type
+    and zero-terminal-SNR flag choose the target (epsilon, or v on the rescaled schedule).
+
+    Zero terminal SNR: the noisiest training input is pure noise, so the model has to take the image's average
+    colour (here: the background) from the prompt. On the plain SD schedule a 16×16 latent's noisiest input still
+    shows that colour, and a sampler's starting noise then picks the background instead of the prompt.
 
     offset_noise: a per-image, per-channel constant added to the noise. The SD schedule never reaches pure noise;
     on a 16×16 latent the mean of the noisiest input still tells the image's average colour, so a model trained
@@ -191,9 +196,15 @@ def train_denoiser(model, means, stds, toys, steps: int, batch: int, lr: float, 
     from ..models.components import SD_NOISE_SCHEDULE
     from ..models.text import encode_tokens, tokenize
 
-    sched = DDPMScheduler(**SD_NOISE_SCHEDULE)
+    v_pred = model.prediction_type == "v_prediction"
+    sched = DDPMScheduler(**SD_NOISE_SCHEDULE, prediction_type=model.prediction_type,
+                          rescale_betas_zero_snr=model.zero_terminal_snr)
     alphas = sched.alphas_cumprod
     snr = alphas / (1 - alphas)
+    # min-SNR-γ as a weight on the target's error: eps error × min(snr, γ)/snr; v error × min(snr + 1, γ)/(snr + 1)
+    # (the +1 keeps the pure-noise step, snr 0, in the loss: it is where the background is decided)
+    weights = (torch.clamp(snr + 1, max=min_snr_gamma) / (snr + 1) if v_pred
+               else torch.clamp(snr, max=min_snr_gamma) / snr)
     unet, te = model.unet, model.text_encoders[0]
     unet.train().requires_grad_(True)
     te.train().requires_grad_(True)
@@ -227,8 +238,8 @@ def train_denoiser(model, means, stds, toys, steps: int, batch: int, lr: float, 
         noisy = sched.add_noise(latents, noise, t)
         embeds = encode_tokens(model, tokens(caps)).embeds
         pred = unet(noisy, t, embeds).sample
-        weight = torch.clamp(snr[t], max=min_snr_gamma) / snr[t]
-        loss = (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        target = sched.get_velocity(latents, noise, t) if v_pred else noise
+        loss = (weights[t] * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(te.parameters()), 1.0)
@@ -250,23 +261,60 @@ def train_denoiser(model, means, stds, toys, steps: int, batch: int, lr: float, 
 
 
 def pretrain(out: str, *, images: int = 30000, vae_steps: int = 300, decoder_steps: int = 1200,
-             unet_steps: int = 2500, offset_steps: int = 0, batch: int = 64, seed: int = 0,
-             start_from: str | None = None, centre: bool = True, offset_noise: float = 0.05, log_path: str | None = None, save_every: int = 500,
+             unet_steps: int = 2500, offset_steps: int = 0, batch: int = 64, seed: int = 0, lr: float = 4e-4,
+             start_from: str | None = None, centre: bool = True, offset_noise: float = 0.05,
+             v_prediction: bool = False, log_path: str | None = None, save_every: int = 500,
              threads: int | None = None):
+    """v_prediction: train v on the zero-terminal-SNR schedule (offset noise off: it has no purpose there).
+    start_from: a toy base made earlier; its VAE is kept (stage 1 skipped) and its UNet and text encoder go on
+    learning in stage 2 (e.g. with another prediction type)."""
     import torch
 
-    from ..models import save_single_file
+    from ..models import load_model, save_single_file
 
     if threads:
         torch.set_num_threads(threads)
     log = _Log(log_path)
     log(stage="start", images=images, vae_steps=vae_steps, decoder_steps=decoder_steps, unet_steps=unet_steps,
-        batch=batch, seed=seed, torch=torch.__version__, threads=torch.get_num_threads())
-    model = build_toy_model(seed)
+        batch=batch, seed=seed, lr=lr, v_prediction=v_prediction, start_from=start_from, torch=torch.__version__,
+        threads=torch.get_num_threads())
+    model = load_model(start_from, dtype="fp32") if start_from else build_toy_model(seed)
+    model = model.replace(prediction_type="v_prediction" if v_prediction else "epsilon",
+                          zero_terminal_snr=v_prediction)
+    offset_noise = 0.0 if v_prediction else offset_noise
     world = draw_world(images, seed=seed, drop=0.0)
     toys = [(w[2], w[3]) for w in world]
     log(stage="drawn", images=len(world))
-    # stage 1 is cached beside the output: a second run (other UNet settings) starts at stage 2
+    if start_from:                  # its VAE is done (centred, scaled): only the latents are needed
+        means, stds = encode_latents(model.vae, [w[0] for w in world])
+        log(stage="stage1 loaded", path=start_from, scaling_factor=model.vae.config.scaling_factor)
+    else:
+        means, stds = _stage1(model, world, out, images, vae_steps, decoder_steps, seed, centre, log)
+    del world
+
+    def save(unet, te, step):
+        snapshot = model.replace(unet=unet, text_encoders=[te])
+        save_single_file(snapshot, out, dtype="fp16", metadata={"toyworld.steps": str(step)})
+        log(stage="saved", step=step, path=out)
+
+    ema, ema_te = train_denoiser(model, means, stds, toys, unet_steps, batch, lr, log, seed=seed,
+                                 save_every=save_every, save=save, offset_noise=offset_noise)
+    model.unet.load_state_dict(ema.state_dict())     # stage 3 goes on from the EMA weights (as saved)
+    model.text_encoders[0].load_state_dict(ema_te.state_dict())
+    save(ema, ema_te, unet_steps)
+    if offset_steps:
+        ema, ema_te = train_denoiser(model, means, stds, toys, offset_steps, batch, lr / 4, log, seed=seed + 2,
+                                     save=None, offset_noise=0.0 if v_prediction else 0.1, stage="offset")
+        save(ema, ema_te, unet_steps + offset_steps)
+    log(stage="done")
+    return out
+
+
+def _stage1(model, world, out, images, vae_steps, decoder_steps, seed, centre, log):
+    """Stages 1 and 1b (cached beside the output: a second run with other UNet settings starts at stage 2).
+    Sets the VAE's scaling factor; returns the latents' (means, stds)."""
+    import torch
+
     cache = f"{out}.stage1-{images}-{vae_steps}-{seed}.pt"
     if os.path.isfile(cache):
         saved = torch.load(cache, weights_only=True)
@@ -281,37 +329,12 @@ def pretrain(out: str, *, images: int = 30000, vae_steps: int = 300, decoder_ste
         del pictures
     if decoder_steps:
         vae_mse = polish_decoder(model.vae, [w[0] for w in world[:8192]], decoder_steps, 16, 1e-3, log, seed)
-    del world
     if centre:
         means = centre_latents(model.vae, means)
     scale = 1.0 / float(means.std())
     model.vae.register_to_config(scaling_factor=scale)
     log(stage="latents", count=len(means), scaling_factor=round(scale, 5), vae_mse=round(vae_mse, 5))
-
-    def save(unet, te, step):
-        snapshot = model.replace(unet=unet, text_encoders=[te])
-        save_single_file(snapshot, out, dtype="fp16", metadata={"toyworld.steps": str(step)})
-        log(stage="saved", step=step, path=out)
-
-    if start_from:                   # stage 2 done by an earlier run: its saved (EMA) UNet and text encoder
-        from ..models import load_model
-
-        done = load_model(start_from, dtype="fp32")
-        model.unet.load_state_dict(done.unet.state_dict())
-        model.text_encoders[0].load_state_dict(done.text_encoders[0].state_dict())
-        log(stage="stage2 loaded", path=start_from)
-    else:
-        ema, ema_te = train_denoiser(model, means, stds, toys, unet_steps, batch, 4e-4, log, seed=seed,
-                                     save_every=save_every, save=save, offset_noise=offset_noise)
-        model.unet.load_state_dict(ema.state_dict())     # stage 3 goes on from the EMA weights (as saved)
-        model.text_encoders[0].load_state_dict(ema_te.state_dict())
-        save(ema, ema_te, unet_steps)
-    if offset_steps:
-        ema, ema_te = train_denoiser(model, means, stds, toys, offset_steps, batch, 1e-4, log, seed=seed + 2,
-                                     save=None, offset_noise=0.1, stage="offset")
-        save(ema, ema_te, unet_steps + offset_steps)
-    log(stage="done")
-    return out
+    return means, stds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,7 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--offset-steps", type=int, default=0, help="stage 3: more steps with offset noise 0.1")
     p.add_argument("--offset-noise", type=float, default=0.05, help="offset noise in stage 2")
     p.add_argument("--no-centre", dest="centre", action="store_false", help="keep the latent means (not centred)")
-    p.add_argument("--start-from", default=None, help="a checkpoint saved at the end of stage 2: go on from there")
+    p.add_argument("--start-from", default=None,
+                   help="a toy base made earlier: keep its VAE, go on training its UNet and text encoder")
+    p.add_argument("--v-prediction", action="store_true", help="v prediction on a zero-terminal-SNR schedule")
+    p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=500)
@@ -333,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     pretrain(a.out, images=a.images, vae_steps=a.vae_steps, decoder_steps=a.decoder_steps, unet_steps=a.unet_steps,
-             offset_steps=a.offset_steps, start_from=a.start_from, centre=a.centre, offset_noise=a.offset_noise, batch=a.batch, seed=a.seed, log_path=a.log,
+             offset_steps=a.offset_steps, start_from=a.start_from, centre=a.centre, offset_noise=a.offset_noise,
+             v_prediction=a.v_prediction, lr=a.lr, batch=a.batch, seed=a.seed, log_path=a.log,
              save_every=a.save_every, threads=a.threads)
     return 0
 
