@@ -48,7 +48,9 @@ class ConceptDataset:
             "required": {
                 "instance_dir": _string("", "Folder of images of your subject. Absolute, or relative to ComfyUI's "
                                             "input folder. PNG/JPEG/WebP/BMP/TIFF; a same-name .txt or .caption "
-                                            "file is that image's caption ([filewords])."),
+                                            "file is that image's caption ([filewords]). 'toyworld:split_circle' "
+                                            "(or another toy-world subject) draws that subject's 5 images into "
+                                            "input/toyworld/ for the toy base."),
                 "instance_prompt": _string(d.instance_prompt, "Caption for the instance images. [filewords] is "
                                                               "replaced by each image's caption file, or its file "
                                                               "name. " + _TOKEN_RULES),
@@ -133,10 +135,15 @@ def resolve_folder(path: str) -> str:
     """An absolute folder path. Relative paths are looked up in ComfyUI's input folder first (where users
     put their data), then the current directory; a relative path found in neither lands in the input folder.
     Environment variables are never expanded; `~` only headless (see nodes/paths.py)."""
+    from ..training.toyworld.commands import subject_name
+    from .comfy_compat import input_directory
+
+    toy = subject_name(path or "")
+    if toy:                                  # "toyworld:NAME": the toy example's drawn subject, in the input folder
+        return os.path.join(input_directory(), "toyworld", toy)
     path = typed_path(path)
     if not path or os.path.isabs(path):
         return path
-    from .comfy_compat import input_directory
 
     in_input = os.path.join(input_directory(), path)
     if os.path.isdir(in_input):
@@ -154,7 +161,10 @@ def default_class_dir(class_prompt: str, class_token: str) -> str:
 
 
 def make_concept(**widgets) -> ConceptSettings:
-    """Widgets -> validated ConceptSettings with resolved folders; raises ValueError listing every problem."""
+    """Widgets -> validated ConceptSettings with resolved folders; raises ValueError listing every problem.
+    An instance_dir "toyworld:NAME" draws that toy-world subject's images into input/toyworld/NAME first."""
+    from ..training.toyworld.commands import subject_folder, subject_name
+
     concept = ConceptSettings.from_dict(widgets, strict=True)
     changes = {"instance_dir": resolve_folder(concept.instance_dir)}
     if concept.class_dir.strip():
@@ -164,6 +174,12 @@ def make_concept(**widgets) -> ConceptSettings:
     # the folder check comes before anything looks at the folders (not even whether they exist)
     if changes["instance_dir"]:
         check_path(changes["instance_dir"], "ConceptDataset instance_dir")
+        toy = subject_name(concept.instance_dir)
+        if toy:
+            from .comfy_compat import input_directory
+
+            check_path(changes["instance_dir"], "ConceptDataset instance_dir", write=True)
+            subject_folder(toy, input_directory())
     if changes.get("class_dir") and concept.uses_prior_preservation:     # missing class images are written there
         check_path(changes["class_dir"], "ConceptDataset class_dir", write=True)
     concept = concept.replace(**changes)

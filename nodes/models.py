@@ -15,12 +15,15 @@ MODEL_TYPE = "DB_MODEL"
 FROM_CHECKPOINT = "(from checkpoint)"
 PATH_BELOW = "(use model_path)"
 DIFFUSERS_PREFIX = "diffusers/"
+# the pack's own toy-world base (training/toyworld): always in the list, so the toy example runs without a download
+TOY_BASE = "(toy world base, shipped: 64 px)"
 
 
 def model_choices() -> list[str]:
-    """Checkpoint files, then diffusers folders (as "diffusers/<name>"), then the free-path option."""
+    """Checkpoint files, then diffusers folders (as "diffusers/<name>"), the shipped toy base, the free-path
+    option."""
     return [*compat.list_models("checkpoints"), *(DIFFUSERS_PREFIX + n for n in compat.list_diffusers_folders()),
-            PATH_BELOW]
+            TOY_BASE, PATH_BELOW]
 
 
 def resolve_model_path(model_name: str, model_path: str = "") -> str:
@@ -36,6 +39,10 @@ def resolve_model_path(model_name: str, model_path: str = "") -> str:
     if model_name == PATH_BELOW:
         raise ValueError("model is set to '(use model_path)' but model_path is empty: type a checkpoint file or "
                          "diffusers folder path")
+    if model_name == TOY_BASE:
+        from ..training.toyworld.commands import base_path
+
+        return base_path()
     if model_name.startswith(DIFFUSERS_PREFIX):
         return compat.full_model_path("diffusers", model_name[len(DIFFUSERS_PREFIX):])
     return compat.full_model_path("checkpoints", model_name)
@@ -58,7 +65,9 @@ class LoadBaseModel:
         return {
             "required": {
                 "model": (model_choices(), {"tooltip": "A checkpoint from models/checkpoints or a diffusers folder "
-                                                       "from models/diffusers. Choose '(use model_path)' to type a path."}),
+                                                       "from models/diffusers. Choose '(use model_path)' to type a path. "
+                                                       "'(toy world base ...)' is the pack's tiny pretrained model of "
+                                                       "coloured toys (64 px): DreamBooth in a minute on a CPU."}),
                 "prediction_type": (["auto", "epsilon", "v_prediction"], {
                     "default": "auto",
                     "tooltip": "auto: from the file itself, never its name: a v_pred key, a sidecar <name>.yaml "

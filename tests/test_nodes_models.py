@@ -7,7 +7,7 @@ import torch
 
 import comfyui_dreambooth
 from comfyui_dreambooth.nodes import comfy_compat as compat
-from comfyui_dreambooth.nodes.models import PATH_BELOW, LoadBaseModel, SampleTrained
+from comfyui_dreambooth.nodes.models import PATH_BELOW, TOY_BASE, LoadBaseModel, SampleTrained
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def test_pack_mapping_lists_the_nodes():
 
 def test_load_base_model_lists_and_loads(output_dir):
     choices = LoadBaseModel.INPUT_TYPES()["required"]["model"][0]
-    assert choices == ["tiny.safetensors", "diffusers/tiny_xl", PATH_BELOW]
+    assert choices == ["tiny.safetensors", "diffusers/tiny_xl", TOY_BASE, PATH_BELOW]
     model, info = LoadBaseModel().load("tiny.safetensors")
     assert model.family == "sd1" and "sd1" in info
     xl, _ = LoadBaseModel().load("diffusers/tiny_xl")

@@ -62,6 +62,30 @@ def draw(folder: str, *, count: int, toy: str | None = None, subject: str | None
     return paths
 
 
+SUBJECT_PREFIX = "toyworld:"      # a concept folder written as "toyworld:split_circle" (the toy example's)
+SUBJECT_IMAGES = 5
+
+
+def subject_name(spec: str) -> str | None:
+    """'toyworld:NAME' → NAME (checked against SUBJECTS); anything else → None."""
+    if not spec.strip().lower().startswith(SUBJECT_PREFIX):
+        return None
+    name = spec.strip()[len(SUBJECT_PREFIX):].strip()
+    if name not in SUBJECTS:
+        raise ValueError(f"{spec!r}: no toy-world subject {name!r}; choose one of "
+                         + ", ".join(SUBJECT_PREFIX + n for n in SUBJECTS))
+    return name
+
+
+def subject_folder(name: str, root: str) -> str:
+    """root/toyworld/NAME, holding the subject's instance images: drawn there (SUBJECT_IMAGES PNGs, fixed seed)
+    unless the folder already has images, which are kept (a user may have replaced them)."""
+    folder = os.path.join(root, "toyworld", name)
+    if not (os.path.isdir(folder) and any(f.lower().endswith(".png") for f in os.listdir(folder))):
+        draw(folder, count=SUBJECT_IMAGES, subject=name)
+    return folder
+
+
 def _write_text(image_path: str, text: str) -> None:
     with open(os.path.splitext(image_path)[0] + ".txt", "w", encoding="utf-8") as f:
         f.write(text)
@@ -96,4 +120,4 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["BASE_FILE", "base_path", "write_base", "draw", "add_arguments", "main"]
+__all__ = ["BASE_FILE", "SUBJECT_PREFIX", "subject_name", "subject_folder", "base_path", "write_base", "draw", "add_arguments", "main"]
