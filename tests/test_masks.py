@@ -285,3 +285,18 @@ def test_all_ones_masks_train_bit_identically_to_no_masks(sd1, tmp_path):
             Image.fromarray(arr, "L").save(os.path.join(c.instance_dir, path))
     half_hash, half_losses, _ = run("half", masked_loss=True)
     assert half_losses != plain_losses and half_hash != plain_hash
+
+
+def test_report_names_at_most_a_few_unusable_masks(tmp_path):
+    """A mask_dir pointed at a big folder: the first MAX_NAMED_IGNORED are named, the rest counted."""
+    from comfyui_dreambooth.training.data.report import MAX_NAMED_IGNORED
+
+    inst, masks = tmp_path / "inst", tmp_path / "masks"
+    inst.mkdir()
+    masks.mkdir()
+    rgb(inst / "a.png")
+    for i in range(MAX_NAMED_IGNORED + 5):
+        grey(masks / f"other{i:02d}.png", size=(8, 8))
+    report = scan_report([concept(inst, mask_dir=str(masks))])
+    lines = [line for line in report.notices() if "MASK:" in line]
+    assert len(lines) == MAX_NAMED_IGNORED + 1 and lines[-1].endswith("MASK: 5 more mask file(s) not used (not listed)")

@@ -62,7 +62,8 @@ class ConceptReport:
     masks_from: dict = field(default_factory=dict)        # {"masklabel": n, "mask_dir": n, "alpha": n} masked images
     without_mask: list = field(default_factory=list)      # instance images without a mask (the first MAX_NAMED_IGNORED)
     without_mask_count: int = 0
-    mask_problems: list = field(default_factory=list)     # [[mask path, reason]]: mask files not used
+    mask_problems: list = field(default_factory=list)     # [[mask path, reason]]: mask files not used (the first
+    mask_problem_count: int = 0                           # MAX_NAMED_IGNORED of them), and how many in all
     masked_loss: bool | None = None                       # None: not known (the node's preview)
 
     def mask_lines(self) -> list[str]:
@@ -101,6 +102,9 @@ class ConceptReport:
         lines += [f"LONG CAPTION: {path}: {n} tokens, over the {TOKEN_LIMIT}-token limit ({what})"
                   for path, n in self.long_captions]
         lines += [f"MASK: {path}: {reason}" for path, reason in self.mask_problems]
+        if self.mask_problem_count > len(self.mask_problems):
+            lines.append(f"MASK: {self.mask_problem_count - len(self.mask_problems)} more mask file(s) not used "
+                         "(not listed)")
         return lines
 
 
@@ -267,7 +271,8 @@ def concept_report(index: int, scan, *, data_settings=None, class_generated: int
             r.without_mask_count += 1
             if len(r.without_mask) < MAX_NAMED_IGNORED:
                 r.without_mask.append(img.path)
-    r.mask_problems = [list(p) for p in masks.problems]
+    r.mask_problems = [list(p) for p in masks.problems[:MAX_NAMED_IGNORED]]
+    r.mask_problem_count = len(masks.problems)
     for img in scan.instance.images:
         n = caption_token_count(img.caption)
         if n > TOKEN_LIMIT:
@@ -329,6 +334,6 @@ def _file_warnings(cr: ConceptReport) -> list[str]:
         w.append(f"{name}: caption(s) over the {TOKEN_LIMIT}-token limit: {shown}{more}; they are truncated "
                  "unless long_captions='chunk'")
     if cr.mask_problems:
-        w.append(f"{name}: {len(cr.mask_problems)} mask file(s) not used: " + ", ".join(
-            p for p, _ in cr.mask_problems[:5]) + (" ..." if len(cr.mask_problems) > 5 else ""))
+        w.append(f"{name}: {cr.mask_problem_count} mask file(s) not used: " + ", ".join(
+            p for p, _ in cr.mask_problems[:5]) + (" ..." if cr.mask_problem_count > 5 else ""))
     return w
