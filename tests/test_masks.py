@@ -300,3 +300,22 @@ def test_report_names_at_most_a_few_unusable_masks(tmp_path):
     report = scan_report([concept(inst, mask_dir=str(masks))])
     lines = [line for line in report.notices() if "MASK:" in line]
     assert len(lines) == MAX_NAMED_IGNORED + 1 and lines[-1].endswith("MASK: 5 more mask file(s) not used (not listed)")
+
+
+def test_toy_world_subjects_come_with_exact_masks(tmp_path):
+    """training/toyworld/masked.py: draw_subject's own images, with masks the data scan reads (OneTrainer layout)."""
+    from comfyui_dreambooth.training.toyworld import world
+    from comfyui_dreambooth.training.toyworld.masked import draw_subject_with_masks, write_masked_subject
+
+    subject = world.SUBJECTS["dotted_heart"]
+    plain = world.draw_subject(subject, 3, seed=3, backgrounds=["white"])
+    masked = draw_subject_with_masks(subject, 3, seed=3, backgrounds=["white"])
+    for image, (same, mask) in zip(plain, masked):
+        assert image.tobytes() == same.tobytes() and mask.mode == "L" and mask.size == image.size
+        background = (np.asarray(image).astype(int) == np.array(world.BACKGROUNDS["white"])).all(axis=-1)
+        m = np.asarray(mask)
+        assert (m[background] == 0).all() and (m[~background] > 0).all() and (m == 255).any()
+    paths = write_masked_subject(str(tmp_path / "inst"), subject, 2, seed=3, backgrounds=["white"])
+    scan = scan_concept(concept(tmp_path / "inst"))
+    assert sorted(i.path for i in scan.instance.images) == sorted(paths)
+    assert {v.source for v in scan.masks.found.values()} == {"masklabel"} and len(scan.masks.found) == 2
