@@ -702,7 +702,7 @@ def _data_from_dict(value: Any) -> tuple[list[str], DataSettings | None]:
         return [f"data: {e}"], None
 
 
-__all__ = ["DreamBoothSettings", "SettingsError", "IMAGIC_FIELDS", "IMAGIC_FULL_UNET_LR", "MASK_FIELDS", "recommended_learning_rate", "settings_fields",
+__all__ = ["DreamBoothSettings", "SettingsError", "IMAGIC_FIELDS", "IMAGIC_FULL_UNET_LR", "recommended_learning_rate", "settings_fields",
            "LORA_TYPES", "LORA_UNET_TARGETS", "LORA_TEXT_ENCODER_TARGETS", "LR_SCHEDULERS", "WARMUP_SCHEDULERS", "DECAYING_SCHEDULERS", "OPTIMIZERS",
            "MIXED_PRECISIONS", "VAE_DTYPES", "ATTENTIONS", "WEIGHTS_DTYPES", "FROZEN_DTYPES", "NOISE_SCHEDULERS", "PRIOR_MODES",
-           "PREVIEW_SCHEDULERS"]
+           "PREVIEW_SCHEDULERS", "MASK_FIELDS"]

@@ -19,11 +19,12 @@ a mask of another size than its image, an unreadable mask file.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 
 from .buckets import apply_placement
 from .cache import make_key
-from .images import IMAGE_EXTENSIONS, BadImageError, probe_image
+from .images import IMAGE_EXTENSIONS, BadImageError, load_image, probe_image
 
 MASK_SUFFIX = "-masklabel.png"
 MASK_SOURCES = ("masklabel", "mask_dir", "alpha")
@@ -122,12 +123,13 @@ def load_mask(mask: MaskFile):
     """The mask as an upright greyscale ("L") PIL image of the (upright) image's size."""
     from PIL import Image, ImageOps
 
-    from .images import load_image
-
     if mask.source != "alpha":
         return load_image(mask.path, (0, 0, 0)).convert("L")     # any mode, EXIF applied; transparent = black
-    with Image.open(mask.path) as source:
+    with warnings.catch_warnings():      # the scan refused anything over MAX_IMAGE_PIXELS; PIL's lower warning aside
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        source = Image.open(mask.path)
         source.load()
+    with source:
         try:
             im = ImageOps.exif_transpose(source)
         except Exception:  # noqa: BLE001 - broken EXIF: keep the pixels as stored (as load_image does)
