@@ -89,6 +89,11 @@ class ConceptDataset:
                 "prior_loss_weight": ("FLOAT", {"default": d.prior_loss_weight, "min": 0.0, "max": 100.0,
                                                 "step": 0.05, "tooltip": "Weight of the class-image loss "
                                                 "relative to the instance loss (1.0 in the DreamBooth paper)."}),
+                "mask_dir": _string(d.mask_dir, "Masked loss (masked_loss on DreamBooth Advanced): a folder of masks "
+                                                "named like the instance images (kohya's layout; white = subject, "
+                                                "black = background). Empty = masks from '<name>-masklabel.png' "
+                                                "beside each image (OneTrainer's layout) or the image's alpha "
+                                                "channel."),
             },
             "optional": {
                 "concepts": ("CONCEPTS", {"tooltip": "Concepts from another DreamBooth Concept node; this one "
@@ -97,10 +102,10 @@ class ConceptDataset:
         }
 
     @classmethod
-    def IS_CHANGED(cls, instance_dir="", class_dir="", **kwargs):
+    def IS_CHANGED(cls, instance_dir="", class_dir="", mask_dir="", **kwargs):
         """Re-run when the folders' contents change, not only when the widgets do."""
         h = hashlib.sha256()
-        for folder in (instance_dir, class_dir):
+        for folder in (instance_dir, class_dir, mask_dir):
             path = resolve_folder(folder) if folder else ""
             h.update(path.encode())
             if path and path_allowed(path) and os.path.isdir(path):     # a refused folder is not even listed
@@ -114,13 +119,13 @@ class ConceptDataset:
 
     def build(self, instance_dir, instance_prompt, instance_token, class_dir, class_prompt, class_token,
               class_negative_prompt, num_class_images_per_image, class_guidance_scale, class_steps,
-              sample_prompt, concept_type, repeats, prior_loss_weight, concepts=None):
+              sample_prompt, concept_type, repeats, prior_loss_weight, mask_dir="", concepts=None):
         concept = make_concept(
             instance_dir=instance_dir, instance_prompt=instance_prompt, instance_token=instance_token,
             class_dir=class_dir, class_prompt=class_prompt, class_token=class_token,
             class_negative_prompt=class_negative_prompt, num_class_images_per_image=num_class_images_per_image,
             class_guidance_scale=class_guidance_scale, class_steps=class_steps, sample_prompt=sample_prompt,
-            concept_type=concept_type, repeats=repeats, prior_loss_weight=prior_loss_weight)
+            concept_type=concept_type, repeats=repeats, prior_loss_weight=prior_loss_weight, mask_dir=mask_dir)
         chain = list(concepts or []) + [concept]    # a new list: upstream outputs are cached and shared
         from ..training.data.report import scan_report
 
@@ -182,6 +187,9 @@ def make_concept(**widgets) -> ConceptSettings:
             subject_folder(toy, input_directory())
     if changes.get("class_dir") and concept.uses_prior_preservation:     # missing class images are written there
         check_path(changes["class_dir"], "ConceptDataset class_dir", write=True)
+    if concept.mask_dir.strip():
+        changes["mask_dir"] = resolve_folder(concept.mask_dir)
+        check_path(changes["mask_dir"], "ConceptDataset mask_dir")
     concept = concept.replace(**changes)
     problems = concept.validate()
     if problems:

@@ -31,7 +31,7 @@ _FLOAT_STEPS = {"learning_rate": 1e-7, "text_encoder_lr": 1e-7, "lr_min": 1e-8, 
                 "ema_decay": 1e-5, "adam_beta1": 1e-3, "adam_beta2": 1e-4, "sgd_momentum": 1e-3,
                 "lora_alpha": 0.5, "pause_seconds": 1.0, "preview_cfg": 0.5, "lr_power": 0.1,
                 "max_grad_norm": 0.1, "min_snr_gamma": 0.5, "lora_dropout": 0.01, "offset_noise": 0.01,
-                "imagic_embed_lr": 1e-4, "imagic_unet_lr": 1e-8}
+                "imagic_embed_lr": 1e-4, "imagic_unet_lr": 1e-8, "unmasked_weight": 0.05}
 # The widget range can differ from the validated range when the auto sentinel lies outside it.
 _WIDGET_MAX = {"max_train_steps": 10_000_000, "steps_per_image": 100000}
 
@@ -192,7 +192,8 @@ class DreamBoothAdvancedNode(_FieldsNode):
               "gradient_checkpointing", "set_grads_to_none", "attention", "vae_dtype", "noise_scheduler",
               "zero_terminal_snr", "offset_noise", "min_snr_gamma", "freeze_clip_norm", "clip_skip",
               "prior_mode", "prior_loss_weight", "pause_after_epochs", "pause_seconds", "preview_scheduler",
-              "preview_steps", "preview_cfg", "frozen_dtype", "auto_fit")
+              "preview_steps", "preview_cfg", "frozen_dtype", "auto_fit", "masked_loss", "unmasked_weight",
+              "normalize_masked_area")
 
 
 class DreamBoothImagicNode(_FieldsNode):

@@ -169,6 +169,21 @@ def test_class_dir_outside_is_refused_when_class_images_are_used(comfy):
     assert concept.class_dir.startswith(str(comfy.output))
 
 
+def test_mask_dir_outside_is_refused_and_a_relative_one_is_found_in_input(comfy):
+    """Masked loss (issue 20.3): mask_dir is a folder input like instance_dir; IS_CHANGED does not list it either."""
+    images(comfy.input / "dog")
+    images(comfy.outside / "masks")
+    with pytest.raises(PathNotAllowedError, match="ConceptDataset mask_dir"):
+        ConceptDataset().build(instance_dir="dog", **{**WIDGETS, "mask_dir": str(comfy.outside / "masks")})
+    before = ConceptDataset.IS_CHANGED(instance_dir="dog", class_dir="", mask_dir=str(comfy.outside / "masks"))
+    images(comfy.outside / "masks", 4)
+    assert ConceptDataset.IS_CHANGED(instance_dir="dog", class_dir="", mask_dir=str(comfy.outside / "masks")) == before
+    images(comfy.input / "dog_masks")
+    out = ConceptDataset().build(instance_dir="dog", **{**WIDGETS, "mask_dir": "dog_masks"})
+    assert out["result"][0][0].mask_dir == str(comfy.input / "dog_masks")
+    assert "masks: 2 of 2 instance images (2 from mask_dir)" in out["result"][1]
+
+
 def test_loopback_server_allows_any_folder(comfy):
     folder = images(comfy.outside / "dog")
     comfy.listen("127.0.0.1")

@@ -25,7 +25,7 @@ def test_inputs_match_the_issue_contract_and_have_tooltips():
     names = list(spec["required"])
     assert names == ["instance_dir", "instance_prompt", "instance_token", "class_dir", "class_prompt",
                      "class_token", "class_negative_prompt", "num_class_images_per_image", "class_guidance_scale",
-                     "class_steps", "sample_prompt", "concept_type", "repeats", "prior_loss_weight"]
+                     "class_steps", "sample_prompt", "concept_type", "repeats", "prior_loss_weight", "mask_dir"]
     assert set(names) == {f for f in ConceptSettings.__dataclass_fields__}
     for name, (kind, *opts) in {**spec["required"], **spec["optional"]}.items():
         assert opts and opts[0].get("tooltip"), name

@@ -152,6 +152,7 @@ def micro_batch_loss(job: Job, plan_item, step: int, te_frozen: bool):
     import torch
 
     from .models.text import encode_prompts
+    from .setup.masked_loss import per_sample_loss
     from .setup.noise import (min_snr_weights, per_sample_mse, sample_noise, sample_timesteps, training_target,
                               weighted_mean_loss)
 
@@ -176,7 +177,7 @@ def micro_batch_loss(job: Job, plan_item, step: int, te_frozen: bool):
             weights = torch.where(batch.is_prior.to(device), torch.tensor(settings.prior_loss_weight, device=device),
                                   weights)
         weights = weights * min_snr_weights(sched, t, settings.min_snr_gamma, model.prediction_type)
-        loss = weighted_mean_loss(per_sample_mse(pred, target), weights)
+        loss = weighted_mean_loss(per_sample_loss(pred, target, batch.masks, settings), weights)   # masked_loss
         if settings.prior_mode == "base_model":
             loss = loss + base_model_prior_loss(tm, model, model.unet, tm.unet, job.concepts, batch, noisy, t,
                                                 settings, encode_prompts, per_sample_mse, with_grad=not te_frozen)

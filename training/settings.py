@@ -46,6 +46,7 @@ ATTENTIONS = ("sdpa", "xformers", "sliced")
 WEIGHTS_DTYPES = ("fp32", "bf16")
 FROZEN_DTYPES = ("auto", "bf16", "fp16", "fp8")
 MEMORY_ENGINE_FIELDS = ("fused_backward", "weights_dtype", "frozen_dtype")
+MASK_FIELDS = ("masked_loss", "unmasked_weight", "normalize_masked_area")
 NOISE_SCHEDULERS = ("DDPM",)
 PRIOR_MODES = ("class_images", "base_model")
 PREVIEW_SCHEDULERS = SCHEDULER_NAMES       # sampling.py's samplers (its module imports no torch either)
@@ -226,6 +227,16 @@ class DreamBoothSettings:
     prior_mode: str = _setting("class_images", "Prior preservation from class images, or from the frozen base "
                                "model's own prediction for the class prompt on the same noisy latents "
                                "(base_model: no class images needed).", choices=PRIOR_MODES)
+    masked_loss: bool = _setting(False, "Train on the subject, not its background: each instance image's loss is "
+                                 "weighted by its mask (white = subject, black = background). Masks: "
+                                 "'<name>-masklabel.png' beside the image (OneTrainer), a same-name file in the "
+                                 "concept's mask_dir (kohya), or the image's alpha channel. Images without a mask "
+                                 "train on the whole image; class images are never masked.")
+    unmasked_weight: float = _setting(0.1, "With masked_loss: the loss weight of the background (a pixel's weight "
+                                      "is max(mask, unmasked_weight), as in OneTrainer). 0 ignores the background, "
+                                      "1 is the same as no mask.", range=(0.0, 1.0))
+    normalize_masked_area: bool = _setting(True, "With masked_loss: divide each image's loss by its mean weight, "
+                                           "so a small subject teaches as much per step as a large one.")
     seed: int = _setting(0, "Seed for noise, timesteps, data order and adapter init.", range=(0, MAX_SEED))
     # --- saving and previews ------------------------------------------------------------------------------------
     keep_last_checkpoints: int = _setting(2, "Resumable checkpoints kept in the run folder (0 = keep all).",
@@ -436,9 +447,25 @@ class DreamBoothSettings:
         if self.train_imagic_only and not self.train_unet:
             p.append("train_imagic_only = True with train_unet = False: Imagic's second stage fine-tunes the UNet; "
                      "enable train_unet")
+        p += self._mask_problems()
         if not _RUN_NAME_RE.match(self.run_name) or self.run_name.strip() != self.run_name:
             p.append(f"run_name = {self.run_name!r} is not a plain folder name; use 1-100 letters, digits, '.', "
                      "'_', '-' or spaces, starting with a letter or digit, e.g. 'my_dog'")
+        return p
+
+    def _mask_problems(self) -> list[str]:
+        """unmasked_weight / normalize_masked_area without masked_loss, and masked_loss where it cannot apply."""
+        p: list[str] = []
+        if not self.masked_loss:
+            if self.unmasked_weight != 0.1:
+                p.append(f"unmasked_weight = {self.unmasked_weight:g} has no effect with masked_loss = False; turn "
+                         "masked_loss on or reset unmasked_weight to 0.1")
+            if not self.normalize_masked_area:
+                p.append("normalize_masked_area = False has no effect with masked_loss = False; turn masked_loss on "
+                         "or reset normalize_masked_area to True")
+        elif self.train_imagic_only:
+            p.append("masked_loss = True with train_imagic_only = True: Imagic trains on its one whole photo; turn "
+                     "masked_loss off")
         return p
 
     def _memory_engine_problems(self) -> list[str]:
@@ -572,8 +599,9 @@ class DreamBoothSettings:
         for name in IMAGIC_FIELDS:
             if not self.train_imagic_only and out[name] == settings_fields()[name].default:
                 del out[name]
-        # the memory engine's settings likewise, at their defaults (runs made before they existed keep their hash)
-        for name in MEMORY_ENGINE_FIELDS:
+        # the memory engine's and masked loss's settings likewise, at their defaults (runs made before they existed
+        # keep their hash)
+        for name in MEMORY_ENGINE_FIELDS + MASK_FIELDS:
             if out[name] == settings_fields()[name].default:
                 del out[name]
         data_defaults = DataSettings()
@@ -677,4 +705,4 @@ def _data_from_dict(value: Any) -> tuple[list[str], DataSettings | None]:
 __all__ = ["DreamBoothSettings", "SettingsError", "IMAGIC_FIELDS", "IMAGIC_FULL_UNET_LR", "recommended_learning_rate", "settings_fields",
            "LORA_TYPES", "LORA_UNET_TARGETS", "LORA_TEXT_ENCODER_TARGETS", "LR_SCHEDULERS", "WARMUP_SCHEDULERS", "DECAYING_SCHEDULERS", "OPTIMIZERS",
            "MIXED_PRECISIONS", "VAE_DTYPES", "ATTENTIONS", "WEIGHTS_DTYPES", "FROZEN_DTYPES", "NOISE_SCHEDULERS", "PRIOR_MODES",
-           "PREVIEW_SCHEDULERS"]
+           "PREVIEW_SCHEDULERS", "MASK_FIELDS"]

@@ -17,6 +17,7 @@ from .checkpoints import (apply_checkpoint, claim_run, create_run, load_weights,
                           read_own_checkpoint, resume_target)
 from .compat import enable_text_encoder_checkpointing
 from .control import TrainCallbacks, TrainingDiverged, TrainingInterrupted, TrainingSaveError, TrainResult
+from .data.masks import content_hashes
 from .distributed import Dist, collective_timeout, process_info
 from .loop import Job, micro_batch_loss, preview, run_steps, save_state
 from .runs import RunFolder, compute_run_id
@@ -164,7 +165,7 @@ def _prepare_data(job: Job) -> None:
         gradient_accumulation_steps=settings.gradient_accumulation_steps, seed=settings.seed, progress=progress,
         should_stop=cb.should_stop, clip_skip=settings.clip_skip_or_none, use_class_images=from_class_images,
         generate_class_images=generate, class_scheduler=settings.preview_scheduler, log=job.say,
-        shard=(dist.rank, dist.world), sync=dist.barrier)
+        shard=(dist.rank, dist.world), sync=dist.barrier, masks=settings.masked_loss)
     dist.barrier()                              # every process's share of a disk cache is written
     job.report = job.data.report_text()
     if dist.active:
@@ -193,7 +194,7 @@ def _plan_length(job: Job) -> None:
     job.parent_run = model.metadata.get("trained_run_id")
     model_identity = model.source_hash + (f"+run:{job.parent_run}" if job.parent_run else "")
     identity = (settings.config_hash(), [c.to_dict() for c in job.concepts],
-                [item.content_hash for item in data.items], model_identity, "lora" if settings.use_lora else "full")
+                content_hashes(data.items), model_identity, "lora" if settings.use_lora else "full")
     job.run_id = compute_run_id(*identity, processes=world)
     job.identity = identity
 

@@ -18,6 +18,7 @@ from .buckets import Placement
 from .cache import TensorCache, make_key, module_fingerprint
 from .captions import caption_variant
 from .images import load_image
+from .masks import MaskFile, batch_masks, fill_mask_cache
 from .report import TOKEN_LIMIT, DatasetReport, bucket_name, divisibility_check
 from .settings import ConceptSettings, DataSettings, parse_color
 
@@ -44,6 +45,7 @@ class Item:
     caption: str                       # before shuffle / dropout
     placement: Placement
     has_alpha: bool = False
+    mask: MaskFile | None = None       # masked loss: the subject's mask (instance images only; masks.py)
 
     @property
     def bucket(self) -> tuple[int, int]:
@@ -73,6 +75,7 @@ class Batch:
     paths: list[str]
     concept_indices: list[int] = field(default_factory=list)
     flips: list[bool] = field(default_factory=list)
+    masks: object = None               # (B, 1, h, w) float32 loss masks when an example has one (masks.py), else None
 
 
 def _rng(*parts) -> random.Random:
@@ -272,6 +275,7 @@ class TrainingData:
                 done += len(chunk)
                 if progress:
                     progress(done, total)
+        fill_mask_cache(self, flips)
 
     # ---- text ------------------------------------------------------------------------------------------------
     @property
@@ -423,12 +427,14 @@ class TrainingData:
             time_ids = torch.stack([torch.as_tensor(r, dtype=torch.float32) for r in rows])
             time_ids = time_ids.to(device=device or time_ids.device, dtype=dtype or time_ids.dtype)
 
+        masks = batch_masks(self, items, plan_item.flips)
         is_prior = torch.tensor([item.is_prior for item in items], dtype=torch.bool, device=device)
         weights = torch.tensor([self.concepts[item.concept_index].prior_loss_weight if item.is_prior else 1.0
                                 for item in items], dtype=torch.float32, device=device)
         return Batch(latents=latents, captions=captions, embeds=embeds, pooled=pooled, is_prior=is_prior,
                      loss_weights=weights, time_ids=time_ids, paths=[item.path for item in items],
-                     concept_indices=[item.concept_index for item in items], flips=list(plan_item.flips))
+                     concept_indices=[item.concept_index for item in items], flips=list(plan_item.flips),
+                     masks=None if masks is None else masks.to(device=device or masks.device))
 
     def iter_epoch(self, epoch: int, *, skip: int = 0, **load_kwargs):
         """Yield (plan_item, batch) for `epoch`, skipping the first `skip` batches (resume)."""

@@ -34,7 +34,7 @@ def prepare_training_data(model, concepts: list[ConceptSettings], data_settings:
                           class_batch_size: int = 4,
                           class_scheduler: str = "euler", log: Callable[[str], None] | None = None,
                           generate_fn=None, shard: tuple[int, int] = (0, 1),
-                          sync: Callable[[], None] | None = None) -> TrainingData:
+                          sync: Callable[[], None] | None = None, masks: bool = False) -> TrainingData:
     """Scan, check, complete and encode the data of `concepts`; see the module docstring.
 
     - `model`: the SDModel to train (its VAE and text encoders are used where they are; move them to the
@@ -50,6 +50,8 @@ def prepare_training_data(model, concepts: list[ConceptSettings], data_settings:
       `sync()` (a barrier of all processes) makes every process list the missing entries before any writes.
     - `progress(done, total)` is called per stage (class images, latents, text); `log(message)` names the
       stage. `should_stop()` -> `PreparationStopped` at the next check.
+    - `masks=True` (masked_loss): instance images get their masks (masks.py), cached with the latents, and
+      `Batch.masks` holds them; class images are never masked.
     - Raises `DatasetError` listing every problem (settings, no usable images, broken images with
       `on_bad_image="stop"`).
     """
@@ -83,10 +85,10 @@ def prepare_training_data(model, concepts: list[ConceptSettings], data_settings:
     report = DatasetReport()
     for i, (c, sc) in enumerate(zip(concepts, scans)):
         class_images, _ = match_class_images(sc, data_settings) if c.uses_prior_preservation else ([], [])
-        concept_items = _items_for(sc, i, data_settings, class_images)
+        concept_items = _items_for(sc, i, data_settings, class_images, masks)
         items += concept_items
         cr = concept_report(i, sc, data_settings=data_settings, class_generated=generated[i],
-                            used_class_images=len(class_images))
+                            used_class_images=len(class_images), masked_loss=masks)
         for item in concept_items:
             if item.is_prior:
                 key = bucket_name(item.bucket)
@@ -182,11 +184,13 @@ def _validate_all(concepts: list[ConceptSettings], data_settings: DataSettings, 
         raise DatasetError("cannot prepare the training data:\n- " + "\n- ".join(problems))
 
 
-def _items_for(scan, ci: int, data: DataSettings, class_images: list[ScannedImage]) -> list[Item]:
+def _items_for(scan, ci: int, data: DataSettings, class_images: list[ScannedImage], masks: bool = False
+               ) -> list[Item]:
     def make(img: ScannedImage, is_prior: bool) -> Item:
         return Item(path=img.path, content_hash=img.info.content_hash, concept_index=ci, is_prior=is_prior,
                     caption=img.caption, placement=placement_for(img.info.width, img.info.height, data),
-                    has_alpha=img.info.has_alpha)
+                    has_alpha=img.info.has_alpha,
+                    mask=scan.masks.found.get(img.path) if masks and not is_prior else None)
 
     return [make(img, False) for img in scan.instance.images] + [make(img, True) for img in class_images]
 

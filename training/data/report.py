@@ -17,7 +17,7 @@ TOKEN_LIMIT = 75
 # for training, not every file name of a folder (a data folder may hold anything)
 MAX_NAMED_IGNORED = 20
 # what DatasetReport.notices() lines say after "concept N: " (or "WARNING: " for the rest)
-NOTICE_KINDS = ("BAD", "DUPLICATE", "IGNORED", "LONG CAPTION")
+NOTICE_KINDS = ("BAD", "DUPLICATE", "IGNORED", "LONG CAPTION", "MASK")
 
 
 def is_notice(line: str) -> bool:
@@ -59,6 +59,27 @@ class ConceptReport:
     prior_examples_per_epoch: int = 0
     prior_loss_weight: float = 1.0
     concept_type: str = "person"
+    masks_from: dict = field(default_factory=dict)        # {"masklabel": n, "mask_dir": n, "alpha": n} masked images
+    without_mask: list = field(default_factory=list)      # instance images without a mask (the first MAX_NAMED_IGNORED)
+    without_mask_count: int = 0
+    mask_problems: list = field(default_factory=list)     # [[mask path, reason]]: mask files not used (the first
+    mask_problem_count: int = 0                           # MAX_NAMED_IGNORED of them), and how many in all
+    masked_loss: bool | None = None                       # None: not known (the node's preview)
+
+    def mask_lines(self) -> list[str]:
+        """The masks line of the report (none when the concept has no masks and masked loss is not asked for)."""
+        masked = sum(self.masks_from.values())
+        if not masked and not self.masked_loss:
+            return []
+        srcs = ", ".join(f"{n} from {k}" for k, n in sorted(self.masks_from.items()) if n)
+        line = f"  masks: {masked} of {self.instance_images} instance images" + (f" ({srcs})" if srcs else "")
+        if self.without_mask_count:
+            more = self.without_mask_count - len(self.without_mask)
+            line += ("; without a mask (trained on the whole image): " + ", ".join(self.without_mask)
+                     + (f" and {more} more" if more > 0 else ""))
+        if self.masked_loss is False:
+            line += " (masked_loss is off: not used)"
+        return [line]
 
     def file_notices(self) -> list[str]:
         """One line per file the user should know about (not used, or not used as it is), each naming the file:
@@ -80,6 +101,10 @@ class ConceptReport:
             self.long_captions_mode, "cut off unless long_captions='chunk'")
         lines += [f"LONG CAPTION: {path}: {n} tokens, over the {TOKEN_LIMIT}-token limit ({what})"
                   for path, n in self.long_captions]
+        lines += [f"MASK: {path}: {reason}" for path, reason in self.mask_problems]
+        if self.mask_problem_count > len(self.mask_problems):
+            lines.append(f"MASK: {self.mask_problem_count - len(self.mask_problems)} more mask file(s) not used "
+                         "(not listed)")
         return lines
 
 
@@ -137,6 +162,7 @@ class DatasetReport:
                 if c.prior_examples_per_epoch:
                     lines.append(f"  prior examples per epoch: {c.prior_examples_per_epoch} "
                                  f"(prior_loss_weight {c.prior_loss_weight:g})")
+            lines += c.mask_lines()
             lines += [f"  {line}" for line in c.file_notices()]
         if self.batch_size is not None:
             lines.append(f"Examples per epoch: {self.examples_per_epoch}; batch size {self.batch_size} x "
@@ -219,7 +245,7 @@ def caption_token_count(caption: str) -> int:
 
 
 def concept_report(index: int, scan, *, data_settings=None, class_generated: int = 0,
-                   used_class_images: int | None = None) -> ConceptReport:
+                   used_class_images: int | None = None, masked_loss: bool | None = None) -> ConceptReport:
     """A ConceptReport from a `scan.ConceptScan`; buckets are filled when `data_settings` is given."""
     from .buckets import target_size
 
@@ -235,6 +261,18 @@ def concept_report(index: int, scan, *, data_settings=None, class_generated: int
     r.duplicates = [list(g) for g in scan.instance.duplicates]
     r.ignored_files = list(scan.instance.ignored[:MAX_NAMED_IGNORED])
     r.ignored_count = len(scan.instance.ignored)
+    r.masked_loss = masked_loss
+    masks = scan.masks
+    for img in scan.instance.images:
+        mask = masks.found.get(img.path)
+        if mask is not None:
+            r.masks_from[mask.source] = r.masks_from.get(mask.source, 0) + 1
+        else:
+            r.without_mask_count += 1
+            if len(r.without_mask) < MAX_NAMED_IGNORED:
+                r.without_mask.append(img.path)
+    r.mask_problems = [list(p) for p in masks.problems[:MAX_NAMED_IGNORED]]
+    r.mask_problem_count = len(masks.problems)
     for img in scan.instance.images:
         n = caption_token_count(img.caption)
         if n > TOKEN_LIMIT:
@@ -278,6 +316,9 @@ def concept_warnings(cr: ConceptReport) -> list[str]:
     w = []
     if cr.instance_images == 0:
         w.append(f"concept {cr.index + 1}: no usable images in {cr.instance_dir!r}")
+    elif cr.masked_loss and not sum(cr.masks_from.values()):
+        w.append(f"concept {cr.index + 1}: masked_loss is on but no instance image has a mask (<name>-masklabel.png "
+                 "beside it, a same-name file in mask_dir, or an alpha channel); it trains on whole images")
     return w + _file_warnings(cr)
 
 
@@ -292,4 +333,7 @@ def _file_warnings(cr: ConceptReport) -> list[str]:
         more = f" and {len(cr.long_captions) - 5} more" if len(cr.long_captions) > 5 else ""
         w.append(f"{name}: caption(s) over the {TOKEN_LIMIT}-token limit: {shown}{more}; they are truncated "
                  "unless long_captions='chunk'")
+    if cr.mask_problems:
+        w.append(f"{name}: {cr.mask_problem_count} mask file(s) not used: " + ", ".join(
+            p for p, _ in cr.mask_problems[:5]) + (" ..." if cr.mask_problem_count > 5 else ""))
     return w

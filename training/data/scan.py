@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from .buckets import target_size
 from .captions import build_caption, read_file_words
 from .images import BadImageError, ImageInfo, list_image_files, probe_image
+from .masks import MaskScan, is_mask_label, scan_masks
 from .settings import FILEWORDS, ConceptSettings, DataSettings
 
 _probe_memo: dict[tuple, ImageInfo | BadImageError] = {}
@@ -74,6 +75,7 @@ def scan_folder(folder: str, caption_for, *, exclude_hashes: frozenset = frozens
     if not folder or not os.path.isdir(folder):
         return scan
     paths, scan.ignored = list_image_files(folder)
+    paths = [p for p in paths if not is_mask_label(p)]      # `<name>-masklabel.png`: a mask (masks.py), not an image
     first_by_hash: dict[str, str] = {}
     groups: dict[str, list[str]] = {}
     for path in paths:
@@ -129,6 +131,7 @@ class ConceptScan:
     instance: FolderScan
     classes: FolderScan
     class_required: int = 0
+    masks: MaskScan = field(default_factory=MaskScan)
 
     @property
     def class_present(self) -> int:
@@ -147,7 +150,9 @@ def scan_concept(concept: ConceptSettings) -> ConceptScan:
         classes = scan_folder(concept.class_dir, class_caption_fn(concept),
                               exclude_hashes=frozenset(i.info.content_hash for i in instance.images))
         required = concept.num_class_images_per_image * len(instance.images)
-    return ConceptScan(concept=concept, instance=instance, classes=classes, class_required=required)
+    return ConceptScan(concept=concept, instance=instance, classes=classes, class_required=required,
+                       masks=scan_masks(instance.images, concept.instance_dir, concept.mask_dir,
+                                        probe=probe_cached))
 
 
 def wanted_class_prompts(scan: ConceptScan, data: DataSettings) -> list[tuple[str, tuple[int, int]]]:

@@ -119,6 +119,17 @@ class ConceptSettings(_SettingsMixin):
     concept_type: str = "person"           # "person" | "object" | "style": presets (see concept_type_defaults)
     repeats: int = 1                       # how many times each instance image appears per epoch
     prior_loss_weight: float = 1.0         # weight of the class-image (prior) loss for this concept
+    mask_dir: str = ""                     # masked loss: folder of masks named like the images (kohya's layout)
+
+    # left out of to_dict() while at their default, so the identity of runs made before they existed is unchanged
+    _OMIT_AT_DEFAULT = ("mask_dir",)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        for name in self._OMIT_AT_DEFAULT:
+            if out[name] == "":
+                del out[name]
+        return out
 
     @property
     def uses_prior_preservation(self) -> bool:
@@ -150,6 +161,14 @@ class ConceptSettings(_SettingsMixin):
         _check_choice(p, "concept_type", self.concept_type, CONCEPT_TYPES)
         _check_range(p, "repeats", self.repeats, 1, 10000)
         _check_range(p, "prior_loss_weight", self.prior_loss_weight, 0.0, 100.0)
+        if self.mask_dir.strip() and check_paths:
+            if not os.path.isdir(self.mask_dir):
+                p.append(f"mask_dir = {self.mask_dir!r} is not an existing folder; set it to the folder of masks "
+                         "named like the instance images, or leave it empty")
+            elif os.path.isdir(self.instance_dir) and os.path.samefile(self.mask_dir, self.instance_dir):
+                p.append("mask_dir is the same folder as instance_dir; masks named like their images need their own "
+                         "folder (or name them <image name>-masklabel.png beside the images and leave mask_dir "
+                         "empty)")
         if self.uses_prior_preservation:
             if not self.class_dir.strip():
                 p.append(f"num_class_images_per_image = {self.num_class_images_per_image} needs class_dir: set "
