@@ -229,14 +229,16 @@ class RunFolder:
         found = self.checkpoints()
         return found[-1] if found else None
 
-    def save_checkpoint(self, step: int, write, keep_last: int = 0) -> str:
-        """`write(folder)` fills a temporary folder; it becomes checkpoints/step-NNNNNN atomically."""
+    def save_checkpoint(self, step: int, write, keep_last: int = 0, keep=()) -> str:
+        """`write(folder)` fills a temporary folder; it becomes checkpoints/step-NNNNNN atomically. `keep_last`
+        prunes the older ones, except those in `keep` (the best checkpoint)."""
         path = os.path.join(self.checkpoints_dir, f"step-{step:07d}")
         with atomic_folder(path) as tmp:
             write(tmp)
         if keep_last > 0:
             for old in self.checkpoints()[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+                if old not in keep:
+                    shutil.rmtree(old, ignore_errors=True)
         return path
 
     def save_final(self, write) -> str:

@@ -13,6 +13,7 @@ import math
 import os
 import time
 
+from .best import conclude
 from .checkpoints import (apply_checkpoint, claim_run, create_run, load_weights, loadable_checkpoint,
                           read_own_checkpoint, resume_target)
 from .compat import enable_text_encoder_checkpointing
@@ -20,6 +21,7 @@ from .control import TrainCallbacks, TrainingDiverged, TrainingInterrupted, Trai
 from .distributed import Dist, collective_timeout, process_info
 from .loop import Job, micro_batch_loss, preview, run_steps, save_state
 from .runs import RunFolder, compute_run_id
+from .validation import plan_validation, prepare_reference, resume_records
 from .setup.trainable import (build_trainable, finish_model, named_trainables, owned_modules, set_attention,
                               with_data_vae)
 
@@ -99,6 +101,7 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
         if reused is not None:
             return reused
     _claim_run(job, resume)             # the interrupted run to continue (locked), if any
+    prepare_reference(job)              # validation: fixed noise, the base model's predictions and images
     _build_model(job)                   # the trained copy: adapters, precision, checkpointing, offloading
     _build_optimizer(job)               # optimizer, LR and noise schedules, EMA
     _preflight(job)                     # one step at the largest bucket and batch: does it fit the device?
@@ -166,7 +169,8 @@ def _prepare_data(job: Job) -> None:
         generate_class_images=generate, class_scheduler=settings.preview_scheduler, log=job.say,
         shard=(dist.rank, dist.world), sync=dist.barrier)
     dist.barrier()                              # every process's share of a disk cache is written
-    job.report = job.data.report_text()
+    held_out = plan_validation(job)             # validation images; held-out ones leave the training data
+    job.report = job.data.report_text() + held_out
     if dist.active:
         b, a = settings.batch_size, settings.gradient_accumulation_steps
         job.report += (f"\n{dist.world} processes: effective batch {dist.world} x {b} x {a} = {dist.world * b * a} "
@@ -385,6 +389,13 @@ def _resume_or_create_run(job: Job, resume) -> None:
             **({"processes": job.dist.world} if job.dist.active else {})).path,
             "create the run folder"))
     job.run, job.checkpoint = run, checkpoint
+    if checkpoint:
+        resume_records(job)             # validation.jsonl up to the checkpoint's step, the best so far
+    if job.main and job.settings.tensorboard:
+        from .board import open_board
+
+        job.board = open_board(run.path, job.start_step)
+        job.held.callback(job.board.close)
     job.say(f"training {job.total_steps} steps ({job.steps_per_epoch}/epoch) in {run.path}")
 
 
@@ -401,7 +412,8 @@ def _finish(job: Job, step: int, last_loss: float | None) -> TrainResult:
     if job.main:
         if job.settings.preview_every_epochs:
             preview(job, math.ceil(job.total_steps / job.steps_per_epoch))
-        save_state(job, step, last_loss, final=True)
+        final_path = save_state(job, step, last_loss, final=True)
+        conclude(job, step, final_path)           # keep_best: the final state is a candidate too
         job.run.update_config(finished=True, steps=step, final_loss=last_loss,
                               finished_at=time.strftime("%Y-%m-%d %H:%M:%S"))
     job.dist.barrier()                    # the others read the finished run's config after rank 0 wrote it
