@@ -166,3 +166,22 @@ def test_tensorboard_events_read_back(sd1, tmp_path):
         [r["loss"] for r in read_losses(result.run_dir)])
     assert [e.step for e in events.Scalars("validation/loss")] == [0, 4, 8]
     assert "validation/grid" in tags["images"] and len(events.Images("validation/grid")) == 2
+
+
+@pytest.mark.parametrize("family, use_lora", [("sdxl", False), ("sd2", True)], ids=["sdxl-full", "sd2-lora"])
+def test_other_families_and_a_validation_folder(tmp_path, family, use_lora):
+    """SDXL (size conditioning, two text encoders) as a full fine-tune with its text encoder training, SD2
+    v-prediction with LoRA; the subject loss on a folder of other photos."""
+    from comfyui_dreambooth.training.models import build_tiny_model
+    from trainer_fixtures import make_images
+
+    model = build_tiny_model(family)
+    folder = make_images(str(tmp_path / "other"), n=2, seed=7)
+    logs = []
+    settings = tiny_settings(use_lora=use_lora, validate_every_steps=4, validation_images=folder,
+                             text_encoder_ratio=0.5, steps_per_image=1, save_every_epochs=1, max_train_steps=4)
+    result = _train(model, tmp_path, settings, logs=logs)
+    records = _records(result.run_dir)
+    assert [r["step"] for r in records] == [0, 4] and records[0]["prior_drift"] == 0.0
+    assert records[1]["prior_drift"] > 0 and records[1]["held_out"] and records[1]["grid"]
+    assert any("the validation folder" in line for line in logs)
