@@ -185,3 +185,39 @@ def test_other_families_and_a_validation_folder(tmp_path, family, use_lora):
     assert [r["step"] for r in records] == [0, 4] and records[0]["prior_drift"] == 0.0
     assert records[1]["prior_drift"] > 0 and records[1]["held_out"] and records[1]["grid"]
     assert any("the validation folder" in line for line in logs)
+
+
+def test_save_nodes_take_the_best_or_the_last(sd1, tmp_path, monkeypatch):
+    """SaveLoRA / SaveCheckpoint `which`: best saves the best checkpoint's weights, last the final ones; a model
+    without a best checkpoint is a clear error."""
+    from comfyui_dreambooth.nodes import comfy_compat
+    from comfyui_dreambooth.nodes.save import SaveCheckpoint, SaveLoRA
+    import torch
+
+    from comfyui_dreambooth.training import validation
+    from comfyui_dreambooth.training.best import best_model
+    from comfyui_dreambooth.training.export.lora import kohya_lora_state, load_kohya_lora
+
+    script = iter([0.5, 0.4, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])           # best: the checkpoint of step 4
+    monkeypatch.setattr(validation, "measure", lambda job: _scripted(next(script)))
+    monkeypatch.setattr(comfy_compat, "models_folder", lambda kind: str(tmp_path / "models" / kind))
+    settings = tiny_settings(validate_every_steps=2, save_every_epochs=1, keep_best=True, validation_samples=0,
+                             learning_rate=1e-2)
+    result = _train(sd1, tmp_path, settings)
+    assert result.info["best"]["step"] == 4 and "best checkpoint: step 4" in result.report
+    last = SaveLoRA().save(result.model, "last", "fp32")["result"][0]
+    out = SaveLoRA().save(result.model, "best", "fp32", which="best")
+    assert "step-0000004" in out["ui"]["text"][0]
+    best_state, last_state = load_kohya_lora(out["result"][0])[0], load_kohya_lora(last)[0]
+    assert not same_tensors(best_state, last_state)
+    # the best file holds the checkpoint of step 4's weights; the trained model itself is unchanged
+    chosen = best_model(result.model)
+    checkpoint = load_tensors(os.path.join(result.info["best"]["checkpoint"], "trainable.safetensors"))
+    assert checkpoint and all(torch.equal(chosen.unet.get_parameter(k[len("unet."):]).detach(), v)
+                              for k, v in checkpoint.items())
+    assert same_tensors(best_state, {k: v.float() for k, v in kohya_lora_state(chosen).items()})
+    assert same_tensors(last_state, {k: v.float() for k, v in kohya_lora_state(result.model).items()})
+    assert os.path.exists(SaveCheckpoint().save(result.model, "best", "safetensors", "fp16", which="best")
+                          ["result"][0])
+    with pytest.raises(ValueError, match="which = best: this model has no best checkpoint"):
+        SaveLoRA().save(sd1, "nothing", "fp16", which="best")

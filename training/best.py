@@ -124,4 +124,58 @@ def conclude(job, final_step: int, final_path: str | None) -> dict | None:
     return val.best
 
 
-__all__ = ["choose_best", "stale_validations", "validation_step", "update_best", "protected", "conclude"]
+# ---- the best checkpoint as a model (SaveLoRA / SaveCheckpoint `which = best`) ---------------------------------
+def best_model(model):
+    """`model` (a finished run's result) with the weights of its run's best checkpoint: copies of the trained modules
+    (the model itself is not changed), its EMA from that checkpoint when it has one."""
+    import torch
+    from safetensors.torch import load_file
+
+    from .setup.trainable import trainable_copy
+
+    best = model.metadata.get("best_checkpoint")
+    if not best:
+        raise ValueError("which = best: this model has no best checkpoint; train it with keep_best on (and "
+                         "validate_every_steps set), or use which = last")
+    folder = best["checkpoint"]
+    if not os.path.exists(os.path.join(folder, "trainable.safetensors")):
+        raise FileNotFoundError(f"which = best: the best checkpoint {folder} is gone (moved or deleted); use which = "
+                                "last, or LoadTrained on another checkpoint of the run")
+    saved = load_file(os.path.join(folder, "trainable.safetensors"))
+    parts = {"unet": model.unet, **{f"te{i}": te for i, te in enumerate(model.text_encoders)}}
+    copies = {part: trainable_copy(m) for part, m in parts.items() if any(k.startswith(part + ".") for k in saved)}
+    named = {f"{part}.{n}": p for part, m in copies.items() for n, p in m.named_parameters()}
+    missing = sorted(set(saved) - set(named))
+    if missing:
+        raise ValueError(f"which = best: {folder} has weights this model lacks (e.g. {missing[:2]}); it belongs to "
+                         "another run")
+    with torch.no_grad():
+        for key, tensor in saved.items():
+            named[key].copy_(tensor.to(device=named[key].device, dtype=named[key].dtype))
+    changes = {"metadata": {**model.metadata, "chosen_checkpoint": folder}}
+    if "unet" in copies:
+        changes["unet"] = copies["unet"]
+        changes["ema_unet"] = _ema_of(folder, copies["unet"]) if model.ema_unet is not None else None
+    tes = [copies.get(f"te{i}", te) for i, te in enumerate(model.text_encoders)]
+    return model.replace(text_encoders=tes, **changes)
+
+
+def _ema_of(folder: str, unet):
+    """The checkpoint's EMA weights on a copy of `unet` (None when it has none)."""
+    import copy
+
+    import torch
+
+    path = os.path.join(folder, "ema.pt")
+    if not os.path.exists(path):
+        return None
+    shadow = torch.load(path, map_location="cpu", weights_only=True)["shadow"]
+    ema_unet = copy.deepcopy(unet)
+    params = dict(ema_unet.named_parameters())
+    with torch.no_grad():
+        for name, value in shadow.items():
+            params[name].copy_(value.to(device=params[name].device, dtype=params[name].dtype))
+    return ema_unet
+
+
+__all__ = ["best_model", "choose_best", "stale_validations", "validation_step", "update_best", "protected", "conclude"]

@@ -214,6 +214,8 @@ def _reused_result(job: Job):
     ema_state = load_weights(done.final_dir, named)
     tm = finish_model(tm, job.model, named, job.settings, ema_state, job.run_id)
     cfg = done.read_config()
+    if cfg.get("best"):
+        tm = tm.replace(metadata={**tm.metadata, "best_checkpoint": cfg["best"]})
     return TrainResult(tm, done.path, cfg.get("steps", job.total_steps), reused=True,
                        final_loss=cfg.get("final_loss"), report=job.report, info=cfg)
 
@@ -413,11 +415,16 @@ def _finish(job: Job, step: int, last_loss: float | None) -> TrainResult:
         if job.settings.preview_every_epochs:
             preview(job, math.ceil(job.total_steps / job.steps_per_epoch))
         final_path = save_state(job, step, last_loss, final=True)
-        conclude(job, step, final_path)           # keep_best: the final state is a candidate too
+        best = conclude(job, step, final_path)    # keep_best: the final state is a candidate too
+        if best:
+            job.report += (f"\nbest checkpoint: step {best['step']}, {best['checkpoint']} (subject loss "
+                           f"{best['loss']:.4g}, prior drift {best['prior_drift']:.4g}; {best['rule']})")
         job.run.update_config(finished=True, steps=step, final_loss=last_loss,
                               finished_at=time.strftime("%Y-%m-%d %H:%M:%S"))
     job.dist.barrier()                    # the others read the finished run's config after rank 0 wrote it
     result = finish_model(job.tm, job.model, job.named, job.settings,
                           job.ema.state_dict() if job.ema is not None else None, job.run_id)
-    return TrainResult(result, job.run.path, step, final_loss=last_loss, report=job.report,
-                       info=job.run.read_config())
+    info = job.run.read_config()
+    if info.get("best"):                  # SaveLoRA / SaveCheckpoint `which = best` find it here
+        result = result.replace(metadata={**result.metadata, "best_checkpoint": info["best"]})
+    return TrainResult(result, job.run.path, step, final_loss=last_loss, report=job.report, info=info)
