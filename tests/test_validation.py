@@ -221,3 +221,38 @@ def test_save_nodes_take_the_best_or_the_last(sd1, tmp_path, monkeypatch):
                           ["result"][0])
     with pytest.raises(ValueError, match="which = best: this model has no best checkpoint"):
         SaveLoRA().save(sd1, "nothing", "fp16", which="best")
+
+
+def test_tensorboard_without_the_package_is_a_clear_settings_error(monkeypatch):
+    from comfyui_dreambooth.training import compat
+    from comfyui_dreambooth.training.settings import DreamBoothSettings
+
+    real = compat.installed
+    monkeypatch.setattr(compat, "installed", lambda name: False if name == "tensorboard" else real(name))
+    problems = DreamBoothSettings(tensorboard=True).validate()
+    assert problems == ["tensorboard = True but the tensorboard package is not installed; `pip install tensorboard` "
+                        "(or comfyui-dreambooth[tensorboard]) or set tensorboard = False"]
+    assert DreamBoothSettings().validate() == []
+
+
+def test_resume_keeps_the_validations_up_to_its_checkpoint(sd1, tmp_path):
+    """A run stopped after its step-4 checkpoint and resumed: validation.jsonl is made again from there, with the
+    same numbers as an uninterrupted run, and the best checkpoint chosen before the stop is still known."""
+    from comfyui_dreambooth.training.trainer import TrainCallbacks, TrainingInterrupted, train
+
+    settings = tiny_settings(validate_every_steps=2, save_every_epochs=1, keep_best=True, validation_samples=0,
+                             keep_last_checkpoints=0)
+    concept = make_concept(tmp_path / "data")
+    whole = _train(sd1, tmp_path / "whole", settings, concept)
+    steps = []
+
+    def stop():
+        return len(steps) >= 5           # after step 5's progress: stops with its checkpoint at step 5
+
+    cb = TrainCallbacks(progress=lambda p: steps.append(p["step"]), should_stop=stop)
+    with pytest.raises(TrainingInterrupted):
+        train(sd1, [concept], settings, output_root=str(tmp_path / "cut" / "out"), callbacks=cb)
+    resumed = train(sd1, [concept], settings, output_root=str(tmp_path / "cut" / "out"))
+    assert resumed.run_dir.startswith(str(tmp_path / "cut")) and resumed.steps == 8
+    assert _numbers(_records(resumed.run_dir)) == _numbers(_records(whole.run_dir))
+    assert resumed.info["best"]["step"] == whole.info["best"]["step"]
