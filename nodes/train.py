@@ -134,8 +134,11 @@ class TrainDreamBooth:
         def preview(paths):
             reporter.preview([_ui_image(p) for p in paths])
 
-        callbacks = TrainCallbacks(progress=progress, preview=preview, log=log,
-                                   should_stop=should_stop, control=reporter.trainer_control, stage=stage)
+        def validation(record):             # the panel's second curve: the subject loss of each validation
+            reporter.validation(record["step"], record["loss"])
+
+        callbacks = TrainCallbacks(progress=progress, preview=preview, log=log, should_stop=should_stop,
+                                   control=reporter.trainer_control, stage=stage, validation=validation)
         try:
             result = train(model, concepts, config, output_root=compat.output_directory(), resume=resume,
                            device=compat.comfy_torch_device(), callbacks=callbacks)

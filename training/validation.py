@@ -340,6 +340,8 @@ def validate(job, step: int, *, checkpoint: str | None = None, with_grid: bool =
     job.say(f"validation at step {step}: loss {record['loss']:.4g} (" + ", ".join(
         f"{name} {record['loss_' + name]:.4g}" for name, _ in TIMESTEP_BANDS) + f"), prior drift "
         f"{record['prior_drift']:.4g}")
+    if job.cb.validation:
+        job.cb.validation(record)
     if job.cb.preview and record.get("grid"):
         job.cb.preview([record["grid"]])
     if job.board is not None:
