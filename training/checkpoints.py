@@ -188,7 +188,7 @@ def save_training_state(run, step: int, state: dict, named, optimizer, lr_schedu
     try:
         if final:
             return run.save_final(write)
-        return run.save_checkpoint(step, write, keep_last=keep_last, keep=keep)
+        return run.save_checkpoint(step, write, keep_last=keep_last, **({"keep": tuple(keep)} if keep else {}))
     except OSError as e:
         raise TrainingSaveError(f"could not save the checkpoint of step {step} in {run.path}: {e}. The previous "
                                 f"checkpoint is intact: {run.latest_checkpoint() or 'none yet'}") from e

@@ -4,7 +4,9 @@
         config.json              settings, concepts, dataset report, base model + hash, library versions, run id
         dataset_report.txt
         loss.jsonl               one line per optimizer step: step, epoch, loss, lr, time
-        previews/                epoch-0005_0.png ...
+        validation.jsonl         with validate_every_steps: one line per validation (training/validation.py)
+        previews/                epoch-0005_0.png ... (validation grids: validation-step-0000100.png ...)
+        events.out.tfevents.*    with the tensorboard setting (training/board.py)
         checkpoints/step-000120/ trainable.safetensors, ema.safetensors, optimizer.pt, state.json
         final/                   the same layout, written when the run finishes; `finished` in config.json
 

@@ -21,7 +21,7 @@ from .control import TrainCallbacks, TrainingDiverged, TrainingInterrupted, Trai
 from .distributed import Dist, collective_timeout, process_info
 from .loop import Job, micro_batch_loss, preview, run_steps, save_state
 from .runs import RunFolder, compute_run_id
-from .validation import plan_validation, prepare_reference, resume_records
+from .validation import adapter_reference, plan_validation, prepare_reference, resume_records
 from .setup.trainable import (build_trainable, finish_model, named_trainables, owned_modules, set_attention,
                               with_data_vae)
 
@@ -103,6 +103,7 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
     _claim_run(job, resume)             # the interrupted run to continue (locked), if any
     prepare_reference(job)              # validation: fixed noise, the base model's predictions and images
     _build_model(job)                   # the trained copy: adapters, precision, checkpointing, offloading
+    adapter_reference(job)              # validation, LoRA: the base's predictions are the adapters-off model's
     _build_optimizer(job)               # optimizer, LR and noise schedules, EMA
     _preflight(job)                     # one step at the largest bucket and batch: does it fit the device?
     _resume_or_create_run(job, resume)  # a checkpoint's state loaded, or a new run folder

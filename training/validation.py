@@ -200,12 +200,33 @@ def prepare_reference(job) -> None:
         from .models.text import sdxl_time_ids
 
         val.drift_time_ids = torch.as_tensor(sdxl_time_ids((res, res), (0, 0), (res, res)), dtype=torch.float32)
-    with _quiet_rng(job.device), torch.no_grad(), job.accelerator.autocast():
-        val.base_drift = _drift_predictions(job, model, model.unet).float().cpu()
+    if not settings.use_lora:         # a full fine-tune: the received model is the base (LoRA: adapter_reference)
+        with _quiet_rng(job.device), torch.no_grad(), job.accelerator.autocast():
+            val.base_drift = _drift_predictions(job, model, model.unet).float().cpu()
     val.grid_seeds = [seed + k for k in range(settings.validation_samples)]
     val.grid_prompts = grid_prompts(job)
     if val.grid_seeds and job.main:
         val.base_images = _sample(job, model, val.grid_prompts, val.grid_seeds)
+
+
+def adapter_reference(job) -> None:
+    """LoRA: the base's drift predictions are the trained model's with its adapters off, computed once the trained
+    copy exists: the same modules, precision and kernels as every later measurement (so the drift of the untrained
+    adapter is exactly 0, also with half-precision or fp8 frozen weights)."""
+    import torch
+
+    from .setup import precision
+    from .setup.trainable import adapters_disabled
+
+    if job.validation is None or not job.settings.use_lora:
+        return
+    tm = job.tm
+    with contextlib.ExitStack() as off:
+        for module in (tm.unet, *tm.text_encoders):
+            off.enter_context(adapters_disabled(module))
+        with _eval(job), _quiet_rng(job.device), torch.no_grad(), job.accelerator.autocast(), \
+                precision.frozen_on(job.device, job.offloaded):
+            job.validation.base_drift = _drift_predictions(job, tm, tm.unet).float().cpu()
 
 
 @contextlib.contextmanager
@@ -382,5 +403,5 @@ def resume_records(job) -> None:
 
 
 __all__ = ["TIMESTEP_BANDS", "NEUTRAL_PROMPTS", "RECONTEXT", "LOG_NAME", "Validation", "Example", "plan_validation",
-           "held_out_items", "held_out_count", "prepare_reference", "grid_prompts", "is_due", "measure", "grid",
+           "held_out_items", "held_out_count", "prepare_reference", "adapter_reference", "grid_prompts", "is_due", "measure", "grid",
            "validate", "append_record", "read_records", "resume_records", "run_seed"]
