@@ -211,6 +211,17 @@ class DreamBoothValidationNode(_FieldsNode):
     FIELDS = ("validate_every_steps", "validation_images", "validation_prompt", "validation_samples", "keep_best",
               "best_drift_ceiling", "early_stop", "tensorboard")
 
+    def build(self, config=None, **widgets):
+        """A validation_images folder is found like a concept's (relative: in the input folder first) and checked
+        against the file-access rule before anything looks at it."""
+        value = str(widgets.get("validation_images") or "").strip()
+        if value and not value.lstrip("-").isdigit():
+            from .concepts import resolve_folder
+            from .paths import check_path
+
+            widgets["validation_images"] = check_path(resolve_folder(value), "DreamBoothValidation validation_images")
+        return super().build(config=config, **widgets)
+
 
 # DataSettings has no field metadata (it belongs to the data module): widgets spelled out here, ranges as in
 # DataSettings.validate; a test checks every DataSettings field has a widget with the dataclass default.

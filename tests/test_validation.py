@@ -256,3 +256,17 @@ def test_resume_keeps_the_validations_up_to_its_checkpoint(sd1, tmp_path):
     assert resumed.run_dir.startswith(str(tmp_path / "cut")) and resumed.steps == 8
     assert _numbers(_records(resumed.run_dir)) == _numbers(_records(whole.run_dir))
     assert resumed.info["best"]["step"] == whole.info["best"]["step"]
+
+
+def test_validation_node_finds_and_checks_its_folder(tmp_path, monkeypatch):
+    from comfyui_dreambooth.nodes import comfy_compat
+    from comfyui_dreambooth.nodes.settings import DreamBoothValidationNode
+
+    (tmp_path / "input" / "held").mkdir(parents=True)
+    monkeypatch.setattr(comfy_compat, "input_directory", lambda: str(tmp_path / "input"))
+    widgets = {"validate_every_steps": 50, "validation_prompt": "", "validation_samples": 1, "keep_best": True,
+               "best_drift_ceiling": 0.25, "early_stop": 0, "tensorboard": False}
+    (settings,) = DreamBoothValidationNode().build(validation_images="held", **widgets)
+    assert settings.validation_images == str(tmp_path / "input" / "held") and settings.keep_best
+    (settings,) = DreamBoothValidationNode().build(validation_images="2", **widgets)
+    assert settings.validation_images == "2"
