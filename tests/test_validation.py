@@ -78,6 +78,10 @@ def test_validation_settings_are_checked():
     assert any("keep_best and early_stop need validation numbers" in p and "validate_every_steps" in p
                for p in problems)
     assert any(p.startswith("validation_images = '0'") for p in problems)
+    assert any(p.startswith("validation_images = '0' has no effect with validate_every_steps = 0") for p in problems)
+    problems = DreamBoothSettings(validate_every_steps=10, keep_best=True, save_every_epochs=0).validate()
+    assert problems == ["keep_best = True with save_every_epochs = 0: there are no checkpoints to choose from, only "
+                        "the final state; set save_every_epochs (e.g. 5) or turn keep_best off"]
     assert DreamBoothSettings(validate_every_steps=100, keep_best=True, early_stop=3).validate() == []
 
 
@@ -270,3 +274,13 @@ def test_validation_node_finds_and_checks_its_folder(tmp_path, monkeypatch):
     assert settings.validation_images == str(tmp_path / "input" / "held") and settings.keep_best
     (settings,) = DreamBoothValidationNode().build(validation_images="2", **widgets)
     assert settings.validation_images == "2"
+
+
+def test_a_resumed_panel_gets_the_validations_up_to_the_checkpoint(tmp_path):
+    from comfyui_dreambooth.nodes.train import resumed_validation
+    from comfyui_dreambooth.training.validation import append_record
+
+    for step, loss in ((0, 0.5), (4, 0.4), (8, 0.3)):
+        append_record(str(tmp_path), {"step": step, "loss": loss, "prior_drift": 0.0})
+    assert resumed_validation(str(tmp_path), 4) == [[0, 0.5], [4, 0.4]]
+    assert resumed_validation(str(tmp_path / "missing"), 4) == []

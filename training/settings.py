@@ -485,6 +485,12 @@ class DreamBoothSettings:
         if value.lstrip("-").isdigit() and int(value) < 1:
             p.append(f"validation_images = {value!r}: hold out at least 1 image, or leave it empty to validate on "
                      "the training images")
+        if value and not self.validate_every_steps:
+            p.append(f"validation_images = {value!r} has no effect with validate_every_steps = 0 (nothing is held out "
+                     "or measured); set validate_every_steps (e.g. 100) or leave validation_images empty")
+        if self.keep_best and self.save_every_epochs == 0:
+            p.append("keep_best = True with save_every_epochs = 0: there are no checkpoints to choose from, only the "
+                     "final state; set save_every_epochs (e.g. 5) or turn keep_best off")
         if self.validate_every_steps and self.train_imagic_only:
             p.append("validate_every_steps with train_imagic_only = True: Imagic trains on one photo and has no "
                      "validation; set validate_every_steps = 0")
