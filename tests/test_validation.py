@@ -284,3 +284,24 @@ def test_a_resumed_panel_gets_the_validations_up_to_the_checkpoint(tmp_path):
         append_record(str(tmp_path), {"step": step, "loss": loss, "prior_drift": 0.0})
     assert resumed_validation(str(tmp_path), 4) == [[0, 0.5], [4, 0.4]]
     assert resumed_validation(str(tmp_path / "missing"), 4) == []
+
+
+def test_tensorboard_of_a_resumed_run_has_each_step_once(sd1, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from comfyui_dreambooth.training.trainer import TrainCallbacks, TrainingInterrupted, train
+
+    settings = tiny_settings(tensorboard=True, validate_every_steps=2, validation_samples=0, save_every_epochs=1)
+    concept = make_concept(tmp_path / "data")
+    steps = []
+    cb = TrainCallbacks(progress=lambda p: steps.append(p["step"]), should_stop=lambda: len(steps) >= 5)
+    with pytest.raises(TrainingInterrupted):
+        train(sd1, [concept], settings, output_root=str(tmp_path / "out"), callbacks=cb)
+    result = train(sd1, [concept], settings, output_root=str(tmp_path / "out"))
+    events = EventAccumulator(result.run_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(
+        [r["loss"] for r in read_losses(result.run_dir)])
+    assert [e.step for e in events.Scalars("validation/loss")] == [0, 2, 4, 6, 8]

@@ -2,7 +2,7 @@
 
 The run folder is the log directory, so one run (one run id, continued after a resume) is one TensorBoard run;
 open it with `tensorboard --logdir <output>/dreambooth`. A resumed run drops the events after its checkpoint's step
-(purge_step), as loss.jsonl does. Tags (a stable contract, listed in the README):
+(purge_step), as loss.jsonl and validation.jsonl do. Tags (a stable contract, listed in the README):
 
     train/loss                 the step's loss
     train/lr/group_<i>         the learning rate of optimizer parameter group i (0 = UNet, then text encoders)
@@ -26,7 +26,8 @@ def available() -> bool:
 def open_board(log_dir: str, start_step: int = 0) -> "Board":
     from torch.utils.tensorboard import SummaryWriter
 
-    return Board(SummaryWriter(log_dir=log_dir, purge_step=start_step or None))
+    # a resumed run logs again from the step after its checkpoint (the checkpoint's own validation is kept)
+    return Board(SummaryWriter(log_dir=log_dir, purge_step=start_step + 1 if start_step else None))
 
 
 class Board:
