@@ -405,10 +405,13 @@ def _resume_or_create_run(job: Job, resume) -> None:
 def _stopped_result(job: Job, step: int) -> TrainResult:
     """The model of a stopped run as its checkpoint of `step` holds it; the run folder stays unfinished (resumable)."""
     losses = job.run.read_loss() if job.main else []
-    return TrainResult(finish_model(job.tm, job.model, job.named, job.settings,
-                                    job.ema.state_dict() if job.ema is not None else None, job.run_id),
-                       job.run.path, step, final_loss=losses[-1].get("loss") if losses else None, report=job.report,
-                       info={"stopped": True})
+    model = finish_model(job.tm, job.model, job.named, job.settings,
+                         job.ema.state_dict() if job.ema is not None else None, job.run_id)
+    best = getattr(job.validation, "best", None)
+    if best:                              # keep_best's choice so far: `which = best` works on a stopped run too
+        model = model.replace(metadata={**model.metadata, "best_checkpoint": best})
+    return TrainResult(model, job.run.path, step, final_loss=losses[-1].get("loss") if losses else None,
+                       report=job.report, info={"stopped": True})
 
 
 def _finish(job: Job, step: int, last_loss: float | None) -> TrainResult:
