@@ -305,3 +305,31 @@ def test_tensorboard_of_a_resumed_run_has_each_step_once(sd1, tmp_path):
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(
         [r["loss"] for r in read_losses(result.run_dir)])
     assert [e.step for e in events.Scalars("validation/loss")] == [0, 2, 4, 6, 8]
+
+
+def test_two_processes_validate_on_rank_0_and_stop_early_together(tmp_path):
+    """Data-parallel: rank 0 validates, every rank agrees on early_stop (no rank waits for a step the other never
+    takes). Rank 0's validations are scripted: no improvement after step 1, early_stop 2 ends the run at step 3."""
+    import subprocess
+    import sys
+
+    from trainer_fixtures import make_images
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    make_images(str(tmp_path / "instance"), 2)
+    spec = {"instance_dir": str(tmp_path / "instance"), "output_root": str(tmp_path / "runs"),
+            "phases": [{"out_dir": str(tmp_path / "out"), "validation_losses": [0.5, 0.4, 0.45, 0.46, 0.3],
+                        "settings": {"steps_per_image": 10, "validate_every_steps": 1, "early_stop": 2,
+                                     "validation_samples": 0}}]}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    parent = os.path.dirname(os.path.dirname(os.path.abspath(__import__("comfyui_dreambooth").__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "COMFYUI_DREAMBOOTH_COLLECTIVE_TIMEOUT_MIN": "2",
+           "PYTHONPATH": os.pathsep.join(p for p in (parent, os.environ.get("PYTHONPATH", "")) if p)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                           "--nproc_per_node", "2", os.path.join(here, "multiprocess_worker.py"),
+                           str(tmp_path / "spec.json")], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    ranks = [json.loads((tmp_path / "out" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [r["steps"] for r in ranks] == [3, 3]
+    assert any("early stop at step 3" in line for line in ranks[0]["log"])
+    assert [r["step"] for r in _records(ranks[0]["run"])] == [0, 1, 2, 3]
