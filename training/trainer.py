@@ -1,6 +1,7 @@
 """DreamBooth training: `train()`, then the stages of a run in the order they happen. Read it top to bottom:
-start -> data -> length -> (reuse a finished run) -> claim the run to continue -> model -> optimizer -> pre-flight
--> resume or create the run folder -> the step loop (loop.py) -> finish.
+start -> data (and the validation images) -> length -> (reuse a finished run) -> claim the run to continue ->
+validation's reference (the base's predictions and images) -> model -> optimizer -> pre-flight -> resume or create
+the run folder -> the step loop (loop.py; validation.py / best.py between steps) -> finish (keep_best's choice).
 
 The stages fill one `loop.Job`; checkpoints are read and written by checkpoints.py, the trainable copy is
 setup/trainable.py's. Imagic (train_imagic_only) branches off in `_train` to imagic.py, on the same pieces.
@@ -21,9 +22,9 @@ from .control import TrainCallbacks, TrainingDiverged, TrainingInterrupted, Trai
 from .distributed import Dist, collective_timeout, process_info
 from .loop import Job, micro_batch_loss, preview, run_steps, save_state
 from .runs import RunFolder, compute_run_id
-from .validation import adapter_reference, plan_validation, prepare_reference, resume_records
 from .setup.trainable import (build_trainable, finish_model, named_trainables, owned_modules, set_attention,
                               with_data_vae)
+from .validation import adapter_reference, plan_validation, prepare_reference, resume_records
 
 # train()'s callbacks, result and exceptions are part of its interface: callers import them from here
 __all__ = ["train", "TrainCallbacks", "TrainResult", "TrainingInterrupted", "TrainingDiverged", "TrainingSaveError"]
