@@ -3,6 +3,7 @@
     comfyui-dreambooth info MODEL
     comfyui-dreambooth convert IN OUT [--dtype keep|fp16|bf16|fp32]
     comfyui-dreambooth sample MODEL --prompt "a photo of sks dog" --out dog.png [--steps 20 --seed 0 ...]
+                              [--lora LORA_FILE_OR_RUN_FOLDER [--which best]]
     comfyui-dreambooth run WORKFLOW.json [--set "Title.input=value" ...] [--output-dir DIR]
     comfyui-dreambooth demo [--output-dir DIR]
     comfyui-dreambooth toyworld base OUT.safetensors | toyworld draw DIR [--subject S | --toy T] [--count N]
@@ -210,6 +211,10 @@ def _sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("auto",) + DTYPE_CHOICES, default="auto",
                    help="compute precision (auto: fp32 on CPU, bf16/fp16 on GPU)")
     p.add_argument("--overwrite", action="store_true", help="replace image files that already exist")
+    p.add_argument("--lora", help="put a trained run onto the model first: a LoRA file written by SaveLoRA (its "
+                                  "Imagic sidecar too), a run folder or one of its checkpoint folders")
+    p.add_argument("--which", choices=("last", "best"), default="last",
+                   help="with a run folder: its final state (last) or keep_best's best checkpoint (best)")
 
 
 def default_size(model) -> int:
@@ -285,6 +290,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     dtype = _compute_dtype(args.dtype, device)
     with about(args.model):
         model = load_model(args.model, prediction_type=args.prediction_type, vae_path=args.vae, dtype=dtype)
+    if args.lora:
+        from .training.reload import load_trained
+
+        with about(args.lora):
+            _require_exists(args.lora, "--lora")
+            model = load_trained(model, args.lora, args.which)
     if args.clip_skip is not None:
         from .training.models.text import max_clip_skip
 

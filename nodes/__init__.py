@@ -13,10 +13,12 @@ from .live_routes import register_routes
 NODE_CLASS_MAPPINGS = {
     "LoadBaseModel": models.LoadBaseModel,
     "SampleTrained": models.SampleTrained,
+    "LoadTrained": models.LoadTrained,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LoadBaseModel": "DreamBooth Load Base Model",
     "SampleTrained": "DreamBooth Sample",
+    "LoadTrained": "DreamBooth Load Trained",
 }
 for _module in (concepts, settings, wizard, train, save, convert):
     NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)

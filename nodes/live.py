@@ -189,6 +189,8 @@ class LiveReporter:
         self._lock = threading.Lock()
         self._history = LossHistory(max_history_points)
         self._unsent_points: list[list[float]] = []
+        self._validation: list[list[float]] = []          # [step, subject loss] of each validation (few)
+        self._unsent_validation: list[list[float]] = []
         self._progress_unsent = False
         self._last_progress_sent: float | None = None
         self.save_interval_s = float(save_interval_s)
@@ -271,6 +273,17 @@ class LiveReporter:
         self._send(PREVIEW_EVENT, {"node": self.node, "run": self.run, "prompt": self.prompt, "step": preview_step,
                                    "images": [dict(ref) for ref in refs]})
 
+    def validation(self, step, loss) -> None:
+        """A validation's subject loss (training/validation.py): the chart's second curve, sent with the next
+        progress message."""
+        value, step = _json_number(loss), _json_int(step)
+        if not isinstance(value, float) or step is None:
+            return
+        with self._lock:
+            self._validation.append([step, value])
+            self._unsent_validation.append([step, value])
+            self._progress_unsent = True
+
     def status(self, state: str, message: str = "") -> None:
         """Run state change ("running", "saving", "done", "error", ... see STATES) with a human message."""
         if state not in STATES:
@@ -306,6 +319,9 @@ class LiveReporter:
                         "it_per_s", "eta_s")}
             payload["points"] = self._unsent_points
             self._unsent_points = []
+            if self._unsent_validation:       # only runs that validate send it (older panels ignore it)
+                payload["val_points"] = self._unsent_validation
+                self._unsent_validation = []
             self._progress_unsent = False
             self._last_progress_sent = self.clock()
         self._send(PROGRESS_EVENT, payload)
@@ -317,6 +333,8 @@ class LiveReporter:
             state["previews"] = [dict(ref) for ref in self._state["previews"]]
             state["loss_history"] = self._history.points()
             state["history_stride"] = self._history.stride
+            if self._validation:
+                state["validation_history"] = [list(p) for p in self._validation]
         control = find_control(self.node) if _reporters.get(self.node) is self else None
         state["control"] = control.snapshot() if control is not None else None
         return state

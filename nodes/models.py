@@ -1,4 +1,5 @@
-"""Model nodes: LoadBaseModel (checkpoint / diffusers folder → DB_MODEL) and SampleTrained (DB_MODEL → IMAGE).
+"""Model nodes: LoadBaseModel (checkpoint / diffusers folder → DB_MODEL), LoadTrained (a saved LoRA or a run's checkpoint
+back onto a base → DB_MODEL) and SampleTrained (DB_MODEL → IMAGE).
 
 Thin adapters: loading and sampling live in training/models and training/sampling.
 """
@@ -222,3 +223,54 @@ class SampleTrained:
                 raise
         ui_images = save_images(images, filename_prefix)
         return {"ui": {"images": ui_images}, "result": (images,)}
+
+
+class LoadTrained:
+    """Put a finished run back onto its base model after a restart: a LoRA saved by SaveLoRA (with its Imagic sidecar
+    when present), or a run folder / checkpoint folder (last state or keep_best's best). Sample, validate or export
+    it again from the DB_MODEL."""
+
+    DESCRIPTION = __doc__
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (MODEL_TYPE, "STRING")
+    RETURN_NAMES = ("model", "info")
+    OUTPUT_TOOLTIPS = ("The base model carrying the trained weights (for SampleTrained, the save nodes, "
+                       "DreamBoothToComfy, or more training).", "What was loaded, from where.")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (MODEL_TYPE, {"tooltip": "The base model the run trained on (LoadBaseModel)."}),
+                "lora": ([*compat.list_models("loras"), PATH_BELOW], {
+                    "tooltip": "A LoRA from models/loras written by SaveLoRA. Choose '(use model_path)' to type a "
+                               "LoRA file, a run folder or a checkpoint folder instead."}),
+                "which": (["last", "best"], {"default": "last",
+                                             "tooltip": "For a run folder: its final state (last) or the best "
+                                                        "checkpoint keep_best chose (best)."}),
+            },
+            "optional": {
+                "path": ("STRING", {"default": "", "tooltip": "Optional: a LoRA file, a run folder "
+                                                              "(<output>/dreambooth/<name>-<time>) or one of its "
+                                                              "checkpoint folders; overrides the list when not "
+                                                              "empty. Relative paths start in the output folder."}),
+            },
+        }
+
+    def load(self, model, lora, which="last", path=""):
+        from ..training.reload import load_trained
+
+        if (path or "").strip():
+            target = typed_path(path)
+            if not os.path.isabs(target):
+                target = os.path.join(compat.output_directory(), target)
+            target = check_path(target, "LoadTrained path")
+        elif lora == PATH_BELOW:
+            raise ValueError("LoadTrained: lora is '(use model_path)' but path is empty; type a LoRA file, run "
+                             "folder or checkpoint folder")
+        else:
+            target = compat.full_model_path("loras", lora)
+        loaded = load_trained(model, target, which)
+        where = loaded.metadata.get("loaded_from", target)
+        return (loaded, f"loaded {where} onto {model.source or 'the base model'}")

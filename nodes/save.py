@@ -21,6 +21,9 @@ _DTYPE_TIP = ("Precision of the saved weights. fp16: half the size of fp32, what
 _EMA_TIP = ("Save the EMA (averaged) weights the trainer kept instead of the last raw weights. "
             "Only available when the model was trained with use_ema on.")
 _OVERWRITE_TIP = "Replace a file of the same name. Off: keep it and save as name_2, name_3, ..."
+_WHICH_TIP = ("last: the weights as training ended. best: the run's best checkpoint, as keep_best chose it (the "
+              "lowest validation loss under the prior drift ceiling; the training summary names it). Needs a model "
+              "trained with keep_best on.")
 
 
 def _target(kind: str, name: str, ext: str, overwrite: bool) -> str:
@@ -43,12 +46,27 @@ def _name_check(kind: str, input_name: str, name, ext: str):
     return True if problem is None else f"{input_name} {problem}"
 
 
-def _done(message: str, path: str) -> dict:
+def _done(message: str, path: str, model=None) -> dict:
+    chosen = model.metadata.get("chosen_checkpoint") if model is not None else None
+    if chosen:
+        message += f" Weights of the best checkpoint: {chosen}."
     return {"ui": {"text": [message]}, "result": (path,)}
 
 
 _OPTIONAL = {"optional": {"use_ema": ("BOOLEAN", {"default": False, "tooltip": _EMA_TIP}),
-                          "overwrite": ("BOOLEAN", {"default": False, "tooltip": _OVERWRITE_TIP})}}
+                          "overwrite": ("BOOLEAN", {"default": False, "tooltip": _OVERWRITE_TIP}),
+                          "which": (["last", "best"], {"default": "last", "tooltip": _WHICH_TIP})}}
+
+
+def _chosen(model, which: str):
+    """The model to save: as trained (last) or its run's best checkpoint (training/best.py)."""
+    if which == "best":
+        from ..training.best import best_model
+
+        return best_model(model)
+    if which != "last":
+        raise ValueError(f"which = {which!r}: choose 'last' or 'best'")
+    return model
 
 
 class _SaveNode:
@@ -84,10 +102,11 @@ class SaveLoRA(_SaveNode):
         return _name_check("loras", "filename", filename, ".safetensors")
     DESCRIPTION = "Save the LoRA/LyCORIS adapters of a trained model in kohya format, with training metadata."
 
-    def save(self, model, filename, dtype, use_ema=False, overwrite=False):
+    def save(self, model, filename, dtype, use_ema=False, overwrite=False, which="last"):
         from ..training.export.lora import NoAdaptersError, save_kohya_lora
         from ..training.setup.adapters import has_adapters
 
+        model = _chosen(model, which)
         if not has_adapters(model):
             raise NoAdaptersError("SaveLoRA: this model has no LoRA adapters (it was fully fine-tuned, or not "
                                   "trained with use_lora). Use SaveCheckpoint to save its full weights, or train "
@@ -95,7 +114,7 @@ class SaveLoRA(_SaveNode):
         path = _target("loras", filename, ".safetensors", overwrite)
         save_kohya_lora(model, path, dtype=dtype, use_ema=use_ema)
         name = _relative("loras", path)
-        return _done(f"Saved LoRA {name} ({dtype}) to {path}; pick '{name}' in a LoraLoader.", path)
+        return _done(f"Saved LoRA {name} ({dtype}) to {path}; pick '{name}' in a LoraLoader.", path, model)
 
 
 class SaveCheckpoint(_SaveNode):
@@ -127,13 +146,15 @@ class SaveCheckpoint(_SaveNode):
     DESCRIPTION = ("Save the model as a single checkpoint in the original Stable Diffusion layout (loads in "
                    "CheckpointLoaderSimple, A1111, Forge). A LoRA-trained model is merged into the weights first.")
 
-    def save(self, model, filename, format, dtype, use_ema=False, overwrite=False):
+    def save(self, model, filename, format, dtype, use_ema=False, overwrite=False, which="last"):
         from ..training.export.checkpoint import export_checkpoint
 
+        model = _chosen(model, which)
         path = _target("checkpoints", filename, "." + format, overwrite)
         export_checkpoint(model, path, dtype=dtype, use_ema=use_ema)
         name = _relative("checkpoints", path)
-        return _done(f"Saved checkpoint {name} ({dtype}) to {path}; pick '{name}' in a checkpoint loader.", path)
+        return _done(f"Saved checkpoint {name} ({dtype}) to {path}; pick '{name}' in a checkpoint loader.", path,
+                     model)
 
 
 class SaveDiffusers(_SaveNode):
@@ -160,13 +181,14 @@ class SaveDiffusers(_SaveNode):
     DESCRIPTION = ("Save the model as a diffusers folder (diffusers' from_pretrained, LoadBaseModel and "
                    "DiffusersLoader read it). A LoRA-trained model is merged into the weights first.")
 
-    def save(self, model, folder_name, dtype, use_ema=False, overwrite=False):
+    def save(self, model, folder_name, dtype, use_ema=False, overwrite=False, which="last"):
         from ..training.export.checkpoint import export_diffusers
 
+        model = _chosen(model, which)
         path = _target("diffusers", folder_name, "", overwrite)
         export_diffusers(model, path, dtype=dtype, use_ema=use_ema)
         name = _relative("diffusers", path)
-        return _done(f"Saved diffusers folder {name} ({dtype}) to {path}.", path)
+        return _done(f"Saved diffusers folder {name} ({dtype}) to {path}.", path, model)
 
 
 NODE_CLASS_MAPPINGS = {"SaveLoRA": SaveLoRA, "SaveCheckpoint": SaveCheckpoint, "SaveDiffusers": SaveDiffusers}

@@ -2,7 +2,7 @@
 
 `DreamBoothSettings` holds what most runs change (mode, length, batch, learning rate and its schedule,
 optimizer choice, what trains, precision, saving). `DreamBoothOptimizer`, `DreamBoothAdvanced`,
-`DreamBoothData` and `DreamBoothImagic` hold the rest. Each takes an optional `config` and returns a new one with its own widgets
+`DreamBoothData`, `DreamBoothImagic` and `DreamBoothValidation` hold the rest. Each takes an optional `config` and returns a new one with its own widgets
 applied (the received config is never modified), so they chain in any order; without `config` a node
 starts from the defaults. Settings that depend on each other sit on the same node, so no node rejects a
 combination that a later node would fix. Every node validates the whole result and lists every problem.
@@ -31,7 +31,8 @@ _FLOAT_STEPS = {"learning_rate": 1e-7, "text_encoder_lr": 1e-7, "lr_min": 1e-8, 
                 "ema_decay": 1e-5, "adam_beta1": 1e-3, "adam_beta2": 1e-4, "sgd_momentum": 1e-3,
                 "lora_alpha": 0.5, "pause_seconds": 1.0, "preview_cfg": 0.5, "lr_power": 0.1,
                 "max_grad_norm": 0.1, "min_snr_gamma": 0.5, "lora_dropout": 0.01, "offset_noise": 0.01,
-                "imagic_embed_lr": 1e-4, "imagic_unet_lr": 1e-8, "unmasked_weight": 0.05}
+                 "imagic_embed_lr": 1e-4, "imagic_unet_lr": 1e-8, "unmasked_weight": 0.05,
+                 "best_drift_ceiling": 0.01}
 # The widget range can differ from the validated range when the auto sentinel lies outside it.
 _WIDGET_MAX = {"max_train_steps": 10_000_000, "steps_per_image": 100000}
 
@@ -204,6 +205,26 @@ class DreamBoothImagicNode(_FieldsNode):
     FIELDS = ("train_imagic_only", "imagic_embed_steps", "imagic_embed_lr", "imagic_unet_steps", "imagic_unet_lr")
 
 
+class DreamBoothValidationNode(_FieldsNode):
+    DESCRIPTION = ("Validation during training (which checkpoint is good): the subject loss at fixed noise and "
+                   "timesteps on held-out or training images, the prior drift against the base model, a sample grid "
+                   "beside the base model's at each checkpoint; keep_best keeps the best checkpoint, early_stop ends "
+                   "a run that stopped improving; TensorBoard event files.")
+    FIELDS = ("validate_every_steps", "validation_images", "validation_prompt", "validation_samples", "keep_best",
+              "best_drift_ceiling", "early_stop", "tensorboard")
+
+    def build(self, config=None, **widgets):
+        """A validation_images folder is found like a concept's (relative: in the input folder first) and checked
+        against the file-access rule before anything looks at it."""
+        value = str(widgets.get("validation_images") or "").strip()
+        if value and not value.lstrip("-").isdigit():
+            from .concepts import resolve_folder
+            from .paths import check_path
+
+            widgets["validation_images"] = check_path(resolve_folder(value), "DreamBoothValidation validation_images")
+        return super().build(config=config, **widgets)
+
+
 # DataSettings has no field metadata (it belongs to the data module): widgets spelled out here, ranges as in
 # DataSettings.validate; a test checks every DataSettings field has a widget with the dataclass default.
 _DATA_DEFAULTS = DataSettings()
@@ -293,6 +314,7 @@ NODE_CLASS_MAPPINGS = {
     "DreamBoothAdvanced": DreamBoothAdvancedNode,
     "DreamBoothData": DreamBoothDataNode,
     "DreamBoothImagic": DreamBoothImagicNode,
+    "DreamBoothValidation": DreamBoothValidationNode,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "DreamBoothSettings": "DreamBooth Settings",
@@ -300,8 +322,9 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DreamBoothAdvanced": "DreamBooth Advanced",
     "DreamBoothData": "DreamBooth Data",
     "DreamBoothImagic": "DreamBooth Imagic",
+    "DreamBoothValidation": "DreamBooth Validation",
 }
 
 __all__ = ["DreamBoothSettingsNode", "DreamBoothOptimizerNode", "DreamBoothAdvancedNode", "DreamBoothDataNode",
-           "DreamBoothImagicNode",
+           "DreamBoothImagicNode", "DreamBoothValidationNode",
            "NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

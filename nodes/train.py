@@ -35,6 +35,18 @@ def resumed_points(run_dir: str, step: int) -> list[list]:
             if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= step and "loss" in r]
 
 
+def resumed_validation(run_dir: str, step: int) -> list[list]:
+    """[step, subject loss] of a resumed run's validations up to its checkpoint's step (the chart's second curve)."""
+    from ..training.validation import read_records
+
+    try:
+        records = read_records(run_dir)
+    except (OSError, ValueError):
+        return []
+    return [[r["step"], r["loss"]] for r in records
+            if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= step and "loss" in r]
+
+
 def resume_setting(resume) -> str:
     """auto / new as they are; a run or checkpoint folder made absolute after the folder check (training writes
     there). A relative folder is looked up in the output folder first (where runs are)."""
@@ -124,6 +136,8 @@ class TrainDreamBooth:
             resuming = RESUMING.match(message)
             if resuming:                     # the chart starts at step 1: the run's loss so far
                 reporter.resumed(resumed_points(resuming.group(1), int(resuming.group(2))))
+                for point in resumed_validation(resuming.group(1), int(resuming.group(2))):
+                    reporter.validation(*point)
             if not is_notice(message):       # problem files are printed and reported, not stages
                 activity[0] = message
                 reporter.stage(message)
@@ -134,8 +148,11 @@ class TrainDreamBooth:
         def preview(paths):
             reporter.preview([_ui_image(p) for p in paths])
 
-        callbacks = TrainCallbacks(progress=progress, preview=preview, log=log,
-                                   should_stop=should_stop, control=reporter.trainer_control, stage=stage)
+        def validation(record):             # the panel's second curve: the subject loss of each validation
+            reporter.validation(record["step"], record["loss"])
+
+        callbacks = TrainCallbacks(progress=progress, preview=preview, log=log, should_stop=should_stop,
+                                   control=reporter.trainer_control, stage=stage, validation=validation)
         try:
             result = train(model, concepts, config, output_root=compat.output_directory(), resume=resume,
                            device=compat.comfy_torch_device(), callbacks=callbacks)

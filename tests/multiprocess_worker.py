@@ -5,7 +5,8 @@
 SPEC: {"instance_dir", "output_root", "phases": [PHASE, ...]}; the phases run one after another in the same
 processes (as a long-lived process runs queued prompts). PHASE: {"out_dir", "settings": {changes to
 tiny_settings}, "resume": "auto", "stop_at": step or null, "fail_rank": rank or null, "fail_at": step,
-"expect_error": false, "half": false (the model loaded in bf16), "sample": false (rank 0 samples the result)}. Each rank writes out_dir/rank-R.json (run path, steps, interrupted, its log lines, the
+"expect_error": false, "half": false (the model loaded in bf16), "sample": false (rank 0 samples the result),
+"validation_losses": null or the subject losses rank 0's validations report, in turn (validation.measure scripted)}. Each rank writes out_dir/rank-R.json (run path, steps, interrupted, its log lines, the
 error when expect_error) and out_dir/rank-R.safetensors (its trained tensors), so the test can compare ranks.
 """
 from __future__ import annotations
@@ -47,6 +48,12 @@ def run_phase(spec: dict, phase: dict) -> None:
                 raise RuntimeError(f"injected failure on rank {rank} at step {step + 1}")
             return real(job, plan_item, step, te_frozen)
         loop.micro_batch_loss = failing      # run_steps looks it up in loop.py at each batch
+    if phase.get("validation_losses") and rank == 0:     # only the main process validates
+        from comfyui_dreambooth.training import validation
+
+        losses = iter(phase["validation_losses"])
+        validation.measure = lambda job: dict.fromkeys(("loss", "loss_low", "loss_mid", "loss_high"),
+                                                       next(losses)) | {"prior_drift": 0.0}
     stop_at = phase.get("stop_at")
     said = []
     callbacks = trainer.TrainCallbacks(progress=lambda p: steps.append(p["step"]), log=said.append,

@@ -842,3 +842,19 @@ def test_stage_lines_without_paths_cost_no_folder_lookups(monkeypatch):
     for i in range(100):
         reporter.stage(f"caching latents (disk): {i}/100, 2.5 it/s")
     assert calls == [] and live.get_state("8")["message"] == "caching latents (disk): 99/100, 2.5 it/s"
+
+
+def test_validation_losses_are_the_charts_second_curve():
+    """Issue 20: each validation's subject loss goes out with the next progress message (val_points) and is in the
+    state a reloaded page reads (validation_history); a run that does not validate sends neither."""
+    reporter, sent, clock = make_reporter(min_interval_s=0.0)
+    reporter.progress(1, 4, epoch=1, loss=0.5)
+    assert "val_points" not in events(sent, live.PROGRESS_EVENT)[-1]
+    assert "validation_history" not in reporter.snapshot()
+    reporter.validation(2, 0.3)
+    reporter.validation(3, float("nan"))                # not a point
+    reporter.progress(2, 4, epoch=1, loss=0.4)
+    assert events(sent, live.PROGRESS_EVENT)[-1]["val_points"] == [[2, 0.3]]
+    reporter.progress(3, 4, epoch=1, loss=0.4)
+    assert "val_points" not in events(sent, live.PROGRESS_EVENT)[-1]
+    assert reporter.snapshot()["validation_history"] == [[2, 0.3]]

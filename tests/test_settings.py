@@ -287,7 +287,11 @@ def test_config_hash_cosmetic_choices():
     assert cosmetic == {"pause_after_epochs", "pause_seconds", "save_every_epochs", "preview_every_epochs",
                         "set_grads_to_none", "gradient_checkpointing", "ema_on_cpu", "keep_last_checkpoints",
                         "run_name", "preview_scheduler", "preview_steps", "preview_cfg",
-                        "auto_fit"}     # what auto_fit changes is recorded as the settings it changed
+                        "auto_fit",     # what auto_fit changes is recorded as the settings it changed
+                        # validation measures and chooses, never changes a step (a held-out image leaves the
+                        # training data: the run id covers the data)
+                        "validate_every_steps", "validation_images", "validation_prompt", "validation_samples",
+                        "keep_best", "best_drift_ceiling", "early_stop", "tensorboard"}
     base = DreamBoothSettings()
     assert base.replace(data=DataSettings(cache_mode="memory")).config_hash() == base.config_hash()
     assert base.replace(data=DataSettings(resolution=768)).config_hash() != base.config_hash()

@@ -14,7 +14,7 @@ from comfyui_dreambooth.training.settings import DreamBoothSettings
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 SETTINGS_NODES = ("DreamBoothSettings", "DreamBoothOptimizer", "DreamBoothAdvanced", "DreamBoothData",
-                  "DreamBoothImagic")
+                  "DreamBoothImagic", "DreamBoothValidation")
 
 
 def widget_defaults(cls):

@@ -158,6 +158,7 @@ def assert_chart_drawn(chart: dict):
     assert chart["nonBackground"] > 2000, chart       # grid, labels and two curves
     assert chart["smooth"] > 150, chart               # the orange smoothed curve
     assert chart["raw"] > 300, chart                  # the blue raw curve
+    assert chart["validation"] > 100, chart           # issue 20: the green validation curve
 
 
 @pytest.fixture(scope="module")

@@ -177,7 +177,7 @@ def test_settings_chains_build_valid_configs(path):
         return built[node_id]
 
     settings_types = {"DreamBoothSettings", "DreamBoothOptimizer", "DreamBoothAdvanced", "DreamBoothData",
-                      "DreamBoothImagic"}
+                      "DreamBoothImagic", "DreamBoothValidation"}
     trains = [n for n in active_nodes(wf) if n["type"] == "TrainDreamBooth"]
     assert trains
     for train in trains:

@@ -180,7 +180,7 @@ def load_weights(folder, named) -> dict | None:
 
 
 def save_training_state(run, step: int, state: dict, named, optimizer, lr_scheduler, ema=None, scaler=None, *,
-                        final: bool = False, keep_last=None) -> str:
+                        final: bool = False, keep_last=None, keep=()) -> str:
     """The training state as the checkpoint of `step` (or, `final`, as the run's final state), written atomically by
     RunFolder; a failed write (a full disk) is a TrainingSaveError naming the previous checkpoint, which is intact."""
     def write(folder):
@@ -188,7 +188,7 @@ def save_training_state(run, step: int, state: dict, named, optimizer, lr_schedu
     try:
         if final:
             return run.save_final(write)
-        return run.save_checkpoint(step, write, keep_last=keep_last)
+        return run.save_checkpoint(step, write, keep_last=keep_last, **({"keep": tuple(keep)} if keep else {}))
     except OSError as e:
         raise TrainingSaveError(f"could not save the checkpoint of step {step} in {run.path}: {e}. The previous "
                                 f"checkpoint is intact: {run.latest_checkpoint() or 'none yet'}") from e

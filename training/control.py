@@ -168,6 +168,7 @@ class TrainCallbacks:
     should_stop: Callable[[], bool] | None = None        # stop now (interrupt), with a resumable checkpoint
     control: TrainingControl | None = None               # save-now / stop-after-epoch from the web panel
     stage: Callable[[str, int, int], None] | None = None  # data preparation progress (stage, done, total)
+    validation: Callable[[dict], None] | None = None     # a validation record (validation.py: step, loss, ...)
 
 
 @dataclass

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .best import protected, validation_step
 from .checkpoints import save_training_state
 from .control import (StepClock, TrainCallbacks, TrainingDiverged, TrainingInterrupted, log_step, requested_save,
                       stop_requested)
@@ -64,6 +65,10 @@ class Job:
     lr_scheduler: object = None
     noise_scheduler: object = None
     ema: object = None
+    # validation (validation.py), TensorBoard (board.py)
+    validation: object = None
+    validation_data: object = None      # the prepared images of a validation folder
+    board: object = None
 
     @property
     def main(self) -> bool:
@@ -82,6 +87,8 @@ def run_steps(job: Job) -> tuple[int, float | None]:
         _freeze(job.te_params)
     clock = StepClock()
     plan_cache: dict[int, list] = {}
+    if job.validation is not None and step == 0:
+        validation_step(job, 0, None)                       # the base model's numbers: the baseline
     while step < job.total_steps:
         epoch, k = divmod(step, job.steps_per_epoch)
         if epoch not in plan_cache:
@@ -107,7 +114,8 @@ def run_steps(job: Job) -> tuple[int, float | None]:
         dist.average_gradients(trained)
         if settings.max_grad_norm > 0:
             job.accelerator.clip_grad_norm_([p for p in trained if p.grad is not None], settings.max_grad_norm)
-        lr = job.lr_scheduler.get_last_lr()[0]            # the rate this step uses: what the log shows for it
+        lrs = job.lr_scheduler.get_last_lr()              # the rates this step uses: what the log shows for it
+        lr = lrs[0]
         job.optimizer.step()
         job.lr_scheduler.step()
         job.optimizer.zero_grad(set_to_none=settings.set_grads_to_none)
@@ -124,6 +132,8 @@ def run_steps(job: Job) -> tuple[int, float | None]:
         log_step(job.run, clock, cb.progress, step=step, total=job.total_steps, loss=loss_value, lr=lr,
                  logged={"epoch": epoch + 1}, shown={"epoch": epoch + 1, "epochs": math.ceil(
                      job.total_steps / job.steps_per_epoch)}, main=job.main)
+        if job.board is not None:
+            job.board.step(step, loss_value, lrs, clock.rate)
         epoch_end = step % job.steps_per_epoch == 0 or step == job.total_steps
         # this step's checkpoint: written once, whether requested, per epoch or on stop
         saved = requested_save(control, lambda: save_state(job, step, loss_value), job.say)
@@ -135,6 +145,8 @@ def run_steps(job: Job) -> tuple[int, float | None]:
                 preview(job, done_epochs)
             if settings.pause_after_epochs and done_epochs % settings.pause_after_epochs == 0:
                 _pause(settings.pause_seconds, cb, control, job.say)
+        if job.validation is not None and validation_step(job, step, saved):
+            break                                           # early_stop: the run ends here, finished
         stop_now = stop_requested(cb, epoch_end)
         if dist.sum([float(stop_now)], device)[0] and step < job.total_steps:     # one stops: all stop together
             path = saved or save_state(job, step, loss_value)
@@ -201,7 +213,7 @@ def save_state(job: Job, step: int, loss: float | None, *, final: bool = False) 
         return None
     return save_training_state(job.run, step, {"step": step, "run_id": job.run_id, "loss": loss, "time": time.time()},
                                job.named, job.optimizer, job.lr_scheduler, job.ema, job.accelerator.scaler,
-                               final=final, keep_last=job.settings.keep_last_checkpoints)
+                               final=final, keep_last=job.settings.keep_last_checkpoints, keep=protected(job))
 
 
 def preview(job: Job, epoch: int) -> None:

@@ -4,7 +4,9 @@
         config.json              settings, concepts, dataset report, base model + hash, library versions, run id
         dataset_report.txt
         loss.jsonl               one line per optimizer step: step, epoch, loss, lr, time
-        previews/                epoch-0005_0.png ...
+        validation.jsonl         with validate_every_steps: one line per validation (training/validation.py)
+        previews/                epoch-0005_0.png ... (validation grids: validation-step-0000100.png ...)
+        events.out.tfevents.*    with the tensorboard setting (training/board.py)
         checkpoints/step-000120/ trainable.safetensors, ema.safetensors, optimizer.pt, state.json
         final/                   the same layout, written when the run finishes; `finished` in config.json
 
@@ -229,14 +231,16 @@ class RunFolder:
         found = self.checkpoints()
         return found[-1] if found else None
 
-    def save_checkpoint(self, step: int, write, keep_last: int = 0) -> str:
-        """`write(folder)` fills a temporary folder; it becomes checkpoints/step-NNNNNN atomically."""
+    def save_checkpoint(self, step: int, write, keep_last: int = 0, keep=()) -> str:
+        """`write(folder)` fills a temporary folder; it becomes checkpoints/step-NNNNNN atomically. `keep_last`
+        prunes the older ones, except those in `keep` (the best checkpoint)."""
         path = os.path.join(self.checkpoints_dir, f"step-{step:07d}")
         with atomic_folder(path) as tmp:
             write(tmp)
         if keep_last > 0:
             for old in self.checkpoints()[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+                if old not in keep:
+                    shutil.rmtree(old, ignore_errors=True)
         return path
 
     def save_final(self, write) -> str:

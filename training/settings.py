@@ -247,6 +247,38 @@ class DreamBoothSettings:
                                       affects_result=False)
     preview_steps: int = _setting(20, "Sampler steps for preview images.", range=(1, 500), affects_result=False)
     preview_cfg: float = _setting(7.0, "CFG scale for preview images.", range=(1.0, 30.0), affects_result=False)
+    # --- validation: which checkpoint is good (training/validation.py, training/best.py) -------------------------
+    validate_every_steps: int = _setting(0, "Validate every N optimizer steps, and at each checkpoint and the end "
+                                         "(0 = off): the subject loss at fixed noise and timesteps (per band: low "
+                                         "t=150, mid 500, high 850, and averaged), the prior drift against the base "
+                                         "model, and at checkpoints a sample grid beside the base model's. Numbers "
+                                         "in validation.jsonl, grids in previews/; ~100 is a good start.",
+                                         range=(0, 10_000_000), affects_result=False)
+    validation_images: str = _setting("", "What the subject loss is measured on. Empty = the training images (a "
+                                      "subject with few photos cannot spare one; the loss then shows memorisation); "
+                                      "a number N = hold the last N instance images (by file name) of each concept "
+                                      "out of training; or a folder of other photos of the subject.",
+                                      affects_result=False)
+    validation_prompt: str = _setting("", "Recontextualised prompt of the validation grid (empty = the instance "
+                                      "prompt + ', on the beach').", affects_result=False)
+    validation_samples: int = _setting(1, "Seeds per prompt in the validation grid (0 = no grid).", range=(0, 16),
+                                       affects_result=False)
+    keep_best: bool = _setting(False, "Keep the best checkpoint beside keep_last_checkpoints' ones and name it in "
+                               "the summary. Rule: among the saved checkpoints whose prior drift is at most "
+                               "best_drift_ceiling x the base model's own subject loss (validated at step 0), the "
+                               "lowest subject loss wins (ties: the earlier step); when none is under the ceiling, "
+                               "the lowest drift. Needs validate_every_steps.", affects_result=False)
+    best_drift_ceiling: float = _setting(0.25, "keep_best's ceiling on prior drift, as a fraction of the base "
+                                         "model's subject loss at step 0 (lower = stricter about forgetting the "
+                                         "class).", range=(0.0, 100.0), affects_result=False)
+    early_stop: int = _setting(0, "Stop the run when the subject loss has not improved for N validations in a row "
+                               "(0 = off); the log says why it stopped. Meaningful with held-out "
+                               "validation_images. Needs validate_every_steps.", range=(0, 100000),
+                               affects_result=False)
+    tensorboard: bool = _setting(False, "Also write TensorBoard event files into the run folder (loss, learning "
+                                 "rates, it/s, validation numbers and grids). Needs the tensorboard package "
+                                 "(pip install tensorboard); open with tensorboard --logdir <output>/dreambooth.",
+                                 affects_result=False)
     # --- Imagic (edit one real image by a text) -------------------------------------------------------------------
     train_imagic_only: bool = _setting(False, "Imagic (Kawar et al. 2023; the A1111 extension's 'Train Imagic "
                                        "Only'): edit one real photo by a text. The concept holds exactly one "
@@ -437,6 +469,7 @@ class DreamBoothSettings:
         if self.pause_seconds > 0 and self.pause_after_epochs == 0:
             p.append(f"pause_seconds = {self.pause_seconds} has no effect with pause_after_epochs = 0; set "
                      "pause_after_epochs (e.g. 10) or pause_seconds = 0")
+        p += self._validation_problems()
         if self.train_imagic_only:
             changed = [f"{n} = {getattr(self, n)!r}" for n, default in (("fused_backward", False),
                        ("weights_dtype", "fp32"), ("frozen_dtype", "auto")) if getattr(self, n) != default]
@@ -466,6 +499,28 @@ class DreamBoothSettings:
         elif self.train_imagic_only:
             p.append("masked_loss = True with train_imagic_only = True: Imagic trains on its one whole photo; turn "
                      "masked_loss off")
+        return p
+
+    def _validation_problems(self) -> list[str]:
+        """keep_best / early_stop / validation_images against validate_every_steps and Imagic."""
+        p: list[str] = []
+        needs = [n for n in ("keep_best", "early_stop") if getattr(self, n)]
+        if needs and not self.validate_every_steps:
+            p.append(f"{' and '.join(needs)} need validation numbers but validate_every_steps = 0; set "
+                     "validate_every_steps (e.g. 100) or turn them off")
+        value = self.validation_images.strip()
+        if value.lstrip("-").isdigit() and int(value) < 1:
+            p.append(f"validation_images = {value!r}: hold out at least 1 image, or leave it empty to validate on "
+                     "the training images")
+        if value and not self.validate_every_steps:
+            p.append(f"validation_images = {value!r} has no effect with validate_every_steps = 0 (nothing is held out "
+                     "or measured); set validate_every_steps (e.g. 100) or leave validation_images empty")
+        if self.keep_best and self.save_every_epochs == 0:
+            p.append("keep_best = True with save_every_epochs = 0: there are no checkpoints to choose from, only the "
+                     "final state; set save_every_epochs (e.g. 5) or turn keep_best off")
+        if self.validate_every_steps and self.train_imagic_only:
+            p.append("validate_every_steps with train_imagic_only = True: Imagic trains on one photo and has no "
+                     "validation; set validate_every_steps = 0")
         return p
 
     def _memory_engine_problems(self) -> list[str]:
@@ -536,6 +591,9 @@ class DreamBoothSettings:
         missing = compat.missing_optimizer_package(self.optimizer)
         if missing:
             p.append(f"optimizer = {self.optimizer!r}: {missing}")
+        if self.tensorboard and not compat.installed("tensorboard"):
+            p.append("tensorboard = True but the tensorboard package is not installed; `pip install tensorboard` "
+                     "(or comfyui-dreambooth[tensorboard]) or set tensorboard = False")
         if self.attention == "xformers" and not compat.installed("xformers"):
             p.append("attention = 'xformers' but xformers is not installed; `pip install xformers` (matching your "
                      "torch build) or use attention 'sdpa'")
@@ -615,7 +673,8 @@ class DreamBoothSettings:
 
         Left out (they cannot change the weights): run_name, save/preview/pause cadence and preview sampler,
         keep_last_checkpoints, ema_on_cpu, gradient_checkpointing, set_grads_to_none, auto_fit (the settings it
-        changes are hashed as changed), data.cache_mode.
+        changes are hashed as changed), data.cache_mode, the validation settings (validate_every_steps ...
+        tensorboard: held-out validation_images leave the training data, which the run id covers).
         Hash resolved settings (`resolved(concepts)`), so that auto and its explicit value name the same run.
         The run identity also needs the data hash and the base model hash (the trainer combines them).
         """

@@ -1,6 +1,7 @@
 """DreamBooth training: `train()`, then the stages of a run in the order they happen. Read it top to bottom:
-start -> data -> length -> (reuse a finished run) -> claim the run to continue -> model -> optimizer -> pre-flight
--> resume or create the run folder -> the step loop (loop.py) -> finish.
+start -> data (and the validation images) -> length -> (reuse a finished run) -> claim the run to continue ->
+validation's reference (the base's predictions and images) -> model -> optimizer -> pre-flight -> resume or create
+the run folder -> the step loop (loop.py; validation.py / best.py between steps) -> finish (keep_best's choice).
 
 The stages fill one `loop.Job`; checkpoints are read and written by checkpoints.py, the trainable copy is
 setup/trainable.py's. Imagic (train_imagic_only) branches off in `_train` to imagic.py, on the same pieces.
@@ -13,6 +14,7 @@ import math
 import os
 import time
 
+from .best import conclude
 from .checkpoints import (apply_checkpoint, claim_run, create_run, load_weights, loadable_checkpoint,
                           read_own_checkpoint, resume_target)
 from .compat import enable_text_encoder_checkpointing
@@ -23,6 +25,7 @@ from .loop import Job, micro_batch_loss, preview, run_steps, save_state
 from .runs import RunFolder, compute_run_id
 from .setup.trainable import (build_trainable, finish_model, named_trainables, owned_modules, set_attention,
                               with_data_vae)
+from .validation import adapter_reference, plan_validation, prepare_reference, resume_records
 
 # train()'s callbacks, result and exceptions are part of its interface: callers import them from here
 __all__ = ["train", "TrainCallbacks", "TrainResult", "TrainingInterrupted", "TrainingDiverged", "TrainingSaveError"]
@@ -100,7 +103,9 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
         if reused is not None:
             return reused
     _claim_run(job, resume)             # the interrupted run to continue (locked), if any
+    prepare_reference(job)              # validation: fixed noise, the base model's predictions and images
     _build_model(job)                   # the trained copy: adapters, precision, checkpointing, offloading
+    adapter_reference(job)              # validation, LoRA: the base's predictions are the adapters-off model's
     _build_optimizer(job)               # optimizer, LR and noise schedules, EMA
     _preflight(job)                     # one step at the largest bucket and batch: does it fit the device?
     _resume_or_create_run(job, resume)  # a checkpoint's state loaded, or a new run folder
@@ -167,7 +172,8 @@ def _prepare_data(job: Job) -> None:
         generate_class_images=generate, class_scheduler=settings.preview_scheduler, log=job.say,
         shard=(dist.rank, dist.world), sync=dist.barrier, masks=settings.masked_loss)
     dist.barrier()                              # every process's share of a disk cache is written
-    job.report = job.data.report_text()
+    held_out = plan_validation(job)             # validation images; held-out ones leave the training data
+    job.report = job.data.report_text() + held_out
     if dist.active:
         b, a = settings.batch_size, settings.gradient_accumulation_steps
         job.report += (f"\n{dist.world} processes: effective batch {dist.world} x {b} x {a} = {dist.world * b * a} "
@@ -211,6 +217,8 @@ def _reused_result(job: Job):
     ema_state = load_weights(done.final_dir, named)
     tm = finish_model(tm, job.model, named, job.settings, ema_state, job.run_id)
     cfg = done.read_config()
+    if cfg.get("best"):
+        tm = tm.replace(metadata={**tm.metadata, "best_checkpoint": cfg["best"]})
     return TrainResult(tm, done.path, cfg.get("steps", job.total_steps), reused=True,
                        final_loss=cfg.get("final_loss"), report=job.report, info=cfg)
 
@@ -386,27 +394,43 @@ def _resume_or_create_run(job: Job, resume) -> None:
             **({"processes": job.dist.world} if job.dist.active else {})).path,
             "create the run folder"))
     job.run, job.checkpoint = run, checkpoint
+    if checkpoint:
+        resume_records(job)             # validation.jsonl up to the checkpoint's step, the best so far
+    if job.main and job.settings.tensorboard:
+        from .board import open_board
+
+        job.board = open_board(run.path, job.start_step)
+        job.held.callback(job.board.close)
     job.say(f"training {job.total_steps} steps ({job.steps_per_epoch}/epoch) in {run.path}")
 
 
 def _stopped_result(job: Job, step: int) -> TrainResult:
     """The model of a stopped run as its checkpoint of `step` holds it; the run folder stays unfinished (resumable)."""
     losses = job.run.read_loss() if job.main else []
-    return TrainResult(finish_model(job.tm, job.model, job.named, job.settings,
-                                    job.ema.state_dict() if job.ema is not None else None, job.run_id),
-                       job.run.path, step, final_loss=losses[-1].get("loss") if losses else None, report=job.report,
-                       info={"stopped": True})
+    model = finish_model(job.tm, job.model, job.named, job.settings,
+                         job.ema.state_dict() if job.ema is not None else None, job.run_id)
+    best = getattr(job.validation, "best", None)
+    if best:                              # keep_best's choice so far: `which = best` works on a stopped run too
+        model = model.replace(metadata={**model.metadata, "best_checkpoint": best})
+    return TrainResult(model, job.run.path, step, final_loss=losses[-1].get("loss") if losses else None,
+                       report=job.report, info={"stopped": True})
 
 
 def _finish(job: Job, step: int, last_loss: float | None) -> TrainResult:
     if job.main:
         if job.settings.preview_every_epochs:
             preview(job, math.ceil(job.total_steps / job.steps_per_epoch))
-        save_state(job, step, last_loss, final=True)
+        final_path = save_state(job, step, last_loss, final=True)
+        best = conclude(job, step, final_path)    # keep_best: the final state is a candidate too
+        if best:
+            job.report += (f"\nbest checkpoint: step {best['step']}, {best['checkpoint']} (subject loss "
+                           f"{best['loss']:.4g}, prior drift {best['prior_drift']:.4g}; {best['rule']})")
         job.run.update_config(finished=True, steps=step, final_loss=last_loss,
                               finished_at=time.strftime("%Y-%m-%d %H:%M:%S"))
     job.dist.barrier()                    # the others read the finished run's config after rank 0 wrote it
     result = finish_model(job.tm, job.model, job.named, job.settings,
                           job.ema.state_dict() if job.ema is not None else None, job.run_id)
-    return TrainResult(result, job.run.path, step, final_loss=last_loss, report=job.report,
-                       info=job.run.read_config())
+    info = job.run.read_config()
+    if info.get("best"):                  # SaveLoRA / SaveCheckpoint `which = best` find it here
+        result = result.replace(metadata={**result.metadata, "best_checkpoint": info["best"]})
+    return TrainResult(result, job.run.path, step, final_loss=last_loss, report=job.report, info=info)

@@ -1,7 +1,8 @@
 // Live training panel for the TrainDreamBooth node.
 //
 // Fed by the messages nodes/live.py sends through ComfyUI's PromptServer:
-//   "dreambooth.progress" {node, run, state, step, total, epoch, loss, lr, it_per_s, eta_s, points: [[step, loss]...]}
+//   "dreambooth.progress" {node, run, state, step, total, epoch, loss, lr, it_per_s, eta_s, points: [[step, loss]...],
+//                          val_points: [[step, validation loss]...] (runs that validate)}
 //   "dreambooth.preview"  {node, run, step, images: [{filename, subfolder, type}]}
 //   "dreambooth.status"   {node, run, state, message, control}
 // and restored after a page reload / reconnect from GET /dreambooth/state. Buttons POST /dreambooth/control
@@ -24,7 +25,7 @@ const PANEL_MIN_HEIGHT = 340;
 const PANEL_MIN_WIDTH = 380;
 const COLORS = {
   background: "#161616", grid: "#2e2e2e", axis: "#8a8a8a",
-  raw: "rgba(96, 150, 255, 0.55)", smooth: "#ffa640",
+  raw: "rgba(96, 150, 255, 0.55)", smooth: "#ffa640", validation: "#4cd07a",
 };
 const STATE_COLORS = {
   idle: "#666", starting: "#4a7bd0", running: "#3a9d4f", saving: "#4a7bd0", sampling: "#4a7bd0",
@@ -44,7 +45,7 @@ function emptyRun(nodeId, runId, promptId) {
   return {
     node: nodeId, run: runId ?? null, prompt: promptId ?? null, state: "starting", message: "",
     step: null, total: null, epoch: null, epochs: null, stage: null, loss: null, lr: null, it_per_s: null, eta_s: null,
-    history: [], previews: [], preview_step: null, control: null,
+    history: [], validation: [], previews: [], preview_step: null, control: null,
   };
 }
 
@@ -167,6 +168,7 @@ function applyState(state) {
   copyScalars(model, state);
   model.message = state.message ?? "";
   model.history = validPoints(state.loss_history);
+  model.validation = validPoints(state.validation_history);
   model.previews = Array.isArray(state.previews) ? state.previews : [];
   model.preview_step = state.preview_step ?? null;
   model.control = state.control ?? null;
@@ -177,6 +179,12 @@ function applyProgress(data) {
   const model = runFor(data);
   copyScalars(model, data);
   appendPoints(model, data.points);
+  appendValidation(model, data.val_points);
+}
+
+function appendValidation(model, points) {
+  const last = model.validation.length ? model.validation[model.validation.length - 1][0] : -Infinity;
+  for (const point of validPoints(points)) if (point[0] > last) model.validation.push(point);
 }
 
 function applyPreview(data) {
@@ -287,8 +295,10 @@ function drawChart(canvas, model) {
   const smooth = smoothed(raw, smoothingWeight(raw.length));
   const sorted = [...raw].sort((a, b) => a - b);
   // a few huge early losses must not flatten the rest of the curve
-  let lo = Math.min(sorted[0], ...smooth);
-  let hi = Math.max(quantile(sorted, 0.98), ...smooth);
+  const validation = model.validation || [];
+  const valLosses = validation.map((p) => p[1]);
+  let lo = Math.min(sorted[0], ...smooth, ...valLosses);
+  let hi = Math.max(quantile(sorted, 0.98), ...smooth, ...valLosses);
   if (!(hi > lo)) { hi = lo + Math.max(Math.abs(lo) * 0.1, 1e-6); lo -= (hi - lo) * 0.5; }
   const pad = (hi - lo) * 0.08;
   lo = sorted[0] >= 0 ? Math.max(0, lo - pad) : lo - pad;   // a loss axis below zero only wastes room
@@ -337,6 +347,15 @@ function drawChart(canvas, model) {
   };
   line(raw, COLORS.raw, 1);
   line(smooth, COLORS.smooth, 2);
+  if (validation.length) {       // the validation loss: a second curve with a dot per validation
+    ctx.strokeStyle = COLORS.validation;
+    ctx.fillStyle = COLORS.validation;
+    ctx.lineWidth = 2;
+    ctx.beginPath();
+    validation.forEach((p, i) => (i ? ctx.lineTo(x(p[0]), y(p[1])) : ctx.moveTo(x(p[0]), y(p[1]))));
+    ctx.stroke();
+    for (const p of validation) { ctx.beginPath(); ctx.arc(x(p[0]), y(p[1]), 2.5, 0, 2 * Math.PI); ctx.fill(); }
+  }
   ctx.restore();
 
   // legend
@@ -347,6 +366,10 @@ function drawChart(canvas, model) {
   ctx.fillStyle = COLORS.axis; ctx.fillText("raw", legendX + 14, area.top + 6);
   ctx.fillStyle = COLORS.smooth; ctx.fillRect(legendX + 42, area.top + 4, 10, 3);
   ctx.fillStyle = COLORS.axis; ctx.fillText("smoothed", legendX + 56, area.top + 6);
+  if (validation.length) {
+    ctx.fillStyle = COLORS.validation; ctx.fillRect(legendX + 42, area.top + 16, 10, 3);
+    ctx.fillStyle = COLORS.axis; ctx.fillText("validation", legendX + 56, area.top + 18);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------

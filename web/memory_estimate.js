@@ -11,7 +11,7 @@ import { app } from "../../scripts/app.js";
 
 const SETTINGS_NODE_TYPES = new Set([
   "DreamBoothSettings", "DreamBoothOptimizer", "DreamBoothAdvanced", "DreamBoothData", "DreamBoothImagic",
-  "PerformanceWizard",
+  "DreamBoothValidation", "PerformanceWizard",
 ]);
 const WIDGET_NAME = "memory_estimate_view";
 const LINE_HEIGHT = 14;       // CSS pixels per line of the 11px monospace text

@@ -55,15 +55,16 @@ function canvasStats(canvas) {
   const ctx = canvas.getContext("2d");
   const { data, width, height } = ctx.getImageData(0, 0, canvas.width, canvas.height);
   const background = [data[0], data[1], data[2]];
-  let nonBackground = 0, smooth = 0, raw = 0;
+  let nonBackground = 0, smooth = 0, raw = 0, validation = 0;
   for (let i = 0; i < data.length; i += 4) {
     const [r, g, b] = [data[i], data[i + 1], data[i + 2]];
     if (Math.abs(r - background[0]) + Math.abs(g - background[1]) + Math.abs(b - background[2]) > 30) nonBackground++;
     if (r > 200 && g > 120 && g < 200 && b < 110) smooth++;         // the orange EMA line
     if (b > 120 && b > r + 40 && b > g + 15) raw++;                   // the blue raw line
+    if (g > 170 && r < 120 && b < 160) validation++;                  // the green validation curve
   }
   const rect = canvas.getBoundingClientRect();
-  return { width, height, background, nonBackground, smooth, raw,
+  return { width, height, background, nonBackground, smooth, raw, validation,
            rect: { x: rect.x, y: rect.y, width: rect.width, height: rect.height } };
 }
 

@@ -18,7 +18,7 @@ window.addEventListener("error", (event) => report.errors.push(String(event.mess
 window.addEventListener("unhandledrejection", (event) => report.errors.push(String(event.reason)));
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 const ESTIMATE_NODES = new Set(["DreamBoothSettings", "DreamBoothOptimizer", "DreamBoothAdvanced", "DreamBoothData",
-                                "DreamBoothImagic", "PerformanceWizard"]);
+                                "DreamBoothImagic", "DreamBoothValidation", "PerformanceWizard"]);
 // the text a settings node shows after it ran (nodes/settings.py via training/memory.py), 14 lines
 const ESTIMATE = ["Memory estimate for SD1.x (LoRA rank 16, batch 1, 512px) on cuda:0 (12.00 GB free)",
   ...["weights", "gradients", "optimizer", "ema", "weight_casts", "activations", "text_encoders", "vae", "overhead"]

@@ -17,6 +17,7 @@ NODE_ID = "5"
 TOTAL_STEPS = 300
 STEPS_PER_EPOCH = 60
 PREVIEW_EVERY = 100
+VALIDATE_EVERY = 50               # the chart's second curve (issue 20): one validation loss per 50 steps
 PROMPT_ID = "demo-prompt-0001"    # the ComfyUI prompt that started the run (the harness's workflow queued it)
 
 
@@ -49,6 +50,8 @@ def record_run(node_id: str = NODE_ID, total: int = TOTAL_STEPS, *, stop_at: int
         lr = 1e-4 * min(1.0, step / 30)   # constant_with_warmup
         reporter.progress(step, total, epoch=(step - 1) // STEPS_PER_EPOCH + 1, loss=synthetic_loss(step, rng),
                           lr=lr, it_per_s=it_per_s, eta_s=(total - step) / it_per_s)
+        if step % VALIDATE_EVERY == 0:
+            reporter.validation(step, 0.07 + 0.1 * math.exp(-step / 120))
         if step % PREVIEW_EVERY == 0:
             reporter.status("sampling", f"sampling previews at step {step}")
             reporter.preview(preview_refs(step), step=step)

@@ -182,6 +182,17 @@ class TrainingData:
             plan.append(PlanItem(epoch=epoch, position=pos, bucket=b, items=idx, flips=flips))
         return plan
 
+    def without(self, indices: set) -> "TrainingData":
+        """The same data less the items at `indices` (validation images held out of training): caches and report
+        shared, the epoch plan made again over what is left."""
+        import copy
+
+        kept = copy.copy(self)
+        kept.items = [item for i, item in enumerate(self.items) if i not in indices]
+        kept._layout = kept._epoch_layout()
+        kept.batches_per_epoch = sum(math.ceil(n / kept.batch_size) for n in kept._bucket_sizes().values())
+        return kept
+
     # ---- latents ---------------------------------------------------------------------------------------------
     @property
     def vae_id(self) -> str:
