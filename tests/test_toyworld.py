@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from comfyui_dreambooth.training.toyworld import evaluate, world
 
@@ -92,6 +93,16 @@ def test_pretrain_script_makes_a_checkpoint_the_pack_loads(tmp_path):
     assert model.family == "sd1" and model.vae_scale_factor == 4 and model.unet.config.sample_size == 16
     stages = [line.split('"stage": "')[1].split('"')[0] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert stages[0] == "start" and stages[-1] == "done" and "latents" in stages
+    assert model.prediction_type == "epsilon" and not model.zero_terminal_snr
+    # the shipped base's second run: from the first file (its VAE kept), v prediction on zero terminal SNR
+    second = tmp_path / "base_v.safetensors"
+    assert main(["--out", str(second), "--start-from", str(out), "--v-prediction", "--images", "40",
+                 "--unet-steps", "2", "--batch", "4", "--threads", "1"]) == 0
+    again = load_model(str(second), dtype="fp32")
+    assert again.prediction_type == "v_prediction" and again.zero_terminal_snr
+    assert all(torch.equal(a, b) for a, b in zip(model.vae.state_dict().values(), again.vae.state_dict().values()))
+    assert not all(torch.equal(a, b) for a, b in zip(model.unet.state_dict().values(),
+                                                      again.unet.state_dict().values()))
 
 
 def test_the_shipped_base_loads_as_sd1_and_the_cli_writes_it(tmp_path):
@@ -104,7 +115,9 @@ def test_the_shipped_base_loads_as_sd1_and_the_cli_writes_it(tmp_path):
     assert run.returncode == 0, run.stderr
     assert out.read_bytes() == open(base_path(), "rb").read()
     model = load_model(str(out), dtype="fp32")       # LoadBaseModel's default dtype; the file is fp16
-    assert model.family == "sd1" and model.prediction_type == "epsilon" and model.vae_scale_factor == 4
+    # v prediction on a zero-terminal-SNR schedule, read from the file's own markers (v_pred, ztsnr keys)
+    assert model.family == "sd1" and model.prediction_type == "v_prediction" and model.zero_terminal_snr
+    assert model.vae_scale_factor == 4
     bad = subprocess.run([sys.executable, "-m", "comfyui_dreambooth", "toyworld", "base", str(tmp_path / "x.ckpt")],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "must end in .safetensors" in bad.stderr
