@@ -362,7 +362,7 @@ def toy_world_subject_lora() -> dict:
     prompts = [("Subject", instance_prompt(token)), ("New scene", instance_prompt(token, "blue")),
                ("Class (prior)", db.CLASS_PROMPT)]
     for row, (title, prompt) in enumerate(prompts):
-        sample = c.node("SampleTrained", (x0 + 4 * COL, row * 330), title=title, width=400, widgets={
+        sample = c.node("SampleTrained", (x0 + 4 * COL, row * 600), title=title, width=400, widgets={
             "prompt": prompt, "negative_prompt": "", "steps": db.SAMPLE_STEPS, "cfg": db.SAMPLE_CFG, "seed": 1000,
             "width": 64, "height": 64, "batch_size": 4, "scheduler": db.SAMPLER,
             "filename_prefix": f"dreambooth/toy_{title.split()[0].lower()}"})
@@ -370,7 +370,7 @@ def toy_world_subject_lora() -> dict:
     save = c.node("SaveLoRA", (x0 + 3 * COL, 900), title=TITLES["save"],
                   widgets={"filename": "dreambooth/toy_split_circle", "dtype": "fp16"})
     c.link(train, "model", save, "model")
-    c.group("DreamBooth in the toy world (LoRA, CPU, ~1 min)", (440, -80, 5 * COL + 20, 1100))
+    c.group("DreamBooth in the toy world (LoRA, CPU, ~1 min)", (440, -80, 5 * COL + 20, 1900))
     return c.to_json()
 
 

@@ -70,7 +70,7 @@ def panel():
 
 
 def test_examples_have_no_overlapping_nodes(examples):
-    assert len(examples) == 6
+    assert len(examples) == 7
     for name, example in examples.items():
         assert example["loaded"] == [], (name, example["loaded"])
         assert example["withEstimates"] == [], (name, example["withEstimates"])   # estimates shown, room left

@@ -149,6 +149,8 @@ def _widgets(path: Path, node_type: str) -> list[dict]:
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=IDS)
 def test_training_settings_follow_the_a1111_guide(path):
+    if path.stem.startswith("toy_world"):
+        return _toy_settings_follow_the_toy_benchmark(path)
     for settings in _widgets(path, "DreamBoothSettings"):
         assert settings["lr_scheduler"] == "constant_with_warmup"
         assert 100 <= settings["steps_per_image"] <= 175
@@ -156,6 +158,15 @@ def test_training_settings_follow_the_a1111_guide(path):
             assert settings["learning_rate"] == pytest.approx(1e-4)
         else:
             assert settings["learning_rate"] == pytest.approx(1e-6)
+
+
+def _toy_settings_follow_the_toy_benchmark(path):
+    """The toy example is no SD 1.5 run: it uses the toy benchmark's LoRA row (what bench/quality.py measures)."""
+    from comfyui_dreambooth.training.toyworld.dreambench import LORA
+
+    (settings,) = _widgets(path, "DreamBoothSettings")
+    assert settings["use_lora"] == LORA.use_lora and settings["learning_rate"] == pytest.approx(LORA.learning_rate)
+    assert settings["max_train_steps"] == LORA.steps and settings["lora_rank"] == LORA.lora_rank
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=IDS)
