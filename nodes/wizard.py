@@ -43,7 +43,8 @@ class PerformanceWizard:
                                    "tooltip": "Number of training images (the batch size will divide it). Ignored "
                                               "when concepts are connected: they are counted."}),
                 "mode": (list(MODES), {"default": "auto", "tooltip": "auto = full fine-tune when it fits, else "
-                                                                      "LoRA; lora / full force one."}),
+                                                                      "LoRA (a connected config with use_lora on "
+                                                                      "stays LoRA); lora / full force one."}),
                 "concept_type": (list(CONCEPT_TYPES), {"default": "person",
                                                        "tooltip": "What you train (text encoder share and epochs "
                                                                   "follow it). Ignored when concepts are "

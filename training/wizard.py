@@ -45,10 +45,12 @@ def _eight_bit_available() -> bool:
     return missing_optimizer_package("AdamW8bit") is None
 
 
-def savings(mode_lora: bool, images: int) -> list:
+def savings(mode_lora: bool, images: int, imagic: bool = False) -> list:
     """The savings in the order the wizard applies them: each (description with its speed / quality cost,
     change(settings) -> settings or None when it does not apply). Order: what costs nothing first, then speed,
-    then precision, then capacity (the A1111 guide's 'lower VRAM' list and the memory engine's savings)."""
+    then precision, then capacity (the A1111 guide's 'lower VRAM' list and the memory engine's savings).
+    Imagic (`imagic`) runs its stages with the plain step: no fused_backward, bf16 weights or fp8 frozen weights
+    (the trainer refuses them), and its text encoder is frozen anyway."""
     small_opt = "AdamW8bit" if _eight_bit_available() else "Adafactor"
 
     def batch_down(s):
@@ -83,7 +85,19 @@ def savings(mode_lora: bool, images: int) -> list:
         ("attention sliced: lowest attention memory (slowest)",
          lambda s: None if s.attention == "sliced" else s.replace(attention="sliced")),
     ]
+    if imagic:
+        steps = [step for step in steps if not step[0].startswith(IMAGIC_REFUSES)]
     return steps
+
+
+# the savings Imagic's trainer refuses (training/settings.py: train_imagic_only with any of them), by description
+IMAGIC_REFUSES = ("mixed_precision bf16 + fused_backward", "weights_dtype bf16", "frozen_dtype fp8",
+                  "text encoder frozen")
+
+
+def _refused(changed, before) -> bool:
+    """A saving whose result the trainer would refuse (when the settings before it were accepted) is skipped."""
+    return bool(changed.validate(check_environment=False)) and not before.validate(check_environment=False)
 
 
 def _plan(model, base, vram: int, images: int, lora: bool):
@@ -93,10 +107,10 @@ def _plan(model, base, vram: int, images: int, lora: bool):
         s = s.replace(frozen_dtype="auto")
     applied = []
     est = estimate(model, s)
-    for text, change in savings(lora, images):
+    for text, change in savings(lora, images, imagic=s.train_imagic_only):
         while est.total > vram:
             changed = change(s)
-            if changed is None:
+            if changed is None or _refused(changed, s):
                 break
             s = changed
             est = estimate(model, s)
@@ -117,6 +131,9 @@ def choose_settings(model, vram_gb: float, *, images: int = 10, resolution: int 
     bf16 + fused_backward, a smaller batch, bf16 weights, then for LoRA fp8 frozen weights and lower ranks, then
     a frozen text encoder and sliced attention. mode auto = full fine-tune when it fits with these savings, else
     LoRA. When nothing fits, the most frugal settings are returned with fits = False and the explanation says so.
+    `base`: connected settings to start from; its other settings are kept, and so is its choice of LoRA
+    (use_lora on) in mode auto: only mode full turns a LoRA config into a full fine-tune. Imagic settings
+    (train_imagic_only) get only the savings Imagic trains with.
     """
     from .data.settings import concept_type_defaults
     from .settings import DreamBoothSettings
@@ -128,13 +145,17 @@ def choose_settings(model, vram_gb: float, *, images: int = 10, resolution: int 
     shape = model_shape(model)
     if resolution is None:
         resolution = {"sdxl": 1024, "sd2": 768}.get(shape.family, 512)
+    kept_lora = mode == "auto" and base is not None and base.use_lora
+    if kept_lora:
+        mode = "lora"
     base = base or DreamBoothSettings()
+    imagic = base.train_imagic_only
     preset = concept_type_defaults(concept_type)
     base = base.replace(
         data=base.data.replace(resolution=resolution), gradient_checkpointing=False, optimizer="AdamW",
         batch_size=_divisors_down(images, MAX_WIZARD_BATCH)[0], gradient_accumulation_steps=1,
         steps_per_image=base.steps_per_image if base.steps_per_image is not None else preset["steps_per_image"],
-        text_encoder_ratio=preset["text_encoder_ratio"], use_ema=False, fused_backward=False,
+        text_encoder_ratio=0.0 if imagic else preset["text_encoder_ratio"], use_ema=False, fused_backward=False,
         weights_dtype="fp32", frozen_dtype="auto", attention="sdpa", lora_rank=max(base.lora_rank, 16))
     vram = int(vram_gb * GB)
     tried = []
@@ -147,6 +168,12 @@ def choose_settings(model, vram_gb: float, *, images: int = 10, resolution: int 
              f"batch {s.batch_size}, on {vram_gb:g} GB: "
              f"estimated {est.total / GB:.2f} GB" + ("" if fits else " - DOES NOT FIT even with every saving; use "
                                                      "a smaller resolution or a larger card")]
+    if kept_lora:
+        lines.append("LoRA because the connected settings have use_lora on (kept in mode auto; mode full "
+                     "fine-tunes the whole model instead).")
+    if imagic:
+        lines.append("Imagic: only the savings its two stages train with (no fused_backward, bf16 weights or fp8 "
+                     "frozen weights; its text encoder is frozen).")
     if mode == "auto" and len(tried) == 2:
         lines.append(f"full fine-tune would need {tried[0][2].total / GB:.2f} GB even with every saving, so LoRA.")
     if applied:

@@ -794,6 +794,70 @@ def _(tmp, sd1):
     assert concept.instance_dir in str(e.value) and "no training images" in str(e.value), e.value
 
 
+@case("wizard-keeps-lora", "PerformanceWizard (mode auto) after a LoRA config; a SaveLoRA after a full fine-tune "
+      "(use_lora off, or a wizard's choice)",
+      "handled: the connected use_lora is kept (mode full overrides it); a SaveLoRA after a full fine-tune is a clear "
+      "error before training (the whole-graph check, or the Train node before any work)")
+def _(tmp, sd1):
+    from comfyui_dreambooth.nodes.train import TrainDreamBooth
+    from comfyui_dreambooth.nodes.wizard import PerformanceWizard
+    from comfyui_dreambooth.training.settings import DreamBoothSettings
+
+    config, _ = PerformanceWizard().choose(sd1, vram_gb=80.0, resolution=64, images=4, mode="auto",
+                                           concept_type="person", config=DreamBoothSettings(use_lora=True))["result"]
+    assert config.use_lora
+    prompt = {"3": {"class_type": "TrainDreamBooth", "inputs": {}},
+              "7": {"class_type": "SaveLoRA", "inputs": {"model": ["3", 0]}}}
+    with pytest.raises(ValueError) as e:
+        TrainDreamBooth().train(sd1, [make_concept(tmp, n=1)], tiny_settings(use_lora=False), unique_id="3",
+                                prompt=prompt)
+    assert "SaveLoRA (node 7)" in str(e.value) and "use_lora" in str(e.value)
+    _no_traceback(str(e.value))
+
+
+@case("wizard-imagic", "PerformanceWizard / `wizard` after DreamBoothImagic on a small card; `estimate` of an Imagic "
+      "config that does not fit",
+      "handled: only the savings Imagic trains with (never fused_backward, bf16 weights or fp8 frozen weights); the "
+      "WARNING recommends only those")
+def _(tmp, sd1):
+    from comfyui_dreambooth.training.memory import estimate_report
+    from comfyui_dreambooth.training.devices import DeviceMemory
+    from comfyui_dreambooth.training.settings import DreamBoothSettings
+    from comfyui_dreambooth.training.wizard import choose_settings
+
+    imagic = DreamBoothSettings(train_imagic_only=True)
+    for mode in ("auto", "lora", "full"):
+        s = choose_settings("sd15", 2.0, images=1, mode=mode, base=imagic).settings
+        assert s.validate(check_environment=False) == [] and not s.fused_backward and s.frozen_dtype == "auto"
+    text = estimate_report("sdxl", imagic.replace(use_lora=False), DeviceMemory("a 2 GB card", 2 * 1024 ** 3))
+    assert text.startswith("WARNING") and "fused_backward" not in text.splitlines()[0]
+
+
+@case("estimate-workflow-chain", "`estimate --workflow` of a graph with a PerformanceWizard (its nodes in any order), "
+      "or with two Train nodes",
+      "handled: the chain that feeds each Train node is computed, the wizard included; each Train node is estimated "
+      "and named")
+def _(tmp, sd1):
+    import contextlib
+    import json
+
+    from comfyui_dreambooth import cli
+
+    nodes = {"13": {"class_type": "TrainDreamBooth", "inputs": {"config": ["12", 0]}},
+             "15": {"class_type": "TrainDreamBooth", "inputs": {"config": ["11", 0]}},
+             "12": {"class_type": "PerformanceWizard", "inputs": {"config": ["11", 0], "vram_gb": 8.0,
+                                                                  "resolution": 512, "images": 4, "mode": "lora",
+                                                                  "concept_type": "person"}},
+             "11": {"class_type": "DreamBoothSettings", "inputs": {"use_lora": False}}}
+    path = tmp / "wf.json"
+    path.write_text(json.dumps(nodes))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        assert cli.main(["estimate", "sd15", "--workflow", str(path), "--json"]) == 0
+    trains = json.loads(out.getvalue())["trains"]
+    assert [t["settings"]["use_lora"] for t in trains] == [True, False]
+
+
 # ---- the matrix -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
 def test_case(c, tmp_path, sd1, single_thread):
