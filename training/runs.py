@@ -170,6 +170,17 @@ class RunFolder:
         except (OSError, ValueError):
             return {}
 
+    def config_problem(self) -> str | None:
+        """Why config.json cannot be read as a run's config (a hand edit that broke it, a damaged copy), or None."""
+        try:
+            with open(self.config_path, encoding="utf-8") as f:
+                config = json.load(f)
+        except OSError as e:
+            return f"config.json cannot be read ({e.strerror or type(e).__name__})"
+        except ValueError as e:
+            return f"config.json is not JSON ({str(e).splitlines()[0][:120]})"
+        return None if isinstance(config, dict) else "config.json does not hold a JSON object"
+
     def write_config(self, config: dict) -> None:
         atomic_write_json(self.config_path, config)
 

@@ -858,6 +858,53 @@ def _(tmp, sd1):
     assert [t["settings"]["use_lora"] for t in trains] == [True, False]
 
 
+@case("edited-run-config", "a run folder whose config.json was edited by hand (learning_rate, total_steps), or is "
+      "no longer JSON, then resume auto",
+      "handled: an edited config.json is named and written back as trained, and the run continues identically; one "
+      "that is not JSON is kept, named with the reason, and a new run starts")
+def _(tmp, sd1):
+    import json
+
+    from comfyui_dreambooth.training.trainer import TrainCallbacks, TrainingInterrupted
+
+    concept = make_concept(tmp, n=2)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        _train(sd1, tmp / "b", tiny_settings(**RUN_SETTINGS), concept, callbacks=_every_step_saved(stop_at=3))
+    path = os.path.join(stopped.value.run_dir, "config.json")
+    with open(path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    cfg["settings"]["learning_rate"], cfg["total_steps"] = 0.5, 99
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(cfg, f)
+    lines = []
+    resumed = _train(sd1, tmp / "b", tiny_settings(**RUN_SETTINGS), concept, callbacks=TrainCallbacks(log=lines.append))
+    assert resumed.run_dir == stopped.value.run_dir and same_tensors(_undisturbed(tmp, sd1), _final(resumed))
+    assert any(line.startswith("resume: ") and "learning_rate" in line for line in lines), lines
+    with open(path, encoding="utf-8") as f:
+        assert json.load(f)["total_steps"] == 6
+    with pytest.raises(TrainingInterrupted) as stopped:
+        _train(sd1, tmp / "c", tiny_settings(**RUN_SETTINGS), concept, callbacks=_every_step_saved(stop_at=1))
+    with open(os.path.join(stopped.value.run_dir, "config.json"), "w", encoding="utf-8") as f:
+        f.write("{ not json")
+    lines = []
+    fresh = _train(sd1, tmp / "c", tiny_settings(**RUN_SETTINGS), concept, callbacks=TrainCallbacks(log=lines.append))
+    assert fresh.run_dir != stopped.value.run_dir
+    assert any(stopped.value.run_dir in line and "not JSON" in line for line in lines), lines
+
+
+@case("resume-refused-early", "resume naming a run folder that has no checkpoint, or a path that is no run",
+      "clear error naming the folder, before any work (no latent cache written)")
+def _(tmp, sd1):
+    empty = tmp / "out" / "dreambooth" / "other-20260101-000000"
+    os.makedirs(empty / "checkpoints")
+    (empty / "config.json").write_text("{}")
+    for resume, needle in ((empty, "no checkpoint yet"), (tmp / "nowhere", "neither")):
+        with pytest.raises(ValueError, match=needle) as e:
+            _train(sd1, tmp / "out", tiny_settings(), make_concept(tmp, n=1), resume=str(resume))
+        assert str(resume) in str(e.value) or repr(str(resume)) in str(e.value)
+    assert not os.path.exists(tmp / "out" / "dreambooth" / "cache")
+
+
 # ---- the matrix -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
 def test_case(c, tmp_path, sd1, single_thread):
