@@ -338,6 +338,31 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
                         "...`. Effective batch = N x batch_size x gradient_accumulation_steps")
 
 
+def check_for_processes(workflow: str, overrides, output_dir: str, processes: int) -> None:
+    """Before `processes` processes start: the workflow reads, and no training node's settings are ones several
+    processes refuse (fused_backward, Imagic), so the reason is said once, not by every process after start-up.
+    A config chain that needs the model (a PerformanceWizard, which then avoids fused_backward itself) is left to
+    the processes."""
+    from .nodes import comfy_compat
+    from .runner import WorkflowError, pack_node_classes, prepare_workflow
+    from .runner.configs import config_of, label, training_nodes
+
+    with comfy_compat.using_output_directory(os.path.abspath(output_dir)):
+        prompt = prepare_workflow(workflow, overrides=overrides).prompt
+        for node_id in training_nodes(prompt, pack_node_classes()):
+            try:
+                config = config_of(prompt, node_id)
+            except (WorkflowError, ValueError, TypeError):   # what cannot be computed here, the processes check
+                continue
+            refused = (["fused_backward (it steps each weight before the gradients are averaged across processes)"]
+                       if config.fused_backward else [])
+            refused += ["train_imagic_only (Imagic edits one photo in one process)"] if config.train_imagic_only else []
+            if refused:
+                raise CliError(f"--num-processes {processes}: {label(prompt, node_id)} trains with "
+                               f"{' and '.join(refused)}, which several processes refuse; turn it off, or run "
+                               "without --num-processes")
+
+
 def _relaunch(args: argparse.Namespace, argv: list[str]) -> int:
     """Run this same command in `--num-processes` processes under torch's launcher (torchrun, single machine)."""
     import subprocess
@@ -363,7 +388,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .training.distributed import pin_local_device, process_info, stopped_together
 
     rank, processes = process_info()
+    if args.num_processes < 1:
+        raise CliError(f"--num-processes {args.num_processes}: give the number of processes to train in, 1 or more "
+                       "(one per GPU)")
     if args.num_processes > 1 and processes == 1:
+        check_output_dir(args.output_dir)
+        with about(args.workflow):
+            check_for_processes(args.workflow, args.overrides, args.output_dir, args.num_processes)
         return _relaunch(args, args.argv)
     pin_local_device()
     check_output_dir(args.output_dir)

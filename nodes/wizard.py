@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 from ..training.devices import free_device_memory_gb
+from ..training.distributed import process_info
 from ..training.settings import DreamBoothSettings, recommended_learning_rate
 from ..training.wizard import MODES, choose_settings, concept_type_of, images_in
 from .settings import CONFIG_TYPE
@@ -71,7 +72,7 @@ class PerformanceWizard:
         if not vram_gb:
             vram_gb, note = detected_memory_gb()
         result = choose_settings(model, vram_gb, images=int(images), resolution=resolution or None, mode=mode,
-                                 concept_type=concept_type, base=config)
+                                 concept_type=concept_type, base=config, processes=process_info()[1])
         parts = [note] if note else []
         parts.append(result.explanation)
         if config is not None:

@@ -100,8 +100,9 @@ def _refused(changed, before) -> bool:
     return bool(changed.validate(check_environment=False)) and not before.validate(check_environment=False)
 
 
-def _plan(model, base, vram: int, images: int, lora: bool):
-    """Apply savings in order until the estimate fits `vram`. Returns (settings, estimate, applied, fits)."""
+def _plan(model, base, vram: int, images: int, lora: bool, processes: int = 1):
+    """Apply savings in order until the estimate fits `vram`. Returns (settings, estimate, applied, fits).
+    Several processes: fused_backward (refused there) is skipped."""
     s = base.replace(use_lora=lora, learning_rate=None)     # auto: the recommended rate of mode and optimizer
     if not lora:
         s = s.replace(frozen_dtype="auto")
@@ -110,7 +111,7 @@ def _plan(model, base, vram: int, images: int, lora: bool):
     for text, change in savings(lora, images, imagic=s.train_imagic_only):
         while est.total > vram:
             changed = change(s)
-            if changed is None or _refused(changed, s):
+            if changed is None or _refused(changed, s) or (processes > 1 and changed.fused_backward):
                 break
             s = changed
             est = estimate(model, s)
@@ -122,7 +123,7 @@ def _plan(model, base, vram: int, images: int, lora: bool):
 
 
 def choose_settings(model, vram_gb: float, *, images: int = 10, resolution: int | None = None, mode: str = "auto",
-                    concept_type: str = "person", base=None) -> WizardResult:
+                    concept_type: str = "person", base=None, processes: int = 1) -> WizardResult:
     """The performance wizard: settings for `model` that fit `vram_gb`.
 
     Start fast (no gradient checkpointing, AdamW, the family's mixed precision fp16, the largest batch up to
@@ -133,7 +134,7 @@ def choose_settings(model, vram_gb: float, *, images: int = 10, resolution: int 
     LoRA. When nothing fits, the most frugal settings are returned with fits = False and the explanation says so.
     `base`: connected settings to start from; its other settings are kept, and so is its choice of LoRA
     (use_lora on) in mode auto: only mode full turns a LoRA config into a full fine-tune. Imagic settings
-    (train_imagic_only) get only the savings Imagic trains with.
+    (train_imagic_only) get only the savings Imagic trains with; several `processes` never get fused_backward.
     """
     from .data.settings import concept_type_defaults
     from .settings import DreamBoothSettings
@@ -160,9 +161,9 @@ def choose_settings(model, vram_gb: float, *, images: int = 10, resolution: int 
     vram = int(vram_gb * GB)
     tried = []
     if mode in ("auto", "full"):
-        tried.append(("full fine-tune", *_plan(shape, base, vram, images, lora=False)))
+        tried.append(("full fine-tune", *_plan(shape, base, vram, images, lora=False, processes=processes)))
     if mode == "lora" or (mode == "auto" and not tried[-1][4]):
-        tried.append(("LoRA", *_plan(shape, base, vram, images, lora=True)))
+        tried.append(("LoRA", *_plan(shape, base, vram, images, lora=True, processes=processes)))
     what, s, est, applied, fits = tried[-1]
     lines = [f"{what} of an {FAMILY_NAMES.get(shape.family, shape.family)} model at {resolution}px, "
              f"batch {s.batch_size}, on {vram_gb:g} GB: "

@@ -905,6 +905,59 @@ def _(tmp, sd1):
     assert not os.path.exists(tmp / "out" / "dreambooth" / "cache")
 
 
+@case("num-processes-refused", "`run --num-processes 0` or `-1`; `run --num-processes 2` of a workflow whose settings "
+      "have fused_backward or Imagic on",
+      "clear error in one line, before any process starts")
+def _(tmp, sd1):
+    import json
+
+    _one_line_error(*_cli("run", tmp / "wf.json", "--num-processes", "0"), "--num-processes 0", "1 or more")
+    _one_line_error(*_cli("run", tmp / "wf.json", "--num-processes", "-1"), "--num-processes -1", "1 or more")
+    path = tmp / "imagic.json"
+    path.write_text(json.dumps({"1": {"class_type": "DreamBoothImagic", "inputs": {"train_imagic_only": True}},
+                                "2": {"class_type": "TrainDreamBooth", "inputs": {"config": ["1", 0]}}}))
+    _one_line_error(*_cli("run", path, "--num-processes", "2", "--output-dir", tmp / "o"), "train_imagic_only",
+                    "node 2 (TrainDreamBooth)")
+
+
+@case("sigterm-run", "SIGTERM to `run` during training (one process, or `--num-processes 2`); Ctrl-C or SIGTERM "
+      "during start-up under `--num-processes`, also when started with SIGINT ignored (`cmd &` from a script)",
+      "handled: training stops at the next step (every process at the same one) and saves a checkpoint; at start-up "
+      "the processes end; one line, exit 130, no traceback, no process left (tests/test_multiprocess.py)")
+def _(tmp, sd1):
+    import json
+
+    from comfyui_dreambooth import demo
+
+    out = tmp / "out"
+    demo.make_tiny_checkpoint(str(out / "checkpoints" / demo.CHECKPOINT_NAME))
+    concept = out / "input" / "concept"
+    demo.make_concept_images(str(concept), count=2)
+    cmd = [sys.executable, "-m", "comfyui_dreambooth", "run", demo.example_workflow_path(), "--output-dir", str(out)]
+    for o in demo.demo_overrides(demo.CHECKPOINT_NAME, str(concept), epochs=400):
+        cmd += ["--set", o]
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__import__("comfyui_dreambooth").__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": package_parent}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if "training " in line and " steps (" in line:
+                break
+        import time
+        time.sleep(2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=240)
+    output = "".join(seen) + rest
+    assert proc.returncode == 130, output[-3000:]
+    assert "terminate requested" in output and "Traceback" not in output, output[-3000:]
+    (run,) = [d for d in (out / "dreambooth").iterdir() if (d / "config.json").exists()]
+    assert not json.loads((run / "config.json").read_text())["finished"]
+    assert [d for d in (run / "checkpoints").iterdir() if (d / "state.json").exists()], output[-3000:]
+
+
 # ---- the matrix -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
 def test_case(c, tmp_path, sd1, single_thread):
