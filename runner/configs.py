@@ -38,6 +38,18 @@ def settings_ends(prompt: dict) -> list[str]:
     return sort_ids(i for i in makers if i not in consumed)
 
 
+def _widget_defaults(cls) -> dict:
+    """The default value of each required widget of a node class (a combo's first choice without one)."""
+    defaults = {}
+    for name, spec in (cls.INPUT_TYPES().get("required") or {}).items():
+        kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
+        if "default" in options:
+            defaults[name] = options["default"]
+        elif isinstance(kind, (list, tuple)) and kind:
+            defaults[name] = kind[0]
+    return defaults
+
+
 def config_of(prompt: dict, node_id: str, *, model=None, vram_gb: float | None = None,
               log: Callable[[str], None] | None = None):
     """The DreamBoothSettings that node `node_id` receives on its `config` input (or builds, for a settings or
@@ -78,6 +90,8 @@ def config_of(prompt: dict, node_id: str, *, model=None, vram_gb: float | None =
                 return SETTINGS_NODES[kind]().build(config=upstream, **inputs)[0]
             except TypeError as e:
                 raise WorkflowError(f"{label(prompt, nid)}: {e}") from None
+        if kind in WIZARD_NODES or kind in CONCEPT_NODES:      # widgets left out: their defaults, as the canvas
+            inputs = {**_widget_defaults({**WIZARD_NODES, **CONCEPT_NODES}[kind]), **inputs}
         if kind in WIZARD_NODES:
             if model is None:
                 raise ConfigUnknown(f"{label(prompt, nid)} chooses the settings from the model it is given")

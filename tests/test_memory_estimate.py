@@ -532,3 +532,33 @@ def test_cli_estimate_workflow_with_two_train_nodes_estimates_each(capsys, tmp_p
     code, out, err = _cli(capsys, "estimate", "sd15", "--workflow", path, "--vram", "8")
     assert code == 0, err
     assert "node 13 (TrainDreamBooth):" in out and "node 15 (TrainDreamBooth, 'B'):" in out
+
+
+# ---- issue 24, fresh hostile pass: the wizard's own inputs -------------------------------------------------------
+@pytest.mark.parametrize("change, needle", [
+    (dict(vram_gb=-1.0), "vram_gb = -1.0"), (dict(vram_gb=float("nan")), "vram_gb = nan"),
+    (dict(vram_gb=float("inf")), "vram_gb = inf"), (dict(vram_gb=1e308), "vram_gb = 1e+308"),
+    (dict(resolution=100), "resolution = 100"), (dict(resolution=-64), "resolution = -64"),
+    (dict(resolution=8192), "resolution = 8192"),
+])
+def test_performance_wizard_refuses_a_card_or_resolution_out_of_range(sd1, change, needle):
+    """Hostile pass: vram_gb -1 planned "on -1 GB", NaN gave "cannot convert float NaN to integer", inf / 1e308 an
+    OverflowError; resolution 100 / -64 / 8192 gave settings the trainer refuses."""
+    from comfyui_dreambooth.nodes import NODE_CLASS_MAPPINGS
+
+    inputs = dict(vram_gb=8.0, resolution=64, images=4, mode="auto", concept_type="person") | change
+    with pytest.raises(ValueError) as e:
+        NODE_CLASS_MAPPINGS["PerformanceWizard"]().choose(sd1, **inputs)
+    assert needle in str(e.value) and "\n" not in str(e.value), e.value
+
+
+def test_cli_estimate_workflow_wizard_with_left_out_widgets_uses_their_defaults(capsys, tmp_path):
+    """Hostile pass: a PerformanceWizard written without its widgets ended in "unexpected TypeError"."""
+    nodes = {"1": {"class_type": "PerformanceWizard", "inputs": {"model": ["9", 0]}},
+             "2": {"class_type": "TrainDreamBooth", "inputs": {"config": ["1", 0]}},
+             "9": {"class_type": "LoadBaseModel", "inputs": {}}}
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(nodes))
+    code, out, err = _cli(capsys, "estimate", "sd15", "--workflow", str(path), "--vram", "8", "--json")
+    assert code == 0, err
+    assert json.loads(out)["settings"]["resolution"] == 512          # the node's default: the family's own

@@ -361,3 +361,53 @@ def test_a_resume_refusal_comes_before_the_latent_cache_is_written(sd1, tmp_path
     with pytest.raises(ValueError, match="neither"):
         _train(sd1, tmp_path / "out", settings, concept, resume=str(tmp_path / "nowhere"))
     assert not os.path.exists(tmp_path / "out" / "dreambooth" / "cache")
+
+
+def _edit_config(run_dir, **changes):
+    path = os.path.join(run_dir, "config.json")
+    with open(path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    cfg.update(changes)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(cfg, f)
+
+
+@pytest.mark.parametrize("edit, why", [
+    (lambda d: open(os.path.join(d, "config.json"), "w").write("[]"), "does not hold a JSON object"),
+    (lambda d: os.remove(os.path.join(d, "config.json")), "config.json is missing"),
+    (lambda d: _edit_config(d, run_id="f" * 16), "names another run"),
+    (lambda d: _edit_config(d, finished=True), "says it finished"),
+])
+def test_resume_auto_names_every_hand_edit_that_hides_a_run(sd1, tmp_path, edit, why):
+    """Hostile pass: config.json a JSON array ended in AttributeError; deleted, with another run_id or marked
+    finished, resume auto started a new run without a word."""
+    from comfyui_dreambooth.training.trainer import TrainCallbacks
+
+    concept = make_concept(tmp_path, n=2)
+    settings = tiny_settings(steps_per_image=2)
+    run_dir = _interrupted(sd1, tmp_path / "out", settings, concept)
+    edit(run_dir)
+    lines = []
+    result = _train(sd1, tmp_path / "out", settings, concept, resume="auto", callbacks=TrainCallbacks(log=lines.append))
+    assert result.run_dir != run_dir and result.steps == 4
+    said = [line for line in lines if line.startswith("resume: " + run_dir)]
+    assert said and why in said[0] and "new run" in said[0], lines
+
+
+def test_an_edited_run_id_is_named_and_restored_when_the_folder_is_resumed_by_name(sd1, tmp_path):
+    """Hostile pass: resume naming a run folder whose config.json run_id was edited continued silently and kept
+    the edited id."""
+    from comfyui_dreambooth.training.trainer import TrainCallbacks
+
+    concept = make_concept(tmp_path, n=2)
+    settings = tiny_settings(steps_per_image=2)
+    run_dir = _interrupted(sd1, tmp_path / "out", settings, concept)
+    with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+        run_id = json.load(f)["run_id"]
+    _edit_config(run_dir, run_id="f" * 16)
+    lines = []
+    result = _train(sd1, tmp_path / "out", settings, concept, resume=run_dir, callbacks=TrainCallbacks(log=lines.append))
+    assert result.run_dir == run_dir and result.steps == 4
+    assert any(line.startswith("resume: ") and "run_id" in line for line in lines), lines
+    with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+        assert json.load(f)["run_id"] == run_id

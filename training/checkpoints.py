@@ -53,21 +53,29 @@ def check_resume_folder(resume, processes: int = 1) -> None:
 
 
 def unreadable_runs(output_root, run_id) -> list:
-    """(RunFolder, why) for each run under `output_root` whose config.json cannot be read but whose newest
-    checkpoint belongs to `run_id`: resume auto cannot recognise it, and says so instead of starting over silently."""
+    """(RunFolder, why) for each unfinished run under `output_root` whose newest checkpoint belongs to `run_id` but
+    which resume auto cannot recognise from its config.json (missing, not JSON, another run id, marked finished
+    without final weights: a hand edit or a damaged copy): it says so instead of starting over silently."""
     found = []
-    for config in sorted(glob.glob(os.path.join(output_root, RUNS_SUBFOLDER, "*", "config.json"))):
-        run = RunFolder(os.path.dirname(config))
-        problem = run.config_problem()
-        checkpoint = run.latest_checkpoint() if problem else None
-        if checkpoint is None:
+    for checkpoints in sorted(glob.glob(os.path.join(output_root, RUNS_SUBFOLDER, "*", "checkpoints"))):
+        run = RunFolder(os.path.dirname(checkpoints))
+        checkpoint = run.latest_checkpoint()
+        if checkpoint is None or os.path.isdir(run.final_dir):
             continue
         try:
             with open(os.path.join(checkpoint, "state.json"), encoding="utf-8") as f:
                 state = json.load(f)
         except (OSError, ValueError):
             continue
-        if isinstance(state, dict) and state.get("run_id") == run_id:
+        if not isinstance(state, dict) or state.get("run_id") != run_id:
+            continue
+        config = run.read_config()
+        problem = run.config_problem()
+        if problem is None and config.get("run_id") != run_id:
+            problem = f"config.json names another run (run_id {str(config.get('run_id'))[:40]!r})"
+        elif problem is None and config.get("finished"):
+            problem = "config.json says it finished, but it has no final weights"
+        if problem:
             found.append((run, problem))
     return found
 
@@ -75,7 +83,7 @@ def unreadable_runs(output_root, run_id) -> list:
 def restore_edited_config(run, recorded: dict, say) -> None:
     """A resumed run's config.json must say what is trained: values edited by hand since it was written (the
     settings, the run length) are named and written back as they are trained. `recorded`: those keys as the
-    run writes them. Settings a resume may change without changing the weights (previews, saving, speed: not in
+    run writes them (its run_id too). Settings a resume may change without changing the weights (previews, saving, speed: not in
     config_hash) are written back without a word."""
     from .settings import settings_fields
 

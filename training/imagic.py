@@ -234,7 +234,8 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
         say(f"resuming {run.path} from step {start_step} (Imagic stage {stage.number})")
         if main:
             run.truncate_loss(start_step)
-            restore_edited_config(run, {"settings": settings.to_dict(), "total_steps": total_steps}, say)
+            restore_edited_config(run, {"run_id": run_id, "settings": settings.to_dict(),
+                                        "total_steps": total_steps}, say)
     elif main:
         run = create_run(output_root, settings, concepts, data, model, run_id, parent_run, total_steps, report, held,
                          imagic={"target_text": target_text, "embed_steps": embed_steps, "unet_steps": unet_steps})

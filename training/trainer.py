@@ -383,7 +383,8 @@ def _resume_or_create_run(job: Job, resume) -> None:
         job.say(f"resuming {run.path} from step {job.start_step}")
         if job.main:
             run.truncate_loss(job.start_step)
-            restore_edited_config(run, {"settings": job.settings.to_dict(), "total_steps": job.total_steps},
+            restore_edited_config(run, {"run_id": job.run_id, "settings": job.settings.to_dict(),
+                                        "total_steps": job.total_steps},
                                   job.say)
     else:
         run = RunFolder(job.dist.decide(lambda: create_run(

@@ -4,6 +4,7 @@ savings (preflight.next_saving).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .compat import missing_optimizer_package
@@ -11,6 +12,7 @@ from .memory import FAMILY_NAMES, GB, Estimate, estimate, model_shape
 
 
 MAX_WIZARD_BATCH = 4        # the wizard's largest batch (A1111's wizard likewise starts small)
+MAX_VRAM_GB = 16384         # a card's memory in GB; more is a typo (1e308 overflowed the byte count)
 
 
 MODES = ("auto", "lora", "full")
@@ -136,16 +138,22 @@ def choose_settings(model, vram_gb: float, *, images: int = 10, resolution: int 
     (use_lora on) in mode auto: only mode full turns a LoRA config into a full fine-tune. Imagic settings
     (train_imagic_only) get only the savings Imagic trains with; several `processes` never get fused_backward.
     """
-    from .data.settings import concept_type_defaults
+    from .data.settings import DataSettings, concept_type_defaults
     from .settings import DreamBoothSettings
 
     if mode not in MODES:
         raise ValueError(f"mode = {mode!r}: use one of {', '.join(MODES)}")
     if images < 1:
         raise ValueError(f"images = {images}: the wizard needs the number of training images (1 or more)")
+    if not (isinstance(vram_gb, (int, float)) and math.isfinite(vram_gb) and 0 < vram_gb <= MAX_VRAM_GB):
+        raise ValueError(f"vram_gb = {vram_gb!r}: give the card's memory in GB, more than 0 and at most {MAX_VRAM_GB}")
     shape = model_shape(model)
     if resolution is None:
         resolution = {"sdxl": 1024, "sd2": 768}.get(shape.family, 512)
+    problems = DataSettings(resolution=resolution).validate() if isinstance(resolution, int) else ["not a number"]
+    if problems:
+        raise ValueError("; ".join(problems) if isinstance(resolution, int) else
+                         f"resolution = {resolution!r}: give a whole number of pixels, a multiple of 64")
     kept_lora = mode == "auto" and base is not None and base.use_lora
     if kept_lora:
         mode = "lora"

@@ -858,10 +858,10 @@ def _(tmp, sd1):
     assert [t["settings"]["use_lora"] for t in trains] == [True, False]
 
 
-@case("edited-run-config", "a run folder whose config.json was edited by hand (learning_rate, total_steps), or is "
-      "no longer JSON, then resume auto",
-      "handled: an edited config.json is named and written back as trained, and the run continues identically; one "
-      "that is not JSON is kept, named with the reason, and a new run starts")
+@case("edited-run-config", "a run folder whose config.json was edited by hand (learning_rate, total_steps, run_id), "
+      "or is no longer JSON, a JSON array, missing or marked finished, then resume auto",
+      "handled: an edited config.json is named and written back as trained, and the run continues identically; a "
+      "run whose config.json hides it is kept, named with the reason, and a new run starts")
 def _(tmp, sd1):
     import json
 
@@ -890,6 +890,10 @@ def _(tmp, sd1):
     fresh = _train(sd1, tmp / "c", tiny_settings(**RUN_SETTINGS), concept, callbacks=TrainCallbacks(log=lines.append))
     assert fresh.run_dir != stopped.value.run_dir
     assert any(stopped.value.run_dir in line and "not JSON" in line for line in lines), lines
+    with open(os.path.join(fresh.run_dir, "config.json"), "w", encoding="utf-8") as f:
+        f.write("[]")                                  # a finished run hidden so is simply not reused
+    lines = []
+    _train(sd1, tmp / "c", tiny_settings(**RUN_SETTINGS), concept, callbacks=TrainCallbacks(log=lines.append))
 
 
 @case("resume-refused-early", "resume naming a run folder that has no checkpoint, or a path that is no run",
@@ -956,6 +960,21 @@ def _(tmp, sd1):
     (run,) = [d for d in (out / "dreambooth").iterdir() if (d / "config.json").exists()]
     assert not json.loads((run / "config.json").read_text())["finished"]
     assert [d for d in (run / "checkpoints").iterdir() if (d / "state.json").exists()], output[-3000:]
+
+
+@case("wizard-out-of-range", "PerformanceWizard vram_gb -1 / NaN / inf / 1e308 or resolution 100 / -64 / 8192 (an API "
+      "workflow, `estimate --workflow`)",
+      "clear error naming the input and its range; no settings chosen")
+def _(tmp, sd1):
+    from comfyui_dreambooth.nodes.wizard import PerformanceWizard
+
+    for change in (dict(vram_gb=-1.0), dict(vram_gb=float("nan")), dict(vram_gb=1e308), dict(resolution=100),
+                   dict(resolution=8192)):
+        with pytest.raises(ValueError) as e:
+            PerformanceWizard().choose(sd1, **(dict(vram_gb=8.0, resolution=64, images=4, mode="auto",
+                                                     concept_type="person") | change))
+        assert next(iter(change)) in str(e.value), e.value
+        _no_traceback(str(e.value))
 
 
 # ---- the matrix -------------------------------------------------------------------------------------------------
