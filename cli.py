@@ -338,6 +338,18 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
                         "...`. Effective batch = N x batch_size x gradient_accumulation_steps")
 
 
+def check_process_count(count: int) -> None:
+    """One process per GPU (per CPU core on a machine without one): more would only compete for the same device."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    limit, what = (gpus, f"{gpus} GPU(s)") if gpus else (os.cpu_count() or 1, f"no GPU and {os.cpu_count() or 1} "
+                                                                                   "CPU core(s)")
+    if count > limit:
+        raise CliError(f"--num-processes {count}: this machine has {what}; start at most {limit} (one process per "
+                       f"{'GPU' if gpus else 'core'})")
+
+
 def check_for_processes(workflow: str, overrides, output_dir: str, processes: int) -> None:
     """Before `processes` processes start: the workflow reads, and no training node's settings are ones several
     processes refuse (fused_backward, Imagic), so the reason is said once, not by every process after start-up.
@@ -392,6 +404,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CliError(f"--num-processes {args.num_processes}: give the number of processes to train in, 1 or more "
                        "(one per GPU)")
     if args.num_processes > 1 and processes == 1:
+        check_process_count(args.num_processes)
         check_output_dir(args.output_dir)
         with about(args.workflow):
             check_for_processes(args.workflow, args.overrides, args.output_dir, args.num_processes)

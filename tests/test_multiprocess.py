@@ -219,6 +219,8 @@ def test_run_num_processes_relaunches_itself_under_torchs_launcher(monkeypatch, 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
     monkeypatch.chdir(tmp_path)        # the command reads the workflow before it starts processes (issue 24.5)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)        # one process per core (GPU) at most
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     (tmp_path / "wf.json").write_text(json.dumps({"1": {"class_type": "DreamBoothSettings", "_meta": {"title": "A"},
                                                         "inputs": {"batch_size": 1}}}))
     assert cli.main(["run", "wf.json", "--num-processes", "3", "--set", "A.batch_size=1", "--output-dir", "o"]) == 0
@@ -555,3 +557,21 @@ def test_a_stop_during_start_up_is_one_line_even_when_sigint_was_ignored(tmp_pat
     assert "during start-up" in output and " steps (" not in output, output[-4000:]
     assert not (out / "dreambooth").exists() or not any((out / "dreambooth").glob("*/final")), output[-4000:]
     assert not _left_running(out)
+
+
+def test_more_processes_than_the_machine_has_devices_is_refused(monkeypatch, capsys, tmp_path):
+    """Hostile pass: --num-processes 1000 on a 2-core CPU machine started 1000 processes."""
+    import subprocess as sp
+
+    import torch
+
+    from comfyui_dreambooth import cli
+
+    if torch.cuda.is_available():
+        pytest.skip("counts CPU cores on a machine without a GPU")
+    monkeypatch.setattr(sp, "Popen", _never_launched)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    count = (os.cpu_count() or 1) + 1
+    code = cli.main(["run", str(tmp_path / "wf.json"), "--num-processes", str(count), "--output-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and f"--num-processes {count}" in err[0] and "CPU core" in err[0], err

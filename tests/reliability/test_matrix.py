@@ -909,8 +909,8 @@ def _(tmp, sd1):
     assert not os.path.exists(tmp / "out" / "dreambooth" / "cache")
 
 
-@case("num-processes-refused", "`run --num-processes 0` or `-1`; `run --num-processes 2` of a workflow whose settings "
-      "have fused_backward or Imagic on",
+@case("num-processes-refused", "`run --num-processes 0`, `-1` or more than the machine's GPUs (CPU cores without one); "
+      "`run --num-processes 2` of a workflow whose settings have fused_backward or Imagic on",
       "clear error in one line, before any process starts")
 def _(tmp, sd1):
     import json
