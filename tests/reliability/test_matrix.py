@@ -917,6 +917,10 @@ def _(tmp, sd1):
 
     _one_line_error(*_cli("run", tmp / "wf.json", "--num-processes", "0"), "--num-processes 0", "1 or more")
     _one_line_error(*_cli("run", tmp / "wf.json", "--num-processes", "-1"), "--num-processes -1", "1 or more")
+    import torch
+    if not torch.cuda.is_available():
+        many = (os.cpu_count() or 1) + 1
+        _one_line_error(*_cli("run", tmp / "wf.json", "--num-processes", many), f"--num-processes {many}", "CPU core")
     path = tmp / "imagic.json"
     path.write_text(json.dumps({"1": {"class_type": "DreamBoothImagic", "inputs": {"train_imagic_only": True}},
                                 "2": {"class_type": "TrainDreamBooth", "inputs": {"config": ["1", 0]}}}))
