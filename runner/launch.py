@@ -39,7 +39,7 @@ POLL_SECONDS = 0.2
 
 # torch's launcher (torch.distributed.run) as a script that ends quietly: a stop (a signal, Ctrl-C) or a failed
 # process ends it with an exit code and no traceback or ChildFailedError report (the process printed its own
-# message); its own log lines below ERROR are left out (this command says what happens in one line)
+# message); its own log lines are left out (this command says what happens in one line; its real failures raise)
 LAUNCHER = """
 import logging, sys
 try:
@@ -48,7 +48,7 @@ try:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     for name in list(logging.root.manager.loggerDict):
         if name.startswith(("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher")):
-            logging.getLogger(name).setLevel(logging.ERROR)
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         run(parse_args(sys.argv[1:]))
     except ChildFailedError as e:

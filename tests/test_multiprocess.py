@@ -575,3 +575,21 @@ def test_more_processes_than_the_machine_has_devices_is_refused(monkeypatch, cap
     code = cli.main(["run", str(tmp_path / "wf.json"), "--num-processes", str(count), "--output-dir", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and f"--num-processes {count}" in err[0] and "CPU core" in err[0], err
+
+
+def test_a_failing_process_under_num_processes_gives_its_line_without_a_launcher_report(tmp_path):
+    """Issue 24.5: after a process failed, torch's launcher added a 40-60-line ChildFailedError report (and its
+    own error log line) under the process's one-line message."""
+    from comfyui_dreambooth import demo
+
+    out = tmp_path / "out"
+    demo.make_tiny_checkpoint(str(out / "checkpoints" / demo.CHECKPOINT_NAME))
+    cmd = [sys.executable, "-m", "comfyui_dreambooth", "run", demo.example_workflow_path(), "--output-dir", str(out),
+           "--num-processes", "2"]
+    for o in demo.demo_overrides(demo.CHECKPOINT_NAME, str(tmp_path / "no such folder"), epochs=1):
+        cmd += ["--set", o]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("[")]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert lines and all(line.startswith("error: ") and "no such folder" in line for line in lines), proc.stderr[-3000:]
+    assert "ChildFailedError" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
