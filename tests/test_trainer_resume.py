@@ -376,7 +376,7 @@ def _edit_config(run_dir, **changes):
     (lambda d: open(os.path.join(d, "config.json"), "w").write("[]"), "does not hold a JSON object"),
     (lambda d: os.remove(os.path.join(d, "config.json")), "config.json is missing"),
     (lambda d: _edit_config(d, run_id="f" * 16), "names another run"),
-    (lambda d: _edit_config(d, finished=True), "says it finished"),
+    (lambda d: _edit_config(d, finished=True), "marks it finished"),
 ])
 def test_resume_auto_names_every_hand_edit_that_hides_a_run(sd1, tmp_path, edit, why):
     """Hostile pass: config.json a JSON array ended in AttributeError; deleted, with another run_id or marked

@@ -74,7 +74,7 @@ def unreadable_runs(output_root, run_id) -> list:
         if problem is None and config.get("run_id") != run_id:
             problem = f"config.json names another run (run_id {str(config.get('run_id'))[:40]!r})"
         elif problem is None and config.get("finished"):
-            problem = "config.json says it finished, but it has no final weights"
+            problem = "config.json marks it finished though it has no final weights"
         if problem:
             found.append((run, problem))
     return found
