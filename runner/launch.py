@@ -9,8 +9,9 @@ and it passes each Ctrl-C on exactly once:
 - every process registers its pid in a folder (`SUPERVISOR_ENV`) once it handles Ctrl-C itself; when all have,
   a press goes to each of them: the first makes the training loop stop on every process at the same step
   (rank 0 writes the checkpoint), the second aborts;
-- before that (start-up: nothing to save), the first press goes to the launcher, which passes it on and ends
-  them; a later press kills what is left;
+- before that (start-up: nothing to save), the first press ends the launcher, which ends them (SIGTERM: a
+  process still importing ends without a traceback), and reaches every process that registers later; a later
+  press kills what is left;
 - SIGTERM / SIGHUP to this command: as the first Ctrl-C while training (a checkpoint); during start-up, or a
   second one, they go to the launcher (it stops the processes); however this command ends, the launcher does not
   outlive it;
@@ -146,9 +147,9 @@ def _supervise(proc, registry: str, processes: int, signals: list) -> tuple[int,
                 told.update(pids)
                 for pid in pids:
                     _send(pid, signal.SIGINT)
-            elif not launcher_told:               # start-up: the launcher passes it on and ends them
-                launcher_told = True
-                _send(proc.pid, signal.SIGINT)
+            elif not launcher_told:               # start-up: the launcher ends them (SIGTERM: a process still
+                launcher_told = True              # importing ends without a KeyboardInterrupt traceback)
+                _send(proc.pid, signal.SIGTERM)
             else:
                 for pid in pids:
                     _send(pid, signal.SIGKILL)

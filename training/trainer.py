@@ -93,7 +93,8 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
 
         return train_imagic(model, concepts, settings, output_root, resume, device, cb, reuse_finished, held)
     job = _start(model, concepts, settings, output_root, device, cb, held)   # settings, precision, processes
-    check_resume_folder(resume, job.dist.world)   # a refused resume folder: before the data writes any cache
+    job.dist.decide(lambda: check_resume_folder(resume, job.dist.world),   # a refused resume folder: before the
+                    "open the run to resume")                                 # data writes any cache
     _prepare_data(job)                  # scan, class images, latent/text caches
     _plan_length(job)                   # steps per epoch, total steps, the run's identity
     if reuse_finished and resume != "new":
