@@ -349,6 +349,43 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
                         "...`. Effective batch = N x batch_size x gradient_accumulation_steps")
 
 
+def check_process_count(count: int) -> None:
+    """One process per GPU (per CPU core on a machine without one): more would only compete for the same device."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    limit, what = (gpus, f"{gpus} GPU(s)") if gpus else (os.cpu_count() or 1, f"no GPU and {os.cpu_count() or 1} "
+                                                                                   "CPU core(s)")
+    if count > limit:
+        raise CliError(f"--num-processes {count}: this machine has {what}; start at most {limit} (one process per "
+                       f"{'GPU' if gpus else 'core'})")
+
+
+def check_for_processes(workflow: str, overrides, output_dir: str, processes: int) -> None:
+    """Before `processes` processes start: the workflow reads, and no training node's settings are ones several
+    processes refuse (fused_backward, Imagic), so the reason is said once, not by every process after start-up.
+    A config chain that needs the model (a PerformanceWizard, which then avoids fused_backward itself) is left to
+    the processes."""
+    from .nodes import comfy_compat
+    from .runner import WorkflowError, pack_node_classes, prepare_workflow
+    from .runner.configs import config_of, label, training_nodes
+
+    with comfy_compat.using_output_directory(os.path.abspath(output_dir)):
+        prompt = prepare_workflow(workflow, overrides=overrides).prompt
+        for node_id in training_nodes(prompt, pack_node_classes()):
+            try:
+                config = config_of(prompt, node_id)
+            except (WorkflowError, ValueError, TypeError):   # what cannot be computed here, the processes check
+                continue
+            refused = (["fused_backward (it steps each weight before the gradients are averaged across processes)"]
+                       if config.fused_backward else [])
+            refused += ["train_imagic_only (Imagic edits one photo in one process)"] if config.train_imagic_only else []
+            if refused:
+                raise CliError(f"--num-processes {processes}: {label(prompt, node_id)} trains with "
+                               f"{' and '.join(refused)}, which several processes refuse; turn it off, or run "
+                               "without --num-processes")
+
+
 def _relaunch(args: argparse.Namespace, argv: list[str]) -> int:
     """Run this same command in `--num-processes` processes under torch's launcher (torchrun, single machine)."""
     import subprocess
@@ -374,7 +411,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .training.distributed import pin_local_device, process_info, stopped_together
 
     rank, processes = process_info()
+    if args.num_processes < 1:
+        raise CliError(f"--num-processes {args.num_processes}: give the number of processes to train in, 1 or more "
+                       "(one per GPU)")
     if args.num_processes > 1 and processes == 1:
+        check_process_count(args.num_processes)
+        check_output_dir(args.output_dir)
+        with about(args.workflow):
+            check_for_processes(args.workflow, args.overrides, args.output_dir, args.num_processes)
         return _relaunch(args, args.argv)
     pin_local_device()
     check_output_dir(args.output_dir)
@@ -468,32 +512,20 @@ def apply_setting_overrides(settings, overrides):
     return DreamBoothSettings.from_dict(d)
 
 
-def settings_from_workflow(path: str):
-    """The DB_CONFIG a workflow's settings nodes build (the chain that feeds a non-settings node, e.g. the Train
-    node), computed by the settings nodes themselves without running anything else."""
-    from .nodes.settings import NODE_CLASS_MAPPINGS as SETTINGS_NODES
-    from .runner import prepare_workflow
+def configs_from_workflow(path: str, model, vram_gb: float | None = None) -> list[tuple[str, object]]:
+    """(label, DB_CONFIG) for each training node of a workflow: the chain that feeds its config input (settings
+    nodes in any order, a PerformanceWizard planned for `model` and `vram_gb`), computed by the nodes themselves
+    without running anything else. Without a training node: the end of each settings chain."""
+    from .runner import pack_node_classes, prepare_workflow
+    from .runner.configs import config_of, label, settings_ends, training_nodes
 
     prompt = prepare_workflow(path).prompt
-    ids = [i for i, n in prompt.items() if n.get("class_type") in SETTINGS_NODES]
-    if not ids:
+    targets = training_nodes(prompt, pack_node_classes()) or settings_ends(prompt)
+    if not targets:
         raise CliError("the workflow has no DreamBooth settings node")
-    built: dict = {}
-
-    def config(node_id):
-        if node_id not in built:
-            node = prompt[node_id]
-            inputs = dict(node.get("inputs", {}))
-            inputs.pop("model", None)       # only for the node's own memory estimate
-            link = inputs.pop("config", None)
-            upstream = config(str(link[0])) if isinstance(link, list) else None
-            built[node_id] = SETTINGS_NODES[node["class_type"]]().build(config=upstream, **inputs)[0]
-        return built[node_id]
-
-    consumed = {str(v[0]) for i in ids for k, v in prompt[i].get("inputs", {}).items()
-                if k == "config" and isinstance(v, list)}
-    ends = [i for i in ids if i not in consumed]
-    return config(ends[0])
+    say = lambda line: print(line, file=sys.stderr)       # noqa: E731 - stdout may hold the JSON alone
+    with contextlib.redirect_stdout(sys.stderr):          # concept scans print their lines
+        return [(label(prompt, t), config_of(prompt, t, model=model, vram_gb=vram_gb, log=say)) for t in targets]
 
 
 def _estimate_arguments(p: argparse.ArgumentParser) -> None:
@@ -509,38 +541,56 @@ def _estimate_arguments(p: argparse.ArgumentParser) -> None:
 @command("estimate", "estimate the VRAM a training run needs, per part (weights, gradients, optimizer, "
                      "activations, ...)", arguments=_estimate_arguments)
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from .training.devices import GB, DeviceMemory
-    from .training.memory import ESTIMATE_NOTE, estimate, estimate_report
+    from .training.devices import GB
+    from .training.memory import ESTIMATE_NOTE, estimate
     from .training.settings import DreamBoothSettings
     from .training.wizard import WIZARD_SETTINGS
 
-    settings = DreamBoothSettings()
+    check_vram(args.vram)
+    model = _memory_model(args.model)
+    targets = [("", DreamBoothSettings())]
     if args.workflow:
         with about(args.workflow):
             _require_exists(args.workflow, "workflow")
-            settings = settings_from_workflow(args.workflow)
-    settings = apply_setting_overrides(settings, args.overrides)
-    check_vram(args.vram)
-    check_settings(settings)
-    model = _memory_model(args.model)
+            targets = configs_from_workflow(args.workflow, model, args.vram)
+    targets = [(name, apply_setting_overrides(settings, args.overrides)) for name, settings in targets]
+    for name, settings in targets:
+        try:
+            check_settings(settings)
+        except CliError as e:
+            raise CliError(f"{name}: {e}" if name else str(e)) from None
+    shown = []
+    for name, settings in targets:
+        if args.json:
+            est = estimate(model, settings)
+            resolved = settings.resolved()      # auto values as the estimate (and the wizard) fill them in
+            out = {"settings": {k: getattr(resolved, k) for k in WIZARD_SETTINGS} | {
+                       "resolution": resolved.data.resolution},
+                   "estimate_gb": est.gb(), "explanation": ESTIMATE_NOTE}
+            if args.vram is not None:           # the verdict for the card named
+                out |= {"vram_gb": args.vram, "fits": est.total <= int(args.vram * GB)}
+            shown.append({"node": name, **out} if len(targets) > 1 else out)
+        else:
+            shown.append((f"{name}:\n" if len(targets) > 1 else "") + _estimate_text(model, settings, args.vram))
     if args.json:
-        est = estimate(model, settings)
-        resolved = settings.resolved()      # auto values as the estimate (and the wizard) fill them in
-        shown = {k: getattr(resolved, k) for k in WIZARD_SETTINGS} | {"resolution": resolved.data.resolution}
-        out = {"settings": shown, "estimate_gb": est.gb(), "explanation": ESTIMATE_NOTE}
-        if args.vram is not None:           # the verdict for the card named
-            out |= {"vram_gb": args.vram, "fits": est.total <= int(args.vram * GB)}
-        print(json.dumps(out, indent=2))
-    elif args.vram is not None:
-        print(estimate_report(model, settings, DeviceMemory(f"{_article(args.vram)} {args.vram:g} GB card",
-                                                                 int(args.vram * GB))))
-    else:                       # the settings nodes' text, for the device training would use here
-        from .nodes.comfy_compat import comfy_torch_device
-        from .training.devices import read_device
-
-        memory, found = read_device(comfy_torch_device())
-        print(estimate_report(model, settings, memory, device_label=found))
+        print(json.dumps(shown[0] if len(shown) == 1 else {"trains": shown}, indent=2))
+    else:
+        print("\n\n".join(shown))
     return 0
+
+
+def _estimate_text(model, settings, vram: float | None) -> str:
+    from .training.devices import GB, DeviceMemory
+    from .training.memory import estimate_report
+
+    if vram is not None:
+        return estimate_report(model, settings, DeviceMemory(f"{_article(vram)} {vram:g} GB card", int(vram * GB)))
+    # the settings nodes' text, for the device training would use here
+    from .nodes.comfy_compat import comfy_torch_device
+    from .training.devices import read_device
+
+    memory, found = read_device(comfy_torch_device())
+    return estimate_report(model, settings, memory, device_label=found)
 
 
 def _wizard_arguments(p: argparse.ArgumentParser) -> None:

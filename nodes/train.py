@@ -96,19 +96,20 @@ class TrainDreamBooth:
                                                  "and model; new: always start over; or the path of a run folder "
                                                  "or checkpoint folder to continue."}),
             },
-            "hidden": {"unique_id": "UNIQUE_ID"},
+            "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"},
         }
 
     @classmethod
     def IS_CHANGED(cls, **_inputs):
         return f"stops:{_stops[0]}"
 
-    def train(self, model, concepts, config, resume="auto", unique_id=None):
+    def train(self, model, concepts, config, resume="auto", unique_id=None, prompt=None):
         from ..training.data.dataset import PreparationStopped
         from ..training.data.report import is_notice
         from ..training.trainer import TrainCallbacks, TrainingInterrupted, train
         from .live import LiveReporter
 
+        check_savers(prompt, unique_id, config)   # a save node that could not save this run: said before any work
         resume = resume_setting(resume)       # before anything else: a refused folder is never touched
         compat.free_comfy_memory()
         reporter = LiveReporter(unique_id if unique_id is not None else "headless",
@@ -200,6 +201,33 @@ class TrainDreamBooth:
         previews = sorted(os.path.join(folder, f) for f in os.listdir(folder))[-8:] if os.path.isdir(folder) else []
         return {"ui": {"text": [summary], "images": [_ui_image(p) for p in previews]},
                 "result": (result.model, result.run_dir, summary)}
+
+
+def lora_savers(prompt, node_id) -> list[str]:
+    """The SaveLoRA nodes of the graph `prompt` (API format) fed by the model output of node `node_id`, each as
+    "SaveLoRA (node N, 'title')"."""
+    if not isinstance(prompt, dict) or node_id is None:
+        return []
+    found = []
+    for saver_id, node in prompt.items():
+        if not isinstance(node, dict) or node.get("class_type") != "SaveLoRA":
+            continue
+        link = (node.get("inputs") or {}).get("model")
+        if isinstance(link, list) and len(link) == 2 and str(link[0]) == str(node_id) and link[1] == 0:
+            title = (node.get("_meta") or {}).get("title")
+            found.append(f"SaveLoRA (node {saver_id}" + (f", '{title}')" if title else ")"))
+    return found
+
+
+def check_savers(prompt, node_id, config) -> None:
+    """A SaveLoRA after a full fine-tune would fail only after the whole run ("no LoRA adapters"): refused here,
+    before any work, naming the save node, the setting and the fixes."""
+    savers = lora_savers(prompt, node_id) if not getattr(config, "use_lora", True) else []
+    if savers:
+        raise ValueError(f"{', '.join(savers)} saves LoRA adapters, but this TrainDreamBooth node's config trains a "
+                         "full fine-tune (use_lora off), which has none: nothing was trained. Turn use_lora on (on "
+                         "DreamBooth Settings; a PerformanceWizard keeps a connected use_lora, mode lora forces it), "
+                         "or save the model with SaveCheckpoint or SaveDiffusers")
 
 
 def stopped_message(step: int) -> str:

@@ -5,14 +5,17 @@ every setting of a connected config it changed, from what to what.
 """
 from __future__ import annotations
 
+import math
 import os
 
 from ..training.devices import free_device_memory_gb
+from ..training.distributed import process_info
 from ..training.settings import DreamBoothSettings, recommended_learning_rate
 from ..training.wizard import MODES, choose_settings, concept_type_of, images_in
 from .settings import CONFIG_TYPE
 
 CONCEPT_TYPES = ("person", "object", "style")
+MAX_NODE_VRAM_GB = 1024.0     # the vram_gb widget's maximum
 
 
 class PerformanceWizard:
@@ -33,7 +36,7 @@ class PerformanceWizard:
         return {
             "required": {
                 "model": ("DB_MODEL", {"tooltip": "The base model to train (its architecture decides the sizes)."}),
-                "vram_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5, "round": False,
+                "vram_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": MAX_NODE_VRAM_GB, "step": 0.5, "round": False,
                                       "tooltip": "GB of GPU memory to fit. 0 = the detected GPU's free memory (on a "
                                                  "server without a GPU: the free system memory)."}),
                 "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 64,
@@ -43,7 +46,8 @@ class PerformanceWizard:
                                    "tooltip": "Number of training images (the batch size will divide it). Ignored "
                                               "when concepts are connected: they are counted."}),
                 "mode": (list(MODES), {"default": "auto", "tooltip": "auto = full fine-tune when it fits, else "
-                                                                      "LoRA; lora / full force one."}),
+                                                                      "LoRA (a connected config with use_lora on "
+                                                                      "stays LoRA); lora / full force one."}),
                 "concept_type": (list(CONCEPT_TYPES), {"default": "person",
                                                        "tooltip": "What you train (text encoder share and epochs "
                                                                   "follow it). Ignored when concepts are "
@@ -66,11 +70,14 @@ class PerformanceWizard:
                 folders = ", ".join(str(getattr(c, "instance_dir", c)) for c in concepts)
                 raise ValueError(f"the connected concepts hold no training images (in {folders}); add images to "
                                  "the concept folders, or check their paths")
+        if not (isinstance(vram_gb, (int, float)) and math.isfinite(vram_gb) and 0 <= vram_gb <= MAX_NODE_VRAM_GB):
+            raise ValueError(f"PerformanceWizard vram_gb = {vram_gb!r}: give the card's memory in GB, 0 (the "
+                             f"detected GPU's free memory) to {MAX_NODE_VRAM_GB:g}")
         note = ""
         if not vram_gb:
             vram_gb, note = detected_memory_gb()
         result = choose_settings(model, vram_gb, images=int(images), resolution=resolution or None, mode=mode,
-                                 concept_type=concept_type, base=config)
+                                 concept_type=concept_type, base=config, processes=process_info()[1])
         parts = [note] if note else []
         parts.append(result.explanation)
         if config is not None:

@@ -156,7 +156,8 @@ def _say(stream: TextIO | None, line: str) -> None:
 @contextlib.contextmanager
 def _ctrl_c_interrupts(stream: TextIO | None, quiet: bool = False):
     """First Ctrl-C asks the running node to stop at its next check; the second aborts at once (`quiet`: without
-    saying so: another process speaks for this one)."""
+    saying so: another process speaks for this one). SIGTERM is a first Ctrl-C (training saves a checkpoint); a
+    second signal aborts."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -174,11 +175,26 @@ def _ctrl_c_interrupts(stream: TextIO | None, quiet: bool = False):
         signal.signal(signal.SIGINT, signal.default_int_handler)
         raise KeyboardInterrupt
 
+    def on_sigterm(signum, frame):          # a scheduler's or a launcher's stop: as the first Ctrl-C (a checkpoint)
+        terms[0] += 1
+        if terms[0] == 1 and presses[0] == 0:
+            presses[0] = 1
+            comfy_compat.request_interrupt()
+            if not quiet:
+                _say(stream if stream is not None else sys.stderr,
+                     "\nterminate requested: stopping at the next check (training saves a checkpoint)")
+            return
+        raise KeyboardInterrupt
+
+    terms = [0]
+    previous_term = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGINT, on_sigint)
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
 
 
 @contextlib.contextmanager

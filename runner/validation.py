@@ -6,7 +6,7 @@ import json
 import math
 from typing import Any, Mapping
 
-from .errors import ValidationIssue, WorkflowValidationError
+from .errors import ValidationIssue, WorkflowError, WorkflowValidationError
 from .specs import (COMBO_LIST_SHOWN, WIDGET_TYPES, PreparedWorkflow, combo_options, declared_inputs, hidden_values,
                     input_types, is_link, node_title, sort_ids)
 
@@ -227,7 +227,33 @@ def validate_workflow(prepared: PreparedWorkflow, node_classes: Mapping[str, typ
     issues = []
     for node_id in order:
         issues += _validate_node(prepared, node_id, node_classes)
+    if not issues:
+        issues += _lora_saver_issues(prompt, node_classes, order)
     if issues:
         raise WorkflowValidationError(issues)
     return order
+
+
+def _lora_saver_issues(prompt: dict, node_classes: Mapping[str, type], order: list[str]) -> list[ValidationIssue]:
+    """A SaveLoRA after a training node whose config is a full fine-tune would fail after the whole run: found
+    here when the config chain can be computed without running (settings nodes; a wizard's choice is checked by
+    the training node itself before it trains)."""
+    from ..nodes.train import lora_savers
+    from .configs import config_of, training_nodes
+
+    issues = []
+    for train_id in training_nodes(prompt, node_classes):
+        if train_id not in order or not lora_savers(prompt, train_id):
+            continue
+        try:
+            config = config_of(prompt, train_id)
+        except (WorkflowError, ValueError, TypeError):   # a wizard's choice, or a problem its node reports itself
+            continue
+        if not config.use_lora:
+            for saver_id in [i for i in order if lora_savers({i: prompt[i]}, train_id)]:
+                issues.append(_node_issue(prompt, saver_id, (
+                    f"saves LoRA adapters, but node {train_id} ({node_title(prompt[train_id])}) trains a full "
+                    "fine-tune (use_lora off), which has none; turn use_lora on, or save with SaveCheckpoint or "
+                    "SaveDiffusers"), "model"))
+    return issues
 

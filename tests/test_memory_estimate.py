@@ -433,3 +433,132 @@ def test_cli_estimate_json_resolves_auto_values_as_the_wizard_does(capsys):
     wizard = json.loads(out)["settings"]
     assert None not in shown.values(), shown
     assert shown["text_encoder_ratio"] == wizard["text_encoder_ratio"]      # both the "person" preset
+
+
+# ---- issue 24.1 / 24.2: the wizard keeps an upstream LoRA; it never picks what Imagic refuses --------------------
+def test_performance_wizard_keeps_an_upstream_lora_in_mode_auto(sd1):
+    """Issue 24.1: mode auto turned a connected LoRA config into a full fine-tune whenever it fitted (SaveLoRA then
+    failed after the whole run). The upstream choice is kept; mode full (or lora) says otherwise."""
+    from comfyui_dreambooth.nodes import NODE_CLASS_MAPPINGS
+    from comfyui_dreambooth.training.settings import DreamBoothSettings
+
+    wizard = NODE_CLASS_MAPPINGS["PerformanceWizard"]()
+    config, text = wizard.choose(sd1, vram_gb=80.0, resolution=64, images=4, mode="auto", concept_type="person",
+                                 config=DreamBoothSettings(use_lora=True))["result"]
+    assert config.use_lora is True, text
+    assert "use_lora" in text.splitlines()[1] and "mode full" in text, text
+    config, _ = wizard.choose(sd1, vram_gb=80.0, resolution=64, images=4, mode="full", concept_type="person",
+                              config=DreamBoothSettings(use_lora=True))["result"]
+    assert config.use_lora is False
+    config, _ = wizard.choose(sd1, vram_gb=80.0, resolution=64, images=4, mode="auto", concept_type="person",
+                              config=DreamBoothSettings(use_lora=False))["result"]
+    assert config.use_lora is False                     # an upstream full fine-tune that fits stays one
+    config, _ = wizard.choose(sd1, vram_gb=80.0, resolution=64, images=4, mode="auto", concept_type="person")["result"]
+    assert config.use_lora is False                     # nothing connected: auto = full when it fits
+
+
+@pytest.mark.parametrize("mode", ["auto", "lora", "full"])
+@pytest.mark.parametrize("vram", [2.0, 4.0, 8.0])
+def test_wizard_never_picks_what_imagic_refuses(mode, vram):
+    """Issue 24.2: chained after DreamBoothImagic the wizard turned on fused_backward / weights_dtype bf16 /
+    frozen_dtype fp8, which the trainer refuses for Imagic."""
+    from comfyui_dreambooth.training.settings import DreamBoothSettings
+    from comfyui_dreambooth.training.wizard import choose_settings
+
+    base = DreamBoothSettings(train_imagic_only=True)
+    r = choose_settings("sd15", vram, images=1, mode=mode, base=base)
+    s = r.settings
+    assert s.train_imagic_only and not s.fused_backward and s.weights_dtype == "fp32" and s.frozen_dtype == "auto"
+    assert s.validate(check_environment=False) == [], r.explanation
+    applied = [line for line in r.explanation.splitlines() if line.startswith("- ")]
+    assert not any("fused_backward" in line or "fp8" in line for line in applied), r.explanation
+
+
+def test_estimate_warning_for_imagic_recommends_only_what_imagic_takes(capsys):
+    """Issue 24.2: the estimate's WARNING for an Imagic config recommended fused_backward."""
+    code, out, err = _cli(capsys, "estimate", "sdxl", "--set", "train_imagic_only=true", "--set", "use_lora=false",
+                          "--vram", "2")
+    assert code == 0, err
+    warning = out.splitlines()[0]
+    assert warning.startswith("WARNING") and "fused_backward" not in warning, warning
+    assert "Imagic" in warning and "gradient_checkpointing" in warning, warning
+
+
+# ---- issue 24.4: estimate --workflow follows the chain that feeds each Train node --------------------------------
+def _wizard_workflow(tmp_path, order, trains=1):
+    """API workflow: Settings (full fine-tune, batch 3) -> PerformanceWizard (mode lora, 8 GB) -> Train, the nodes
+    written in `order`; trains=2 adds a second Train node fed by the Settings node directly."""
+    nodes = {
+        "10": {"class_type": "LoadBaseModel", "inputs": {"model": "x.safetensors"}},
+        "11": {"class_type": "DreamBoothSettings", "inputs": {"use_lora": False, "batch_size": 3}},
+        "12": {"class_type": "PerformanceWizard", "inputs": {"model": ["10", 0], "config": ["11", 0],
+                                                              "vram_gb": 8.0, "resolution": 512, "images": 4,
+                                                              "mode": "lora", "concept_type": "person"}},
+        "13": {"class_type": "TrainDreamBooth", "inputs": {"model": ["10", 0], "concepts": ["14", 0],
+                                                            "config": ["12", 0]}},
+        "14": {"class_type": "ConceptDataset", "inputs": {}},
+    }
+    if trains == 2:
+        nodes["15"] = {"class_type": "TrainDreamBooth", "inputs": {"model": ["10", 0], "concepts": ["14", 0],
+                                                                    "config": ["11", 0]}, "_meta": {"title": "B"}}
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps({k: nodes[k] for k in order + [k for k in nodes if k not in order]}))
+    return str(path)
+
+
+@pytest.mark.parametrize("order", [["11", "12", "13"], ["13", "12", "11"], ["12", "13", "11"]])
+def test_cli_estimate_workflow_follows_the_wizard_in_any_node_order(capsys, tmp_path, order):
+    """Issue 24.4: a graph with a PerformanceWizard was estimated on its pre-wizard config, or, with the nodes in
+    another order, failed with "unexpected KeyError: 'PerformanceWizard'"."""
+    from comfyui_dreambooth.training.wizard import choose_settings
+
+    code, out, err = _cli(capsys, "estimate", "sd15", "--workflow", _wizard_workflow(tmp_path, order), "--json")
+    assert code == 0, err
+    shown = json.loads(out)["settings"]
+    assert shown["use_lora"] is True                     # the wizard's mode lora, not the settings' full fine-tune
+    expected = choose_settings("sd15", 8.0, images=4, resolution=512, mode="lora").settings
+    assert shown["batch_size"] == expected.batch_size and shown["lora_rank"] == expected.lora_rank
+
+
+def test_cli_estimate_workflow_with_two_train_nodes_estimates_each(capsys, tmp_path):
+    """Issue 24.4: a graph with two Train nodes was estimated on the first only."""
+    path = _wizard_workflow(tmp_path, ["11", "12", "13"], trains=2)
+    code, out, err = _cli(capsys, "estimate", "sd15", "--workflow", path, "--json")
+    assert code == 0, err
+    trains = json.loads(out)["trains"]
+    assert [t["node"] for t in trains] == ["node 13 (TrainDreamBooth)", "node 15 (TrainDreamBooth, 'B')"]
+    assert trains[0]["settings"]["use_lora"] is True and trains[1]["settings"]["use_lora"] is False
+    assert trains[1]["settings"]["batch_size"] == 3
+    code, out, err = _cli(capsys, "estimate", "sd15", "--workflow", path, "--vram", "8")
+    assert code == 0, err
+    assert "node 13 (TrainDreamBooth):" in out and "node 15 (TrainDreamBooth, 'B'):" in out
+
+
+# ---- issue 24, fresh hostile pass: the wizard's own inputs -------------------------------------------------------
+@pytest.mark.parametrize("change, needle", [
+    (dict(vram_gb=-1.0), "vram_gb = -1.0"), (dict(vram_gb=float("nan")), "vram_gb = nan"),
+    (dict(vram_gb=float("inf")), "vram_gb = inf"), (dict(vram_gb=1e308), "vram_gb = 1e+308"),
+    (dict(resolution=100), "resolution = 100"), (dict(resolution=-64), "resolution = -64"),
+    (dict(resolution=8192), "resolution = 8192"),
+])
+def test_performance_wizard_refuses_a_card_or_resolution_out_of_range(sd1, change, needle):
+    """Hostile pass: vram_gb -1 planned "on -1 GB", NaN gave "cannot convert float NaN to integer", inf / 1e308 an
+    OverflowError; resolution 100 / -64 / 8192 gave settings the trainer refuses."""
+    from comfyui_dreambooth.nodes import NODE_CLASS_MAPPINGS
+
+    inputs = dict(vram_gb=8.0, resolution=64, images=4, mode="auto", concept_type="person") | change
+    with pytest.raises(ValueError) as e:
+        NODE_CLASS_MAPPINGS["PerformanceWizard"]().choose(sd1, **inputs)
+    assert needle in str(e.value) and "\n" not in str(e.value), e.value
+
+
+def test_cli_estimate_workflow_wizard_with_left_out_widgets_uses_their_defaults(capsys, tmp_path):
+    """Hostile pass: a PerformanceWizard written without its widgets ended in "unexpected TypeError"."""
+    nodes = {"1": {"class_type": "PerformanceWizard", "inputs": {"model": ["9", 0]}},
+             "2": {"class_type": "TrainDreamBooth", "inputs": {"config": ["1", 0]}},
+             "9": {"class_type": "LoadBaseModel", "inputs": {}}}
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(nodes))
+    code, out, err = _cli(capsys, "estimate", "sd15", "--workflow", str(path), "--vram", "8", "--json")
+    assert code == 0, err
+    assert json.loads(out)["settings"]["resolution"] == 512          # the node's default: the family's own

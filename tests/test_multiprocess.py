@@ -192,7 +192,7 @@ def test_base_model_prior_trains_then_a_failing_rank_ends_the_others_with_its_me
     assert "Timeout" not in output                     # ended by the launcher, not by waiting out the timeout
 
 
-def test_run_num_processes_relaunches_itself_under_torchs_launcher(monkeypatch):
+def test_run_num_processes_relaunches_itself_under_torchs_launcher(monkeypatch, tmp_path):
     import subprocess as sp
 
     from comfyui_dreambooth import cli
@@ -213,14 +213,21 @@ def test_run_num_processes_relaunches_itself_under_torchs_launcher(monkeypatch):
 
         def poll(self):
             return 0
+    from comfyui_dreambooth.runner.launch import LAUNCHER
+
     monkeypatch.setattr(sp, "Popen", Launched)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
-    assert cli.main(["run", "wf.json", "--num-processes", "3", "--set", "A.b=1", "--output-dir", "o"]) == 0
+    monkeypatch.chdir(tmp_path)        # the command reads the workflow before it starts processes (issue 24.5)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)        # one process per core (GPU) at most
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    (tmp_path / "wf.json").write_text(json.dumps({"1": {"class_type": "DreamBoothSettings", "_meta": {"title": "A"},
+                                                        "inputs": {"batch_size": 1}}}))
+    assert cli.main(["run", "wf.json", "--num-processes", "3", "--set", "A.batch_size=1", "--output-dir", "o"]) == 0
     (argv,) = calls
-    assert argv[:8] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-                        "--nproc_per_node", "3"]
-    assert argv[8:] == ["-m", "comfyui_dreambooth", "run", "wf.json", "--set", "A.b=1", "--output-dir", "o"]
+    assert argv[:8] == [sys.executable, "-c", LAUNCHER, "--standalone", "--nnodes", "1", "--nproc_per_node", "3"]
+    assert "torch.distributed.run import parse_args, run" in LAUNCHER         # torch's launcher, ending quietly
+    assert argv[8:] == ["-m", "comfyui_dreambooth", "run", "wf.json", "--set", "A.batch_size=1", "--output-dir", "o"]
 
 
 def test_accelerate_launch_runs_the_workflow_once_and_saves_once(tmp_path):
@@ -434,3 +441,155 @@ def test_under_other_launchers_only_process_0_reports_an_interrupt(monkeypatch, 
     monkeypatch.setattr("comfyui_dreambooth.runner.run_workflow", failing)
     assert cli.main(["run", "wf.json", "--quiet"]) == 1
     assert "out of disk space" in capsys.readouterr().err
+
+
+# ---- issue 24.5 / 24.6: what `run --num-processes` finds before processes start; SIGTERM; Ctrl-C at start-up -----
+@pytest.mark.parametrize("count", ["0", "-1"])
+def test_num_processes_below_one_is_refused(capsys, count, tmp_path):
+    """Issue 24.5: --num-processes 0 and -1 silently ran one process."""
+    from comfyui_dreambooth import cli
+
+    code = cli.main(["run", str(tmp_path / "wf.json"), "--num-processes", count, "--output-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and f"--num-processes {count}" in err[0] and "1 or more" in err[0], err
+
+
+def _never_launched(*args, **kwargs):
+    raise AssertionError("no process may start")
+
+
+@pytest.mark.parametrize("chain, needle", [
+    ({"1": {"class_type": "DreamBoothSettings", "inputs": {"mixed_precision": "no"}},
+      "2": {"class_type": "DreamBoothOptimizer", "inputs": {"config": ["1", 0], "fused_backward": True,
+                                                            "max_grad_norm": 0.0}}}, "fused_backward"),
+    ({"2": {"class_type": "DreamBoothImagic", "inputs": {"train_imagic_only": True}}}, "train_imagic_only"),
+])
+def test_settings_several_processes_refuse_are_found_before_they_start(monkeypatch, capsys, tmp_path, chain, needle):
+    """Issue 24.5: fused_backward / Imagic were found only after N processes started: each printed it, then the
+    launcher added a 40-60-line ChildFailedError report. Now one line, before any process starts."""
+    import subprocess as sp
+
+    from comfyui_dreambooth import cli
+
+    workflow = {**chain, "9": {"class_type": "TrainDreamBooth", "_meta": {"title": "Train"},
+                               "inputs": {"model": ["8", 0], "concepts": ["7", 0], "config": ["2", 0]}},
+                "8": {"class_type": "LoadBaseModel", "inputs": {}}, "7": {"class_type": "ConceptDataset", "inputs": {}}}
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(workflow))
+    monkeypatch.setattr(sp, "Popen", _never_launched)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    code = cli.main(["run", str(path), "--num-processes", "2", "--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert "--num-processes 2" in err[0] and "node 9 (TrainDreamBooth, 'Train')" in err[0] and needle in err[0], err
+
+
+def test_the_wizard_never_picks_fused_backward_for_several_processes():
+    """Issue 24.5: a PerformanceWizard in a `run --num-processes` graph chose fused_backward, which several
+    processes refuse."""
+    from comfyui_dreambooth.training.wizard import choose_settings
+
+    one = choose_settings("sd15", 4.0, images=4, mode="full").settings
+    assert one.fused_backward                               # one process: the saving is used
+    several = choose_settings("sd15", 4.0, images=4, mode="full", processes=2).settings
+    assert not several.fused_backward and several.validate(check_environment=False) == []
+
+
+def _until_training(proc, seconds=240):
+    import time
+
+    seen, deadline = [], time.time() + seconds
+    for line in proc.stdout:
+        seen.append(line)
+        if ("training " in line and " steps (" in line) or time.time() > deadline:
+            break
+    time.sleep(3)                                         # a few steps in
+    return seen
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="sends signals as a scheduler does; reads /proc")
+def test_sigterm_under_num_processes_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    """Issue 24.5: SIGTERM during training ended with a SignalException traceback and no checkpoint. It stops as
+    the first Ctrl-C does: every process at the same step, a checkpoint, one line, no process left."""
+    import signal
+
+    out, proc = _launch_demo_in_two_processes(tmp_path, epochs=400)
+    try:
+        seen = _until_training(proc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest = _finish(proc, out)
+    output = "".join(seen) + rest
+    assert proc.returncode == 130, output[-4000:]
+    runs = [d for d in (out / "dreambooth").iterdir() if (d / "config.json").exists()]
+    assert len(runs) == 1 and not json.loads((runs[0] / "config.json").read_text())["finished"], output[-4000:]
+    assert [d for d in (runs[0] / "checkpoints").iterdir() if (d / "state.json").exists()], output[-4000:]
+    assert "Traceback" not in output and "SignalException" not in output and "ChildFailedError" not in output
+    assert output.count("terminate requested") == 1, output[-4000:]
+    assert not _left_running(out)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="sends signals as a terminal does; reads /proc")
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_stop_during_start_up_is_one_line_even_when_sigint_was_ignored(tmp_path, monkeypatch, sig):
+    """Issue 24.6: started from a script with `&` (SIGINT ignored), the launcher inherited the ignored SIGINT and
+    the press passed on during start-up was dropped: the run trained to the end with exit 0. Otherwise the press
+    printed a 30-line KeyboardInterrupt traceback; SIGTERM at start-up exited 241 with no line."""
+    import signal
+    import time
+
+    real_popen = subprocess.Popen
+
+    def ignoring_sigint(*args, **kwargs):                 # as `cmd &` from a script starts it
+        return real_popen(*args, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN), **kwargs)
+    monkeypatch.setattr(subprocess, "Popen", ignoring_sigint)
+    out, proc = _launch_demo_in_two_processes(tmp_path, epochs=400)
+    monkeypatch.setattr(subprocess, "Popen", real_popen)
+    deadline = time.time() + 120
+    while _running(out) < 2 and time.time() < deadline:   # the command and the launcher: the launcher starting
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(getattr(signal, sig))
+    output = _finish(proc, out)
+    assert proc.returncode == 130, output[-4000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output and "SignalException" not in output, \
+        output[-4000:]
+    assert "during start-up" in output and " steps (" not in output, output[-4000:]
+    assert not (out / "dreambooth").exists() or not any((out / "dreambooth").glob("*/final")), output[-4000:]
+    assert not _left_running(out)
+
+
+def test_more_processes_than_the_machine_has_devices_is_refused(monkeypatch, capsys, tmp_path):
+    """Hostile pass: --num-processes 1000 on a 2-core CPU machine started 1000 processes."""
+    import subprocess as sp
+
+    import torch
+
+    from comfyui_dreambooth import cli
+
+    if torch.cuda.is_available():
+        pytest.skip("counts CPU cores on a machine without a GPU")
+    monkeypatch.setattr(sp, "Popen", _never_launched)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    count = (os.cpu_count() or 1) + 1
+    code = cli.main(["run", str(tmp_path / "wf.json"), "--num-processes", str(count), "--output-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and f"--num-processes {count}" in err[0] and "CPU core" in err[0], err
+
+
+def test_a_failing_process_under_num_processes_gives_its_line_without_a_launcher_report(tmp_path):
+    """Issue 24.5: after a process failed, torch's launcher added a 40-60-line ChildFailedError report (and its
+    own error log line) under the process's one-line message."""
+    from comfyui_dreambooth import demo
+
+    out = tmp_path / "out"
+    demo.make_tiny_checkpoint(str(out / "checkpoints" / demo.CHECKPOINT_NAME))
+    cmd = [sys.executable, "-m", "comfyui_dreambooth", "run", demo.example_workflow_path(), "--output-dir", str(out),
+           "--num-processes", "2"]
+    for o in demo.demo_overrides(demo.CHECKPOINT_NAME, str(tmp_path / "no such folder"), epochs=1):
+        cmd += ["--set", o]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("[")]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert lines and all(line.startswith("error: ") and "no such folder" in line for line in lines), proc.stderr[-3000:]
+    assert "ChildFailedError" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]

@@ -309,3 +309,24 @@ def test_inside_comfyui_cancel_raises_comfys_interrupt_after_saving(sd1, tmp_pat
     (run_name,) = [d for d in os.listdir(runs) if d != "cache"]
     assert os.listdir(runs / run_name / "checkpoints") == ["step-0000001"]
     assert live.get_state("4")["state"] == "interrupted"
+
+
+def test_save_lora_after_a_full_fine_tune_is_refused_before_training(sd1, tmp_path, headless):
+    """Issue 24.1: a SaveLoRA fed by a Train node whose config is a full fine-tune (the wizard's auto choice, or
+    use_lora off) failed only after the whole run ("this model has no LoRA adapters"). The Train node sees the
+    graph (hidden PROMPT) and refuses before any work; a SaveCheckpoint there, or a LoRA config, is fine."""
+    concept = make_concept(tmp_path, n=2)
+    prompt = {"3": {"class_type": "TrainDreamBooth", "inputs": {}},
+              "7": {"class_type": "SaveLoRA", "inputs": {"model": ["3", 0], "filename": "x"},
+                    "_meta": {"title": "Save my LoRA"}},
+              "8": {"class_type": "SaveCheckpoint", "inputs": {"model": ["3", 0]}}}
+    assert TrainDreamBooth.INPUT_TYPES()["hidden"]["prompt"] == "PROMPT"
+    with pytest.raises(ValueError) as e:
+        TrainDreamBooth().train(sd1, [concept], tiny_settings(use_lora=False), unique_id="3", prompt=prompt)
+    message = str(e.value)
+    assert "SaveLoRA" in message and "Save my LoRA" in message and "use_lora" in message, message
+    assert "SaveCheckpoint" in message and "\n" not in message, message
+    assert not os.path.exists(os.path.join(compat.output_directory(), "dreambooth")), "nothing may be written"
+    del prompt["7"]
+    TrainDreamBooth().train(sd1, [concept], tiny_settings(use_lora=False, steps_per_image=1), unique_id="3",
+                            prompt=prompt)

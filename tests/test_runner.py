@@ -745,3 +745,21 @@ def test_seed_without_control_widget_is_not_followed_by_a_control_value():
               "links": []}
     prepared = prepare_workflow(canvas, node_classes={"SeedThenBool": SeedThenBool})
     assert prepared.prompt["1"]["inputs"] == {"seed": 3, "flag": True}
+
+
+def test_save_lora_after_a_full_fine_tune_is_refused_by_the_whole_graph_check(tmp_path):
+    """Issue 24.1: the demo's LoRA workflow with use_lora off trained the whole schedule, then SaveLoRA failed
+    ("this model has no LoRA adapters"). The whole-graph validation refuses it before the first node runs."""
+    from comfyui_dreambooth import demo
+
+    out = tmp_path / "out"
+    demo.make_tiny_checkpoint(str(out / "checkpoints" / demo.CHECKPOINT_NAME))
+    images = tmp_path / "images"
+    demo.make_concept_images(str(images), count=2)
+    overrides = demo.demo_overrides(demo.CHECKPOINT_NAME, str(images)) + [f"{demo.SETTINGS}.use_lora=false"]
+    with pytest.raises(WorkflowValidationError) as info:
+        runner.run_workflow(demo.example_workflow_path(), overrides=overrides, output_dir=out, show_progress=False)
+    text = str(info.value)
+    assert text.startswith("1 validation error") and "SaveLoRA" in text and "use_lora" in text, text
+    assert "SaveCheckpoint" in text and "\n" not in text, text
+    assert not (out / "dreambooth").exists()            # nothing ran

@@ -293,3 +293,121 @@ def test_requested_checkpoints_are_pruned_like_epoch_checkpoints(sd1, tmp_path, 
         _train(sd1, tmp_path / "b", tiny_settings(steps_per_image=2, keep_last_checkpoints=1),
                make_concept(tmp_path, n=3), callbacks=TrainCallbacks(control=control, progress=save_then_stop))
     assert written == [2] and os.path.basename(stopped.value.checkpoint) == "step-0000002"
+
+
+# ---- issue 24.8 / 24.11: hand-edited run folders; a resume refusal before any work ------------------------------
+def _interrupted(sd1, root, settings, concept):
+    from comfyui_dreambooth.training.trainer import TrainingInterrupted
+
+    with pytest.raises(TrainingInterrupted) as stopped:
+        _train(sd1, root, settings, concept, callbacks=_stop_at(1))
+    return stopped.value.run_dir
+
+
+def test_resume_auto_says_why_a_run_whose_config_is_not_json_is_not_continued(sd1, tmp_path):
+    """Issue 24.8: a config.json that is not JSON made resume auto start a new run without a word."""
+    concept = make_concept(tmp_path, n=2)
+    settings = tiny_settings(steps_per_image=2)
+    run_dir = _interrupted(sd1, tmp_path / "out", settings, concept)
+    with open(os.path.join(run_dir, "config.json"), "a", encoding="utf-8") as f:
+        f.write("\n}} oops, an edit")
+    lines = []
+    from comfyui_dreambooth.training.trainer import TrainCallbacks
+
+    result = _train(sd1, tmp_path / "out", settings, concept, resume="auto", callbacks=TrainCallbacks(log=lines.append))
+    assert result.run_dir != run_dir and result.steps == 4
+    said = [line for line in lines if run_dir in line]
+    assert said and "config.json" in said[0] and "not" in said[0] and "JSON" in said[0], lines
+    assert "new run" in said[0], said[0]
+
+
+def test_an_edited_config_json_is_detected_on_resume(sd1, tmp_path):
+    """Issue 24.8: a hand-edited config.json (learning_rate, total_steps) was kept as it was and marked
+    finished. The run continues with the settings it was started with, says which recorded values were edited,
+    and its config.json records what was trained."""
+    from comfyui_dreambooth.training.trainer import TrainCallbacks
+
+    concept = make_concept(tmp_path, n=2)
+    settings = tiny_settings(steps_per_image=2)
+    run_dir = _interrupted(sd1, tmp_path / "out", settings, concept)
+    path = os.path.join(run_dir, "config.json")
+    with open(path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    cfg["settings"]["learning_rate"] = 0.5
+    cfg["total_steps"] = 99
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(cfg, f)
+    lines = []
+    result = _train(sd1, tmp_path / "out", settings, concept, resume="auto", callbacks=TrainCallbacks(log=lines.append))
+    assert result.run_dir == run_dir and result.steps == 4
+    said = [line for line in lines if line.startswith("resume: ") and "was edited" in line]
+    assert said and "learning_rate" in said[0] and "total_steps" in said[0] and run_dir in said[0], lines
+    with open(path, encoding="utf-8") as f:
+        after = json.load(f)
+    assert after["finished"] and after["settings"]["learning_rate"] == settings.learning_rate
+    assert after["total_steps"] == 4
+
+
+def test_a_resume_refusal_comes_before_the_latent_cache_is_written(sd1, tmp_path):
+    """Issue 24.11: resuming from a run folder that has no checkpoint was refused only after the data was
+    prepared (the latent cache written)."""
+    concept = make_concept(tmp_path, n=2)
+    settings = tiny_settings(steps_per_image=2, data={"cache_mode": "disk"})
+    empty_run = tmp_path / "out" / "dreambooth" / "someone-20260101-000000"
+    os.makedirs(empty_run / "checkpoints")
+    (empty_run / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="no checkpoint yet"):
+        _train(sd1, tmp_path / "out", settings, concept, resume=str(empty_run))
+    with pytest.raises(ValueError, match="neither"):
+        _train(sd1, tmp_path / "out", settings, concept, resume=str(tmp_path / "nowhere"))
+    assert not os.path.exists(tmp_path / "out" / "dreambooth" / "cache")
+
+
+def _edit_config(run_dir, **changes):
+    path = os.path.join(run_dir, "config.json")
+    with open(path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    cfg.update(changes)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(cfg, f)
+
+
+@pytest.mark.parametrize("edit, why", [
+    (lambda d: open(os.path.join(d, "config.json"), "w").write("[]"), "does not hold a JSON object"),
+    (lambda d: os.remove(os.path.join(d, "config.json")), "config.json is missing"),
+    (lambda d: _edit_config(d, run_id="f" * 16), "names another run"),
+    (lambda d: _edit_config(d, finished=True), "marks it finished"),
+])
+def test_resume_auto_names_every_hand_edit_that_hides_a_run(sd1, tmp_path, edit, why):
+    """Hostile pass: config.json a JSON array ended in AttributeError; deleted, with another run_id or marked
+    finished, resume auto started a new run without a word."""
+    from comfyui_dreambooth.training.trainer import TrainCallbacks
+
+    concept = make_concept(tmp_path, n=2)
+    settings = tiny_settings(steps_per_image=2)
+    run_dir = _interrupted(sd1, tmp_path / "out", settings, concept)
+    edit(run_dir)
+    lines = []
+    result = _train(sd1, tmp_path / "out", settings, concept, resume="auto", callbacks=TrainCallbacks(log=lines.append))
+    assert result.run_dir != run_dir and result.steps == 4
+    said = [line for line in lines if line.startswith("resume: " + run_dir)]
+    assert said and why in said[0] and "new run" in said[0], lines
+
+
+def test_an_edited_run_id_is_named_and_restored_when_the_folder_is_resumed_by_name(sd1, tmp_path):
+    """Hostile pass: resume naming a run folder whose config.json run_id was edited continued silently and kept
+    the edited id."""
+    from comfyui_dreambooth.training.trainer import TrainCallbacks
+
+    concept = make_concept(tmp_path, n=2)
+    settings = tiny_settings(steps_per_image=2)
+    run_dir = _interrupted(sd1, tmp_path / "out", settings, concept)
+    with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+        run_id = json.load(f)["run_id"]
+    _edit_config(run_dir, run_id="f" * 16)
+    lines = []
+    result = _train(sd1, tmp_path / "out", settings, concept, resume=run_dir, callbacks=TrainCallbacks(log=lines.append))
+    assert result.run_dir == run_dir and result.steps == 4
+    assert any(line.startswith("resume: ") and "run_id" in line for line in lines), lines
+    with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+        assert json.load(f)["run_id"] == run_id

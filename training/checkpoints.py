@@ -9,13 +9,14 @@ schedule, fp16 loss scaler), ema.pt (when EMA is on) and state.json (step, run i
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
 import time
 
 from .control import TrainingSaveError
-from .runs import RunFolder, library_versions
+from .runs import RUNS_SUBFOLDER, RunFolder, library_versions
 
 
 # ---- which checkpoint -----------------------------------------------------------------------------------------
@@ -36,6 +37,75 @@ def resume_target(output_root, run_id, resume):
             raise ValueError(f"resume: {path} has no checkpoint yet; start a new run")
         return run, ckpt
     raise ValueError(f"resume: {resume!r} is neither 'auto', 'new', a run folder nor a checkpoint folder")
+
+
+def check_resume_folder(resume, processes: int = 1) -> None:
+    """A resume setting naming a folder is checked before any work (data preparation writes caches): a path that
+    is neither a run nor a checkpoint folder, a run without a checkpoint, or a run trained by another number of
+    processes is refused here. Which run `auto` continues depends on the data, so it is decided later."""
+    if resume in ("auto", "new", "", None):
+        return
+    run, _ = resume_target(None, None, resume)
+    trained_by = run.read_config().get("processes", 1)
+    if trained_by != processes:
+        raise ValueError(f"resume: {run.path} was trained by {trained_by} process(es); continue it with the same "
+                         f"number (this run has {processes}), or start a new run (resume 'new')")
+
+
+def unreadable_runs(output_root, run_id) -> list:
+    """(RunFolder, why) for each unfinished run under `output_root` whose newest checkpoint belongs to `run_id` but
+    which resume auto cannot recognise from its config.json (missing, not JSON, another run id, marked finished
+    without final weights: a hand edit or a damaged copy): it says so instead of starting over silently."""
+    found = []
+    for checkpoints in sorted(glob.glob(os.path.join(output_root, RUNS_SUBFOLDER, "*", "checkpoints"))):
+        run = RunFolder(os.path.dirname(checkpoints))
+        checkpoint = run.latest_checkpoint()
+        if checkpoint is None or os.path.isdir(run.final_dir):
+            continue
+        try:
+            with open(os.path.join(checkpoint, "state.json"), encoding="utf-8") as f:
+                state = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if not isinstance(state, dict) or state.get("run_id") != run_id:
+            continue
+        config = run.read_config()
+        problem = run.config_problem()
+        if problem is None and config.get("run_id") != run_id:
+            problem = f"config.json names another run (run_id {str(config.get('run_id'))[:40]!r})"
+        elif problem is None and config.get("finished"):
+            problem = "config.json marks it finished though it has no final weights"
+        if problem:
+            found.append((run, problem))
+    return found
+
+
+def restore_edited_config(run, recorded: dict, say) -> None:
+    """A resumed run's config.json must say what is trained: values edited by hand since it was written (the
+    settings, the run length) are named and written back as they are trained. `recorded`: those keys as the
+    run writes them (its run_id too). Settings a resume may change without changing the weights (previews, saving, speed: not in
+    config_hash) are written back without a word."""
+    from .settings import settings_fields
+
+    unmentioned = {f"settings.{name}" for name, f in settings_fields().items() if not f.metadata["affects_result"]}
+    config = run.read_config()
+    edited = []
+    for key, value in recorded.items():
+        value = json.loads(json.dumps(value))
+        old = config.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            edited += [f"{key}.{k}" for k in sorted(set(value) | set(old)) if value.get(k) != old.get(k)]
+        elif value != old:
+            edited.append(key)
+    named = [key for key in edited if key not in unmentioned]
+    if named:
+        edited = named
+        shown = ", ".join(edited[:8]) + (f" and {len(edited) - 8} more" if len(edited) > 8 else "")
+        say(f"resume: {run.config_path} was edited since the run wrote it ({shown}); the run continues with the "
+            "settings it was started with and config.json records them again (change settings in the workflow: "
+            "that starts a new run)")
+    if edited:
+        run.update_config(**recorded)
 
 
 def names_a_checkpoint(resume) -> bool:

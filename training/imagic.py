@@ -25,7 +25,8 @@ import math
 import os
 import time
 
-from .checkpoints import (apply_checkpoint, claim_run, create_run, load_weights, loadable_checkpoint, resume_target,
+from .checkpoints import (apply_checkpoint, check_resume_folder, claim_run, create_run, load_weights,
+                          loadable_checkpoint, restore_edited_config, resume_target, unreadable_runs,
                           save_training_state)
 from .control import (StepClock, TrainingDiverged, TrainingInterrupted, TrainResult, log_step, requested_save,
                       stop_requested)
@@ -120,6 +121,7 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
                          "accelerate launch")
 
     # ---- 1. data: the one photo, its latents (cached like any run's) -----------------------------------------
+    check_resume_folder(resume)         # a refused resume folder: before the cache is written
     for m in (model.vae, *model.text_encoders, model.unet):
         m.to(device)
     model_for_data = with_data_vae(model, vae_dtype(settings, device, say))
@@ -188,6 +190,10 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
     run, checkpoint = resume_target(output_root, run_id, resume)
     if run is not None and main:
         claim_run(run, held, say)
+    if run is None and resume == "auto" and main:
+        for unreadable, why in unreadable_runs(output_root, run_id):
+            say(f"resume: {unreadable.path} holds a checkpoint of this run, but its {why}: it is kept and not "
+                "continued; starting a new run (restore its config.json to continue it)")
 
     # ---- 4. the two stages' optimizers (stage 2's is built when it starts) -----------------------------------
     class Stage:
@@ -228,6 +234,8 @@ def train_imagic(model, concepts, settings, output_root, resume, device, cb, reu
         say(f"resuming {run.path} from step {start_step} (Imagic stage {stage.number})")
         if main:
             run.truncate_loss(start_step)
+            restore_edited_config(run, {"run_id": run_id, "settings": settings.to_dict(),
+                                        "total_steps": total_steps}, say)
     elif main:
         run = create_run(output_root, settings, concepts, data, model, run_id, parent_run, total_steps, report, held,
                          imagic={"target_text": target_text, "embed_steps": embed_steps, "unet_steps": unet_steps})

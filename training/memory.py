@@ -412,10 +412,12 @@ def estimate_report(model, settings, device: DeviceMemory | None = None, *, devi
     largest_text = ", ".join(f"{k} {v / GB:.2f} GB" for v, k in largest)
     lines = []
     if device is not None and est.total > device.total:
+        savers = ("Imagic trains with the plain step, so: gradient_checkpointing, an 8-bit optimizer, a smaller "
+                  "resolution, LoRA (use_lora)" if s.train_imagic_only else "gradient_checkpointing, an 8-bit "
+                  "optimizer, fused_backward, a smaller batch or resolution, LoRA")
         lines.append(f"WARNING: these settings need about {total_gb:.2f} GB but {device.name} has "
                      f"{device.total / GB:.2f} GB: training will run out of memory. Largest parts: {largest_text}. "
-                     f"Turn on memory savings (gradient_checkpointing, an 8-bit optimizer, fused_backward, a "
-                     f"smaller batch or resolution, LoRA), or use {WIZARD_HINT} to choose settings that fit.")
+                     f"Turn on memory savings ({savers}), or use {WIZARD_HINT} to choose settings that fit.")
     lines.append(f"Memory estimate for {model_label}: {_what(shape, s)}")
     if s.train_imagic_only:
         lines.append("(Imagic is counted as DreamBooth training with these settings: an approximation.)")

@@ -70,7 +70,7 @@ def next_saving(settings, images: int, processes: int = 1):
     Several processes: savings they refuse (fused_backward steps before gradients are averaged) are skipped."""
     from .wizard import savings
 
-    for text, change in savings(settings.use_lora, max(1, images)):
+    for text, change in savings(settings.use_lora, max(1, images), imagic=settings.train_imagic_only):
         changed = change(settings)
         if changed is not None and processes > 1 and changed.fused_backward:
             continue

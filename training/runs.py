@@ -166,11 +166,26 @@ class RunFolder:
         return os.path.join(self.path, "config.json")
 
     def read_config(self) -> dict:
+        """config.json's object; {} when it cannot be read or holds no object (config_problem says why)."""
         try:
             with open(self.config_path, encoding="utf-8") as f:
-                return json.load(f)
+                config = json.load(f)
         except (OSError, ValueError):
             return {}
+        return config if isinstance(config, dict) else {}
+
+    def config_problem(self) -> str | None:
+        """Why config.json cannot be read as a run's config (a hand edit that broke it, a damaged copy), or None."""
+        try:
+            with open(self.config_path, encoding="utf-8") as f:
+                config = json.load(f)
+        except FileNotFoundError:
+            return "config.json is missing"
+        except OSError as e:
+            return f"config.json cannot be read ({e.strerror or type(e).__name__})"
+        except ValueError as e:
+            return f"config.json is not JSON ({str(e).splitlines()[0][:120]})"
+        return None if isinstance(config, dict) else "config.json does not hold a JSON object"
 
     def write_config(self, config: dict) -> None:
         atomic_write_json(self.config_path, config)

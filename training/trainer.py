@@ -15,8 +15,9 @@ import os
 import time
 
 from .best import conclude
-from .checkpoints import (apply_checkpoint, claim_run, create_run, load_weights, loadable_checkpoint,
-                          read_own_checkpoint, resume_target)
+from .checkpoints import (apply_checkpoint, check_resume_folder, claim_run, create_run, load_weights,
+                          loadable_checkpoint, read_own_checkpoint, restore_edited_config, resume_target,
+                          unreadable_runs)
 from .compat import enable_text_encoder_checkpointing
 from .control import TrainCallbacks, TrainingDiverged, TrainingInterrupted, TrainingSaveError, TrainResult
 from .data.masks import content_hashes
@@ -96,6 +97,8 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
 
         return train_imagic(model, concepts, settings, output_root, resume, device, cb, reuse_finished, held)
     job = _start(model, concepts, settings, output_root, device, cb, held)   # settings, precision, processes
+    job.dist.decide(lambda: check_resume_folder(resume, job.dist.world),   # a refused resume folder: before the
+                    "open the run to resume")                                 # data writes any cache
     _prepare_data(job)                  # scan, class images, latent/text caches
     _plan_length(job)                   # steps per epoch, total steps, the run's identity
     if reuse_finished and resume != "new":
@@ -237,6 +240,9 @@ def _claim_run(job: Job, resume) -> None:
             claim_run(run, job.held, job.say)
         elif resume == "auto":
             _say_other_process_count(job)
+            for unreadable, why in unreadable_runs(job.output_root, job.run_id):
+                job.say(f"resume: {unreadable.path} holds a checkpoint of this run, but its {why}: it is kept and "
+                        "not continued; starting a new run (restore its config.json to continue it)")
         return (run.path if run else None), checkpoint
 
     path, job.checkpoint = job.dist.decide(choose, "open the run to resume")
@@ -387,6 +393,9 @@ def _resume_or_create_run(job: Job, resume) -> None:
         job.say(f"resuming {run.path} from step {job.start_step}")
         if job.main:
             run.truncate_loss(job.start_step)
+            restore_edited_config(run, {"run_id": job.run_id, "settings": job.settings.to_dict(),
+                                        "total_steps": job.total_steps},
+                                  job.say)
     else:
         run = RunFolder(job.dist.decide(lambda: create_run(
             job.output_root, job.settings, job.concepts, job.data, job.model, job.run_id, job.parent_run,

@@ -794,6 +794,193 @@ def _(tmp, sd1):
     assert concept.instance_dir in str(e.value) and "no training images" in str(e.value), e.value
 
 
+@case("wizard-keeps-lora", "PerformanceWizard (mode auto) after a LoRA config; a SaveLoRA after a full fine-tune "
+      "(use_lora off, or a wizard's choice)",
+      "handled: the connected use_lora is kept (mode full overrides it); a SaveLoRA after a full fine-tune is a clear "
+      "error before training (the whole-graph check, or the Train node before any work)")
+def _(tmp, sd1):
+    from comfyui_dreambooth.nodes.train import TrainDreamBooth
+    from comfyui_dreambooth.nodes.wizard import PerformanceWizard
+    from comfyui_dreambooth.training.settings import DreamBoothSettings
+
+    config, _ = PerformanceWizard().choose(sd1, vram_gb=80.0, resolution=64, images=4, mode="auto",
+                                           concept_type="person", config=DreamBoothSettings(use_lora=True))["result"]
+    assert config.use_lora
+    prompt = {"3": {"class_type": "TrainDreamBooth", "inputs": {}},
+              "7": {"class_type": "SaveLoRA", "inputs": {"model": ["3", 0]}}}
+    with pytest.raises(ValueError) as e:
+        TrainDreamBooth().train(sd1, [make_concept(tmp, n=1)], tiny_settings(use_lora=False), unique_id="3",
+                                prompt=prompt)
+    assert "SaveLoRA (node 7)" in str(e.value) and "use_lora" in str(e.value)
+    _no_traceback(str(e.value))
+
+
+@case("wizard-imagic", "PerformanceWizard / `wizard` after DreamBoothImagic on a small card; `estimate` of an Imagic "
+      "config that does not fit",
+      "handled: only the savings Imagic trains with (never fused_backward, bf16 weights or fp8 frozen weights); the "
+      "WARNING recommends only those")
+def _(tmp, sd1):
+    from comfyui_dreambooth.training.memory import estimate_report
+    from comfyui_dreambooth.training.devices import DeviceMemory
+    from comfyui_dreambooth.training.settings import DreamBoothSettings
+    from comfyui_dreambooth.training.wizard import choose_settings
+
+    imagic = DreamBoothSettings(train_imagic_only=True)
+    for mode in ("auto", "lora", "full"):
+        s = choose_settings("sd15", 2.0, images=1, mode=mode, base=imagic).settings
+        assert s.validate(check_environment=False) == [] and not s.fused_backward and s.frozen_dtype == "auto"
+    text = estimate_report("sdxl", imagic.replace(use_lora=False), DeviceMemory("a 2 GB card", 2 * 1024 ** 3))
+    assert text.startswith("WARNING") and "fused_backward" not in text.splitlines()[0]
+
+
+@case("estimate-workflow-chain", "`estimate --workflow` of a graph with a PerformanceWizard (its nodes in any order), "
+      "or with two Train nodes",
+      "handled: the chain that feeds each Train node is computed, the wizard included; each Train node is estimated "
+      "and named")
+def _(tmp, sd1):
+    import contextlib
+    import json
+
+    from comfyui_dreambooth import cli
+
+    nodes = {"13": {"class_type": "TrainDreamBooth", "inputs": {"config": ["12", 0]}},
+             "15": {"class_type": "TrainDreamBooth", "inputs": {"config": ["11", 0]}},
+             "12": {"class_type": "PerformanceWizard", "inputs": {"config": ["11", 0], "vram_gb": 8.0,
+                                                                  "resolution": 512, "images": 4, "mode": "lora",
+                                                                  "concept_type": "person"}},
+             "11": {"class_type": "DreamBoothSettings", "inputs": {"use_lora": False}}}
+    path = tmp / "wf.json"
+    path.write_text(json.dumps(nodes))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        assert cli.main(["estimate", "sd15", "--workflow", str(path), "--json"]) == 0
+    trains = json.loads(out.getvalue())["trains"]
+    assert [t["settings"]["use_lora"] for t in trains] == [True, False]
+
+
+@case("edited-run-config", "a run folder whose config.json was edited by hand (learning_rate, total_steps, run_id), "
+      "or is no longer JSON, a JSON array, missing or marked finished, then resume auto",
+      "handled: an edited config.json is named and written back as trained, and the run continues identically; a "
+      "run whose config.json hides it is kept, named with the reason, and a new run starts")
+def _(tmp, sd1):
+    import json
+
+    from comfyui_dreambooth.training.trainer import TrainCallbacks, TrainingInterrupted
+
+    concept = make_concept(tmp, n=2)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        _train(sd1, tmp / "b", tiny_settings(**RUN_SETTINGS), concept, callbacks=_every_step_saved(stop_at=3))
+    path = os.path.join(stopped.value.run_dir, "config.json")
+    with open(path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    cfg["settings"]["learning_rate"], cfg["total_steps"] = 0.5, 99
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(cfg, f)
+    lines = []
+    resumed = _train(sd1, tmp / "b", tiny_settings(**RUN_SETTINGS), concept, callbacks=TrainCallbacks(log=lines.append))
+    assert resumed.run_dir == stopped.value.run_dir and same_tensors(_undisturbed(tmp, sd1), _final(resumed))
+    assert any(line.startswith("resume: ") and "learning_rate" in line for line in lines), lines
+    with open(path, encoding="utf-8") as f:
+        assert json.load(f)["total_steps"] == 6
+    with pytest.raises(TrainingInterrupted) as stopped:
+        _train(sd1, tmp / "c", tiny_settings(**RUN_SETTINGS), concept, callbacks=_every_step_saved(stop_at=1))
+    with open(os.path.join(stopped.value.run_dir, "config.json"), "w", encoding="utf-8") as f:
+        f.write("{ not json")
+    lines = []
+    fresh = _train(sd1, tmp / "c", tiny_settings(**RUN_SETTINGS), concept, callbacks=TrainCallbacks(log=lines.append))
+    assert fresh.run_dir != stopped.value.run_dir
+    assert any(stopped.value.run_dir in line and "not JSON" in line for line in lines), lines
+    with open(os.path.join(fresh.run_dir, "config.json"), "w", encoding="utf-8") as f:
+        f.write("[]")                                  # a finished run hidden so is simply not reused
+    lines = []
+    _train(sd1, tmp / "c", tiny_settings(**RUN_SETTINGS), concept, callbacks=TrainCallbacks(log=lines.append))
+
+
+@case("resume-refused-early", "resume naming a run folder that has no checkpoint, or a path that is no run",
+      "clear error naming the folder, before any work (no latent cache written)")
+def _(tmp, sd1):
+    empty = tmp / "out" / "dreambooth" / "other-20260101-000000"
+    os.makedirs(empty / "checkpoints")
+    (empty / "config.json").write_text("{}")
+    for resume, needle in ((empty, "no checkpoint yet"), (tmp / "nowhere", "neither")):
+        with pytest.raises(ValueError, match=needle) as e:
+            _train(sd1, tmp / "out", tiny_settings(), make_concept(tmp, n=1), resume=str(resume))
+        assert str(resume) in str(e.value) or repr(str(resume)) in str(e.value)
+    assert not os.path.exists(tmp / "out" / "dreambooth" / "cache")
+
+
+@case("num-processes-refused", "`run --num-processes 0`, `-1` or more than the machine's GPUs (CPU cores without one); "
+      "`run --num-processes 2` of a workflow whose settings have fused_backward or Imagic on",
+      "clear error in one line, before any process starts")
+def _(tmp, sd1):
+    import json
+
+    _one_line_error(*_cli("run", tmp / "wf.json", "--num-processes", "0"), "--num-processes 0", "1 or more")
+    _one_line_error(*_cli("run", tmp / "wf.json", "--num-processes", "-1"), "--num-processes -1", "1 or more")
+    import torch
+    if not torch.cuda.is_available():
+        many = (os.cpu_count() or 1) + 1
+        _one_line_error(*_cli("run", tmp / "wf.json", "--num-processes", many), f"--num-processes {many}", "CPU core")
+    path = tmp / "imagic.json"
+    path.write_text(json.dumps({"1": {"class_type": "DreamBoothImagic", "inputs": {"train_imagic_only": True}},
+                                "2": {"class_type": "TrainDreamBooth", "inputs": {"config": ["1", 0]}}}))
+    _one_line_error(*_cli("run", path, "--num-processes", "2", "--output-dir", tmp / "o"), "train_imagic_only",
+                    "node 2 (TrainDreamBooth)")
+
+
+@case("sigterm-run", "SIGTERM to `run` during training (one process, or `--num-processes 2`); Ctrl-C or SIGTERM "
+      "during start-up under `--num-processes`, also when started with SIGINT ignored (`cmd &` from a script)",
+      "handled: training stops at the next step (every process at the same one) and saves a checkpoint; at start-up "
+      "the processes end; one line, exit 130, no traceback, no process left (tests/test_multiprocess.py)")
+def _(tmp, sd1):
+    import json
+
+    from comfyui_dreambooth import demo
+
+    out = tmp / "out"
+    demo.make_tiny_checkpoint(str(out / "checkpoints" / demo.CHECKPOINT_NAME))
+    concept = out / "input" / "concept"
+    demo.make_concept_images(str(concept), count=2)
+    cmd = [sys.executable, "-m", "comfyui_dreambooth", "run", demo.example_workflow_path(), "--output-dir", str(out)]
+    for o in demo.demo_overrides(demo.CHECKPOINT_NAME, str(concept), epochs=400):
+        cmd += ["--set", o]
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__import__("comfyui_dreambooth").__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": package_parent}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if "training " in line and " steps (" in line:
+                break
+        import time
+        time.sleep(2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=240)
+    output = "".join(seen) + rest
+    assert proc.returncode == 130, output[-3000:]
+    assert "terminate requested" in output and "Traceback" not in output, output[-3000:]
+    (run,) = [d for d in (out / "dreambooth").iterdir() if (d / "config.json").exists()]
+    assert not json.loads((run / "config.json").read_text())["finished"]
+    assert [d for d in (run / "checkpoints").iterdir() if (d / "state.json").exists()], output[-3000:]
+
+
+@case("wizard-out-of-range", "PerformanceWizard vram_gb -1 / NaN / inf / 1e308 or resolution 100 / -64 / 8192 (an API "
+      "workflow, `estimate --workflow`)",
+      "clear error naming the input and its range; no settings chosen")
+def _(tmp, sd1):
+    from comfyui_dreambooth.nodes.wizard import PerformanceWizard
+
+    for change in (dict(vram_gb=-1.0), dict(vram_gb=float("nan")), dict(vram_gb=1e308), dict(resolution=100),
+                   dict(resolution=8192)):
+        with pytest.raises(ValueError) as e:
+            PerformanceWizard().choose(sd1, **(dict(vram_gb=8.0, resolution=64, images=4, mode="auto",
+                                                     concept_type="person") | change))
+        assert next(iter(change)) in str(e.value), e.value
+        _no_traceback(str(e.value))
+
+
 # ---- the matrix -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
 def test_case(c, tmp_path, sd1, single_thread):
