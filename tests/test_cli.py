@@ -277,6 +277,7 @@ def test_subcommands_come_from_a_table(capsys):
 
 @pytest.mark.parametrize("program", [[sys.executable, "-m", "comfyui_dreambooth"],
                                      [os.path.join(os.path.dirname(sys.executable), "comfyui-dreambooth")]])
+@pytest.mark.slow
 def test_module_and_console_script_are_the_same_program(tmp_path, program):
     if not os.path.exists(program[0]):
         pytest.skip("console script not installed in this environment")

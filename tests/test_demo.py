@@ -29,11 +29,13 @@ def printed_path(stdout: str, label: str) -> list[str]:
     return [m.group(1) for m in re.finditer(rf"^  {label}\s+(\S+)", stdout, re.M)]
 
 
+@pytest.mark.slow
 def test_demo_finishes_within_the_time_limit(demo_run):
     assert demo_run["rc"] == 0, demo_run["stdout"] + demo_run["stderr"]
     assert demo_run["seconds"] < DEMO_TIME_LIMIT_S, f"demo took {demo_run['seconds']:.1f}s"
 
 
+@pytest.mark.slow
 def test_demo_prints_where_everything_is(demo_run):
     stdout, out = demo_run["stdout"], str(demo_run["out"])
     assert "demo finished" in stdout
@@ -43,6 +45,7 @@ def test_demo_prints_where_everything_is(demo_run):
         assert all(p.startswith(out) and os.path.exists(p) for p in paths), (label, paths)
 
 
+@pytest.mark.slow
 def test_demo_inputs_the_tiny_model_and_concept_images(demo_run):
     out = demo_run["out"]
     assert (out / "checkpoints" / demo.CHECKPOINT_NAME).is_file()
@@ -51,6 +54,7 @@ def test_demo_inputs_the_tiny_model_and_concept_images(demo_run):
     assert all(Image.open(p).size == (demo.IMAGE_SIZE, demo.IMAGE_SIZE) for p in images)
 
 
+@pytest.mark.slow
 def test_demo_lora_loads_and_holds_trained_adapters(demo_run):
     from comfyui_dreambooth.training.export.lora import load_kohya_lora
 
@@ -61,6 +65,7 @@ def test_demo_lora_loads_and_holds_trained_adapters(demo_run):
     assert metadata["ss_network_dim"] == "4" and metadata["ss_resolution"] == str(demo.IMAGE_SIZE)
 
 
+@pytest.mark.slow
 def test_demo_samples_and_run_folder(demo_run):
     stdout, out = demo_run["stdout"], demo_run["out"]
     samples = printed_path(stdout, "sample")
@@ -73,6 +78,7 @@ def test_demo_samples_and_run_folder(demo_run):
     assert f"{steps} training steps" in stdout
 
 
+@pytest.mark.slow
 def test_demo_loss_plot_is_drawn(demo_run):
     plot = Image.open(demo_run["out"] / demo.LOSS_PLOT).convert("RGB")
     assert plot.size == (640, 360)
@@ -80,6 +86,7 @@ def test_demo_loss_plot_is_drawn(demo_run):
     assert (20, 70, 170) in colours and (150, 190, 235) in colours     # smoothed and raw curves
 
 
+@pytest.mark.slow
 def test_demo_reuses_the_finished_run_on_a_second_call(demo_run):
     """Same inputs -> the trainer reuses the run (fast), the LoRA is overwritten under the same name."""
     started = time.monotonic()

@@ -63,6 +63,7 @@ def test_two_stages_run_log_and_carry_the_embeddings(run):
     assert not torch.equal(e_tgt, e_opt)                      # stage 1 moved the embedding away from the target's
 
 
+@pytest.mark.slow
 def test_stage1_lowers_its_loss_and_stage2_lowers_its_loss(sd1, run):
     """Loss on fixed draws: optimised embedding (frozen base UNet) < target embedding; fine-tuned UNet < base UNet
     (both with the optimised embedding)."""
@@ -93,6 +94,7 @@ def test_stage1_lowers_its_loss_and_stage2_lowers_its_loss(sd1, run):
     assert loss(model.unet, e_opt) < loss(sd1.unet, e_opt)            # stage 2
 
 
+@pytest.mark.slow
 def test_alpha_changes_the_image_and_is_deterministic(run, sd1):
     model = run["result"].model
     a0, a1 = _sample(model, 0.0), _sample(model, 1.0)

@@ -76,6 +76,7 @@ def test_foreign_lora_and_bad_paths_are_clear_errors(sd1, tmp_path):
         load_trained(sd1, str(tmp_path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
 def test_run_folder_round_trip(sd1, tmp_path, use_lora):
     """The run's final state, a checkpoint folder, and keep_best's best, onto the base again."""

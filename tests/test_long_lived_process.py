@@ -40,6 +40,7 @@ def _run_all(models_dir, tmp_path, job_lists):
     return results
 
 
+@pytest.mark.slow
 def test_trainings_in_one_process_equal_fresh_processes(models_dir, tmp_path):
     together, *alone = _run_all(models_dir, tmp_path, [SEQUENCE] + [[name] for name in SEQUENCE[1:-1]])
     results = together["results"]

@@ -259,6 +259,7 @@ def test_masked_loss_without_any_mask_warns(sd1, tmp_path):
 
 
 # ---- training -----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_all_ones_masks_train_bit_identically_to_no_masks(sd1, tmp_path):
     from trainer_fixtures import make_concept, module_hash, read_losses, tiny_settings
 

@@ -26,6 +26,7 @@ def _final(run_dir):
 
 
 # ---- fused_backward: exactly the unfused step ------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["AdamW", "SGD", "Adafactor"])
 def test_fused_backward_is_bit_identical_to_the_plain_step(sd1, tmp_path, optimizer):
     """Full fine-tune, fp32 on the CPU, 4 steps: the same weights to the bit (and the same loss curve)."""
@@ -60,6 +61,7 @@ def test_fused_backward_frees_each_gradient_during_backward(sd1, tmp_path, monke
     assert seen and max(seen) == 0
 
 
+@pytest.mark.slow
 def test_fused_backward_resumes_bit_identically(sd1, tmp_path):
     from comfyui_dreambooth.training.trainer import TrainCallbacks, TrainingInterrupted
 
@@ -194,6 +196,7 @@ def combination_runs(tmp_path_factory):
 
 @pytest.mark.parametrize("use_lora, fused, wdt, optimizer, frozen", _combinations(),
                          ids=lambda v: str(v))
+@pytest.mark.slow
 def test_every_combination_trains_with_falling_loss_and_exports(combination_runs, use_lora, fused, wdt, optimizer,
                                                                frozen):
     if optimizer == "AdamW8bit" and not HAS_BNB:

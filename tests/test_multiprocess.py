@@ -90,6 +90,7 @@ def interrupted_then_resumed(launched):
     return tmp, records["first"], records["second"]
 
 
+@pytest.mark.slow
 def test_two_processes_stop_together_and_resume(interrupted_then_resumed):
     tmp, first, second = interrupted_then_resumed
     assert [r["interrupted"] for r in first] == [True, True]          # rank 1 stopped with rank 0, no hang
@@ -107,6 +108,7 @@ def test_two_processes_stop_together_and_resume(interrupted_then_resumed):
     assert "effective batch 2 x 1 x 1 = 2" in (run / "dataset_report.txt").read_text()
 
 
+@pytest.mark.slow
 def test_both_ranks_hold_identical_weights_equal_to_one_process_at_the_same_effective_batch(
         interrupted_then_resumed, sd1, tmp_path):
     import torch
@@ -165,6 +167,7 @@ def test_the_result_of_a_bf16_loaded_model_samples_after_training_in_two_process
     assert rank0["sampled"] == [[1, 64, 64, 3], True]
 
 
+@pytest.mark.slow
 def test_one_process_says_why_it_does_not_continue_a_two_process_run(launched, sd1):
     """resume auto: the same settings and data interrupted under 2 processes are not continued by 1 (another
     effective batch); the run says so instead of silently starting over, and keeps the old run."""
@@ -230,6 +233,7 @@ def test_run_num_processes_relaunches_itself_under_torchs_launcher(monkeypatch, 
     assert argv[8:] == ["-m", "comfyui_dreambooth", "run", "wf.json", "--set", "A.batch_size=1", "--output-dir", "o"]
 
 
+@pytest.mark.slow
 def test_accelerate_launch_runs_the_workflow_once_and_saves_once(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2 -m comfyui_dreambooth run` (gloo on this CPU) on the demo
     workflow: prior preservation with class images that rank 0 generates while rank 1 waits; rank 1 runs only
@@ -368,6 +372,7 @@ def _registry_of(proc) -> str:
     raise AssertionError("the launcher's environment has no registry")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="sends SIGINT as a terminal's Ctrl-C does; reads /proc")
 def test_ctrl_c_under_num_processes_stops_every_process_with_a_checkpoint(tmp_path):
     """`run --num-processes 2`, Ctrl-C once during training: every process stops at its next check, rank 0
@@ -399,6 +404,7 @@ def test_ctrl_c_under_num_processes_stops_every_process_with_a_checkpoint(tmp_pa
     assert not _left_running(out)                         # no process of the run left behind
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="sends SIGINT as a terminal's Ctrl-C does; reads /proc")
 def test_ctrl_c_during_start_up_ends_every_process(tmp_path):
     """A press before the processes handle Ctrl-C (start-up: nothing to save) goes to the launcher, which ends

@@ -42,6 +42,7 @@ def test_node_contract():
     assert TrainDreamBooth.OUTPUT_NODE and TrainDreamBooth.CATEGORY.startswith("DreamBooth")
 
 
+@pytest.mark.slow
 def test_headless_run_returns_model_run_dir_report_and_ui(sd1, tmp_path, headless):
     concept = make_concept(tmp_path, n=2)
     settings = tiny_settings(steps_per_image=2, preview_every_epochs=1, preview_steps=1)
@@ -132,6 +133,7 @@ def _interrupt_at_first_progress(messages_sink, request):
     return listener
 
 
+@pytest.mark.slow
 def test_headless_cancel_saves_a_resumable_checkpoint_then_raises_the_interrupt(sd1, tmp_path, headless):
     concept = make_concept(tmp_path, n=2)
     settings = tiny_settings(steps_per_image=2)
@@ -165,6 +167,7 @@ def _checkpoint_weights(run_dir, step):
     return load_file(os.path.join(run_dir, "checkpoints", f"step-{step:07d}", "trainable.safetensors"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("action, stop_step", [("stop_now", 1), ("stop_after_epoch", 2)])
 def test_stop_from_the_panel_ends_the_node_with_the_checkpoint_model(sd1, tmp_path, headless, action, stop_step):
     """Issue 23.2: a requested stop is not an error: the node returns the model its checkpoint holds (nodes after

@@ -71,6 +71,7 @@ def test_a_step_that_does_not_fit_stops_before_training(sd1, tmp_path, simulated
     assert len(simulated_device["probes"]) == 1
 
 
+@pytest.mark.slow
 def test_auto_fit_applies_the_next_saving_and_trains(sd1, tmp_path, simulated_device):
     from comfyui_dreambooth.training.trainer import TrainCallbacks, train
 
@@ -85,6 +86,7 @@ def test_auto_fit_applies_the_next_saving_and_trains(sd1, tmp_path, simulated_de
     assert len(simulated_device["probes"]) == 2 and len(_runs(tmp_path / "out")) == 1
 
 
+@pytest.mark.slow
 def test_the_probe_uses_the_largest_bucket_with_a_full_batch(sd1, tmp_path, simulated_device):
     from PIL import Image
 
@@ -110,6 +112,7 @@ def test_the_probe_uses_the_largest_bucket_with_a_full_batch(sd1, tmp_path, simu
     assert probe["batch"] == 3 and probe["resolution"] == max(largest.bucket)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused_backward"])
 def test_the_probe_leaves_training_bit_identical(sd1, tmp_path, simulated_device, fused):
     from comfyui_dreambooth.training.trainer import train
@@ -137,6 +140,7 @@ def test_several_processes_skip_the_fused_backward_saving():
     assert many is not None and not many.fused_backward and "fused_backward" not in many_text
 
 
+@pytest.mark.slow
 def test_auto_fit_frees_the_failed_attempt_before_the_next_probe(sd1, tmp_path, simulated_device, monkeypatch):
     """The next attempt's probe must not count the failed attempt's copy of the UNet and its optimizer state
     (a DoesNotFit's traceback holds them: on a GPU the retry would measure both and never fit)."""

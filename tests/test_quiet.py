@@ -104,6 +104,7 @@ def runs(tmp_path_factory):
         yield {"done": done, "out_png": pngs, "concept": concept}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["single", "diffusers"])
 def test_sample_prints_only_its_own_lines(runs, layout):
     out_png = runs["out_png"][layout]

@@ -56,6 +56,7 @@ def _hold_lock(run_dir):
     return proc
 
 
+@pytest.mark.slow
 def test_a_run_in_use_by_another_process_is_refused_with_its_pid(sd1, tmp_path):
     from comfyui_dreambooth.training.runs import RunInUseError
 
@@ -101,6 +102,7 @@ def test_lock_is_released_after_the_run(sd1, tmp_path):
 
 
 # ---- damaged checkpoints ----------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "zero", "state"])
 def test_resume_falls_back_to_the_newest_checkpoint_that_loads(sd1, tmp_path, damage):
     from comfyui_dreambooth.training.runs import RunFolder
@@ -128,6 +130,7 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_loads(sd1, tmp_path, da
     assert [r["step"] for r in read_losses(run_dir)] == list(range(1, result.steps + 1))
 
 
+@pytest.mark.slow
 def test_resume_with_every_checkpoint_damaged_starts_again_and_says_so(sd1, tmp_path):
     from comfyui_dreambooth.training.runs import RunFolder
     from comfyui_dreambooth.training.trainer import TrainCallbacks
@@ -155,6 +158,7 @@ KILLED_SAVE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_kill_during_a_checkpoint_write_leaves_nothing_after_the_next_start(sd1, tmp_path):
     from comfyui_dreambooth.training.runs import RunFolder
 
@@ -189,6 +193,7 @@ def test_two_creates_racing_for_one_name_never_delete_each_other(tmp_path, monke
     assert first.read_config()["run_id"] == "a" and second.read_config()["run_id"] == "b"
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_passed_over_is_set_aside_and_never_outranks_good_ones(sd1, tmp_path):
     """It kept the highest step: keep_last_checkpoints then pruned the checkpoint just written in its favour."""
     from comfyui_dreambooth.training.runs import RunFolder

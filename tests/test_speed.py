@@ -43,6 +43,7 @@ def test_unknown_until_a_step_took_time():
     assert timer.eta(0) == 0 and timer.eta(-1) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("single_thread")
 def test_the_trainer_reports_the_mean_step_time(sd1, tmp_path):
     """Two steps slowed down by a second each: the speed the trainer reports after them is at most the steps done

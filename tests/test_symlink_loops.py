@@ -131,6 +131,7 @@ def test_instance_folder_with_loops_is_scanned_once(tmp_path):
     assert changed
 
 
+@pytest.mark.slow
 def test_info_cli_on_a_diffusers_folder_with_loops_finishes(tmp_path, tiny_files):
     """`comfyui-dreambooth info` hung on such a folder (file_hash); run as a subprocess with a timeout."""
     folder = tmp_path / "tiny"

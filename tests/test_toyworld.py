@@ -67,6 +67,7 @@ def test_diversity_and_entropy_tell_spread_from_collapse():
     assert evaluate.attribute_entropy(spread) > 0.7 > evaluate.attribute_entropy(same)
 
 
+@pytest.mark.slow
 def test_cli_draws_subject_and_world_images(tmp_path):
     cmd = [sys.executable, "-m", "comfyui_dreambooth", "toyworld", "draw"]
     out = subprocess.run(cmd + [str(tmp_path / "s"), "--subject", "split_circle", "--count", "3"],
@@ -80,6 +81,7 @@ def test_cli_draws_subject_and_world_images(tmp_path):
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "shape 'blob'" in bad.stderr
 
 
+@pytest.mark.slow
 def test_pretrain_script_makes_a_checkpoint_the_pack_loads(tmp_path):
     """The pretraining pipeline end to end at toy sizes (the real run: README, training/toyworld/pretrain_log.jsonl)."""
     from comfyui_dreambooth.training.models import load_model
@@ -105,6 +107,7 @@ def test_pretrain_script_makes_a_checkpoint_the_pack_loads(tmp_path):
                                                       again.unet.state_dict().values()))
 
 
+@pytest.mark.slow
 def test_the_shipped_base_loads_as_sd1_and_the_cli_writes_it(tmp_path):
     from comfyui_dreambooth.training.models import load_model
     from comfyui_dreambooth.training.toyworld.commands import base_path

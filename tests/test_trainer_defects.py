@@ -75,6 +75,7 @@ def test_a_zero_terminal_snr_base_model_trains_with_its_schedule(sd1, tmp_path, 
 
 
 # ---- c. prior_mode = base_model never trains on class images left in class_dir --------------------------------------
+@pytest.mark.slow
 def test_base_model_prior_ignores_class_images_present(sd1, tmp_path):
     class_dir = make_images(str(tmp_path / "class"), 4, seed=5)
     concept = make_concept(tmp_path, class_dir=class_dir, num_class_images_per_image=1)
@@ -148,6 +149,7 @@ def test_vae_dtype_is_the_dtype_latents_are_encoded_with(sd1, tmp_path, monkeypa
 
 
 # ---- h. class images are generated with the run's clip_skip ---------------------------------------------------------
+@pytest.mark.slow
 def test_class_images_use_the_runs_clip_skip(sd1, tmp_path, monkeypatch):
     from comfyui_dreambooth.training import sampling
 
@@ -174,6 +176,7 @@ def test_warmup_longer_than_the_run_is_refused(sd1, tmp_path):
     assert "lr_warmup_steps = 50" in str(err.value) and "4 steps" in str(err.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
 def test_a_bf16_model_trains_with_mixed_precision_off(sd1, tmp_path, use_lora):
     """mixed_precision 'no' with a model loaded in bf16: computed in bf16 autocast (said so), not a dtype error."""

@@ -20,6 +20,7 @@ def _mean(xs):
     return sum(xs) / len(xs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_lora, lr", [(True, 2e-2), (False, 1e-3)], ids=["lora", "full"])
 def test_loss_falls_on_four_image_overfit_set(sd1, tmp_path, use_lora, lr):
     settings = tiny_settings(use_lora=use_lora, learning_rate=lr, steps_per_image=0, max_train_steps=16)

@@ -54,6 +54,7 @@ RESUME_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(RESUME_CASES))
 def test_resume_continues_the_same_curve_bit_identically(sd1, tmp_path, case):
     """2 images x 2 epochs = 4 steps; interrupted after step 1 (mid-epoch, before the TE freezes at step 2)."""
@@ -79,6 +80,7 @@ def test_resume_continues_the_same_curve_bit_identically(sd1, tmp_path, case):
     assert module_hash(resumed.model.ema_unet) == module_hash(straight.model.ema_unet)
 
 
+@pytest.mark.slow
 def test_resume_from_an_explicit_earlier_checkpoint_and_new(sd1, tmp_path):
     """Checkpoints at steps 1 and 2, stopped after 2; resuming from step 1 re-logs steps 2.. (the log is cut)."""
     from comfyui_dreambooth.training.control import TrainingControl
@@ -218,6 +220,7 @@ def test_failed_save_keeps_the_previous_checkpoint(sd1, tmp_path, monkeypatch):
 
 
 # ---- reuse of finished runs -------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_identical_finished_run_is_reused_and_a_changed_setting_trains_anew(sd1, tmp_path):
     from comfyui_dreambooth.training.trainer import TrainCallbacks
 
@@ -253,6 +256,7 @@ def test_training_a_trained_model_again_is_a_new_run(sd1, tmp_path):
     assert _train(sd1, tmp_path / "out", settings, concept).reused           # the base again: reused
 
 
+@pytest.mark.slow
 def test_requested_checkpoints_are_pruned_like_epoch_checkpoints(sd1, tmp_path, monkeypatch):
     """Issue 10.3: checkpoints written on request (the panel's Save now) count towards keep_last_checkpoints like
     the epoch checkpoints, so clicking Save now cannot fill the disk; and a step gets one checkpoint even when a

@@ -110,6 +110,7 @@ def test_no_ema_without_use_ema(sd1, tmp_path):
     dict(lr_scheduler="cosine_with_restarts", lr_cycles=2, lr_min=1e-4),
     dict(lr_scheduler="polynomial", lr_power=2.0, lr_warmup_steps=1),
 ], ids=lambda d: d["lr_scheduler"])
+@pytest.mark.slow
 def test_logged_learning_rate_follows_the_schedule(sd1, tmp_path, schedule):
     from comfyui_dreambooth.training.setup.schedulers import lr_at
 
@@ -196,6 +197,7 @@ def test_prior_preservation_uses_class_images_with_their_loss_weight(sd1, tmp_pa
     assert report["class_present"] == 2 and report["class_generated"] == 0 and report["prior_examples_per_epoch"] == 2
 
 
+@pytest.mark.slow
 def test_prior_mode_base_model_uses_the_class_prompt_and_no_class_images(sd1, tmp_path, monkeypatch):
     from comfyui_dreambooth.training.models import text
 
@@ -245,6 +247,7 @@ def test_max_train_steps_caps_the_run(sd1, tmp_path):
     assert result.steps == 3 and len(read_losses(result.run_dir)) == 3
 
 
+@pytest.mark.slow
 def test_pause_waits_between_epochs(sd1, tmp_path):
     from comfyui_dreambooth.training.control import TrainingControl
     from comfyui_dreambooth.training.trainer import TrainCallbacks

@@ -32,6 +32,7 @@ def _numbers(records):
     return [{k: v for k, v in r.items() if k not in ("checkpoint", "grid")} for r in records]
 
 
+@pytest.mark.slow
 def test_validation_is_deterministic_and_leaves_the_training_alone(sd1, tmp_path):
     """Two identical runs give identical validation numbers; the trained weights and the losses are bit-identical
     with validation off. lora_dropout draws from the global generator: a disturbed random state would show."""
@@ -59,6 +60,7 @@ def test_validation_is_deterministic_and_leaves_the_training_alone(sd1, tmp_path
                             load_tensors(os.path.join(off.run_dir, "final", "trainable.safetensors")))
 
 
+@pytest.mark.slow
 def test_held_out_images_leave_the_training_data(sd1, tmp_path):
     concept = make_concept(tmp_path / "data", n=4)
     logs = []
@@ -105,6 +107,7 @@ def test_keep_best_rule():
     assert stale_validations(losses) == 2 and stale_validations(losses[:4]) == 2 and stale_validations([]) == 0
 
 
+@pytest.mark.slow
 def test_keep_best_keeps_the_best_beside_keep_last(sd1, tmp_path, monkeypatch):
     """The validation numbers are scripted (the rule is tested above): the best checkpoint survives
     keep_last_checkpoints = 1 and is named in config.json."""
@@ -129,6 +132,7 @@ def test_keep_best_keeps_the_best_beside_keep_last(sd1, tmp_path, monkeypatch):
     assert any(line.startswith("best checkpoint of the run: step 4") for line in logs)
 
 
+@pytest.mark.slow
 def test_a_better_final_state_replaces_the_best_and_keep_last_prunes_the_old(sd1, tmp_path, monkeypatch):
     from comfyui_dreambooth.training import validation
 
@@ -141,6 +145,7 @@ def test_a_better_final_state_replaces_the_best_and_keep_last_prunes_the_old(sd1
     assert sorted(os.listdir(os.path.join(result.run_dir, "checkpoints"))) == ["step-0000008"]
 
 
+@pytest.mark.slow
 def test_early_stop_ends_the_run_and_says_why(sd1, tmp_path, monkeypatch):
     from comfyui_dreambooth.training import validation
 
@@ -172,6 +177,7 @@ def test_tensorboard_events_read_back(sd1, tmp_path):
     assert "validation/grid" in tags["images"] and len(events.Images("validation/grid")) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family, use_lora", [("sdxl", False), ("sd2", True)], ids=["sdxl-full", "sd2-lora"])
 def test_other_families_and_a_validation_folder(tmp_path, family, use_lora):
     """SDXL (size conditioning, two text encoders) as a full fine-tune with its text encoder training, SD2
@@ -191,6 +197,7 @@ def test_other_families_and_a_validation_folder(tmp_path, family, use_lora):
     assert any("the validation folder" in line for line in logs)
 
 
+@pytest.mark.slow
 def test_save_nodes_take_the_best_or_the_last(sd1, tmp_path, monkeypatch):
     """SaveLoRA / SaveCheckpoint `which`: best saves the best checkpoint's weights, last the final ones; a model
     without a best checkpoint is a clear error."""
@@ -239,6 +246,7 @@ def test_tensorboard_without_the_package_is_a_clear_settings_error(monkeypatch):
     assert DreamBoothSettings().validate() == []
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_validations_up_to_its_checkpoint(sd1, tmp_path):
     """A run stopped after its step-4 checkpoint and resumed: validation.jsonl is made again from there, with the
     same numbers as an uninterrupted run, and the best checkpoint chosen before the stop is still known."""
@@ -307,6 +315,7 @@ def test_tensorboard_of_a_resumed_run_has_each_step_once(sd1, tmp_path):
     assert [e.step for e in events.Scalars("validation/loss")] == [0, 2, 4, 6, 8]
 
 
+@pytest.mark.slow
 def test_two_processes_validate_on_rank_0_and_stop_early_together(tmp_path):
     """Data-parallel: rank 0 validates, every rank agrees on early_stop (no rank waits for a step the other never
     takes). Rank 0's validations are scripted: no improvement after step 1, early_stop 2 ends the run at step 3."""

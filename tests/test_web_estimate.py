@@ -1,5 +1,6 @@
 """web/memory_estimate.js in headless Chromium, against the fake app of tests/web_harness/: the settings nodes'
 memory estimate (their {"ui": {"text": [...]}}) is shown on the node, a WARNING in red, never saved."""
+import pytest
 import html
 import json
 import re
@@ -32,6 +33,7 @@ def test_extension_knows_every_settings_node():
     assert imports == ["../../scripts/app.js"]      # ComfyUI's app only
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_estimate_is_shown_on_the_node(tmp_path):
     (tmp_path / "scripts").mkdir()

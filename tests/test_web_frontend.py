@@ -69,6 +69,7 @@ def panel():
     return play("panel")
 
 
+@pytest.mark.slow
 def test_examples_have_no_overlapping_nodes(examples):
     assert len(examples) == 7
     for name, example in examples.items():
@@ -76,6 +77,7 @@ def test_examples_have_no_overlapping_nodes(examples):
         assert example["withEstimates"] == [], (name, example["withEstimates"])   # estimates shown, room left
 
 
+@pytest.mark.slow
 def test_the_estimate_stays_inside_its_node_with_its_total_in_view(examples):
     for name, example in examples.items():
         assert example["estimates"], name
@@ -85,6 +87,7 @@ def test_the_estimate_stays_inside_its_node_with_its_total_in_view(examples):
             assert box["width"] >= 420, (name, title, box)
 
 
+@pytest.mark.slow
 def test_node_widths_are_applied(examples):
     for name, example in examples.items():
         for title, (kind, width) in example["widths"].items():
@@ -92,6 +95,7 @@ def test_node_widths_are_applied(examples):
                 assert width >= 380, (name, title, width)
 
 
+@pytest.mark.slow
 def test_the_panel_shows_its_run_confirms_save_now_and_a_stop(panel):
     assert panel["beforeQueue"]["state"] == "idle" and set(panel["beforeQueue"]["fields"].values()) == {DASH}
     assert len(panel["prompts"]) == 1                                 # the queue bound the node to its prompt
@@ -106,6 +110,7 @@ def test_the_panel_shows_its_run_confirms_save_now_and_a_stop(panel):
     assert stopped["fields"]["eta"] == DASH and all(stopped["buttons"].values())
 
 
+@pytest.mark.slow
 def test_another_workflows_panel_shows_nothing_and_the_first_its_own_run(panel):
     assert panel["sameId"]
     other = panel["otherWorkflow"]

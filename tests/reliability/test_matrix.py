@@ -982,7 +982,13 @@ def _(tmp, sd1):
 
 
 # ---- the matrix -------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
+# cases over ~3 s each on a 2-core machine: `pytest -m slow` (CI runs both)
+SLOW_CASES = {"kill-mid-save", "kill-mid-step", "overwrite-user-folder", "bad-images-skip", "interrupt-resume",
+              "disk-full", "damaged-checkpoint", "nan-loss"}
+
+
+@pytest.mark.parametrize("c", [pytest.param(c, marks=pytest.mark.slow) if c.id in SLOW_CASES else c for c in CASES],
+                         ids=[c.id for c in CASES])
 def test_case(c, tmp_path, sd1, single_thread):
     c.run(tmp_path, sd1)
 
