@@ -17,6 +17,7 @@ from .checkpoints import (apply_checkpoint, claim_run, create_run, load_weights,
                           read_own_checkpoint, resume_target)
 from .compat import enable_text_encoder_checkpointing
 from .control import TrainCallbacks, TrainingDiverged, TrainingInterrupted, TrainingSaveError, TrainResult
+from .devices import is_accelerator, to_host
 from .distributed import Dist, collective_timeout, process_info
 from .loop import Job, micro_batch_loss, preview, run_steps, save_state
 from .runs import RunFolder, compute_run_id
@@ -44,7 +45,7 @@ def train(model, concepts, settings, *, output_root: str, resume: str = "auto", 
     try:
         while True:
             try:
-                with torch.inference_mode(False), _fresh_accelerate_state(), torch.random.fork_rng(
+                with torch.inference_mode(False), fresh_accelerate_state(), torch.random.fork_rng(
                         devices=[] if device is None or str(device) == "cpu" else None):
                     with contextlib.ExitStack() as held:     # the run folder's lock, released however the run ends
                         return _train(model, list(concepts), settings, output_root, resume, device, cb,
@@ -67,7 +68,7 @@ def train(model, concepts, settings, *, output_root: str, resume: str = "auto", 
 
 
 @contextlib.contextmanager
-def _fresh_accelerate_state():
+def fresh_accelerate_state():
     """accelerate keeps one process-wide AcceleratorState: a second run with other mixed precision in the same
     process (ComfyUI runs every queued prompt in one) fails with "already initialized". Each run starts from a
     clean state and leaves none behind; the distributed setup (PartialState) is kept."""
@@ -99,8 +100,7 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
         if reused is not None:
             return reused
     _claim_run(job, resume)             # the interrupted run to continue (locked), if any
-    _build_model(job)                   # the trained copy: adapters, precision, checkpointing, offloading
-    _build_optimizer(job)               # optimizer, LR and noise schedules, EMA
+    build_training(job)                 # the trained copy (adapters, precision, offloading) and its optimizer
     _preflight(job)                     # one step at the largest bucket and batch: does it fit the device?
     _resume_or_create_run(job, resume)  # a checkpoint's state loaded, or a new run folder
     try:
@@ -139,15 +139,23 @@ def _start(model, concepts, settings, output_root, device, cb, held) -> Job:
                 held=held, say=say, accelerator=accelerator, dist=dist, mp=mp)
 
 
-def _prepare_data(job: Job) -> None:
-    from .data.prepare import generate_missing_class_images, prepare_training_data
+def place_model(job: Job) -> None:
+    """The received model on the device (data preparation encodes and may sample with it) and the VAE that
+    encodes the data (job.model_for_data, in vae_dtype)."""
     from .setup.precision import vae_dtype
 
-    model, settings, device, cb, dist = job.model, job.settings, job.device, job.cb, job.dist
+    model = job.model
     for m in (model.vae, *model.text_encoders):
-        m.to(device)
-    model.unet.to(device)
-    job.model_for_data = with_data_vae(model, vae_dtype(settings, device, job.say))
+        m.to(job.device)
+    model.unet.to(job.device)
+    job.model_for_data = with_data_vae(model, vae_dtype(job.settings, job.device, job.say))
+
+
+def _prepare_data(job: Job) -> None:
+    from .data.prepare import generate_missing_class_images, prepare_training_data
+
+    model, settings, device, cb, dist = job.model, job.settings, job.device, job.cb, job.dist
+    place_model(job)
     progress = (lambda d, t: cb.stage("data", d, t)) if cb.stage else None
     from_class_images = settings.prior_mode == "class_images"
     generate = from_class_images
@@ -248,6 +256,14 @@ def _say_other_process_count(job: Job) -> None:
             return
 
 
+def build_training(job: Job) -> None:
+    """What trains and how, on a Job whose model is placed and whose data is ready: the trained copy (adapters,
+    precision, checkpointing, offloading; `_build_model`), then the optimizer, LR and noise schedules and EMA
+    (`_build_optimizer`). The memory accounting (memory_measure.py) builds a run with it too."""
+    _build_model(job)
+    _build_optimizer(job)
+
+
 def _build_model(job: Job) -> None:
     from .setup import precision
 
@@ -264,8 +280,8 @@ def _build_model(job: Job) -> None:
             for p in m.parameters():
                 if not p.requires_grad and p.dtype != precision.FP8:
                     p.data = p.data.to(frozen_dt)
-    if device.type != "cpu" and tm.unet is not model.unet and settings.prior_mode != "base_model":
-        model.unet.to("cpu")       # training uses its own copy: the received UNet's VRAM is free until the end
+    if is_accelerator(device) and tm.unet is not model.unet and settings.prior_mode != "base_model":
+        to_host(model.unet)        # training uses its own copy: the received UNet's VRAM is free until the end
     tm = tm.replace(vae=job.model_for_data.vae, zero_terminal_snr=job.zero_terminal_snr)
     tm.vae.to(device)
     if tm.unet is not model.unet:                     # build_trainable copied it when the kernel must change
