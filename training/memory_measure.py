@@ -43,12 +43,17 @@ STEPS = 2                   # the second step is the steady state: optimizer sta
 class Measurement:
     """The accounted peak on the accelerator: bytes per kind (`parts`, keys KINDS), where it happened (`peak_at`),
     each stage's own peak (`stages`), bytes booked off the accelerator (`host`), and what stays resident
-    (`resident`: unet / text_encoders / vae weights on the accelerator, constant during the steps)."""
+    (`resident`: unet / text_encoders / vae parameters on the accelerator, constant during the steps), and the
+    largest size of each MemTracker kind during the steps, each at its own moment (`each_peak`: param, buffer,
+    grad, act, temp, opt, oth, total), and what the optimizer state and the EMA copy hold on the accelerator
+    after the last step (`held`: optimizer, ema)."""
     parts: dict
     peak_at: str
     stages: dict = field(default_factory=dict)
     host: int = 0
     resident: dict = field(default_factory=dict)
+    each_peak: dict = field(default_factory=dict)
+    held: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
     seconds: float = 0.0
 
@@ -113,7 +118,7 @@ def measure(model, settings, resolution: int | None = None, batch: int | None = 
         resident = tracker.resident(job)
         job.held.close()
     return Measurement(tracker.peak_parts(), tracker.peak_at, dict(tracker.stage_peaks), tracker.host_bytes(),
-                       resident, notes, time.monotonic() - start)
+                       resident, tracker.each_kind_peak(), dict(tracker.held), notes, time.monotonic() - start)
 
 
 # ---- the model and the run, on fake tensors ---------------------------------------------------------------------
@@ -162,6 +167,10 @@ def _swappable(fake):
             return copies[id(t)]
 
     def swap_unmemoized(t1, t2):
+        if (t1.dtype, t1.shape, t1.stride(), t1.storage_offset(), t1.untyped_storage()._cdata) == (
+                t2.dtype, t2.shape, t2.stride(), t2.storage_offset(), t2.untyped_storage()._cdata):
+            return      # .to() that changes nothing (the device is already right): a real tensor stays as it is,
+            # with its hooks (a swap would leave fused_backward's gradient hooks on the discarded twin)
         for key in [k for k, v in memo.items() if v is t1 or v is t2]:
             del memo[key]
         swap(t1, t2)
@@ -253,6 +262,7 @@ def _step_tracker():
     import torch
     from torch.distributed._tools import mem_tracker as mt
     from torch.distributed._tools.common_utils import get_untyped_storages
+    from torch.utils._pytree import tree_leaves
 
     accelerator, host = torch.device("cpu"), torch.device("meta")
     ref, total_key = mt._MemRefType, mt._TOTAL_KEY
@@ -260,7 +270,8 @@ def _step_tracker():
     class StepTracker(mt.MemTracker):
         def __init__(self):
             super().__init__()
-            self.stage, self.peak_at, self.stage_peaks = "start", "", {}
+            self.stage, self.peak_at, self.stage_peaks, self.kind_peaks, self.held = "start", "", {}, {}, {}
+            self.from_host = False
 
         def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
             # MemTracker's own registers a gradient hook on every parameter, which torch refuses for frozen ones
@@ -281,12 +292,18 @@ def _step_tracker():
 
         def _track(self, reftype, t):
             super()._track(ref.PARAM if self.stage.startswith("building") else reftype, t)
+            if self.from_host:
+                self._move([info for _, info in self._infos([t])], host)
 
         def _update_peak_stats(self, peak_state):
             snap = self._curr_mem_snap.get(accelerator)
             if snap is None:
                 return
             now = snap[total_key]
+            if self.stage.startswith("step"):
+                for kind, size in snap.items():
+                    if size > self.kind_peaks.get(kind, 0):
+                        self.kind_peaks[kind] = size
             if now > self.stage_peaks.get(self.stage, 0):
                 self.stage_peaks[self.stage] = now
             if now > self._peak_mem.get(accelerator, 0):
@@ -310,16 +327,31 @@ def _step_tracker():
                     if found is not None:
                         yield st, found[0]
 
-        def book(self, obj):
-            """devices.to_host while the accounting runs: `obj` (module or tensor) leaves the accelerator."""
+        def book(self, obj, on_host: bool):
+            """devices.to_host / to_device while the accounting runs: `obj` (module or tensor) leaves or reaches
+            the accelerator."""
             tensors = [*obj.parameters(), *obj.buffers()] if isinstance(obj, torch.nn.Module) else [obj]
-            for _, info in list(self._infos(tensors, ref.PARAM)):
-                if info.device != host:
+            self._move([info for _, info in self._infos(tensors, ref.PARAM)], host if on_host else accelerator)
+
+        def _move(self, infos, where):
+            for info in {id(i): i for i in infos}.values():
+                if info.device != where:
                     if info.mem_consumed:
                         self._update_snap(mt._UpdateType.DEL, info)
-                    info.device = host
+                    info.device = where
                     if info.mem_consumed:
                         self._update_snap(mt._UpdateType.ADD, info)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            # an operation on host tensors only (a copy of a parked module, its cast) makes host tensors
+            inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            self.from_host = bool(inputs) and all(
+                (found := self._WINFO.get(st)) is not None and found[0].device == host
+                for t in inputs for st in get_untyped_storages(t))
+            try:
+                return super().__torch_dispatch__(func, types, args, kwargs)
+            finally:
+                self.from_host = False
 
         def built(self, job):
             """Re-sort what the build made: module tensors as weights, the EMA copy as `ema`."""
@@ -328,8 +360,14 @@ def _step_tracker():
                 list(self._infos(_tensors(job.ema.state_dict()), ref.OTH))
 
         def stepped(self, job):
-            """The optimizer state made during the step (inside backward with fused_backward) as optimizer."""
-            list(self._infos(_tensors(job.optimizer.state_dict()), ref.OPT))
+            """The optimizer state made during the step (inside backward with fused_backward) as optimizer; its
+            size (and the EMA copy's) on the accelerator after the step, each storage once, as `held`."""
+            self.held = {"optimizer": self._size(_tensors(job.optimizer.state_dict()), ref.OPT),
+                         "ema": self._size(_tensors(job.ema.state_dict()) if job.ema is not None else [], ref.OTH)}
+
+        def _size(self, tensors, kind) -> int:
+            infos = {id(info): info for _, info in self._infos(tensors, kind) if info.device != host}
+            return sum(info.mem_consumed for info in infos.values())
 
         def peak_parts(self) -> dict:
             snap = self._peak_mem_snap.get(accelerator, {})
@@ -337,17 +375,23 @@ def _step_tracker():
             return {"weights": get(ref.PARAM, ref.BUFFER), "gradients": get(ref.GRAD), "optimizer": get(ref.OPT),
                     "ema": get(ref.OTH), "activations": get(ref.ACT), "temporaries": get(ref.TEMP)}
 
+        def each_kind_peak(self) -> dict:
+            """The largest size of each kind during the steps (each at its own moment)."""
+            return {kind.name.lower() if hasattr(kind, "name") else str(kind).lower(): int(size)
+                    for kind, size in self.kind_peaks.items()}
+
         def host_bytes(self) -> int:
             return int(self._curr_mem_snap.get(host, {}).get(total_key, 0))
 
         def resident(self, job) -> dict:
-            """Bytes of the weights left on the accelerator, per model part (each storage counted once)."""
+            """Bytes of the parameters left on the accelerator, per model part (each storage counted once;
+            buffers, e.g. CLIP's position ids, are in the peak's weights but not here)."""
             seen, out = set(), {}
             groups = {"unet": [job.tm.unet, job.model.unet], "text_encoders": [*job.tm.text_encoders,
                                                                               *job.model.text_encoders],
                       "vae": [job.tm.vae, job.model.vae]}
             for name, modules in groups.items():
-                tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+                tensors = [t for m in modules for t in m.parameters()]
                 out[name] = 0
                 for _, info in self._infos(tensors):
                     if id(info) not in seen and info.device != host:

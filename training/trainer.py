@@ -17,7 +17,7 @@ from .checkpoints import (apply_checkpoint, claim_run, create_run, load_weights,
                           read_own_checkpoint, resume_target)
 from .compat import enable_text_encoder_checkpointing
 from .control import TrainCallbacks, TrainingDiverged, TrainingInterrupted, TrainingSaveError, TrainResult
-from .devices import is_accelerator, to_host
+from .devices import is_accelerator, to_device, to_host
 from .distributed import Dist, collective_timeout, process_info
 from .loop import Job, micro_batch_loss, preview, run_steps, save_state
 from .runs import RunFolder, compute_run_id
@@ -268,6 +268,13 @@ def _build_model(job: Job) -> None:
     from .setup import precision
 
     model, settings, device, held = job.model, job.settings, job.device, job.held
+    # the received UNet and text encoders wait on the host while training's copies of them are made (there, in
+    # their loaded precision: never a second full-size model on the accelerator), unless the base model's own
+    # predictions are needed (prior_mode base_model); what training shares with them comes back
+    parked = [model.unet, *model.text_encoders] if (is_accelerator(device) and
+                                                    settings.prior_mode != "base_model") else []
+    for m in parked:
+        to_host(m)
     tm, job.unet_params, job.te_params = build_trainable(model, settings)
     job.trained_modules = ([tm.unet] if settings.train_unet else []) + (tm.text_encoders if job.te_steps else [])
     if settings.frozen_dtype == "fp8" and tm.unet is not model.unet:     # frozen UNet layers in float8, cast
@@ -275,15 +282,23 @@ def _build_model(job: Job) -> None:
         held.callback(precision.restore_fp8_storage, tm.unet, model.unet)      # on the GPU at any time
     frozen_dt = precision.frozen_weight_dtype(settings, job.mp, device)   # frozen_dtype (auto: compute's half)
     for m in owned_modules(tm, model):               # shared (received) modules keep their dtype
-        m.to(device)
         if frozen_dt is not None:                     # frozen weights in half precision; trained ones as trained
             for p in m.parameters():
                 if not p.requires_grad and p.dtype != precision.FP8:
                     p.data = p.data.to(frozen_dt)
-    if is_accelerator(device) and tm.unet is not model.unet and settings.prior_mode != "base_model":
-        to_host(model.unet)        # training uses its own copy: the received UNet's VRAM is free until the end
+        to_device(m, device)                          # cast first: the full-precision copy never reaches it
     tm = tm.replace(vae=job.model_for_data.vae, zero_terminal_snr=job.zero_terminal_snr)
-    tm.vae.to(device)
+    used = [tm.unet, *tm.text_encoders, tm.vae]
+    for m in parked:
+        if any(m is u for u in used):                 # training runs it in place
+            to_device(m, device)
+    if parked and not any(model.vae is u for u in used):   # the data's VAE (vae_dtype) is another copy
+        to_host(model.vae)
+        parked.append(model.vae)
+    # the received model's parts are back on the device when the run ends, as data preparation left them (the
+    # received UNet goes back to where it was before training: train())
+    held.callback(lambda: [to_device(m, device) for m in parked if m is not model.unet and not any(m is u for u in used)])
+    to_device(tm.vae, device)
     if tm.unet is not model.unet:                     # build_trainable copied it when the kernel must change
         set_attention(tm.unet, settings.attention)
     if settings.gradient_checkpointing:
