@@ -17,7 +17,8 @@ optimizer states on the CPU):
 - optimizer: AdamW 2 x fp32 moments + a 4-byte step tensor per tensor; AdamW8bit / Lion8bit (bitsandbytes) 1 byte
   per moment + one fp32 absmax per block of `BNB_BLOCK` elements for tensors of >= 4096 elements (smaller ones
   keep fp32 moments, as bitsandbytes does); Lion 1 x fp32; Adafactor (transformers, beta1 None) a row and a
-  column vector for tensors of >= 2 dimensions, a full second moment for 1-D ones (+ its 0-d RMS tensor); SGD one momentum buffer
+  column vector for tensors of >= 2 dimensions (a conv kernel as the matrix out x in*k*k), a full second moment
+  for 1-D ones (+ its 0-d RMS tensor); SGD one momentum buffer
   (none when sgd_momentum is 0); Prodigy exp_avg, exp_avg_sq, s and p0 (4 x fp32). With weights_dtype bf16 the
   state is fp32 (fused.py computes every update in fp32),
 - ema: an fp32 copy of the trained UNet tensors (0 on the accelerator with ema_on_cpu),
@@ -264,6 +265,8 @@ def optimizer_state_bytes(shape, settings) -> int:
         blocks = -(-n // BNB_BLOCK)
         return moments * (n + 4 * blocks)       # uint8 moments + fp32 absmax per block
     if name == "Adafactor":
+        if len(shape) > 2:                      # stepped as the matrix (out, in*k*k): setup/optimizers.py
+            shape = (int(shape[0]), _numel(shape[1:]))
         if len(shape) >= 2:                     # factored: exp_avg_sq_row shape[:-1], exp_avg_sq_col shape[:-2]+[-1]
             return 4 * (_numel(shape[:-1]) + _numel(shape[:-2]) * int(shape[-1])) + 4
         return 4 * n + 4                        # exp_avg_sq; + "RMS" (a 0-d fp32 tensor after the first step)
