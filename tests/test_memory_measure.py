@@ -89,3 +89,20 @@ def test_nothing_of_the_accounting_runs_in_training():
     assert not is_accelerator(torch.device("cpu")) and is_accelerator(torch.device("meta"))
     module = torch.nn.Linear(2, 2).to(torch.float16)
     assert to_host(module) is module and module.weight.device.type == "cpu"
+
+
+def test_bf16_trained_copy_is_made_without_a_full_precision_copy(sd1):
+    """Issue 21.4: weights_dtype bf16 copied the UNet in full precision, then cast it (a transient fp32 copy:
+    4 bytes per UNet parameter above the run's steady state on a CPU). Accounted as a CPU run: the build
+    stage holds the received model and the bf16 copy only."""
+    from comfyui_dreambooth.training.memory_measure import measure
+
+    settings = tiny_settings(use_lora=False, weights_dtype="bf16", mixed_precision="bf16", fused_backward=True,
+                             max_grad_norm=0.0, optimizer="Adafactor")
+    m = measure(sd1, settings, loaded_dtype="fp32", on_cpu=True)
+    received = sum(t.numel() * t.element_size() for mod in sd1.modules() for t in (*mod.parameters(),
+                                                                                    *mod.buffers()))
+    unet = sum(p.numel() for p in sd1.unet.parameters())
+    # the bf16 copy (2 bytes per parameter) and small parts (the noise schedule's tables, the data's VAE copy) stay
+    # well under the 2 + 4 bytes a full-precision copy before the cast took
+    assert m.stages["building the trained model"] < received + 3 * unet

@@ -77,10 +77,12 @@ class Measurement:
 
 
 def measure(model, settings, resolution: int | None = None, batch: int | None = None, *,
-            loaded_dtype: str = "fp16", concepts=()) -> Measurement:
+            loaded_dtype: str = "fp16", concepts=(), on_cpu: bool = False) -> Measurement:
     """The accounted peak of training `model` (an SDModel, a ModelShape or a family keyword sd15 / sd2 / sdxl:
     only its architecture is used, rebuilt on fake tensors) with `settings` at `resolution` / `batch` (default:
-    the settings' own). `loaded_dtype`: the precision the received model was loaded in (fp16 / bf16 / fp32)."""
+    the settings' own). `loaded_dtype`: the precision the received model was loaded in (fp16 / bf16 / fp32).
+    on_cpu: account a run on the CPU instead (nothing is an accelerator: every tensor of the run counts, the
+    received model included, as in the process's resident memory)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -92,14 +94,15 @@ def measure(model, settings, resolution: int | None = None, batch: int | None = 
     batch = batch or s.batch_size
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[loaded_dtype]
     notes = []
-    if s.mixed_precision == "fp16":
+    if s.mixed_precision == "fp16" and not on_cpu:
         s = s.replace(mixed_precision="bf16")
         notes.append("mixed_precision fp16 counted as bf16 (same sizes; the CPU's autocast)")
     shape = model_shape(model)
     with FakeTensorMode(allow_non_fake_inputs=True) as fake, _swappable(fake), torch.inference_mode(False):
         received = _fake_model(shape, getattr(model, "prediction_type", None), dtype)
         tracker = _step_tracker()
-        with SimulatedAccelerator(tracker.book), _fresh_accelerate(), tracker:
+        simulated = contextlib.nullcontext() if on_cpu else SimulatedAccelerator(tracker.book)
+        with simulated, _fresh_accelerate(), tracker:
             tracker.track_external(*received.modules())
             job = _job(received, s, resolution, batch, list(concepts))
             tracker.stage = "building the trained model"
