@@ -278,8 +278,9 @@ def accounting_main(args) -> None:
         parts = " ".join(f"{k[:4]} {m[k]:.2f}" for k in ("weights", "gradients", "optimizer", "activations",
                                                           "temporaries") if m.get(k))
         target = TARGETS_GIB[(fam, mode)]
-        print(f"{fam:5s} {mode:4s} {name:28s} peak {m['total']:6.2f} GiB ({'meets' if m['total'] <= target else 'MISSES'}"
-              f" {target}) [{parts}] at {r['measured_peak_at']}; estimate {e['total']:.2f} (less overhead "
+        verdict = "meets" if m["total"] <= target else "MISSES"
+        print(f"{fam:5s} {mode:4s} {name:28s} peak {m['total']:6.2f} GiB ({verdict} {target}) [{parts}] at "
+              f"{r['measured_peak_at']}; estimate {e['total']:.2f} (less overhead "
               f"{e['total'] - e['overhead']:.2f}) ({r['wall_s']} s)", flush=True)
     path = args.json or os.path.join(HERE, "results", f"memory-accounting-{time.strftime('%Y%m%d-%H%M%S')}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)

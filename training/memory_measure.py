@@ -104,13 +104,17 @@ def measure(model, settings, resolution: int | None = None, batch: int | None = 
         simulated = contextlib.nullcontext() if on_cpu else SimulatedAccelerator(tracker.book)
         with simulated, _fresh_accelerate(), tracker:
             tracker.track_external(*received.modules())
+            for m in received.modules():        # loaded on the CPU (as ComfyUI holds a model it is not running)
+                tracker.book(m, True)
             job = _job(received, s, resolution, batch, list(concepts))
-            tracker.stage = "building the trained model"
             from .trainer import build_training, place_model
 
+            tracker.stage, tracker.building = "data preparation (the received model placed)", True
             place_model(job)
+            tracker.stage = "building the trained model"
             build_training(job)
             tracker.built(job)
+            tracker.building = False
             from .loop import train_step
 
             for step in range(STEPS):
@@ -274,7 +278,7 @@ def _step_tracker():
         def __init__(self):
             super().__init__()
             self.stage, self.peak_at, self.stage_peaks, self.kind_peaks, self.held = "start", "", {}, {}, {}
-            self.from_host = False
+            self.from_host = self.building = False
 
         def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
             # MemTracker's own registers a gradient hook on every parameter, which torch refuses for frozen ones
@@ -282,19 +286,23 @@ def _step_tracker():
                 if grad is not None:
                     self._update_and_maybe_create_winfos(grad, ref.GRAD)
 
+            def accumulated(p):       # after fused_backward's own hook: a bf16 weight rewritten there is a weight
+                grad_seen(p.grad)
+                self._update_and_maybe_create_winfos(p, ref.PARAM)
+
             weights = buffers = 0
             for p in module.parameters():
                 weights += sum(w.mem_consumed for w in self._update_and_maybe_create_winfos(p, ref.PARAM))
                 grad_seen(p.grad)
                 if install_grad_hooks and p.requires_grad and self._param_to_grad_hook_handles.get(p) is None:
                     self._param_to_grad_hook_handles[p] = (
-                        p.register_hook(grad_seen), p.register_post_accumulate_grad_hook(lambda q: grad_seen(q.grad)))
+                        p.register_hook(grad_seen), p.register_post_accumulate_grad_hook(accumulated))
             for b in module.buffers():
                 buffers += sum(w.mem_consumed for w in self._update_and_maybe_create_winfos(b, ref.BUFFER))
             return weights, buffers
 
         def _track(self, reftype, t):
-            super()._track(ref.PARAM if self.stage.startswith("building") else reftype, t)
+            super()._track(ref.PARAM if self.building else reftype, t)
             if self.from_host:
                 self._move([info for _, info in self._infos([t])], host)
 
@@ -365,6 +373,7 @@ def _step_tracker():
         def stepped(self, job):
             """The optimizer state made during the step (inside backward with fused_backward) as optimizer; its
             size (and the EMA copy's) on the accelerator after the step, each storage once, as `held`."""
+            self.track_external(*job.tm.modules(), *job.model.modules())   # weights rewritten by the step
             self.held = {"optimizer": self._size(_tensors(job.optimizer.state_dict()), ref.OPT),
                          "ema": self._size(_tensors(job.ema.state_dict()) if job.ema is not None else [], ref.OTH)}
 

@@ -140,14 +140,16 @@ def _start(model, concepts, settings, output_root, device, cb, held) -> Job:
 
 
 def place_model(job: Job) -> None:
-    """The received model on the device (data preparation encodes and may sample with it) and the VAE that
-    encodes the data (job.model_for_data, in vae_dtype)."""
+    """The received model on the device for data preparation: the VAE and text encoders (which encode the data),
+    the UNet only when a concept asks for class images (missing ones are generated); and the VAE that encodes the
+    data (job.model_for_data, in vae_dtype)."""
     from .setup.precision import vae_dtype
 
     model = job.model
     for m in (model.vae, *model.text_encoders):
-        m.to(job.device)
-    model.unet.to(job.device)
+        to_device(m, job.device)
+    if job.settings.prior_mode == "class_images" and any(c.num_class_images_per_image for c in job.concepts):
+        to_device(model.unet, job.device)             # missing class images are generated with it
     job.model_for_data = with_data_vae(model, vae_dtype(job.settings, job.device, job.say))
 
 
@@ -281,24 +283,13 @@ def _build_model(job: Job) -> None:
         precision.apply_fp8_storage(tm.unet, precision.compute_dtype(job.mp))  # before the move: no full-size copy
         held.callback(precision.restore_fp8_storage, tm.unet, model.unet)      # on the GPU at any time
     frozen_dt = precision.frozen_weight_dtype(settings, job.mp, device)   # frozen_dtype (auto: compute's half)
-    for m in owned_modules(tm, model):               # shared (received) modules keep their dtype
+    owned = owned_modules(tm, model)
+    for m in owned:                                   # shared (received) modules keep their dtype
         if frozen_dt is not None:                     # frozen weights in half precision; trained ones as trained
             for p in m.parameters():
                 if not p.requires_grad and p.dtype != precision.FP8:
                     p.data = p.data.to(frozen_dt)
-        to_device(m, device)                          # cast first: the full-precision copy never reaches it
     tm = tm.replace(vae=job.model_for_data.vae, zero_terminal_snr=job.zero_terminal_snr)
-    used = [tm.unet, *tm.text_encoders, tm.vae]
-    for m in parked:
-        if any(m is u for u in used):                 # training runs it in place
-            to_device(m, device)
-    if parked and not any(model.vae is u for u in used):   # the data's VAE (vae_dtype) is another copy
-        to_host(model.vae)
-        parked.append(model.vae)
-    # the received model's parts are back on the device when the run ends, as data preparation left them (the
-    # received UNet goes back to where it was before training: train())
-    held.callback(lambda: [to_device(m, device) for m in parked if m is not model.unet and not any(m is u for u in used)])
-    to_device(tm.vae, device)
     if tm.unet is not model.unet:                     # build_trainable copied it when the kernel must change
         set_attention(tm.unet, settings.attention)
     if settings.gradient_checkpointing:
@@ -308,12 +299,25 @@ def _build_model(job: Job) -> None:
             enable_text_encoder_checkpointing(te)   # non-reentrant: TE LoRA learns on transformers 4 too
     for m in job.trained_modules:
         m.train()
+    # what the steps do not run leaves the accelerator before what they train arrives (data preparation's VAE
+    # and training's copies never share it)
     job.offloaded = precision.offload_frozen(tm, settings, device, te_trained=bool(job.te_steps),
                                              text_cached=job.data.text_cache is not None,
                                              latents_cached=job.data.latent_cache is not None)
     # back where they were however the run ends: the result samples with them, and the VAE / text encoders may
     # be the received model's own (a later node samples the base model)
     held.callback(lambda: [m.to(device) for m in job.offloaded])
+    used = [m for m in (tm.unet, *tm.text_encoders, tm.vae) if not any(m is o for o in job.offloaded)]
+    if parked and not any(model.vae is m for m in (tm.vae, *job.offloaded)):   # the data's VAE is a copy
+        to_host(model.vae)
+        parked.append(model.vae)
+    # the received model's parts are back on the device when the run ends, as data preparation left them (the
+    # received UNet goes back to where it was before training: train())
+    held.callback(lambda: [to_device(m, device) for m in parked
+                           if m is not model.unet and not any(m is u for u in used)])
+    for m in [*owned, *parked, tm.vae]:
+        if any(m is u for u in used):                 # cast first: no full-precision copy ever reaches it
+            to_device(m, device)
     job.tm = tm
     job.named = named_trainables(tm, job.unet_params, job.te_params)
     job.dist.broadcast_tensors(job.named.values())    # fresh adapters start equal on every process
