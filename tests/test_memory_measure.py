@@ -106,3 +106,24 @@ def test_bf16_trained_copy_is_made_without_a_full_precision_copy(sd1):
     # the bf16 copy (2 bytes per parameter) and small parts (the noise schedule's tables, the data's VAE copy) stay
     # well under the 2 + 4 bytes a full-precision copy before the cast took
     assert m.stages["building the trained model"] < received + 3 * unet
+
+
+def test_cli_estimate_measure_json(capsys, monkeypatch, sd1):
+    """`estimate MODEL --measure --json`: the estimate's JSON plus measured_gb / measured_by (the accounting of
+    the tiny model here; sd15 / sd2 / sdxl take minutes: bench/memory.py --accounting)."""
+    import json
+
+    from comfyui_dreambooth import cli
+
+    monkeypatch.setattr(cli, "_memory_model", lambda spec: sd1)
+    code = cli.main(["estimate", "tiny", "--measure", "--json", "--set", "resolution=64"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    data = json.loads(out.out)
+    assert data["measured_by"] == "fake tensors, CPU kernels"
+    assert {"weights", "gradients", "optimizer", "activations", "temporaries", "total"} <= set(data["measured_gb"])
+    assert data["measured_gb"]["total"] > 0 and data["measured_peak_at"]
+    assert {"settings", "estimate_gb", "explanation"} <= set(data)
+    code = cli.main(["estimate", "tiny", "--measure", "--set", "resolution=64"])
+    out = capsys.readouterr()
+    assert code == 0 and "Accounted" in out.out and "peak" in out.out
