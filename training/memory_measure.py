@@ -104,8 +104,8 @@ def measure(model, settings, resolution: int | None = None, batch: int | None = 
         simulated = contextlib.nullcontext() if on_cpu else SimulatedAccelerator(tracker.book)
         with simulated, _fresh_accelerate(), tracker:
             tracker.track_external(*received.modules())
-            for m in received.modules():        # loaded on the CPU (as ComfyUI holds a model it is not running)
-                tracker.book(m, True)
+            for m in received.modules() if not on_cpu else []:    # loaded on the CPU (as ComfyUI holds a
+                tracker.book(m, True)                                 # model it is not running)
             job = _job(received, s, resolution, batch, list(concepts))
             from .trainer import build_training, place_model
 
