@@ -7,7 +7,7 @@
     comfyui-dreambooth run WORKFLOW.json [--set "Title.input=value" ...] [--output-dir DIR]
     comfyui-dreambooth demo [--output-dir DIR]
     comfyui-dreambooth toyworld base OUT.safetensors | toyworld draw DIR [--subject S | --toy T] [--count N]
-    comfyui-dreambooth estimate MODEL|sd15|sd2|sdxl [--workflow WF.json] [--set name=value ...] [--vram GB]
+    comfyui-dreambooth estimate MODEL|sd15|sd2|sdxl [--workflow WF.json] [--set name=value ...] [--vram GB] [--measure]
                          [--json]
     comfyui-dreambooth wizard MODEL|sd15|sd2|sdxl --vram GB [--images N] [--resolution R] [--mode auto|lora|full]
                        [--concept-type person|object|style] [--json]
@@ -536,6 +536,10 @@ def _estimate_arguments(p: argparse.ArgumentParser) -> None:
                         "VALUE is JSON when it parses, 'auto' for auto)")
     p.add_argument("--vram", type=float, help="compare with a card of this many GB (default: the detected GPU)")
     p.add_argument("--json", action="store_true", help="print JSON: settings, estimate_gb, explanation")
+    p.add_argument("--measure", action="store_true",
+                   help="also account one real training step of these settings at full size on fake tensors "
+                        "(no GPU, no weights; about 1 min for SD1.5, a few for SDXL): the peak per part and the "
+                        "step that holds it (JSON: measured_gb, measured_by)")
 
 
 @command("estimate", "estimate the VRAM a training run needs, per part (weights, gradients, optimizer, "
@@ -569,14 +573,35 @@ def cmd_estimate(args: argparse.Namespace) -> int:
                    "estimate_gb": est.gb(), "explanation": ESTIMATE_NOTE}
             if args.vram is not None:           # the verdict for the card named
                 out |= {"vram_gb": args.vram, "fits": est.total <= int(args.vram * GB)}
+            if args.measure:
+                out |= _measured_json(model, settings)
             shown.append({"node": name, **out} if len(targets) > 1 else out)
         else:
-            shown.append((f"{name}:\n" if len(targets) > 1 else "") + _estimate_text(model, settings, args.vram))
+            text = _estimate_text(model, settings, args.vram)
+            if args.measure:
+                from .training.memory_measure import measure
+
+                text += ("\n\nAccounted (one real training step on fake tensors, the accelerator's share):\n"
+                         + measure(model, settings).table())
+            shown.append((f"{name}:\n" if len(targets) > 1 else "") + text)
     if args.json:
         print(json.dumps(shown[0] if len(shown) == 1 else {"trains": shown}, indent=2))
     else:
         print("\n\n".join(shown))
     return 0
+
+
+def _measured_json(model, settings) -> dict:
+    """`estimate --measure --json`: the accounted peak of one real training step (training/memory_measure.py)."""
+    from .training.devices import GB
+    from .training.memory_measure import MEASURED_BY, measure
+
+    m = measure(model, settings)
+    return {"measured_gb": m.gb(), "measured_by": MEASURED_BY, "measured_peak_at": m.peak_at,
+            "measured_stages_gb": {k: round(v / GB, 3) for k, v in m.stages.items()},
+            "measured_host_gb": round(m.host / GB, 3),
+            "measured_resident_gb": {k: round(v / GB, 3) for k, v in m.resident.items()},
+            "measured_notes": m.notes, "measured_seconds": round(m.seconds, 1)}
 
 
 def _estimate_text(model, settings, vram: float | None) -> str:

@@ -25,6 +25,15 @@ x frozen_dtype in (auto, fp8 for LoRA). CUDA: the four presets of the issue:
 In every case latents and text embeddings are cached, so the VAE and text encoders leave the GPU.
 
 Results: a table on stdout and JSON in bench/results/memory-<device>-<time>.json (or --json PATH).
+
+    python bench/memory.py --accounting                  # full size, no GPU: the targets' table (issue 21)
+    python bench/memory.py --accounting --matrix         # + checkpointing off, batch 2 / 4, 768 / 1024 px
+
+--accounting runs `comfyui-dreambooth estimate FAMILY --measure --json` (training/memory_measure.py: one real
+training step at full size on fake tensors) per family (sd15 @ 512, sd2 @ 768, sdxl @ 1024) for the settings
+the wizard picks for the issue's targets (SD1.5 LoRA 3 GiB / full 5 GiB, SDXL LoRA 5 / full 8; SD2 as SD1.5)
+and for the defaults (LoRA / full, AdamW, bf16, gradient checkpointing), each in its own process, and prints the
+accounted peak per part beside the estimator's parts.
 """
 from __future__ import annotations
 
@@ -214,6 +223,73 @@ def label(cfg: dict) -> str:
             f"{cfg.get('optimizer', 'AdamW'):9s} frozen={cfg.get('frozen_dtype', 'auto')}")
 
 
+# ---- the accounting of one real step at full size (no GPU) -------------------------------------------------------
+TARGETS_GIB = {("sd15", "lora"): 3, ("sd15", "full"): 5, ("sd2", "lora"): 3, ("sd2", "full"): 5,
+               ("sdxl", "lora"): 5, ("sdxl", "full"): 8}
+FAMILY_RES = {"sd15": 512, "sd2": 768, "sdxl": 1024}
+DEFAULTS = {"lora": {"use_lora": True, "optimizer": "AdamW", "mixed_precision": "bf16", "text_encoder_ratio": 0,
+                     "gradient_checkpointing": True},
+            "full": {"use_lora": False, "optimizer": "AdamW", "mixed_precision": "bf16", "text_encoder_ratio": 0,
+                     "gradient_checkpointing": True}}
+
+
+def accounting_rows(families, matrix: bool) -> list[tuple[str, str, str, dict]]:
+    """(family, mode, preset name, settings to --set) for the table."""
+    from comfyui_dreambooth.training.wizard import WIZARD_SETTINGS, choose_settings
+
+    rows = []
+    for fam in families:
+        for mode in ("lora", "full"):
+            res = FAMILY_RES[fam]
+            picked = choose_settings(fam, TARGETS_GIB[(fam, mode)], images=10, resolution=res, mode=mode).settings
+            wizard = {k: getattr(picked, k) for k in WIZARD_SETTINGS} | {"resolution": res}
+            base = DEFAULTS[mode] | {"resolution": res}
+            rows += [(fam, mode, f"wizard {TARGETS_GIB[(fam, mode)]} GiB", wizard), (fam, mode, "default", base)]
+            if matrix:
+                rows += [(fam, mode, "default, no checkpointing", base | {"gradient_checkpointing": False})]
+                rows += [(fam, mode, f"default, batch {b}", base | {"batch_size": b}) for b in (2, 4)]
+                rows += [(fam, mode, f"default, {r} px", base | {"resolution": r}) for r in (512, 768, 1024)
+                         if r != res]
+    return rows
+
+
+def run_accounting(family: str, overrides: dict, timeout: int) -> dict:
+    cli = os.path.join(os.path.dirname(sys.executable), "comfyui-dreambooth")
+    cmd = [cli if os.path.exists(cli) else "comfyui-dreambooth", "estimate", family, "--measure", "--json"]
+    for k, v in overrides.items():
+        cmd += ["--set", f"{k}={json.dumps(v)}"]
+    start = time.monotonic()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if p.returncode:
+        return {"error": (p.stderr.strip().splitlines() or ["failed"])[-1], "wall_s": round(time.monotonic() - start)}
+    return json.loads(p.stdout) | {"wall_s": round(time.monotonic() - start)}
+
+
+def accounting_main(args) -> None:
+    families = (args.models or "sd15,sd2,sdxl").split(",")
+    out = []
+    for fam, mode, name, overrides in accounting_rows(families, args.matrix):
+        r = run_accounting(fam, overrides, args.timeout)
+        out.append({"family": fam, "mode": mode, "preset": name, "settings": overrides} | r)
+        if "error" in r:
+            print(f"{fam:5s} {mode:4s} {name:28s} ERROR {r['error']}", flush=True)
+            continue
+        m, e = r["measured_gb"], r["estimate_gb"]
+        parts = " ".join(f"{k[:4]} {m[k]:.2f}" for k in ("weights", "gradients", "optimizer", "activations",
+                                                          "temporaries") if m.get(k))
+        target = TARGETS_GIB[(fam, mode)]
+        verdict = "meets" if m["total"] <= target else "MISSES"
+        print(f"{fam:5s} {mode:4s} {name:28s} peak {m['total']:6.2f} GiB ({verdict} {target}) [{parts}] at "
+              f"{r['measured_peak_at']}; estimate {e['total']:.2f} (less overhead "
+              f"{e['total'] - e['overhead']:.2f}) ({r['wall_s']} s)", flush=True)
+    path = args.json or os.path.join(HERE, "results", f"memory-accounting-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"measured_by": "fake tensors, CPU kernels", "platform": platform.platform(), "rows": out}, f,
+                  indent=2)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -223,7 +299,12 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=900, help="seconds per combination")
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--accounting", action="store_true", help="full size on fake tensors, no GPU (issue 21)")
+    ap.add_argument("--matrix", action="store_true", help="with --accounting: checkpointing off, batch, resolution")
     args = ap.parse_args()
+    if args.accounting:
+        accounting_main(args)
+        return
     if args.child:
         child(args)
         return

@@ -65,7 +65,7 @@ def test_exact_parts_match_real_tensors(sd1, case):
     assert est.details["trained_tensors"] == len(params)
     assert est.parts["optimizer"] == state
     largest = max(p.numel() * p.element_size() for p in params)
-    assert est.parts["gradients"] == (largest if settings.fused_backward else trained_bytes)
+    assert est.parts["gradients"] == (2 * largest if settings.fused_backward else trained_bytes)   # two at once: issue 21
     # weights: trained in their dtype + every frozen UNet / trained-encoder parameter at the frozen dtype
     fb = 4 if settings.mixed_precision == "no" else 2
     trained_ids = {id(p) for p in params}
@@ -212,7 +212,8 @@ def test_wizard_modes_and_batch_divides_images():
     assert "fits without any memory saving" in big.explanation
     assert choose_settings("sd15", 80, images=7).settings.batch_size == 1      # 7 images: only 1 divides it
     assert choose_settings("sd15", 80, images=6).settings.batch_size == 3
-    small = choose_settings("sd15", 4, images=10, mode="auto")
+    # (3 GB: 4 GB fits a full fine-tune since Adafactor factors conv kernels as matrices, issue 21)
+    small = choose_settings("sd15", 3, images=10, mode="auto")
     assert small.settings.use_lora is True and "so LoRA" in small.explanation
     assert "gradient_checkpointing on" in small.explanation and "20% slower" in small.explanation
 

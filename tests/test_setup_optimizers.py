@@ -138,3 +138,28 @@ def test_lion_prefers_lion_pytorch_and_falls_back_to_bitsandbytes(monkeypatch):
     unet(torch.randn(2, 8)).sum().backward()
     opt.step()
     assert opt.state[unet.weight]["state1"].dtype == torch.float32          # the 32-bit Lion
+
+
+def test_adafactor_factors_a_conv_kernel_as_a_matrix():
+    """Issue 21: transformers' Adafactor factors the last two dimensions (a kernel's 3x3), keeping out*in*3 row
+    values; ours steps a kernel as the matrix (out, in*k*k): out + in*k*k values. A 2-D weight and the kernel's
+    update itself are what transformers' Adafactor computes on that matrix."""
+    from transformers.optimization import Adafactor
+
+    torch.manual_seed(0)
+    kernel = torch.nn.Parameter(torch.randn(64, 32, 3, 3))
+    matrix = torch.nn.Parameter(kernel.detach().reshape(64, -1).clone())
+    settings = DreamBoothSettings(optimizer="Adafactor", learning_rate=1e-3)
+    kw = dict(lr=1e-3, weight_decay=settings.weight_decay, scale_parameter=False, relative_step=False,
+              warmup_init=False)
+    ours = build_optimizer([kernel], settings)
+    theirs = Adafactor([matrix], **kw)
+    for _ in range(3):
+        g = torch.randn(64, 32, 3, 3)
+        kernel.grad, matrix.grad = g.clone(), g.reshape(64, -1).clone()
+        ours.step()
+        theirs.step()
+    assert kernel.shape == (64, 32, 3, 3) and kernel.grad.shape == (64, 32, 3, 3)
+    assert torch.equal(kernel.detach().reshape(64, -1), matrix.detach())
+    state = ours.state[kernel]
+    assert state["exp_avg_sq_row"].shape == (64,) and state["exp_avg_sq_col"].shape == (32 * 9,)

@@ -57,3 +57,48 @@ def free_device_memory_gb(device) -> float:
     if memory is None or memory.free is None:
         raise ValueError(f"cannot read the free memory of device {device}; set vram_gb to the card's memory in GB")
     return memory.free / GB
+
+
+# ---- where a module lives during training: the accelerator or the host ------------------------------------------
+# The memory accounting (memory_measure.py) runs the pack's own training step on fake CPU tensors as if the CPU
+# were the accelerator. While it does, `is_accelerator` says so for the CPU, and `to_host` / `to_device` book a
+# module as moved off / onto the accelerator instead of moving it (fake tensors cannot change device). In a
+# training run neither is set: `is_accelerator` is `device.type != "cpu"`, `to_host` is `.to("cpu")` and
+# `to_device` is `.to(device)`.
+_SIMULATED_HOST: list = []          # the accounting's booking function while it runs (one at a time)
+
+
+def is_accelerator(device) -> bool:
+    """True for an accelerator (CUDA, MPS, ...), False for the CPU (except inside the memory accounting)."""
+    return getattr(device, "type", str(device)) != "cpu" or bool(_SIMULATED_HOST)
+
+
+def to_host(module):
+    """Move a module (or tensor: returned) off the accelerator to the CPU."""
+    if _SIMULATED_HOST:
+        _SIMULATED_HOST[-1](module, True)
+        return module
+    return module.to("cpu")
+
+
+def to_device(module, device):
+    """Move a module (or tensor: returned) to `device` (the accelerator training uses)."""
+    if _SIMULATED_HOST:
+        _SIMULATED_HOST[-1](module, False)
+        return module
+    return module.to(device)
+
+
+class SimulatedAccelerator:
+    """`with SimulatedAccelerator(book):` the CPU counts as the accelerator; `to_host(x)` calls `book(x, True)`,
+    `to_device(x, device)` calls `book(x, False)`."""
+
+    def __init__(self, book):
+        self.book = book
+
+    def __enter__(self):
+        _SIMULATED_HOST.append(self.book)
+        return self
+
+    def __exit__(self, *exc):
+        _SIMULATED_HOST.remove(self.book)

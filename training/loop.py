@@ -77,10 +77,7 @@ class Job:
 
 def run_steps(job: Job) -> tuple[int, float | None]:
     """The optimizer steps from job.start_step to job.total_steps. Returns (steps done, last loss)."""
-    import torch
-
     settings, cb, control, dist, device = job.settings, job.cb, job.cb.control, job.dist, job.device
-    trained = [*job.unet_params, *job.te_params]
     step, last_loss = job.start_step, None
     te_frozen = job.te_steps == 0 or step >= job.te_steps
     if job.te_steps and te_frozen:
@@ -95,32 +92,9 @@ def run_steps(job: Job) -> tuple[int, float | None]:
             plan_cache = {epoch: shard_plan(job.data.epoch_plan(epoch), dist.rank, dist.world)}
         accum = settings.gradient_accumulation_steps
         micro_batches = plan_cache[epoch][k * accum:(k + 1) * accum]
-        seed_global_rng(step_seed(settings.seed, step), device)   # dropout and any other global draw
-        step_loss = torch.zeros((), device=device)
-        for plan_item in micro_batches:
-            loss = micro_batch_loss(job, plan_item, step, te_frozen) / len(micro_batches)
-            if settings.fused_backward and not math.isfinite(float(loss.detach())):
-                step_loss += loss.detach()        # fused_backward steps inside backward: stop before it
-                break
-            job.accelerator.backward(loss)
-            step_loss += loss.detach()
-        loss_value = dist.sum([float(step_loss)], device)[0] / dist.world     # every process sees the same loss
-        if not math.isfinite(loss_value):
-            last = job.run.latest_checkpoint() if job.main else None
-            raise TrainingDiverged(
-                f"the loss became {loss_value} at step {step + 1} (learning rate "
-                f"{job.lr_scheduler.get_last_lr()[0]:.3g}); training stopped without saving this state. Last good "
-                f"checkpoint: {last or 'none'} (resume from it with a lower learning_rate, or mixed_precision bf16/no)")
-        dist.average_gradients(trained)
-        if settings.max_grad_norm > 0:
-            job.accelerator.clip_grad_norm_([p for p in trained if p.grad is not None], settings.max_grad_norm)
         lrs = job.lr_scheduler.get_last_lr()              # the rates this step uses: what the log shows for it
         lr = lrs[0]
-        job.optimizer.step()
-        job.lr_scheduler.step()
-        job.optimizer.zero_grad(set_to_none=settings.set_grads_to_none)
-        if job.ema is not None:
-            job.ema.step(job.tm.unet)
+        loss_value = train_step(job, step, micro_batches, te_frozen)
         step += 1
         last_loss = loss_value
         if job.te_steps and not te_frozen and step >= job.te_steps:
@@ -155,6 +129,46 @@ def run_steps(job: Job) -> tuple[int, float | None]:
             raise TrainingInterrupted(f"training stopped at step {step}/{job.total_steps}; resumable checkpoint: "
                                       f"{path}", job.run.path, step, path)
     return step, last_loss
+
+
+def train_step(job: Job, step: int, micro_batches, te_frozen: bool, *, read_loss: bool = True) -> float | None:
+    """Optimizer step `step` (0-based) on its planned micro-batches: forward / backward of each, gradients
+    averaged across processes, clipped, the optimizer and LR steps, zero_grad, EMA. Returns the loss every process
+    sees. Raises TrainingDiverged on a non-finite loss, before the optimizer steps.
+
+    read_loss False: the loss is neither read nor checked (returns None): the memory accounting
+    (memory_measure.py) runs this step on fake tensors, which hold no values."""
+    import torch
+
+    settings, dist, device = job.settings, job.dist, job.device
+    trained = [*job.unet_params, *job.te_params]
+    seed_global_rng(step_seed(settings.seed, step), device)   # dropout and any other global draw
+    step_loss = torch.zeros((), device=device)
+    for plan_item in micro_batches:
+        loss = micro_batch_loss(job, plan_item, step, te_frozen) / len(micro_batches)
+        if read_loss and settings.fused_backward and not math.isfinite(float(loss.detach())):
+            step_loss += loss.detach()        # fused_backward steps inside backward: stop before it
+            break
+        job.accelerator.backward(loss)
+        step_loss += loss.detach()
+    loss_value = None
+    if read_loss:
+        loss_value = dist.sum([float(step_loss)], device)[0] / dist.world     # every process sees the same loss
+        if not math.isfinite(loss_value):
+            last = job.run.latest_checkpoint() if job.main else None
+            raise TrainingDiverged(
+                f"the loss became {loss_value} at step {step + 1} (learning rate "
+                f"{job.lr_scheduler.get_last_lr()[0]:.3g}); training stopped without saving this state. Last good "
+                f"checkpoint: {last or 'none'} (resume from it with a lower learning_rate, or mixed_precision bf16/no)")
+    dist.average_gradients(trained)
+    if settings.max_grad_norm > 0:
+        job.accelerator.clip_grad_norm_([p for p in trained if p.grad is not None], settings.max_grad_norm)
+    job.optimizer.step()
+    job.lr_scheduler.step()
+    job.optimizer.zero_grad(set_to_none=settings.set_grads_to_none)
+    if job.ema is not None:
+        job.ema.step(job.tm.unet)
+    return loss_value
 
 
 def micro_batch_loss(job: Job, plan_item, step: int, te_frozen: bool):

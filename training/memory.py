@@ -11,12 +11,14 @@ optimizer states on the CPU):
 - weights: trained tensors in `weights_dtype` (fp32 = the master copy itself: the trainer keeps no second copy;
   bf16 = no fp32 copy at all), frozen UNet / trained-model parts in the frozen dtype (`frozen_dtype`: auto = the
   compute precision's half type, fp8 = 1 byte for frozen Linear / Conv2d weights of the UNet),
-- gradients: one per trained tensor in its dtype; with `fused_backward` only the largest single tensor's (each
-  gradient is freed as soon as its weight is stepped),
+- gradients: one per trained tensor in its dtype; with `fused_backward` twice the largest single tensor's (each
+  gradient is freed as soon as its weight is stepped, but autograd makes the next one while the largest is being
+  stepped: memory_measure.py's accounting sees two at once),
 - optimizer: AdamW 2 x fp32 moments + a 4-byte step tensor per tensor; AdamW8bit / Lion8bit (bitsandbytes) 1 byte
   per moment + one fp32 absmax per block of `BNB_BLOCK` elements for tensors of >= 4096 elements (smaller ones
   keep fp32 moments, as bitsandbytes does); Lion 1 x fp32; Adafactor (transformers, beta1 None) a row and a
-  column vector for tensors of >= 2 dimensions, a full second moment for 1-D ones (+ its 0-d RMS tensor); SGD one momentum buffer
+  column vector for tensors of >= 2 dimensions (a conv kernel as the matrix out x in*k*k), a full second moment
+  for 1-D ones (+ its 0-d RMS tensor); SGD one momentum buffer
   (none when sgd_momentum is 0); Prodigy exp_avg, exp_avg_sq, s and p0 (4 x fp32). With weights_dtype bf16 the
   state is fp32 (fused.py computes every update in fp32),
 - ema: an fp32 copy of the trained UNet tensors (0 on the accelerator with ema_on_cpu),
@@ -263,6 +265,8 @@ def optimizer_state_bytes(shape, settings) -> int:
         blocks = -(-n // BNB_BLOCK)
         return moments * (n + 4 * blocks)       # uint8 moments + fp32 absmax per block
     if name == "Adafactor":
+        if len(shape) > 2:                      # stepped as the matrix (out, in*k*k): setup/optimizers.py
+            shape = (int(shape[0]), _numel(shape[1:]))
         if len(shape) >= 2:                     # factored: exp_avg_sq_row shape[:-1], exp_avg_sq_col shape[:-2]+[-1]
             return 4 * (_numel(shape[:-1]) + _numel(shape[:-2]) * int(shape[-1])) + 4
         return 4 * n + 4                        # exp_avg_sq; + "RMS" (a 0-d fp32 tensor after the first step)
@@ -349,8 +353,8 @@ def estimate(model, settings, resolution: int | None = None, batch: int | None =
         frozen_unet += sum(_numel(t) for t in plan.trained_unet) * fb
     te_partly = plan.te_partly_frozen * fb
     weights = n_trained * wbytes + frozen_unet + te_partly
-    if s.fused_backward:
-        gradients = max((_numel(t) for t in trained), default=0) * wbytes
+    if s.fused_backward:      # the largest gradient and the one autograd makes next (the accounting sees both)
+        gradients = 2 * max((_numel(t) for t in trained), default=0) * wbytes
     else:
         gradients = n_trained * wbytes
     optimizer = sum(optimizer_state_bytes(t, s) for t in trained)

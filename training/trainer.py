@@ -21,6 +21,7 @@ from .checkpoints import (apply_checkpoint, check_resume_folder, claim_run, crea
 from .compat import enable_text_encoder_checkpointing
 from .control import TrainCallbacks, TrainingDiverged, TrainingInterrupted, TrainingSaveError, TrainResult
 from .data.masks import content_hashes
+from .devices import is_accelerator, to_device, to_host
 from .distributed import Dist, collective_timeout, process_info
 from .loop import Job, micro_batch_loss, preview, run_steps, save_state
 from .runs import RunFolder, compute_run_id
@@ -49,7 +50,7 @@ def train(model, concepts, settings, *, output_root: str, resume: str = "auto", 
     try:
         while True:
             try:
-                with torch.inference_mode(False), _fresh_accelerate_state(), torch.random.fork_rng(
+                with torch.inference_mode(False), fresh_accelerate_state(), torch.random.fork_rng(
                         devices=[] if device is None or str(device) == "cpu" else None):
                     with contextlib.ExitStack() as held:     # the run folder's lock, released however the run ends
                         return _train(model, list(concepts), settings, output_root, resume, device, cb,
@@ -72,7 +73,7 @@ def train(model, concepts, settings, *, output_root: str, resume: str = "auto", 
 
 
 @contextlib.contextmanager
-def _fresh_accelerate_state():
+def fresh_accelerate_state():
     """accelerate keeps one process-wide AcceleratorState: a second run with other mixed precision in the same
     process (ComfyUI runs every queued prompt in one) fails with "already initialized". Each run starts from a
     clean state and leaves none behind; the distributed setup (PartialState) is kept."""
@@ -107,9 +108,8 @@ def _train(model, concepts, settings, output_root, resume, device, cb, reuse_fin
             return reused
     _claim_run(job, resume)             # the interrupted run to continue (locked), if any
     prepare_reference(job)              # validation: fixed noise, the base model's predictions and images
-    _build_model(job)                   # the trained copy: adapters, precision, checkpointing, offloading
+    build_training(job)                 # the trained copy (adapters, precision, offloading) and its optimizer
     adapter_reference(job)              # validation, LoRA: the base's predictions are the adapters-off model's
-    _build_optimizer(job)               # optimizer, LR and noise schedules, EMA
     _preflight(job)                     # one step at the largest bucket and batch: does it fit the device?
     _resume_or_create_run(job, resume)  # a checkpoint's state loaded, or a new run folder
     try:
@@ -148,15 +148,25 @@ def _start(model, concepts, settings, output_root, device, cb, held) -> Job:
                 held=held, say=say, accelerator=accelerator, dist=dist, mp=mp)
 
 
-def _prepare_data(job: Job) -> None:
-    from .data.prepare import generate_missing_class_images, prepare_training_data
+def place_model(job: Job) -> None:
+    """The received model on the device for data preparation: the VAE and text encoders (which encode the data),
+    the UNet only when a concept asks for class images (missing ones are generated); and the VAE that encodes the
+    data (job.model_for_data, in vae_dtype)."""
     from .setup.precision import vae_dtype
 
-    model, settings, device, cb, dist = job.model, job.settings, job.device, job.cb, job.dist
+    model = job.model
     for m in (model.vae, *model.text_encoders):
-        m.to(device)
-    model.unet.to(device)
-    job.model_for_data = with_data_vae(model, vae_dtype(settings, device, job.say))
+        to_device(m, job.device)
+    if job.settings.prior_mode == "class_images" and any(c.num_class_images_per_image for c in job.concepts):
+        to_device(model.unet, job.device)             # missing class images are generated with it
+    job.model_for_data = with_data_vae(model, vae_dtype(job.settings, job.device, job.say))
+
+
+def _prepare_data(job: Job) -> None:
+    from .data.prepare import generate_missing_class_images, prepare_training_data
+
+    model, settings, device, cb, dist = job.model, job.settings, job.device, job.cb, job.dist
+    place_model(job)
     progress = (lambda d, t: cb.stage("data", d, t)) if cb.stage else None
     from_class_images = settings.prior_mode == "class_images"
     generate = from_class_images
@@ -263,26 +273,38 @@ def _say_other_process_count(job: Job) -> None:
             return
 
 
+def build_training(job: Job) -> None:
+    """What trains and how, on a Job whose model is placed and whose data is ready: the trained copy (adapters,
+    precision, checkpointing, offloading; `_build_model`), then the optimizer, LR and noise schedules and EMA
+    (`_build_optimizer`). The memory accounting (memory_measure.py) builds a run with it too."""
+    _build_model(job)
+    _build_optimizer(job)
+
+
 def _build_model(job: Job) -> None:
     from .setup import precision
 
     model, settings, device, held = job.model, job.settings, job.device, job.held
+    # the received UNet and text encoders wait on the host while training's copies of them are made (there, in
+    # their loaded precision: never a second full-size model on the accelerator), unless the base model's own
+    # predictions are needed (prior_mode base_model); what training shares with them comes back
+    parked = [model.unet, *model.text_encoders] if (is_accelerator(device) and
+                                                    settings.prior_mode != "base_model") else []
+    for m in parked:
+        to_host(m)
     tm, job.unet_params, job.te_params = build_trainable(model, settings)
     job.trained_modules = ([tm.unet] if settings.train_unet else []) + (tm.text_encoders if job.te_steps else [])
     if settings.frozen_dtype == "fp8" and tm.unet is not model.unet:     # frozen UNet layers in float8, cast
         precision.apply_fp8_storage(tm.unet, precision.compute_dtype(job.mp))  # before the move: no full-size copy
         held.callback(precision.restore_fp8_storage, tm.unet, model.unet)      # on the GPU at any time
     frozen_dt = precision.frozen_weight_dtype(settings, job.mp, device)   # frozen_dtype (auto: compute's half)
-    for m in owned_modules(tm, model):               # shared (received) modules keep their dtype
-        m.to(device)
+    owned = owned_modules(tm, model)
+    for m in owned:                                   # shared (received) modules keep their dtype
         if frozen_dt is not None:                     # frozen weights in half precision; trained ones as trained
             for p in m.parameters():
                 if not p.requires_grad and p.dtype != precision.FP8:
                     p.data = p.data.to(frozen_dt)
-    if device.type != "cpu" and tm.unet is not model.unet and settings.prior_mode != "base_model":
-        model.unet.to("cpu")       # training uses its own copy: the received UNet's VRAM is free until the end
     tm = tm.replace(vae=job.model_for_data.vae, zero_terminal_snr=job.zero_terminal_snr)
-    tm.vae.to(device)
     if tm.unet is not model.unet:                     # build_trainable copied it when the kernel must change
         set_attention(tm.unet, settings.attention)
     if settings.gradient_checkpointing:
@@ -292,12 +314,25 @@ def _build_model(job: Job) -> None:
             enable_text_encoder_checkpointing(te)   # non-reentrant: TE LoRA learns on transformers 4 too
     for m in job.trained_modules:
         m.train()
+    # what the steps do not run leaves the accelerator before what they train arrives (data preparation's VAE
+    # and training's copies never share it)
     job.offloaded = precision.offload_frozen(tm, settings, device, te_trained=bool(job.te_steps),
                                              text_cached=job.data.text_cache is not None,
                                              latents_cached=job.data.latent_cache is not None)
     # back where they were however the run ends: the result samples with them, and the VAE / text encoders may
     # be the received model's own (a later node samples the base model)
     held.callback(lambda: [m.to(device) for m in job.offloaded])
+    used = [m for m in (tm.unet, *tm.text_encoders, tm.vae) if not any(m is o for o in job.offloaded)]
+    if parked and not any(model.vae is m for m in (tm.vae, *job.offloaded)):   # the data's VAE is a copy
+        to_host(model.vae)
+        parked.append(model.vae)
+    # the received model's parts are back on the device when the run ends, as data preparation left them (the
+    # received UNet goes back to where it was before training: train())
+    held.callback(lambda: [to_device(m, device) for m in parked
+                           if m is not model.unet and not any(m is u for u in used)])
+    for m in [*owned, *parked, tm.vae]:
+        if any(m is u for u in used):                 # cast first: no full-precision copy ever reaches it
+            to_device(m, device)
     job.tm = tm
     job.named = named_trainables(tm, job.unet_params, job.te_params)
     job.dist.broadcast_tensors(job.named.values())    # fresh adapters start equal on every process

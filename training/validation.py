@@ -28,6 +28,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from .devices import is_accelerator, to_device, to_host
 from .data.settings import FILEWORDS
 
 # (band, timestep): a low-noise (detail), a middle and a high-noise (composition) timestep of the 1000-step schedule
@@ -200,13 +201,24 @@ def prepare_reference(job) -> None:
         from .models.text import sdxl_time_ids
 
         val.drift_time_ids = torch.as_tensor(sdxl_time_ids((res, res), (0, 0), (res, res)), dtype=torch.float32)
-    if not settings.use_lora:         # a full fine-tune: the received model is the base (LoRA: adapter_reference)
-        with _quiet_rng(job.device), torch.no_grad(), job.accelerator.autocast():
-            val.base_drift = _drift_predictions(job, model, model.unet).float().cpu()
     val.grid_seeds = [seed + k for k in range(settings.validation_samples)]
     val.grid_prompts = grid_prompts(job)
-    if val.grid_seeds and job.main:
-        val.base_images = _sample(job, model, val.grid_prompts, val.grid_seeds)
+    base_images = bool(val.grid_seeds and job.main)
+    if settings.use_lora and not base_images:
+        return
+    # the received UNet waits on the host unless class images need it (trainer.place_model): here it is needed
+    parked = is_accelerator(job.device) and next(model.unet.parameters()).device.type == "cpu"
+    if parked:
+        to_device(model.unet, job.device)
+    try:
+        if not settings.use_lora:     # a full fine-tune: the received model is the base (LoRA: adapter_reference)
+            with _quiet_rng(job.device), torch.no_grad(), job.accelerator.autocast():
+                val.base_drift = _drift_predictions(job, model, model.unet).float().cpu()
+        if base_images:
+            val.base_images = _sample(job, model, val.grid_prompts, val.grid_seeds)
+    finally:
+        if parked:
+            to_host(model.unet)
 
 
 def adapter_reference(job) -> None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import copy
 
+from ..devices import to_host
+
 
 def _trainable(module) -> dict:
     return {name: p for name, p in module.named_parameters() if p.requires_grad}
@@ -38,6 +40,9 @@ class EMA:
             self.shadow = {name: p.detach().to(device="cpu" if on_cpu else p.device, dtype=torch.float32,
                                                 copy=True)
                            for name, p in params.items()}
+        if on_cpu:                      # (the memory accounting books its fake CPU copies as the host's)
+            for t in self.shadow.values():
+                to_host(t)
 
     def current_decay(self) -> float:
         """The decay the next update will use."""

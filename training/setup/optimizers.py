@@ -97,11 +97,46 @@ def build_optimizer(param_groups, settings):
                                   use_bias_correction=True, safeguard_warmup=settings.lr_warmup_steps > 0)
     if name == "Adafactor":
         optimization = _import(name, "transformers.optimization")
-        return optimization.Adafactor(groups, lr=lr, weight_decay=wd, scale_parameter=False,
-                                      relative_step=False, warmup_init=False)
+        return _matrix_adafactor(optimization.Adafactor)(groups, lr=lr, weight_decay=wd, scale_parameter=False,
+                                                         relative_step=False, warmup_init=False)
     from ..settings import OPTIMIZERS
 
     raise ValueError(f"optimizer = {name!r} is not known; use one of: {', '.join(OPTIMIZERS)}")
+
+
+def _matrix_adafactor(adafactor):
+    """transformers' Adafactor, with every tensor of more than two dimensions (conv kernels, out x in x k x k)
+    stepped as the matrix (out, in*k*k). transformers factors the second moment over the last two dimensions,
+    the 3x3 of a kernel, which keeps a row state of out*in*3 values (about a third of the kernel); as a matrix its
+    state is out + in*k*k values. Same update rule; a state saved in the old layout restarts for those tensors."""
+    import torch
+
+    class MatrixAdafactor(adafactor):
+        @torch.no_grad()
+        def step(self, closure=None):
+            shaped = []
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is None or p.dim() <= 2 or not p.is_contiguous():
+                        continue
+                    flat = (p.shape[0], p[0].numel())
+                    state = self.state.get(p)
+                    if state and "exp_avg_sq_row" in state and state["exp_avg_sq_row"].dim() != 1:
+                        self.state[p] = {}            # saved as transformers factors it: restart this tensor
+                    grad, p.grad = p.grad, None
+                    shaped.append((p, p.shape))
+                    p.data = p.data.view(flat)
+                    p.grad = grad.reshape(flat)
+            try:
+                return super().step(closure)
+            finally:
+                for p, shape in shaped:
+                    grad, p.grad = p.grad, None
+                    p.data = p.data.view(shape)
+                    if grad is not None:
+                        p.grad = grad.view(shape)
+
+    return MatrixAdafactor
 
 
 __all__ = ["build_optimizer", "training_param_groups", "missing_optimizer_package", "OptimizerUnavailable"]

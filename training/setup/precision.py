@@ -19,6 +19,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from ..devices import is_accelerator, to_host
+
 FP8 = getattr(torch, "float8_e4m3fn", None)
 
 
@@ -40,7 +42,7 @@ def compute_dtype(mp: str) -> torch.dtype:
 def frozen_weight_dtype(settings, mp: str, device) -> torch.dtype | None:
     """The dtype frozen weights of training's own modules are held in on `device` (None: leave them)."""
     choice = getattr(settings, "frozen_dtype", "auto")
-    if device.type == "cpu":          # CPU compute runs in fp32 unless autocast says otherwise: leave them
+    if not is_accelerator(device):          # CPU compute runs in fp32 unless autocast says otherwise: leave them
         return None
     if choice in ("bf16", "fp16"):
         return torch.bfloat16 if choice == "bf16" else torch.float16
@@ -105,7 +107,7 @@ def restore_fp8_storage(module, source) -> int:
 def offload_frozen(tm, settings, device, *, te_trained: bool, text_cached: bool, latents_cached: bool) -> list:
     """Move the VAE (latents cached) and the frozen text encoders (embeddings cached, never trained, not needed
     by prior_mode = base_model) to the CPU. Returns the moved modules (bring them back with `frozen_on`)."""
-    if device.type == "cpu":
+    if not is_accelerator(device):
         return []
     moved = []
     if latents_cached:
@@ -113,7 +115,7 @@ def offload_frozen(tm, settings, device, *, te_trained: bool, text_cached: bool,
     if not te_trained and text_cached and settings.prior_mode != "base_model":
         moved.extend(tm.text_encoders)
     for m in moved:
-        m.to("cpu")
+        to_host(m)
     if moved and device.type == "cuda":
         torch.cuda.empty_cache()
     return moved

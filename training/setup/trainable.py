@@ -31,8 +31,8 @@ def build_trainable(model, settings):
     # take a 1e-6 step (it rounds back), and fp16 gradients cannot be unscaled; autocast computes in half
     # (or bf16 with weights_dtype = bf16: the optimizer then rounds each update stochastically, setup/fused.py)
     wdt = trained_weight_dtype(settings)
-    unet = trainable_copy(model.unet).to(wdt) if settings.train_unet else model.unet
-    tes = [trainable_copy(te).to(wdt) for te in model.text_encoders] if trains_te else list(model.text_encoders)
+    unet = trainable_copy(model.unet, wdt) if settings.train_unet else model.unet
+    tes = [trainable_copy(te, wdt) for te in model.text_encoders] if trains_te else list(model.text_encoders)
     unet_params, te_params = [], []
     if settings.train_unet:
         unet.requires_grad_(True)
@@ -54,7 +54,7 @@ def with_data_vae(model, dtype):
     (a half-precision model's VAE is copied to fp32 unless asked otherwise)."""
     if model.vae.dtype == dtype:
         return model
-    return model.replace(vae=trainable_copy(model.vae).to(dtype=dtype).requires_grad_(False))
+    return model.replace(vae=trainable_copy(model.vae, dtype).requires_grad_(False))
 
 
 def _own_frozen_unet_if_needed(tm, model, settings):
@@ -97,13 +97,20 @@ def named_trainables(tm, unet_params, te_params) -> dict:
     return out
 
 
-def trainable_copy(module):
+def trainable_copy(module, dtype=None):
     """A deep copy made outside inference mode: ComfyUI loads weights as inference tensors, which autograd
-    refuses; the copy's tensors are ordinary ones."""
+    refuses; the copy's tensors are ordinary ones. With `dtype`, its floating-point tensors are made in `dtype`
+    directly (as `.to(dtype)` would leave them), never as a full copy in the source's precision first."""
     import torch
 
     with torch.inference_mode(False), torch.no_grad():
-        return copy.deepcopy(module)
+        copies = {}
+        for t in [*module.parameters(), *module.buffers()] if dtype is not None else []:
+            if t.is_floating_point() and t.dtype != dtype and id(t) not in copies:
+                c = t.detach().to(dtype, copy=True)
+                copies[id(t)] = torch.nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(
+                    t, torch.nn.Parameter) else c
+        return copy.deepcopy(module, copies)
 
 
 def set_attention(unet, attention: str):
