@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .world import BACKGROUNDS, COLOURS, SHAPES, SIZE, Subject, Toy, object_mask, random_world_toy, render
+from .world import BACKGROUNDS, COLOURS, PATTERNS, SHAPES, SIZE, Subject, Toy, object_mask, random_world_toy, render
 
 _COLOUR_NAMES = list(COLOURS)
 _PALETTE = np.array([COLOURS[c] for c in _COLOUR_NAMES], dtype=np.float32)
@@ -147,6 +147,9 @@ class SubjectModel:
             raise ValueError("no object found in the subject's instance images")
         found = [c for r in self.readings for c in r.colours]
         self.colours = colours or tuple(sorted({c for c in found if found.count(c) * 2 >= len(self.readings)}))
+        # its outline as the shape reading names it (an outline outside the vocabulary gets its nearest shape)
+        shapes = [r.shape for r in self.readings if r.shape]
+        self.outline = max(set(shapes), key=shapes.count)
         self.threshold = threshold
 
     def similarity(self, image_or_reading) -> float:
@@ -156,9 +159,13 @@ class SubjectModel:
     def has_colours(self, reading: Reading) -> bool:
         return reading.layout is not None and set(self.colours) <= set(reading.colours)
 
+    def could_be(self, reading: Reading) -> bool:
+        """Its colours and its outline: what any picture of the subject has before its pattern is compared."""
+        return self.has_colours(reading) and reading.shape == self.outline
+
     def shows(self, image_or_reading) -> bool:
         r = image_or_reading if isinstance(image_or_reading, Reading) else analyse(image_or_reading)
-        return self.has_colours(r) and self.similarity(r) >= self.threshold
+        return self.could_be(r) and self.similarity(r) >= self.threshold
 
 
 def degrade(image, rng: random.Random):
@@ -179,8 +186,8 @@ def calibrate_subject(subject: Subject, instance_images, count: int = 200, seed:
     rng = random.Random(seed)
     pos, neg = _calibration_sets(subject, count, rng)
     pos, neg = [analyse(im) for im in pos], [analyse(im) for im in neg]
-    scores = [(model.similarity(r), model.has_colours(r), True) for r in pos] + \
-             [(model.similarity(r), model.has_colours(r), False) for r in neg]
+    scores = [(model.similarity(r), model.could_be(r), True) for r in pos] + \
+             [(model.similarity(r), model.could_be(r), False) for r in neg]
     best, best_right = 0.8, -1
     for t in sorted({round(s, 4) for s, _, _ in scores}):
         right = sum((s >= t and colours) == is_subject for s, colours, is_subject in scores)
@@ -195,9 +202,11 @@ def _calibration_sets(subject: Subject, count: int, rng: random.Random):
     pos = [degrade(render(subject.toy, rng.choice(bgs), rng), rng) for _ in range(count)]
     neg = []
     for i in range(count):
-        if i % 3 == 0:
+        if i % 4 == 0:
             toy, bg = random_world_toy(rng)
-        elif i % 3 == 1:       # the subject's outline plain, in one of its colours (another one if it has one)
+        elif i % 4 == 3:       # its outline and colours in another arrangement: what only the layout tells apart
+            toy, bg = _rearranged(subject.toy, rng), rng.choice(bgs)
+        elif i % 4 == 1:       # the subject's outline plain, in one of its colours (another one if it has one)
             others = [c for c in COLOURS if c not in subject.toy.colours] if subject.toy.second is None \
                 else list(subject.toy.colours)
             toy, bg = Toy(subject.toy.shape, rng.choice(others)), rng.choice(bgs)
@@ -209,6 +218,17 @@ def _calibration_sets(subject: Subject, count: int, rng: random.Random):
             bg = rng.choice(bgs)
         neg.append(degrade(render(toy, bg, rng), rng))
     return pos, neg
+
+
+def _rearranged(toy: Toy, rng: random.Random) -> Toy:
+    """The same outline and colours, arranged otherwise: another pattern, or the two colours swapped; a one-colour
+    subject gets a second colour in a pattern."""
+    if toy.second is None:
+        return Toy(toy.shape, toy.colour, rng.choice(PATTERNS[1:]), rng.choice([c for c in COLOURS if c != toy.colour]))
+    choices = [Toy(toy.shape, toy.second, toy.pattern, toy.colour)]
+    choices += [Toy(toy.shape, a, p, b) for p in PATTERNS[1:] if p != toy.pattern
+                for a, b in ((toy.colour, toy.second), (toy.second, toy.colour))]
+    return rng.choice(choices)
 
 
 def check_accuracy(count: int = 600, seed: int = 123) -> dict:
