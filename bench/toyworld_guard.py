@@ -3,7 +3,7 @@
     python bench/toyworld_guard.py [--samples 12] [--base FILE]
 
 One subject (the red/blue split circle, which "a {colour} {shape} toy" cannot describe), trained with the pack's
-own trainer at the guard settings (dreambench.GUARD_LORA / GUARD_FULL / GUARD_LORA_PRIOR) and sampled with its own
+own trainer at the guard settings (dreambench.GUARD_LORA / GUARD_FULL / GUARD_LORA_PRIOR / GUARD_FULL_PRIOR), sampled with its own
 sampler, read by the evaluator. Prints the untrained base's subject fidelity, each run's fidelity and the prior
 run's PRES, and exits 1 when a goal is missed: fidelity >= 0.7 and >= the base's + 0.6 after LoRA and after a full
 fine-tune, PRES <= 0.2 with prior preservation. It becomes tests/test_toyworld_guard.py once the shipped base passes
@@ -35,7 +35,8 @@ def run(samples: int = 12, base_file: str | None = None) -> dict:
         inst = os.path.join(root, "instance")
         judge = db.judge_for(subject, db.write_instance_images(subject, inst, 5), count=100)
         out["base_fidelity"] = db.subject_fidelity(base, subject, judge, samples)
-        for key, variant in (("lora", db.GUARD_LORA), ("full", db.GUARD_FULL), ("lora_prior", db.GUARD_LORA_PRIOR)):
+        for key, variant in (("lora", db.GUARD_LORA), ("full", db.GUARD_FULL), ("lora_prior", db.GUARD_LORA_PRIOR),
+                             ("full_prior", db.GUARD_FULL_PRIOR)):
             t0 = time.time()
             model = db.train_variant(base, variant, inst, os.path.join(root, key), count=5).model
             out[f"{key}_fidelity"] = db.subject_fidelity(model, subject, judge, samples)
@@ -51,8 +52,9 @@ def missed(r: dict) -> list[str]:
         f = r[f"{key}_fidelity"]
         if not (f >= 0.7 and f >= r["base_fidelity"] + 0.6):
             goals.append(f"{key}: subject fidelity {f} (goal >= 0.7 and >= base {r['base_fidelity']} + 0.6)")
-    if r["lora_prior_pres"] > 0.2:
-        goals.append(f"lora_prior: PRES {r['lora_prior_pres']} (goal <= 0.2)")
+    for key in ("lora_prior", "full_prior"):
+        if r[f"{key}_pres"] > 0.2:
+            goals.append(f"{key}: PRES {r[f'{key}_pres']} (goal <= 0.2)")
     return goals
 
 

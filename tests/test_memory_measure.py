@@ -31,6 +31,7 @@ def _measure(model, **changes):
     return measure(model, settings, loaded_dtype="fp32"), estimate(model, settings)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_accounting_reproduces_the_exact_parts(sd1, case):
     m, est = _measure(sd1, **CASES[case])
@@ -46,6 +47,7 @@ def test_accounting_reproduces_the_exact_parts(sd1, case):
     assert m.peak_at and m.total == max(m.stages.values())
 
 
+@pytest.mark.slow
 def test_received_unet_is_booked_off_the_accelerator(sd1):
     """A full fine-tune trains a copy: the received UNet leaves the accelerator (counted as the host's)."""
     m, _ = _measure(sd1, use_lora=False)
@@ -60,6 +62,7 @@ def test_received_unet_is_booked_off_the_accelerator(sd1):
     (dict(weights_dtype="bf16", mixed_precision="bf16"), "param"),
     (dict(optimizer="Adafactor"), "opt"),
 ])
+@pytest.mark.slow
 def test_a_saving_shows_in_the_accounting(sd1, saving, expect):
     base = dict(use_lora=False, optimizer="AdamW", mixed_precision="bf16" if "mixed_precision" in saving else "no")
     before, _ = _measure(sd1, **base)
@@ -91,6 +94,7 @@ def test_nothing_of_the_accounting_runs_in_training():
     assert to_host(module) is module and module.weight.device.type == "cpu"
 
 
+@pytest.mark.slow
 def test_bf16_trained_copy_is_made_without_a_full_precision_copy(sd1):
     """Issue 21.4: weights_dtype bf16 copied the UNet in full precision, then cast it (a transient fp32 copy:
     4 bytes per UNet parameter above the run's steady state on a CPU). Accounted as a CPU run: the build
@@ -108,6 +112,7 @@ def test_bf16_trained_copy_is_made_without_a_full_precision_copy(sd1):
     assert m.stages["building the trained model"] < received + 3 * unet
 
 
+@pytest.mark.slow
 def test_cli_estimate_measure_json(capsys, monkeypatch, sd1):
     """`estimate MODEL --measure --json`: the estimate's JSON plus measured_gb / measured_by (the accounting of
     the tiny model here; sd15 / sd2 / sdxl take minutes: bench/memory.py --accounting)."""

@@ -138,6 +138,7 @@ def test_both_ranks_hold_identical_weights_equal_to_one_process_at_the_same_effe
     assert per_process.steps == 2 * 3
 
 
+@pytest.mark.slow
 def test_resuming_with_another_number_of_processes_is_refused(interrupted_then_resumed, sd1, tmp_path):
     from comfyui_dreambooth.training.data.settings import ConceptSettings
     from comfyui_dreambooth.training.trainer import train
@@ -513,6 +514,7 @@ def _until_training(proc, seconds=240):
     return seen
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="sends signals as a scheduler does; reads /proc")
 def test_sigterm_under_num_processes_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     """Issue 24.5: SIGTERM during training ended with a SignalException traceback and no checkpoint. It stops as
@@ -535,6 +537,7 @@ def test_sigterm_under_num_processes_saves_a_checkpoint_and_exits_cleanly(tmp_pa
     assert not _left_running(out)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="sends signals as a terminal does; reads /proc")
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_a_stop_during_start_up_is_one_line_even_when_sigint_was_ignored(tmp_path, monkeypatch, sig):
@@ -583,6 +586,7 @@ def test_more_processes_than_the_machine_has_devices_is_refused(monkeypatch, cap
     assert code == 1 and len(err) == 1 and f"--num-processes {count}" in err[0] and "CPU core" in err[0], err
 
 
+@pytest.mark.slow
 def test_a_failing_process_under_num_processes_gives_its_line_without_a_launcher_report(tmp_path):
     """Issue 24.5: after a process failed, torch's launcher added a 40-60-line ChildFailedError report (and its
     own error log line) under the process's one-line message."""

@@ -115,6 +115,7 @@ def test_sample_prints_only_its_own_lines(runs, layout):
     assert all(line.startswith("sampling |") for line in err.replace("\r", "\n").splitlines() if line.strip()), err
 
 
+@pytest.mark.slow
 def test_debug_run_keeps_the_library_output(runs):
     if not transformers_draws_load_bars():
         pytest.skip("transformers 4 draws no bar while loading a text encoder")

@@ -984,6 +984,7 @@ def _(tmp, sd1):
 # ---- the matrix -------------------------------------------------------------------------------------------------
 # cases over ~3 s each on a 2-core machine: `pytest -m slow` (CI runs both)
 SLOW_CASES = {"kill-mid-save", "kill-mid-step", "overwrite-user-folder", "bad-images-skip", "interrupt-resume",
+              "sigterm-run", "edited-run-config",
               "disk-full", "damaged-checkpoint", "nan-loss"}
 
 
