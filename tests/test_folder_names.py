@@ -20,7 +20,7 @@ def test_test_command_passes_under_folder_name(tmp_path, folder):
     shutil.copy(os.path.join(ROOT, "tests", "conftest.py"), clone / "tests" / "conftest.py")
     (clone / "tests" / "test_probe.py").write_text(
         "def test_probe():\n    import comfyui_dreambooth.training.toyworld.world as w\n    assert w.SIZE == 64\n")
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q"], cwd=clone, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2"], cwd=clone, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert "1 passed" in out.stdout

@@ -150,6 +150,7 @@ def test_resuming_with_another_number_of_processes_is_refused(interrupted_then_r
         train(sd1, [concept], tiny_settings(**SETTINGS), output_root=str(tmp_path), resume=first[0]["run"])
 
 
+@pytest.mark.slow
 def test_resuming_a_one_process_run_with_two_ends_both_with_the_reason(launched):
     """Rank 0 decides which run continues (it holds the lock); the other learns its decision, or its error."""
     _, _, output, records = launched

@@ -123,6 +123,7 @@ def test_debug_run_keeps_the_library_output(runs):
     assert code == 0 and "Loading weights" in err, out + err
 
 
+@pytest.mark.slow
 def test_run_prints_the_pack_lines_and_each_problem_file_but_no_library_noise(runs):
     """A real training run through `comfyui-dreambooth run` (the demo's graph: class images, text encoder
     training with gradient checkpointing, sampling, saving): clean output; the broken image, the duplicate and
