@@ -318,27 +318,29 @@ def imagic_edit() -> dict:
     return c.to_json()
 
 
-def toy_world_subject_lora() -> dict:
+def toy_world_subject() -> dict:
     """The toy world's DreamBooth (issue 19): the shipped toy base learns a subject in about a minute on a CPU.
-    Its settings are the toy benchmark's LoRA row (training/toyworld/dreambench.LORA), so the example shows what
-    bench/quality.py measures."""
+    Its settings are the toy benchmark's full fine-tune row (training/toyworld/dreambench.FULL, the row that learns
+    the subject there), so the example shows what bench/quality.py measures."""
     from comfyui_dreambooth.nodes.models import TOY_BASE
     from comfyui_dreambooth.training.toyworld import dreambench as db
     from comfyui_dreambooth.training.toyworld.world import CLASS_NOUN, instance_prompt
 
-    v = db.LORA
+    v = db.FULL
     token = db.TOKEN
-    c = Canvas("toy_world_subject_lora")
+    c = Canvas("toy_world_subject")
     c.note("DreamBooth you can watch work in a minute, without a real model or a GPU.\n\n"
            "The base is the pack's toy world model (64 px): it knows coloured toys ('a red circle toy on a blue "
            "background') but not this subject, a red/blue split circle, which no words of its world can name. "
            "Concept > instance_dir 'toyworld:split_circle' draws its 5 pictures into input/toyworld/split_circle "
            "(other subjects: striped_square, dotted_heart, purple_plus, dotted_star; or any folder of 64 px "
-           "pictures).\n\nQueue: the LoRA trains in about a minute on a CPU, then the samples show "
+           "pictures).\n\nQueue: a full fine-tune trains for about a minute on a CPU, then the samples show "
            f"'{instance_prompt(token)}' (the subject) and '{instance_prompt(token, 'blue')}' (the subject in a "
-           f"new scene), and '{db.CLASS_PROMPT}' (should still be any toy: prior preservation).\n\n"
+           f"new scene). '{db.CLASS_PROMPT}' shows what the model now thinks any toy is: without prior "
+           "preservation it drifts towards the subject (set num_class_images_per_image to keep it; at this "
+           "short run that also slows the subject down).\n\n"
            "bench/quality.py measures these same settings (README: Toy world).",
-           (0, -40), width=420, height=330, title="How to use")
+           (0, -40), width=420, height=380, title="How to use")
     x0 = 460
     model = c.node("LoadBaseModel", (x0, 320), title=TITLES["model"], widgets={"model": TOY_BASE, "dtype": "fp32"})
     concept = c.node("ConceptDataset", (x0, 600), title=TITLES["concept"], width=400, widgets=_concept_widgets(
@@ -350,10 +352,11 @@ def toy_world_subject_lora() -> dict:
     data = c.node("DreamBoothData", (x0 + COL, 0), title=TITLES["data"],
                   widgets={"resolution": 64, "bucketing": False, "random_flip": False, "cache_mode": "memory"})
     settings = c.node("DreamBoothSettings", (x0 + 2 * COL, 0), title=TITLES["settings"], widgets=_lora_settings(
-        lora_rank=v.lora_rank, lora_alpha=float(v.lora_rank), steps_per_image=0, max_train_steps=v.steps,
-        batch_size=v.batch_size, learning_rate=v.learning_rate, text_encoder_lr=v.text_encoder_lr or 0.0,
-        lr_scheduler="constant", lr_warmup_steps=0, text_encoder_ratio=1.0 if v.text_encoder else 0.0,
-        mixed_precision="no", seed=0, save_every_epochs=0, preview_every_epochs=0, run_name="toy_split_circle"))
+        use_lora=v.use_lora, lora_rank=v.lora_rank, lora_alpha=float(v.lora_rank), steps_per_image=0,
+        max_train_steps=v.steps, batch_size=v.batch_size, learning_rate=v.learning_rate,
+        text_encoder_lr=v.text_encoder_lr or 0.0, lr_scheduler="constant", lr_warmup_steps=0,
+        text_encoder_ratio=1.0 if v.text_encoder else 0.0, mixed_precision="no", seed=0, save_every_epochs=0,
+        preview_every_epochs=0, run_name="toy_split_circle"))
     train = c.node("TrainDreamBooth", (x0 + 3 * COL, 320), title=TITLES["train"], width=420, height=520)
     c.link(data, "config", settings, "config")
     c.link(model, "model", train, "model")
@@ -367,10 +370,10 @@ def toy_world_subject_lora() -> dict:
             "width": 64, "height": 64, "batch_size": 4, "scheduler": db.SAMPLER,
             "filename_prefix": f"dreambooth/toy_{title.split()[0].lower()}"})
         c.link(train, "model", sample, "model")
-    save = c.node("SaveLoRA", (x0 + 3 * COL, 900), title=TITLES["save"],
+    save = c.node("SaveCheckpoint", (x0 + 3 * COL, 900), title="Save checkpoint",
                   widgets={"filename": "dreambooth/toy_split_circle", "dtype": "fp16"})
     c.link(train, "model", save, "model")
-    c.group("DreamBooth in the toy world (LoRA, CPU, ~1 min)", (440, -80, 5 * COL + 20, 1900))
+    c.group("DreamBooth in the toy world (full fine-tune, CPU, ~1 min)", (440, -80, 5 * COL + 20, 1900))
     return c.to_json()
 
 
@@ -381,7 +384,7 @@ EXAMPLES = {
     "train_then_generate_core_nodes": train_then_generate_core_nodes,
     "train_then_generate_same_graph": train_then_generate_same_graph,
     "imagic_edit": imagic_edit,
-    "toy_world_subject_lora": toy_world_subject_lora,
+    "toy_world_subject": toy_world_subject,
 }
 
 

@@ -11,7 +11,7 @@ from comfyui_dreambooth.nodes.models import TOY_BASE, LoadBaseModel, model_choic
 from comfyui_dreambooth.training.toyworld.commands import SUBJECT_IMAGES, base_path
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example_workflows",
-                       "toy_world_subject_lora.json")
+                       "toy_world_subject.json")
 
 
 @pytest.fixture
@@ -53,4 +53,4 @@ def test_the_toy_example_uses_the_toy_base_and_a_drawn_subject():
     nodes = {n["type"]: n for n in json.load(open(EXAMPLE, encoding="utf-8"))["nodes"]}
     assert nodes["LoadBaseModel"]["widgets_values"][0] == TOY_BASE
     assert nodes["ConceptDataset"]["widgets_values"][0] == "toyworld:split_circle"
-    assert {"TrainDreamBooth", "SampleTrained", "SaveLoRA", "DreamBoothSettings"} <= set(nodes)
+    assert {"TrainDreamBooth", "SampleTrained", "SaveCheckpoint", "DreamBoothSettings"} <= set(nodes)

@@ -161,12 +161,13 @@ def test_training_settings_follow_the_a1111_guide(path):
 
 
 def _toy_settings_follow_the_toy_benchmark(path):
-    """The toy example is no SD 1.5 run: it uses the toy benchmark's LoRA row (what bench/quality.py measures)."""
-    from comfyui_dreambooth.training.toyworld.dreambench import LORA
+    """The toy example is no SD 1.5 run: it uses the toy benchmark's full fine-tune row (what bench/quality.py
+    measures, and the row that learns the subject there)."""
+    from comfyui_dreambooth.training.toyworld.dreambench import FULL
 
     (settings,) = _widgets(path, "DreamBoothSettings")
-    assert settings["use_lora"] == LORA.use_lora and settings["learning_rate"] == pytest.approx(LORA.learning_rate)
-    assert settings["max_train_steps"] == LORA.steps and settings["lora_rank"] == LORA.lora_rank
+    assert settings["use_lora"] == FULL.use_lora and settings["learning_rate"] == pytest.approx(FULL.learning_rate)
+    assert settings["max_train_steps"] == FULL.steps and settings["batch_size"] == FULL.batch_size
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=IDS)
