@@ -10,6 +10,19 @@ from dataclasses import dataclass
 GB = 1024 ** 3
 
 
+class PartBytes:
+    """Bytes per part (`self.parts`, a dict): their total, and the parts in GB with the total (rounded)."""
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def gb(self) -> dict:
+        out = {k: round(v / GB, 3) for k, v in self.parts.items()}
+        out["total"] = round(self.total / GB, 3)
+        return out
+
+
 @dataclass
 class DeviceMemory:
     """An accelerator's memory in bytes (free: None when it cannot be read)."""

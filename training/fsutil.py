@@ -71,6 +71,26 @@ def atomic_write_json(path: str, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def append_jsonl(path: str, record: dict) -> None:
+    """One JSON line added to a log (loss.jsonl, validation.jsonl)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """A log's records; [] when it does not exist. A line cut by a crash ends the log."""
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                break
+    return out
+
+
 @contextlib.contextmanager
 def atomic_folder(path: str):
     """Yield a temporary folder beside `path`; on success it takes `path`'s place (an old one is removed)."""

@@ -44,7 +44,7 @@ import functools
 import math
 from dataclasses import dataclass, field
 
-from .devices import GB, DeviceMemory, read_device
+from .devices import GB, DeviceMemory, PartBytes, read_device
 
 BNB_BLOCK = 256            # bitsandbytes Optimizer8bit.init_state, block_wise: one fp32 absmax per 256 elements
 BNB_MIN_8BIT_SIZE = 4096   # bitsandbytes' min_8bit_size default: smaller tensors keep fp32 state
@@ -305,20 +305,11 @@ def activation_bytes(model, settings, resolution: int, batch: int) -> int:
 
 
 @dataclass
-class Estimate:
+class Estimate(PartBytes):
     """Bytes per part (`parts`, keys PARTS), the total, and the facts behind them (`details`)."""
     parts: dict
     details: dict
     estimated: frozenset = ESTIMATED_PARTS
-
-    @property
-    def total(self) -> int:
-        return sum(self.parts.values())
-
-    def gb(self) -> dict:
-        out = {k: round(v / GB, 3) for k, v in self.parts.items()}
-        out["total"] = round(self.total / GB, 3)
-        return out
 
     def table(self) -> str:
         lines = [f"{k:<14}{_amount(v)}{'  (estimate)' if k in self.estimated else ''}" for k, v in self.parts.items()]

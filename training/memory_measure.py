@@ -32,7 +32,7 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 
-from .devices import GB, SimulatedAccelerator
+from .devices import GB, PartBytes, SimulatedAccelerator
 
 MEASURED_BY = "fake tensors, CPU kernels"
 KINDS = ("weights", "gradients", "optimizer", "ema", "activations", "temporaries")
@@ -40,7 +40,7 @@ STEPS = 2                   # the second step is the steady state: optimizer sta
 
 
 @dataclass
-class Measurement:
+class Measurement(PartBytes):
     """The accounted peak on the accelerator: bytes per kind (`parts`, keys KINDS), where it happened (`peak_at`),
     each stage's own peak (`stages`), bytes booked off the accelerator (`host`), and what stays resident
     (`resident`: unet / text_encoders / vae parameters on the accelerator, constant during the steps), and the
@@ -56,15 +56,6 @@ class Measurement:
     held: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
     seconds: float = 0.0
-
-    @property
-    def total(self) -> int:
-        return sum(self.parts.values())
-
-    def gb(self) -> dict:
-        out = {k: round(v / GB, 3) for k, v in self.parts.items()}
-        out["total"] = round(self.total / GB, 3)
-        return out
 
     def table(self) -> str:
         lines = [f"{k:<14}{v / GB:8.3f} GB" for k, v in self.parts.items()]

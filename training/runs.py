@@ -25,7 +25,7 @@ import os
 import shutil
 import socket
 
-from .fsutil import atomic_folder, atomic_write_json
+from .fsutil import append_jsonl, atomic_folder, atomic_write_json, read_jsonl
 
 RUNS_SUBFOLDER = "dreambooth"
 LOCK_FILE = ".lock"
@@ -201,20 +201,10 @@ class RunFolder:
         return os.path.join(self.path, "loss.jsonl")
 
     def append_loss(self, record: dict) -> None:
-        with open(self.loss_log, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(self.loss_log, record)
 
     def read_loss(self) -> list[dict]:
-        if not os.path.exists(self.loss_log):
-            return []
-        out = []
-        with open(self.loss_log, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    break        # a line cut by a crash ends the log
-        return out
+        return read_jsonl(self.loss_log)
 
     def truncate_loss(self, last_step: int) -> None:
         """Keep the log up to `last_step` (a resumed run re-logs the steps after its checkpoint)."""

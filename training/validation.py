@@ -29,6 +29,7 @@ import os
 from dataclasses import dataclass, field
 
 from .devices import is_accelerator, to_device, to_host
+from .fsutil import append_jsonl, read_jsonl
 from .data.settings import FILEWORDS
 
 # (band, timestep): a low-noise (detail), a middle and a high-noise (composition) timestep of the 1000-step schedule
@@ -384,22 +385,11 @@ def validate(job, step: int, *, checkpoint: str | None = None, with_grid: bool =
 
 # ---- validation.jsonl ----------------------------------------------------------------------------------------
 def append_record(run_path: str, record: dict) -> None:
-    with open(os.path.join(run_path, LOG_NAME), "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    append_jsonl(os.path.join(run_path, LOG_NAME), record)
 
 
 def read_records(run_path: str) -> list[dict]:
-    path = os.path.join(run_path, LOG_NAME)
-    if not os.path.exists(path):
-        return []
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                break          # a line cut by a crash ends the log
-    return out
+    return read_jsonl(os.path.join(run_path, LOG_NAME))
 
 
 def resume_records(job) -> None:
