@@ -663,7 +663,8 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
     add_arguments(p)
 
 
-@command("demo", "train a LoRA on a tiny built-in model and drawn images (about a minute on a CPU)",
+@command("demo", "DreamBooth in a minute on a CPU: the toy base learns a drawn subject; prints base vs trained figures "
+         "(--tiny: the machinery on a tiny random model)",
          arguments=_demo_arguments)
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import main as demo_main

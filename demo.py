@@ -1,14 +1,16 @@
-"""`comfyui-dreambooth demo [--output-dir DIR]`: the whole pack on an embedded default, in about a minute on a CPU.
+"""`comfyui-dreambooth demo [--output-dir DIR]`: DreamBooth shown working, in about a minute on a CPU.
 
-It builds a tiny random-weight SD1 model (saved as DIR/checkpoints/demo_tiny_sd1.safetensors), draws a small
-concept image set (DIR/input/demo_concept: the same red-and-yellow toy on different backgrounds), then runs the
-shipped LoRA example workflow (example_workflows/lora_person_prior_preservation.json) through the headless
-runner, with the model, folders, steps and resolution set through the runner's `--set`-style overrides. Out come
-the LoRA (DIR/loras/demo_lora.safetensors), the sample images (DIR/demo/), the run folder (DIR/dreambooth/...:
-config, loss log, previews) and a loss plot (DIR/demo_loss.png).
+The default demo runs the shipped toy-world example (example_workflows/toy_world_subject.json) headless: the pack's
+own pretrained toy base (training/toyworld: 64 px coloured toys) learns a subject its words cannot name, a red/blue
+split circle drawn into DIR/input/toyworld/split_circle. Then it measures, with the toy world's evaluator, the base
+and the trained model on the same seeds: subject fidelity (share of "a sks toy" samples that show the subject) and
+PRES (share of "a toy" samples that show it: the class forgetting what a toy is), and saves one grid, base | trained,
+for "a sks toy" and "a sks toy on a blue background" (DIR/demo_grid.png), plus the loss plot (DIR/demo_loss.png).
 
-The tiny model's images are noise: the demo shows the machinery (data scan, class images, training, export,
-sampling) end to end, not image quality. Cheap to import: everything heavy is imported inside the functions.
+`--tiny` runs the older machinery-only demo instead: a tiny random-weight SD1 model (DIR/checkpoints/
+demo_tiny_sd1.safetensors) and drawn concept images through the LoRA example workflow (class images, training,
+export, sampling) in seconds; its images are noise. The tests use it as the quickest whole-pack run.
+Cheap to import: everything heavy is imported inside the functions.
 """
 from __future__ import annotations
 
@@ -22,7 +24,13 @@ import time
 from dataclasses import dataclass, field
 from typing import TextIO
 
-DEMO_WORKFLOW = "lora_person_prior_preservation.json"
+DEMO_WORKFLOW = "lora_person_prior_preservation.json"      # the --tiny demo's
+TOY_WORKFLOW = "toy_world_subject.json"                     # the default demo's
+TOY_SUBJECT = "split_circle"
+TOY_GRID = "demo_grid.png"
+TOY_PROMPTS = ("a sks toy", "a sks toy on a blue background")
+TOY_MEASURE_SAMPLES = 12        # per figure and model, at fixed seeds (base and trained see the same noise)
+TOY_GRID_SAMPLES = 4
 CHECKPOINT_NAME = "demo_tiny_sd1.safetensors"
 CONCEPT_FOLDER = "demo_concept"
 LORA_NAME = "demo_lora"
@@ -297,6 +305,149 @@ def _run_demo(output_dir: str, *, show_progress: bool, stream: TextIO | None, ep
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# The toy-world demo (the default)
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass
+class ToyDemoResult:
+    output_dir: str
+    workflow: str
+    instance_dir: str
+    run_dir: str
+    saved: str                      # the trained checkpoint or LoRA the workflow saved
+    grid: str
+    loss_plot: str
+    steps: int
+    final_loss: float | None
+    before: dict                    # {"subject_fidelity", "pres"} of the untrained base
+    after: dict                     # the same of the trained model
+    seconds: float
+    train_seconds: float
+    samples: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        loss = f"{self.final_loss:.4f}" if self.final_loss is not None else "-"
+        n = TOY_MEASURE_SAMPLES
+        return "\n".join([
+            f"demo finished in {self.seconds:.0f}s ({self.train_seconds:.0f}s training): {self.steps} steps, "
+            f"final loss {loss}",
+            f"                       base   trained   ({n} samples each, same seeds)",
+            f"  subject fidelity     {self.before['subject_fidelity']:<6.2f} {self.after['subject_fidelity']:<9.2f}"
+            f" share of 'a sks toy' samples showing the subject (higher is better)",
+            f"  PRES                 {self.before['pres']:<6.2f} {self.after['pres']:<9.2f}"
+            f" share of 'a toy' samples showing it (the class drifting to the subject; lower is better)",
+            f"  concept images  {self.instance_dir}",
+            f"  workflow        {self.workflow}",
+            f"  run folder      {self.run_dir}  (config.json, loss.jsonl)",
+            f"  trained model   {self.saved}",
+            f"  grid            {self.grid}  (base | trained: '{TOY_PROMPTS[0]}', '{TOY_PROMPTS[1]}')",
+            *[f"  sample          {p}" for p in self.samples],
+            f"  loss plot       {self.loss_plot}",
+            "Next: load the workflow in ComfyUI (Templates > comfyui-dreambooth) and swap in your own model and photos."])
+
+
+def toy_overrides(instance_dir: str, run_name: str = "demo_toy") -> list[str]:
+    """The toy example as shipped, with the demo's concept folder and output names (so it never overwrites a user's
+    files)."""
+    return [f"{CONCEPT}.instance_dir={instance_dir}", f"{SETTINGS}.run_name={run_name}",
+            "Subject.filename_prefix=demo/toy_subject", "New scene.filename_prefix=demo/toy_new",
+            "Class (prior).filename_prefix=demo/toy_class", "Save checkpoint.filename=demo/toy_split_circle",
+            "Save checkpoint.overwrite=true"]
+
+
+def measure_toy(model, judge, subject) -> dict:
+    """Subject fidelity and PRES of `model` at the demo's fixed seeds (training.toyworld.dreambench)."""
+    from .training.toyworld import dreambench
+
+    return {"subject_fidelity": dreambench.subject_fidelity(model, subject, judge, TOY_MEASURE_SAMPLES),
+            "pres": dreambench.pres(model, judge, TOY_MEASURE_SAMPLES)}
+
+
+def draw_toy_grid(base, trained, path: str, prompts=TOY_PROMPTS, per_prompt: int = TOY_GRID_SAMPLES,
+                  seed: int = 2000) -> str:
+    """One PNG: a row per prompt, `per_prompt` samples of the base on the left and of the trained model on the right
+    (same seeds), labelled."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from .training.fsutil import atomic_path
+    from .training.toyworld import dreambench
+
+    cell, gap, label_h, pad = 64, 12, 16, 4
+    half = per_prompt * cell
+    width = 2 * half + gap
+    height = label_h + len(prompts) * (label_h + cell + pad)
+    grid = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default()
+    draw.text((4, 2), "base (untrained)", fill=(60, 60, 60), font=font)
+    draw.text((half + gap + 4, 2), "trained", fill=(20, 70, 170), font=font)
+    y = label_h
+    for prompt in prompts:
+        draw.text((4, y + 2), prompt, fill=(20, 20, 20), font=font)
+        y += label_h
+        for column, model in ((0, base), (half + gap, trained)):
+            for i, image in enumerate(dreambench.sample(model, [prompt] * per_prompt, seed)):
+                grid.paste(image.convert("RGB").resize((cell, cell)), (column + i * cell, y))
+        y += cell + pad
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")
+    return path
+
+
+def run_toy_demo(output_dir: str, *, show_progress: bool = True, stream: TextIO | None = None,
+                 threads: int | None = DEMO_THREADS) -> ToyDemoResult:
+    """Run the toy example headless under `output_dir`, then measure base vs trained and draw the grid."""
+    with torch_threads(threads):
+        return _run_toy_demo(output_dir, show_progress=show_progress, stream=stream)
+
+
+def _run_toy_demo(output_dir: str, *, show_progress: bool, stream: TextIO | None) -> ToyDemoResult:
+    import torch
+
+    from .runner import run_workflow, saved_files
+    from .training.models import load_model
+    from .training.toyworld import dreambench
+    from .training.toyworld.commands import base_path, subject_folder
+    from .training.toyworld.world import SUBJECTS
+
+    stream = stream if stream is not None else sys.stdout
+    started = time.monotonic()
+    output_dir = os.path.abspath(output_dir)
+    workflow = example_workflow_path(TOY_WORKFLOW)
+    instance_dir = subject_folder(TOY_SUBJECT, os.path.join(output_dir, "input"))
+    print(f"drew the subject (a red/blue split circle) into {instance_dir}", file=stream)
+    print(f"running {workflow} headless", file=stream)
+    result = run_workflow(workflow, overrides=toy_overrides(instance_dir), output_dir=output_dir,
+                          show_progress=show_progress)
+    classes = {node_id: node["class_type"] for node_id, node in result["prompt"].items()}
+    train_id = next(i for i, c in classes.items() if c == "TrainDreamBooth")
+    save_id = next(i for i, c in classes.items() if c in ("SaveCheckpoint", "SaveLoRA"))
+    trained = result["results"][train_id][0][0]
+    run_dir = result["results"][train_id][1][0]
+    saved = result["results"][save_id][0][0]
+
+    print("measuring base and trained model on the same seeds", file=stream)
+    from PIL import Image
+
+    subject = SUBJECTS[TOY_SUBJECT]
+    instances = [Image.open(os.path.join(instance_dir, f)).convert("RGB")
+                 for f in sorted(os.listdir(instance_dir)) if f.lower().endswith(".png")]
+    judge = dreambench.judge_for(subject, instances, count=100)
+    base = load_model(base_path(), dtype="fp32")
+    with torch.inference_mode():
+        before, after = measure_toy(base, judge, subject), measure_toy(trained, judge, subject)
+        grid = draw_toy_grid(base, trained, os.path.join(output_dir, TOY_GRID))
+    records = read_loss_log(run_dir)
+    loss_plot = plot_loss(records, os.path.join(output_dir, LOSS_PLOT), title="toy demo: loss per step")
+    samples = [p for p in saved_files(result) if os.path.relpath(p, output_dir).startswith("demo")]
+    return ToyDemoResult(output_dir=output_dir, workflow=workflow, instance_dir=instance_dir, run_dir=run_dir,
+                         saved=saved, grid=grid, loss_plot=loss_plot, steps=len(records),
+                         final_loss=records[-1]["loss"] if records else None, before=before, after=after,
+                         seconds=time.monotonic() - started, train_seconds=float(result["timings"][train_id]),
+                         samples=samples)
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # CLI (registered in cli.py)
 # ------------------------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -304,16 +455,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder for everything the demo writes (default: ./dreambooth-demo)")
     parser.add_argument("--quiet", action="store_true", help="no per-node progress lines")
     parser.add_argument("--threads", type=int, default=DEMO_THREADS,
-                        help=f"torch CPU threads (default {DEMO_THREADS}: the tiny model gains nothing from more)")
+                        help=f"torch CPU threads (default {DEMO_THREADS}: the 64 px models gain nothing from more)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="the machinery-only demo instead: a tiny random model through the LoRA example "
+                             "(seconds; its images are noise)")
 
 
 def main(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise ValueError(f"--threads {args.threads}: must be at least 1")
-    result = run_demo(args.output_dir, show_progress=not args.quiet, threads=args.threads)
+    run = run_demo if args.tiny else run_toy_demo
+    result = run(args.output_dir, show_progress=not args.quiet, threads=args.threads)
     print(result.summary())
     return 0
 
 
-__all__ = ["run_demo", "DemoResult", "torch_threads", "make_tiny_checkpoint", "make_concept_images", "draw_concept_image",
+__all__ = ["run_toy_demo", "ToyDemoResult", "toy_overrides", "measure_toy", "draw_toy_grid", "run_demo", "DemoResult", "torch_threads", "make_tiny_checkpoint", "make_concept_images", "draw_concept_image",
            "demo_overrides", "read_loss_log", "plot_loss", "smoothed", "example_workflow_path"]

@@ -1,5 +1,6 @@
-"""`comfyui-dreambooth demo`: tiny model + drawn concept -> the LoRA example workflow headless -> LoRA, samples and a
-loss plot, in well under a minute on 2 CPU cores (one real run, shared by the tests of this file)."""
+"""`comfyui-dreambooth demo --tiny`: tiny model + drawn concept -> the LoRA example workflow headless -> LoRA, samples
+and a loss plot, in well under a minute on 2 CPU cores (one real run, shared by the tests of this file). The default
+demo (the toy world) is tests/test_demo_toy.py."""
 import contextlib
 import io
 import os
@@ -20,7 +21,7 @@ def demo_run(tmp_path_factory):
     printed, errors = io.StringIO(), io.StringIO()
     started = time.monotonic()
     with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors):
-        rc = cli.main(["demo", "--output-dir", str(out), "--quiet"])
+        rc = cli.main(["demo", "--tiny", "--output-dir", str(out), "--quiet"])
     return {"out": out, "rc": rc, "stdout": printed.getvalue(), "stderr": errors.getvalue(),
             "seconds": time.monotonic() - started}
 

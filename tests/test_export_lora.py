@@ -102,6 +102,8 @@ UNET_PRESET_ENDINGS = {
     "attention": ("_to_q", "_to_k", "_to_v", "_to_out_0"),
     "transformer": ("_to_q", "_to_k", "_to_v", "_to_out_0", "_proj_in", "_proj_out", "_ff_net_0_proj", "_ff_net_2"),
 }
+UNET_PRESET_ENDINGS["transformer+conv"] = UNET_PRESET_ENDINGS["transformer"] + (
+    "_conv1", "_conv2", "_conv_shortcut", "_time_emb_proj", "_downsamplers_0_conv", "_upsamplers_0_conv")
 TE_PRESET_ENDINGS = {"attention": CLIP_LAYERS[:4], "attention+mlp": CLIP_LAYERS}
 # what each reader-side adapter (comfy/weight_adapter, LyCORIS) recognises after the layer name
 KNOWN_SUFFIXES = {
@@ -113,14 +115,19 @@ KNOWN_SUFFIXES = {
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("unet_targets,te_targets", [("transformer", "attention+mlp"), ("attention", "attention")])
+@pytest.mark.parametrize("unet_targets,te_targets", [("transformer", "attention+mlp"), ("attention", "attention"),
+                                                    ("transformer+conv", "attention+mlp")])
 def test_key_set_is_exactly_what_comfyui_maps(bases, family, unet_targets, te_targets):
     model = A.add_adapters(bases[family], rank=2, on_text_encoder=True, unet_targets=unet_targets,
                            text_encoder_targets=te_targets)
     state = L.kohya_lora_state(model)
     prefixes = {key.split(".")[0] for key in state}
+    # ComfyUI's map is a superset (conv_shortcut and up/downsamplers of every level); keep the layers this UNet has
+    present = {"lora_unet_" + name.replace(".", "_") for name, _ in model.unet.named_modules()}
     accepted = comfy_accepted_names(model)
     expected = {n for n in accepted
+                if n.startswith("lora_te") or n in present}
+    expected = {n for n in expected
                 if (n.startswith("lora_unet_") and n.endswith(UNET_PRESET_ENDINGS[unet_targets]))
                 or (n.startswith("lora_te") and n.endswith(TE_PRESET_ENDINGS[te_targets]))}
     assert prefixes == expected, (sorted(prefixes - expected)[:5], sorted(expected - prefixes)[:5])
@@ -133,9 +140,10 @@ def test_key_set_is_exactly_what_comfyui_maps(bases, family, unet_targets, te_ta
         assert all(not p.startswith(("lora_te1_", "lora_te2_")) for p in prefixes)
 
 
+@pytest.mark.parametrize("unet_targets", ["transformer", "transformer+conv"])
 @pytest.mark.parametrize("lora_type", A.LORA_TYPES)
-def test_every_adapter_type_writes_only_keys_readers_know(bases, lora_type):
-    model = _trained(bases["sdxl"], lora_type)
+def test_every_adapter_type_writes_only_keys_readers_know(bases, lora_type, unet_targets):
+    model = _trained(bases["sdxl"], lora_type, unet_targets=unet_targets)
     state = L.kohya_lora_state(model)
     accepted = comfy_accepted_names(model)
     for key in state:
@@ -201,11 +209,13 @@ def _plain_weight(model, index, path):
 
 
 @pytest.mark.parametrize("lora_type", A.LORA_TYPES)
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_file_tensors_rebuild_the_trained_weights(bases, family, lora_type):
-    """What a reader computes from the file equals the adapter-merged weights, for every layer and type."""
+@pytest.mark.parametrize("family,unet_targets", [("sd1", "transformer"), ("sdxl", "transformer"),
+                                                 ("sd1", "transformer+conv")])
+def test_file_tensors_rebuild_the_trained_weights(bases, family, unet_targets, lora_type):
+    """What a reader computes from the file equals the adapter-merged weights, for every layer and type (3x3
+    convolutions included: LoCon)."""
     base = bases[family]
-    model = _trained(base, lora_type, rank=4, alpha=3.0)
+    model = _trained(base, lora_type, rank=4, alpha=3.0, unet_targets=unet_targets)
     merged = A.merged_copy(model)
     layers = _layer_entries(L.kohya_lora_state(model))
     paths = _module_paths(model)
@@ -421,15 +431,18 @@ COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 
 @pytest.mark.skipif(not COMFYUI_DIR, reason="opt-in: set COMFYUI_DIR to a ComfyUI source tree (and COMFYUI_PYTHON "
                                             "to a Python that can import it, default: this one)")
-@pytest.mark.parametrize("family,lora_type", [("sd1", "lora"), ("sd2", "lora"), ("sdxl", "lora"),
-                                              ("sd1", "dora"), ("sd1", "loha"), ("sdxl", "lokr")])
-def test_real_comfyui_loads_every_key_and_applies_the_trained_weights(bases, family, lora_type, tmp_path):
+@pytest.mark.parametrize("family,lora_type,unet_targets", [
+    ("sd1", "lora", "transformer"), ("sd2", "lora", "transformer"), ("sdxl", "lora", "transformer"),
+    ("sd1", "dora", "transformer"), ("sd1", "loha", "transformer"), ("sdxl", "lokr", "transformer"),
+    ("sd1", "lora", "transformer+conv"), ("sdxl", "loha", "transformer+conv")])
+def test_real_comfyui_loads_every_key_and_applies_the_trained_weights(bases, family, lora_type, unet_targets,
+                                                                      tmp_path):
     from safetensors.torch import load_file, save_file
 
     from comfyui_dreambooth.training.models import save_single_file
 
     base = bases[family]
-    model = _trained(base, lora_type, rank=4, alpha=3.0)
+    model = _trained(base, lora_type, rank=4, alpha=3.0, unet_targets=unet_targets)
     checkpoint = save_single_file(base, str(tmp_path / "base.safetensors"), dtype="fp32")
     lora_path = L.save_kohya_lora(model, str(tmp_path / "lora.safetensors"), dtype="fp32")
     paths = _module_paths(model)
