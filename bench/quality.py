@@ -3,10 +3,13 @@
     python bench/quality.py                        # every row, every subject (the README table)
     python bench/quality.py --subjects split_circle --rows LoRA "LoRA + prior preservation" --per-prompt 8
     python bench/quality.py --quick                # one subject, three rows, few samples (a smoke run)
+    python bench/quality.py --subjects split_circle --rows --masked   # only the masked-loss pair of rows
 
 Rows: the untrained base, then each dreambench.VARIANTS entry (LoRA, LoRA + prior preservation, full fine-tune,
 full + prior preservation, base_model prior, text encoder frozen), then the instance images themselves (the upper
-bound). Columns: subject fidelity and similarity (the DINO / CLIP-I analogue), prompt fidelity (CLIP-T analogue),
+bound) and after the base's VAE round trip (the codec's bound: what a perfectly trained UNet could show). `--masked` adds a pair of rows (issue 20 point 3): the full fine-tune on instance images that all show one
+background, without and with masked loss (masks from the toy world's renderer, OneTrainer's `-masklabel.png`
+layout); their prompt fidelity is measured on the *other* backgrounds only. Columns: subject fidelity and similarity (the DINO / CLIP-I analogue), prompt fidelity (CLIP-T analogue),
 recontextualised subject share, PRES (lower is better) and DIV (with its ratio to the base's), averaged over the
 subjects. Everything runs on the CPU with the pack's own trainer (training.trainer.train) and sampler
 (training.sampling.generate); the evaluator (training/toyworld/evaluate.py) is an analysis calibrated on renders
@@ -30,7 +33,7 @@ COLUMNS = ["subject_fidelity", "subject_similarity", "prompt_fidelity", "reconte
 
 
 def run(subjects: list[str], rows: list[str] | None, per_prompt: int, instances: int, out_dir: str,
-        steps: int | None = None, threads: int = 1) -> dict:
+        steps: int | None = None, threads: int = 1, masked: bool = False) -> dict:
     import torch
 
     from comfyui_dreambooth.training.models import load_model
@@ -59,7 +62,10 @@ def run(subjects: list[str], rows: list[str] | None, per_prompt: int, instances:
                 per[v.name]["train_s"] = round(time.time() - t0, 1)
                 print(f"[quality] {name} / {v.name}: " + ", ".join(f"{k} {per[v.name][k]}" for k in COLUMNS),
                       flush=True)
+            if masked:
+                per.update(masked_rows(base, subject, judge, os.path.join(work, name), per_prompt, instances, steps))
             per["instance images (upper bound)"] = db.measure_instances(subject, judge)
+            per["instance images through the base's VAE"] = db.measure_instances(subject, judge, through=base)
             for row, numbers in per.items():
                 pictures = numbers.pop("images", None)
                 results["rows"].setdefault(row, {})[name] = numbers
@@ -67,6 +73,36 @@ def run(subjects: list[str], rows: list[str] | None, per_prompt: int, instances:
                     results["grid"].append((row, pictures))
     results["seconds"] = round(time.time() - start, 1)
     return results
+
+
+MASKED_ROWS = ("full, one background", "full, one background + masked loss")
+
+
+def masked_rows(base, subject, judge, work: str, per_prompt: int, instances: int, steps: int | None) -> dict:
+    """The masked-loss pair: every instance image on the subject's first allowed background, trained without and
+    with masked loss (the mask file is there for both; only the setting differs); recontextualised prompts ask for
+    the other backgrounds."""
+    from comfyui_dreambooth.training.toyworld import dreambench as db
+    from comfyui_dreambooth.training.toyworld.masked import write_masked_subject
+
+    backgrounds = subject.allowed_backgrounds()
+    one, others = backgrounds[0], backgrounds[1:]
+    folder = os.path.join(work, "one_background")
+    write_masked_subject(folder, subject, instances, backgrounds=[one])
+    out = {}
+    for label, on in zip(MASKED_ROWS, (False, True)):
+        variant = dataclasses.replace(db.FULL, name=label, extra=dict(db.FULL.extra, masked_loss=on),
+                                      **({"steps": steps} if steps else {}))
+        t0 = time.time()
+        result = db.train_variant(base, variant, folder, os.path.join(work, "masked" if on else "unmasked"),
+                                  count=instances)
+        out[label] = db.measure(result.model, subject, judge, per_prompt=per_prompt, backgrounds=others,
+                                keep_images=True)
+        out[label]["train_s"] = round(time.time() - t0, 1)
+        out[label]["instance_background"] = one
+        print(f"[quality] {subject.name} / {label}: " + ", ".join(f"{k} {out[label][k]}" for k in COLUMNS),
+              flush=True)
+    return out
 
 
 def summarise(results: dict) -> dict:
@@ -120,14 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--instances", type=int, default=5)
     p.add_argument("--steps", type=int, default=None, help="override every variant's steps")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--masked", action="store_true", help="add the masked-loss pair of rows (one background)")
     p.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     a = p.parse_args(argv)
     from comfyui_dreambooth.training.toyworld.world import SUBJECTS
 
     subjects = a.subjects or (["split_circle"] if a.quick else list(SUBJECTS))
-    rows = a.rows or (["LoRA", "LoRA + prior preservation", "full fine-tune"] if a.quick else None)
+    rows = a.rows if a.rows is not None else (["LoRA", "LoRA + prior preservation", "full fine-tune"] if a.quick else None)
     per_prompt = 6 if a.quick and a.per_prompt == 16 else a.per_prompt
-    results = run(subjects, rows, per_prompt, a.instances, a.out_dir, a.steps)
+    results = run(subjects, rows, per_prompt, a.instances, a.out_dir, a.steps, masked=a.masked)
     table = summarise(results)
     os.makedirs(a.out_dir, exist_ok=True)
     grid = results.pop("grid")

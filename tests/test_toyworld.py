@@ -105,6 +105,34 @@ def test_pretrain_script_makes_a_checkpoint_the_pack_loads(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.vae.state_dict().values(), again.vae.state_dict().values()))
     assert not all(torch.equal(a, b) for a, b in zip(model.unet.state_dict().values(),
                                                       again.unet.state_dict().values()))
+    # stage 1c: only the decoder changes (the latent space and the text-to-image model stay)
+    third = tmp_path / "base_codec.safetensors"
+    assert main(["--out", str(third), "--start-from", str(second), "--codec-steps", "2", "--images", "40",
+                 "--threads", "1"]) == 0
+    codec = load_model(str(third), dtype="fp32")
+    assert codec.prediction_type == "v_prediction" and codec.zero_terminal_snr
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+    assert same(again.unet, codec.unet) and same(again.text_encoders[0], codec.text_encoders[0])
+    assert same(again.vae.encoder, codec.vae.encoder) and same(again.vae.quant_conv, codec.vae.quant_conv)
+    assert not same(again.vae.decoder, codec.vae.decoder)
+
+
+def test_codec_objects_have_two_colours_and_are_never_a_subject():
+    from comfyui_dreambooth.training.toyworld.evaluate import analyse
+    from comfyui_dreambooth.training.toyworld.pretrain import codec_objects, codec_toys
+
+    toys = codec_toys(3000, seed=3)
+    subjects = {s.toy for s in world.SUBJECTS.values()}
+    assert not subjects & {toy for toy, _ in toys}
+    assert all(toy.second and toy.second != toy.colour and toy.pattern != "plain" for toy, _ in toys)
+    assert all(world.BACKGROUNDS[bg] not in (world.COLOURS[t.colour], world.COLOURS[t.second]) for t, bg in toys)
+    images = codec_objects(40, seed=3)
+    assert len(images) == 40 and all(im.size == (world.SIZE, world.SIZE) for im in images)
+    # two colours in most (a small dot can fall under the evaluator's 15 % share)
+    assert sum(len(analyse(im).colours) >= 2 for im in images) >= 30
 
 
 @pytest.mark.slow

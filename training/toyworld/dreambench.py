@@ -155,9 +155,27 @@ def measure(model, subject: Subject, judge: SubjectModel, *, per_prompt: int = 1
     return out
 
 
-def measure_instances(subject: Subject, judge: SubjectModel, count: int = 16, seed: int = 4242) -> dict:
-    """The upper bound: fresh renders of the subject read like samples (subject metrics only)."""
+def vae_round_trip(model, images: list) -> list:
+    """`images` encoded and decoded by `model`'s VAE (what a perfectly trained UNet could at best show)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    x = torch.from_numpy(np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images]) / 127.5 - 1)
+    x = x.permute(0, 3, 1, 2).to(dtype=next(model.vae.parameters()).dtype)
+    with torch.no_grad():
+        y = model.vae.decode(model.vae.encode(x).latent_dist.mean).sample
+    y = ((y.float().clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(np.uint8)
+    return [Image.fromarray(a) for a in y]
+
+
+def measure_instances(subject: Subject, judge: SubjectModel, count: int = 16, seed: int = 4242,
+                      through=None) -> dict:
+    """The upper bound: fresh renders of the subject read like samples (subject metrics only); `through` a model:
+    the renders after its VAE's round trip (the codec's bound)."""
     images = draw_subject(subject, count, seed=seed)
+    if through is not None:
+        images = vae_round_trip(through, images)
     readings = [analyse(im) for im in images]
     return {"subject_fidelity": _share(judge.shows(r) for r in readings),
             "subject_similarity": round(sum(judge.similarity(r) for r in readings) / len(readings), 4),
@@ -178,7 +196,7 @@ def variant_dict(v: Variant) -> dict:
 
 
 __all__ = ["Variant", "VARIANTS", "GUARD_LORA", "GUARD_FULL", "GUARD_LORA_PRIOR", "GUARD_FULL_PRIOR", "subject_fidelity", "pres", "LORA", "LORA_PRIOR", "FULL", "FULL_PRIOR", "BASE_PRIOR", "FROZEN_TE", "TOKEN",
-           "CLASS_PROMPT", "write_instance_images", "settings_for", "concept_for", "train_variant", "sample",
+           "CLASS_PROMPT", "write_instance_images", "vae_round_trip", "settings_for", "concept_for", "train_variant", "sample",
            "measure", "measure_instances", "judge_for", "variant_dict"]
 
 

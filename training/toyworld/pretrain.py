@@ -4,7 +4,13 @@
 
 Stages, all on rendered images (world.draw_world): 1. the VAE learns to reconstruct 64×64 images through a 16×16×4
 latent (on 32×32 crops: cheap); 1b. its decoder alone is polished on whole images (the latent space stays); 2. the UNet and the text encoder learn together to denoise those latents from captions with parts left out
-(and 10 % empty captions, so classifier-free guidance works). The UNet's EMA weights are saved. The file is an
+(and 10 % empty captions, so classifier-free guidance works). The UNet's EMA weights are saved. 1c (`--start-from
+FILE --codec-steps N`, on a finished base): the decoder alone again, on world images mixed half and half with
+uncaptioned objects of two colours (split, stripes, dot: any outline, any pair of colours, never one of the
+benchmark's subjects). The decoder is the model's image codec, like SD's VAE, which can draw any dog: trained on
+single-colour objects only, it drew a red/blue split circle's red half orange on a white background, so no
+fine-tune could show the subject. The encoder, so the latent space the UNet knows, is unchanged, and nothing with a
+caption is added: the text-to-image model still cannot name or draw a subject. The file is an
 ordinary single-file SD1 checkpoint: LoadBaseModel, the trainer and the samplers use it like any other.
 Log lines (JSON) go to --log; a checkpoint is written every --save-every steps, so a run can be looked at early.
 """
@@ -145,6 +151,57 @@ def polish_decoder(vae, images, steps: int, batch: int, lr: float, log, seed: in
     last = _reconstruction_loop(opt, steps, lr, step_loss, log, "decoder")
     vae.eval().requires_grad_(False)
     return last
+
+
+def codec_toys(count: int, seed: int = 0) -> list:
+    """`count` (toy, background) for the decoder's stage 1c: any outline (vocabulary or extra), a split / stripes /
+    dot pattern, two different colours, a background unlike both; never the toy of a benchmark subject
+    (world.SUBJECTS)."""
+    from .world import BACKGROUNDS, COLOURS, EXTRA_SHAPES, SHAPES, SUBJECTS, Toy
+
+    rng = random.Random(seed)
+    subjects = {s.toy for s in SUBJECTS.values()}
+    out = []
+    while len(out) < count:
+        first, second = rng.sample(list(COLOURS), 2)
+        toy = Toy(rng.choice(SHAPES + EXTRA_SHAPES), first, rng.choice(("split", "stripes", "dot")), second)
+        backgrounds = [b for b in BACKGROUNDS if BACKGROUNDS[b] not in (COLOURS[first], COLOURS[second])]
+        if toy not in subjects and backgrounds:
+            out.append((toy, rng.choice(backgrounds)))
+    return out
+
+
+def codec_objects(count: int, seed: int = 0) -> list:
+    """The images of codec_toys(count, seed)."""
+    from .world import render
+
+    rng = random.Random(seed + 1)
+    return [render(toy, background, rng) for toy, background in codec_toys(count, seed)]
+
+
+def polish_codec(start_from: str, out: str, *, steps: int, images: int = 8192, seed: int = 0,
+                 log_path: str | None = None, threads: int | None = None) -> str:
+    """Stage 1c on a finished base: its decoder on world images + codec_objects, half and half; the UNet, text
+    encoder and encoder are copied unchanged."""
+    import torch
+
+    from ..models import load_model, save_single_file
+
+    if threads:
+        torch.set_num_threads(threads)
+    log = _Log(log_path)
+    log(stage="codec start", start_from=start_from, steps=steps, images=images, seed=seed, torch=torch.__version__,
+        threads=torch.get_num_threads())
+    model = load_model(start_from, dtype="fp32")
+    pictures = [w[0] for w in draw_world(images // 2, seed=seed + 7, drop=0.0)] + codec_objects(images // 2, seed)
+    mse = polish_decoder(model.vae, pictures, steps, 16, 5e-4, log, seed + 7)
+    from safetensors import safe_open
+
+    with safe_open(start_from, "pt") as f:            # the base's own toyworld.* keys (its step count) go along
+        carried = {k: v for k, v in (f.metadata() or {}).items() if k.startswith("toyworld.")}
+    save_single_file(model, out, dtype="fp16", metadata={**carried, "toyworld.codec_steps": str(steps)})
+    log(stage="codec saved", path=out, vae_mse=round(mse, 5))
+    return out
 
 
 def centre_latents(vae, means):
@@ -356,8 +413,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--codec-steps", type=int, default=0,
+                   help="stage 1c only, on --start-from: its decoder on world + two-colour objects (see above)")
     a = p.parse_args(argv)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    if a.codec_steps:
+        if not a.start_from:
+            p.error("--codec-steps needs --start-from (a finished base)")
+        polish_codec(a.start_from, a.out, steps=a.codec_steps, images=min(a.images, 8192), seed=a.seed,
+                     log_path=a.log, threads=a.threads)
+        return 0
     pretrain(a.out, images=a.images, vae_steps=a.vae_steps, decoder_steps=a.decoder_steps, unet_steps=a.unet_steps,
              offset_steps=a.offset_steps, start_from=a.start_from, centre=a.centre, offset_noise=a.offset_noise,
              v_prediction=a.v_prediction, lr=a.lr, batch=a.batch, seed=a.seed, log_path=a.log,

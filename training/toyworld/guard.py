@@ -1,0 +1,104 @@
+"""The toy world's guard (issue 19 point 5): does training teach the toy base a subject, and does prior preservation
+keep the class? One subject (the red/blue split circle, which "a {colour} {shape} toy" cannot describe), trained with
+the pack's own trainer at dreambench's GUARD_* settings, sampled with its own sampler, read by the evaluator.
+
+Goals (`missed` lists the ones a result misses): subject fidelity >= 0.7 and >= the untrained base's + 0.6 after
+LoRA and after a full fine-tune; PRES <= 0.2 with prior preservation. tests/test_toyworld_guard.py and
+bench/toyworld_guard.py run it.
+
+`sabotage` breaks training the way real bugs did or could, to show the guard catches it:
+  lr0            every learning rate at the smallest allowed value (1e-10): nothing is learned;
+  no_te_lora     the text encoder's LoRA is created and trained but not applied in its forward (the transformers
+                 4.x defect this project once had);
+  no_prior_loss  class images are in every batch but their loss weight is 0 (prior preservation dropped).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import tempfile
+import time
+
+SABOTAGES = ("lr0", "no_te_lora", "no_prior_loss")
+ROWS = ("lora", "full", "full_prior")
+
+
+@contextlib.contextmanager
+def text_encoder_lora_not_applied():
+    """add_adapters as usual, then the text encoder's adapter layers skip their adapter in forward."""
+    from ..setup import adapters
+
+    real = adapters.add_adapters
+
+    def broken(model, **kw):
+        adapted = real(model, **kw)
+        for te in adapted.text_encoders:
+            for module in te.modules():
+                if hasattr(module, "_disable_adapters"):
+                    module._disable_adapters = True
+        return adapted
+
+    adapters.add_adapters = broken
+    try:
+        yield
+    finally:
+        adapters.add_adapters = real
+
+
+def sabotaged(variant, sabotage: str | None):
+    if sabotage == "lr0":
+        return dataclasses.replace(variant, learning_rate=1e-10, text_encoder_lr=1e-10)
+    if sabotage == "no_prior_loss" and variant.prior != "none":
+        return dataclasses.replace(variant, prior_loss_weight=0.0)
+    return variant
+
+
+def run(samples: int = 12, base_file: str | None = None, sabotage: str | None = None,
+        rows: tuple = ROWS) -> dict:
+    import torch
+
+    from ..models import load_model
+    from . import dreambench as db
+    from .commands import base_path
+    from .world import SUBJECTS
+
+    if sabotage not in (None, *SABOTAGES):
+        raise ValueError(f"--sabotage {sabotage!r}: choose one of {', '.join(SABOTAGES)}")
+    torch.set_num_threads(1)
+    subject = SUBJECTS["split_circle"]
+    base = load_model(base_file or base_path(), dtype="fp32")
+    variants = {"lora": db.GUARD_LORA, "full": db.GUARD_FULL, "lora_prior": db.GUARD_LORA_PRIOR,
+                "full_prior": db.GUARD_FULL_PRIOR}
+    out = {"sabotage": sabotage}
+    patch = text_encoder_lora_not_applied() if sabotage == "no_te_lora" else contextlib.nullcontext()
+    with tempfile.TemporaryDirectory(prefix="toyworld-guard-") as root, patch:
+        inst = os.path.join(root, "instance")
+        judge = db.judge_for(subject, db.write_instance_images(subject, inst, 5), count=100)
+        out["base_fidelity"] = db.subject_fidelity(base, subject, judge, samples)
+        for key in rows:
+            variant = sabotaged(variants[key], sabotage)
+            t0 = time.time()
+            model = db.train_variant(base, variant, inst, os.path.join(root, key), count=5).model
+            out[f"{key}_fidelity"] = db.subject_fidelity(model, subject, judge, samples)
+            if variant.prior != "none":
+                out[f"{key}_pres"] = db.pres(model, judge, samples)
+            out[f"{key}_seconds"] = round(time.time() - t0, 1)
+    return out
+
+
+def missed(r: dict) -> list[str]:
+    goals = []
+    for key in ("lora", "full"):
+        if f"{key}_fidelity" not in r:
+            continue
+        f = r[f"{key}_fidelity"]
+        if not (f >= 0.7 and f >= r["base_fidelity"] + 0.6):
+            goals.append(f"{key}: subject fidelity {f} (goal >= 0.7 and >= base {r['base_fidelity']} + 0.6)")
+    for key in ("lora_prior", "full_prior"):
+        if f"{key}_pres" in r and r[f"{key}_pres"] > 0.2:
+            goals.append(f"{key}: PRES {r[f'{key}_pres']} (goal <= 0.2)")
+    return goals
+
+
+__all__ = ["SABOTAGES", "ROWS", "run", "missed", "sabotaged", "text_encoder_lora_not_applied"]
