@@ -2,7 +2,7 @@
 
 It builds a tiny random-weight SD1 model (saved as DIR/checkpoints/demo_tiny_sd1.safetensors), draws a small
 concept image set (DIR/input/demo_concept: the same red-and-yellow toy on different backgrounds), then runs the
-shipped LoRA example workflow (example_workflows/lora_person_prior_preservation.json) through the headless
+shipped LoRA example workflow (example_workflows/LoRA of a person with prior preservation.json) through the headless
 runner, with the model, folders, steps and resolution set through the runner's `--set`-style overrides. Out come
 the LoRA (DIR/loras/demo_lora.safetensors), the sample images (DIR/demo/), the run folder (DIR/dreambooth/...:
 config, loss log, previews) and a loss plot (DIR/demo_loss.png).
@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TextIO
 
-DEMO_WORKFLOW = "lora_person_prior_preservation.json"
+DEMO_WORKFLOW = "LoRA of a person with prior preservation.json"
 CHECKPOINT_NAME = "demo_tiny_sd1.safetensors"
 CONCEPT_FOLDER = "demo_concept"
 LORA_NAME = "demo_lora"
