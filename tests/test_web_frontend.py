@@ -7,9 +7,11 @@ the pack's own node classes and nodes/live.py (issue 23's browser checks). What 
   * a queued workflow's panel shows its run; Save now is confirmed ("saved step N"); Stop after epoch ends the run
     as "stopped at step N (checkpoint saved)", without an ETA; a second workflow's Train node with the same id
     shows nothing; the first workflow loaded again shows its own run.
+  * a Train node converted into a subgraph (the prompt names it "<subgraph node>:<node>") shows and stops its own run;
+  * the Templates browser lists the examples under "DreamBooth", each titled by its file name, with its thumbnail.
 
 Skipped without chromium or without the frontend package (pip install comfyui-frontend-package==1.27.10; the
-[test] extra has it). The same checks against a real ComfyUI: tests/test_real_comfyui.py (opt-in).
+[test] extra has it). The same checks against a real ComfyUI: tests/test_real_comfyui_browser.py (opt-in).
 """
 import shutil
 import subprocess

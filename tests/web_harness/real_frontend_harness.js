@@ -197,11 +197,16 @@ async function templates() {
   const cards = () => [...document.querySelectorAll('[data-testid^="template-workflow-"]')];
   const names = (await (await fetch("/api/workflow_templates")).json())[PACK];
   // the pack's entry in the dialog's list of template sources, then its cards
-  const source = await until(() => [...document.querySelectorAll("li, [role='option'], button, a, span")]
+  const dialog = await until(() => document.querySelector(".p-dialog"), "the templates dialog");
+  const source = await until(() => [...dialog.querySelectorAll("li, [role='option'], button, a, span, div")]
     .find((e) => e.children.length === 0 && e.textContent.trim() === report.packLabel), "the pack in the list");
-  source.click();
+  report.templateSource = source.parentElement?.outerHTML?.slice(0, 600) ?? null;
+  (source.closest("li, [role='option'], button, a") ?? source).click();
   await until(() => cards().some((c) => names.includes(c.dataset.testid.slice("template-workflow-".length))),
-              "the pack's template cards");
+              "the pack's template cards", 60000).catch((error) => {
+    report.templateCardsSeen = cards().map((c) => c.dataset.testid).slice(0, 10);
+    throw error;
+  });
   const nameOf = (card) => card.dataset.testid.slice("template-workflow-".length);
   report.templateCards = Object.fromEntries(cards().map((card) => [nameOf(card),
     card.innerText.split("\n").map((l) => l.trim()).filter(Boolean)]));
