@@ -1,6 +1,6 @@
 """`comfyui-dreambooth demo [--output-dir DIR]`: DreamBooth shown working, in about a minute on a CPU.
 
-The default demo runs the shipped toy-world example (example_workflows/toy_world_subject.json) headless: the pack's
+The default demo runs the shipped toy-world example (example_workflows/Toy world subject on a CPU in a minute.json) headless: the pack's
 own pretrained toy base (training/toyworld: 64 px coloured toys) learns a subject its words cannot name, a red/blue
 split circle drawn into DIR/input/toyworld/split_circle. Then it measures, with the toy world's evaluator, the base
 and the trained model on the same seeds: subject fidelity (share of "a sks toy" samples that show the subject) and
@@ -24,8 +24,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TextIO
 
-DEMO_WORKFLOW = "lora_person_prior_preservation.json"      # the --tiny demo's
-TOY_WORKFLOW = "toy_world_subject.json"                     # the default demo's
+DEMO_WORKFLOW = "LoRA of a person with prior preservation.json"      # the --tiny demo's
+TOY_WORKFLOW = "Toy world subject on a CPU in a minute.json"                     # the default demo's
 TOY_SUBJECT = "split_circle"
 TOY_GRID = "demo_grid.png"
 TOY_PROMPTS = ("a sks toy", "a sks toy on a blue background")

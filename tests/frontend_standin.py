@@ -84,6 +84,15 @@ def object_info() -> dict:
     return out
 
 
+def translations() -> dict:
+    """GET /i18n as ComfyUI answers it (app/custom_node_manager.py build_translations): each language's
+    locales/<lang>/main.json of the pack."""
+    found = {}
+    for main in sorted((REPO / "locales").glob("*/main.json")):
+        found[main.parent.name] = json.loads(main.read_text(encoding="utf-8"))
+    return found
+
+
 SYSTEM_STATS = {
     "system": {"os": "posix", "ram_total": 8 << 30, "ram_free": 4 << 30, "comfyui_version": "0.3.64",
                "required_frontend_version": "1.27.10", "python_version": "3.11", "pytorch_version": "2.13.0",
@@ -227,7 +236,7 @@ class Handler(BaseHTTPRequestHandler):
             "/settings": lambda: {"Comfy.TutorialCompleted": True, "Comfy.Workflow.ShowMissingModelsWarning": False,
                                   "Comfy.Minimap.Visible": False},
             "/system_stats": lambda: SYSTEM_STATS,
-            "/embeddings": lambda: [], "/features": lambda: {}, "/i18n": lambda: {},
+            "/embeddings": lambda: [], "/features": lambda: {}, "/i18n": translations,
             "/queue": lambda: {"queue_running": [], "queue_pending": []}, "/history": lambda: {},
             "/models": lambda: [], "/experiment/models": lambda: [], "/userdata": lambda: [],
             "/v2/userdata": lambda: [], "/prompt": lambda: {"exec_info": {"queue_remaining": 0}},

@@ -24,6 +24,15 @@ COL = 440                                           # column width on the canvas
 # ComfyUI's frontend by tests/test_web_frontend.py): Data ends near y 640 then, Settings near 880.
 BELOW_DATA_Y = 720
 SETTINGS_NOTE_Y = 950
+# the examples' file names: ComfyUI's template browser (frontend 1.27) shows a custom node's template by its file
+# name, as the title, and as the description with '-' and '_' made spaces; it has no other title for them
+LORA_PERSON_PRIOR_PRESERVATION = "LoRA of a person with prior preservation"
+FULL_FINETUNE_OBJECT = "Full fine-tune of an object"
+TWO_CONCEPTS = "Two concepts in one LoRA"
+TRAIN_THEN_GENERATE_CORE_NODES = "Train a LoRA then generate with core nodes"
+TRAIN_THEN_GENERATE_SAME_GRAPH = "Train and generate in one graph"
+IMAGIC_EDIT = "Imagic edit of one photo"
+TOY_WORLD_SUBJECT = "Toy world subject on a CPU in a minute"
 NEGATIVE = "lowres, blurry, jpeg artifacts, deformed, watermark, text"
 
 # the demo (demo.py) and the real-ComfyUI test address nodes of the LoRA example by these titles
@@ -105,7 +114,7 @@ def lora_person_prior_preservation() -> dict:
            "(prior preservation), so only 'ohwx person' becomes your subject.\n"
            "4. The LoRA lands in models/loras/dreambooth/ohwx_person.safetensors: use it with LoraLoader and "
            "the prompt 'a photo of ohwx person'.\n\n"
-           "Headless: comfyui-dreambooth run lora_person_prior_preservation.json --set \"Concept.instance_dir=/my/photos\"",
+           "Headless: comfyui-dreambooth run \"LoRA of a person with prior preservation.json\" --set \"Concept.instance_dir=/my/photos\"",
            (0, -40), width=420, height=330, title="How to use")
     lora_training_chain(c, 460, 0)
     c.note(TRAINING_NOTE, (460 + 2 * COL, SETTINGS_NOTE_Y), width=420, height=330, title="Settings")
@@ -229,14 +238,14 @@ def _core_generate(c: Canvas, x0: int, y0: int, model_source: tuple, clip_source
 def train_then_generate_core_nodes() -> dict:
     c = Canvas("train_then_generate_core_nodes")
     c.note("Train a LoRA, then generate with ComfyUI's own nodes.\n\n"
-           "Top: the DreamBooth LoRA training of lora_person_prior_preservation. Save LoRA writes "
+           "Top: the DreamBooth LoRA training of 'LoRA of a person with prior preservation'. Save LoRA writes "
            f"models/loras/{PERSON_LORA}.safetensors (overwrite on: the name stays stable).\n"
            "Bottom: CheckpointLoaderSimple (the same base model) + LoraLoader (that LoRA) + KSampler.\n\n"
            "First queue: training runs and saves the LoRA; the bottom group is skipped ('lora_name not in "
            "list') because the file does not exist yet. Press R (refresh), then queue again: training is not "
            "repeated (same graph -> the finished run is reused) and the images are generated.\n\n"
            "Only inside ComfyUI (the headless runner has no core nodes). To skip the save/reload, see "
-           "train_then_generate_same_graph.json (DreamBooth To ComfyUI node).", (0, -40), width=420, height=400,
+           "'Train and generate in one graph' (DreamBooth To ComfyUI node).", (0, -40), width=420, height=400,
            title="How to use")
     ids = lora_training_chain(c, 460, 0, sample=False,
                               save_widgets={"filename": PERSON_LORA, "dtype": "fp16", "overwrite": True})
@@ -378,13 +387,13 @@ def toy_world_subject() -> dict:
 
 
 EXAMPLES = {
-    "lora_person_prior_preservation": lora_person_prior_preservation,
-    "full_finetune_object": full_finetune_object,
-    "two_concepts": two_concepts,
-    "train_then_generate_core_nodes": train_then_generate_core_nodes,
-    "train_then_generate_same_graph": train_then_generate_same_graph,
-    "imagic_edit": imagic_edit,
-    "toy_world_subject": toy_world_subject,
+    LORA_PERSON_PRIOR_PRESERVATION: lora_person_prior_preservation,
+    FULL_FINETUNE_OBJECT: full_finetune_object,
+    TWO_CONCEPTS: two_concepts,
+    TRAIN_THEN_GENERATE_CORE_NODES: train_then_generate_core_nodes,
+    TRAIN_THEN_GENERATE_SAME_GRAPH: train_then_generate_same_graph,
+    IMAGIC_EDIT: imagic_edit,
+    TOY_WORLD_SUBJECT: toy_world_subject,
 }
 
 

@@ -279,6 +279,28 @@ def test_runs_of_the_same_node_id_from_other_workflows_are_all_kept(monkeypatch)
     assert live_routes.control_response({"node": "5", "run": second.run, "action": "save_now"})[0] == 200
 
 
+def test_a_node_inside_a_subgraph_is_reported_and_controlled_by_its_execution_id(monkeypatch):
+    """Issue 23: inside a subgraph ComfyUI runs the Train node 5 of the subgraph that node 12 instantiates as "12:5"
+    (UNIQUE_ID); every message, the state and the control route name it so, apart from node 5 of the root graph,
+    which is what web/dreambooth.js binds the panel of the node in the subgraph to."""
+    monkeypatch.setattr(live, "send_ui_message", lambda e, d: None)
+    on_root, _, _ = make_reporter("5", prompt_id="prompt-s")
+    inner, sent, _ = make_reporter("12:5", prompt_id="prompt-s")
+    nested, _, _ = make_reporter("12:7:5", prompt_id="prompt-s")
+    inner.progress(1, 4, epoch=1, loss=0.5, lr=1e-4, it_per_s=1.0, eta_s=3.0)
+    inner.preview([{"filename": "p.png", "subfolder": "", "type": "output"}])
+    inner.status("saving", "saving")
+    assert sent and all(data["node"] == "12:5" and data["run"] == inner.run for _, data in sent)
+    assert live.get_state("12:5")["run"] == inner.run and live.get_state("5")["run"] == on_root.run
+    assert live.get_state("12:7:5")["run"] == nested.run
+    assert live_routes.state_response("12:5") == (200, live.get_state("12:5"))
+    assert live_routes.control_response({"node": "12:5", "run": inner.run, "action": "stop_now"})[0] == 200
+    assert inner.control.should_stop(epoch_end=False) and not on_root.control.should_stop(epoch_end=False)
+    assert live_routes.control_response({"node": "5", "run": inner.run, "action": "save_now"})[0] == 409
+    assert live_routes.control_response({"node": "12:7:5", "run": nested.run, "action": "save_now"})[0] == 200
+    assert nested.control.take_save_request() and not on_root.control.take_save_request()
+
+
 def test_kept_runs_are_bounded_but_each_nodes_latest_stays():
     reporters = [make_reporter(str(i % 3), prompt_id=f"p{i}")[0] for i in range(live.MAX_KEPT_RUNS + 10)]
     runs = [s["run"] for s in live.get_runs()]

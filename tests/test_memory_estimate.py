@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import make_example_workflows as make
 from trainer_fixtures import tiny_settings
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -267,7 +268,8 @@ def test_cli_estimate_set_and_workflow(capsys):
     assert bigger["estimate_gb"]["activations"] > plain["estimate_gb"]["activations"]
     code, out, err = _cli(capsys, "estimate", "sd15", "--set", "no_such=1")
     assert code == 1 and "no_such" in err
-    wf = os.path.join(os.path.dirname(__file__), "..", "example_workflows", "full_finetune_object.json")
+    wf = os.path.join(os.path.dirname(__file__), "..", "example_workflows",
+                      f"{make.FULL_FINETUNE_OBJECT}.json")
     code, out, err = _cli(capsys, "estimate", "sd15", "--workflow", wf, "--json")
     assert code == 0, err
     assert json.loads(out)["settings"]["use_lora"] is False       # taken from the workflow's settings nodes

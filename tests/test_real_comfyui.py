@@ -5,9 +5,9 @@ Checks /object_info (every pack node, display names, categories, descriptions, t
 and the web extension being served, then queues through /prompt (API format) and waits on /history:
   * the demo graph (the LoRA example with demo.py's overrides, on the tiny model): samples written, the LoRA lands in
     models/loras and loads;
-  * train_then_generate_core_nodes.json on an SD 1.5-shaped model: training + SaveLoRA first, then the core nodes
+  * 'Train a LoRA then generate with core nodes' on an SD 1.5-shaped model: training + SaveLoRA first, then the core nodes
     (CheckpointLoaderSimple + LoraLoader + KSampler ...) with that LoRA, and no "lora key not loaded" in the log;
-  * train_then_generate_same_graph.json: DreamBoothToComfy feeding KSampler in the same run.
+  * 'Train and generate in one graph': DreamBoothToComfy feeding KSampler in the same run.
 With chromium installed, every example is also loaded into ComfyUI's real frontend: it must keep every widget value
 and link as saved, and its own API conversion (graphToPrompt) must equal the runner's.
 About 1.5 minutes on 2 CPU cores (the SD 1.5-shaped model has a 100M-parameter UNet and the real CLIP-L / VAE).
@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import subprocess
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -122,8 +123,9 @@ def test_example_workflows_and_web_extension_are_served(server):
     templates = server.get("/workflow_templates")
     shipped = sorted(p.stem for p in EXAMPLES.glob("*.json"))
     assert sorted(templates.get("comfyui_dreambooth", [])) == shipped
-    served = server.get("/api/workflow_templates/comfyui_dreambooth/lora_person_prior_preservation.json")
-    assert served == json.loads((EXAMPLES / "lora_person_prior_preservation.json").read_text())
+    name = make.LORA_PERSON_PRIOR_PRESERVATION + ".json"
+    served = server.get("/api/workflow_templates/comfyui_dreambooth/" + urllib.parse.quote(name))
+    assert served == json.loads((EXAMPLES / name).read_text())
     extensions = server.get("/extensions")
     assert any(e.startswith("/extensions/comfyui_dreambooth/") and e.endswith(".js") for e in extensions), extensions
 
@@ -148,7 +150,7 @@ def test_demo_graph_through_prompt(server):
 
 
 def test_core_nodes_generate_with_the_trained_lora(server):
-    prompt = api_prompt("train_then_generate_core_nodes.json", sd15_overrides() + ["Load checkpoint.ckpt_name=" + SD15])
+    prompt = api_prompt(make.TRAIN_THEN_GENERATE_CORE_NODES + ".json", sd15_overrides() + ["Load checkpoint.ckpt_name=" + SD15])
     core = set(wt.CORE_NODES)
     # 1. train + save (the core nodes would be refused until the LoRA file exists)
     training_only = {i: n for i, n in prompt.items() if n["class_type"] not in core}
@@ -169,7 +171,7 @@ def test_core_nodes_generate_with_the_trained_lora(server):
 
 
 def test_same_graph_conversion_feeds_ksampler(server):
-    prompt = api_prompt("train_then_generate_same_graph.json", sd15_overrides())
+    prompt = api_prompt(make.TRAIN_THEN_GENERATE_SAME_GRAPH + ".json", sd15_overrides())
     entry = server.run(prompt, timeout=1200)
     images = server.output_files(entry, node_ids(prompt, "SaveImage")[0])
     assert len(images) == 1 and os.path.isfile(images[0])

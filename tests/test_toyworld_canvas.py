@@ -5,13 +5,14 @@ import os
 
 import pytest
 
+import make_example_workflows as make
 from comfyui_dreambooth.nodes import comfy_compat as compat
 from comfyui_dreambooth.nodes.concepts import make_concept, resolve_folder
 from comfyui_dreambooth.nodes.models import TOY_BASE, LoadBaseModel, model_choices, resolve_model_path
 from comfyui_dreambooth.training.toyworld.commands import SUBJECT_IMAGES, base_path
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example_workflows",
-                       "toy_world_subject.json")
+                       f"{make.TOY_WORLD_SUBJECT}.json")
 
 
 @pytest.fixture

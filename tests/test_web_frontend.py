@@ -7,13 +7,16 @@ the pack's own node classes and nodes/live.py (issue 23's browser checks). What 
   * a queued workflow's panel shows its run; Save now is confirmed ("saved step N"); Stop after epoch ends the run
     as "stopped at step N (checkpoint saved)", without an ETA; a second workflow's Train node with the same id
     shows nothing; the first workflow loaded again shows its own run.
+  * a Train node converted into a subgraph (the prompt names it "<subgraph node>:<node>") shows and stops its own run;
+  * the Templates browser lists the examples under "DreamBooth", each titled by its file name, with its thumbnail.
 
 Skipped without chromium or without the frontend package (pip install comfyui-frontend-package==1.27.10; the
-[test] extra has it). The same checks against a real ComfyUI: tests/test_real_comfyui.py (opt-in).
+[test] extra has it). The same checks against a real ComfyUI: tests/test_real_comfyui_browser.py (opt-in).
 """
 import shutil
 import subprocess
 import tempfile
+from urllib.parse import urlencode
 
 import pytest
 
@@ -30,8 +33,8 @@ pytestmark = [
 DASH = "–"
 
 
-def play(scenario: str, timeout: float = 150.0) -> dict:
-    """Open the frontend on a fresh stand-in with ?scenario=...; return the harness's report."""
+def play(scenario: str, timeout: float = 150.0, **params: str) -> dict:
+    """Open the frontend on a fresh stand-in with ?scenario=...&<params>; return the harness's report."""
     live.clear_states()
     server = frontend_standin.serve()
     try:
@@ -39,7 +42,8 @@ def play(scenario: str, timeout: float = 150.0) -> dict:
             browser = subprocess.Popen(
                 [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
                  "--disable-background-networking", "--disable-component-update", f"--user-data-dir={profile}",
-                 "--window-size=1600,1000", "--remote-debugging-port=0", f"{server.url}/?scenario={scenario}"],
+                 "--window-size=1600,1000", "--remote-debugging-port=0",
+                 f"{server.url}/?{urlencode({'scenario': scenario, **params})}"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 assert server.report_ready.wait(timeout), f"no report from the {scenario} scenario in {timeout} s"
@@ -117,3 +121,36 @@ def test_another_workflows_panel_shows_nothing_and_the_first_its_own_run(panel):
     assert other["state"] == "idle" and other["message"].startswith("Queue the workflow")
     assert set(other["fields"].values()) == {DASH} and all(other["buttons"].values())
     assert panel["firstAgain"]["state"] == "stopped" and panel["firstAgain"]["fields"] == panel["stopped"]["fields"]
+
+
+@pytest.fixture(scope="module")
+def subgraph():
+    return play("subgraph")["subgraph"]
+
+
+@pytest.mark.slow
+def test_a_train_node_turned_into_a_subgraph_shows_and_stops_its_own_run(subgraph):
+    """Issue 23: in a subgraph the prompt names the Train node "<subgraph node>:<node>"; its panel binds to the
+    queued prompt, shows the run the server reports under that id, and its button stops that run."""
+    assert not subgraph["onRoot"]
+    assert subgraph["trainIds"] == [f"{subgraph['instance']}:{subgraph['inner']}"]
+    assert subgraph["beforeQueue"]["state"] == "idle" and len(subgraph["prompts"]) == 1
+    assert subgraph["running"]["state"] == "running" and subgraph["running"]["fields"]["eta"] != DASH
+    stopped = subgraph["stopped"]
+    assert stopped["state"] == "stopped" and stopped["message"].startswith("stopped at step ")
+
+
+@pytest.mark.slow
+def test_the_templates_browser_shows_readable_titles_thumbnails_and_the_pack_name():
+    """Issue 23.7: frontend 1.27 titles a custom node's template by its file name (and describes it by the same
+    name with '-' and '_' as spaces): the file names are the titles. The pack's entry reads "DreamBooth"
+    (locales/en/main.json, templateWorkflows.category.<folder name>)."""
+    import make_example_workflows as make
+
+    report = play("templates", label="DreamBooth")
+    cards = report["templateCards"]
+    assert set(cards) == set(make.EXAMPLES), sorted(cards)
+    for name, lines in cards.items():
+        assert lines[0] == name and "_" not in name, (name, lines)
+        assert report["templateThumbnails"][name] and all(t is True for t in report["templateThumbnails"][name]), \
+            (name, report["templateThumbnails"][name])

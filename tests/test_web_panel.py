@@ -318,3 +318,31 @@ def test_long_stage_messages_the_imagic_stage_and_the_epoch_count_are_shown(site
     assert long["message"] == long["sent"] and long["message"].endswith("7/8") and not long["messageClipped"]
     assert report["imagic"]["labels"]["epoch"] == "stage" and report["imagic"]["fields"]["epoch"] == "unet (2/2)"
     assert report["epochs"]["labels"]["epoch"] == "epoch" and report["epochs"]["fields"]["epoch"] == "3 / 5"
+
+
+@needs_chromium
+def test_a_train_node_inside_a_subgraph_shows_and_controls_only_its_own_run(site):
+    """Issue 23: inside a subgraph ComfyUI runs node 5 as "12:5" (the subgraph node's id, then its own), and the
+    server's messages and control route name it so; the canvas knows it as 5. The panel of a Train node in a
+    subgraph binds to the queued prompt, shows its own run (not node 5 of the root graph's) and controls it."""
+    report = harness_report(site, "subgraph")
+    assert report["executionIds"] == {"onRoot": ["5"], "inSubgraph": ["12:5", "13:5"],
+                                      "inNested": ["12:7:5", "13:7:5"]}
+    for shown in report["beforeQueue"].values():
+        assert shown["state"] == "idle" and set(shown["fields"].values()) == {"–"}
+    assert report["boundPrompts"] == {"onRoot": ["prompt-s"], "inSubgraph": ["prompt-s"], "inNested": ["prompt-s"]}
+    running = report["running"]
+    assert running["onRoot"]["fields"]["step"] == "4 / 10"
+    assert running["inSubgraph"]["fields"]["step"] == "6 / 10"
+    assert running["inNested"]["fields"]["step"] == "8 / 10"
+    assert all(shown["state"] == "running" for shown in running.values())
+    stopped = report["nestedStopped"]
+    assert stopped["inNested"]["state"] == "stopped" and stopped["inNested"]["fields"]["eta"] == "–"
+    assert stopped["onRoot"]["state"] == stopped["inSubgraph"]["state"] == "running"
+    second = report["secondInstance"]
+    assert second["inSubgraph"]["fields"]["step"] == "2 / 10"            # the newest run of its instances
+    assert second["onRoot"]["fields"]["step"] == "4 / 10" and second["inNested"]["state"] == "stopped"
+    posts = [call["body"] for call in report["calls"] if call["method"] == "POST"]
+    assert posts == [{"node": "13:5", "run": "run-sub-13", "action": "save_now"}]
+    assert report["afterSubgraphClick"]["inSubgraph"]["message"] == "harness accepted save_now"
+    assert report["afterSubgraphClick"]["onRoot"]["message"] == ""             # no notice on the root graph's node

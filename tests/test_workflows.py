@@ -14,8 +14,8 @@ import workflow_tools as wt
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "example_workflows"
 EXAMPLES = sorted(EXAMPLES_DIR.glob("*.json"))
 IDS = [p.stem for p in EXAMPLES]
-EXPECTED = {"lora_person_prior_preservation", "full_finetune_object", "two_concepts",
-            "train_then_generate_core_nodes", "train_then_generate_same_graph", "imagic_edit"}
+EXPECTED = {make.LORA_PERSON_PRIOR_PRESERVATION, make.FULL_FINETUNE_OBJECT, make.TWO_CONCEPTS,
+            make.TRAIN_THEN_GENERATE_CORE_NODES, make.TRAIN_THEN_GENERATE_SAME_GRAPH, make.IMAGIC_EDIT}
 
 
 def load(path: Path) -> dict:
@@ -149,7 +149,7 @@ def _widgets(path: Path, node_type: str) -> list[dict]:
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=IDS)
 def test_training_settings_follow_the_a1111_guide(path):
-    if path.stem.startswith("toy_world"):
+    if path.stem == make.TOY_WORLD_SUBJECT:
         return _toy_settings_follow_the_toy_benchmark(path)
     for settings in _widgets(path, "DreamBoothSettings"):
         assert settings["lr_scheduler"] == "constant_with_warmup"
@@ -225,19 +225,19 @@ def test_the_headless_runner_accepts_pack_only_examples(path, tmp_path):
 
 def test_demo_titles_exist_in_the_lora_example():
     """demo.py and the real-ComfyUI test address the LoRA example's nodes by title."""
-    wf = load(EXAMPLES_DIR / "lora_person_prior_preservation.json")
+    wf = load(EXAMPLES_DIR / f"{make.LORA_PERSON_PRIOR_PRESERVATION}.json")
     titles = {n.get("title") for n in wf["nodes"]}
     assert set(make.TITLES.values()) <= titles
 
 
 def test_core_node_workflow_loads_the_lora_that_it_saves():
-    wf = load(EXAMPLES_DIR / "train_then_generate_core_nodes.json")
-    save = _widgets(EXAMPLES_DIR / "train_then_generate_core_nodes.json", "SaveLoRA")[0]
-    lora = _widgets(EXAMPLES_DIR / "train_then_generate_core_nodes.json", "LoraLoader")[0]
+    wf = load(EXAMPLES_DIR / f"{make.TRAIN_THEN_GENERATE_CORE_NODES}.json")
+    save = _widgets(EXAMPLES_DIR / f"{make.TRAIN_THEN_GENERATE_CORE_NODES}.json", "SaveLoRA")[0]
+    lora = _widgets(EXAMPLES_DIR / f"{make.TRAIN_THEN_GENERATE_CORE_NODES}.json", "LoraLoader")[0]
     assert lora["lora_name"] == save["filename"] + ".safetensors"
     assert save["overwrite"] is True           # a stable name: re-training replaces the file LoraLoader reads
-    ckpt = _widgets(EXAMPLES_DIR / "train_then_generate_core_nodes.json", "CheckpointLoaderSimple")[0]
-    base = _widgets(EXAMPLES_DIR / "train_then_generate_core_nodes.json", "LoadBaseModel")[0]
+    ckpt = _widgets(EXAMPLES_DIR / f"{make.TRAIN_THEN_GENERATE_CORE_NODES}.json", "CheckpointLoaderSimple")[0]
+    base = _widgets(EXAMPLES_DIR / f"{make.TRAIN_THEN_GENERATE_CORE_NODES}.json", "LoadBaseModel")[0]
     assert ckpt["ckpt_name"] == base["model"]  # the LoRA is applied to the model it was trained on
     assert wf["groups"] and len(wf["groups"]) == 2
 

@@ -12,6 +12,11 @@
 // its own workflow queued: the extension wraps api.queuePrompt and records the prompt id ComfyUI answers in the
 // node's properties (saved with the workflow, so a reloaded page finds its run again); every message names the
 // prompt of its run. A node that has not run shows nothing.
+// Inside a subgraph ComfyUI executes a node under its execution id, the ids of the subgraph nodes on the way down
+// and its own joined by ":" ("12:5": node 5 of the subgraph that node 12 of the root graph instantiates), while the
+// canvas knows it as 5: the panel binds, shows and controls the runs of its node's execution ids, never those of
+// node 5 of the root graph. A subgraph used by several subgraph nodes runs once per instance ("12:5", "13:5"): its
+// one panel shows the newest of those runs and controls the run it shows.
 // Plain ES module, no dependencies: ComfyUI's app/api only. Every field may be missing (older/newer backend).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
@@ -71,6 +76,41 @@ function runFor(data) {
   return model;
 }
 
+// --- which node a message means: the node's execution ids ------------------------------------------------------
+const MAX_SUBGRAPH_DEPTH = 16;
+
+function graphNodes(graph) {
+  const nodes = graph?.nodes ?? graph?._nodes;
+  return nodes && typeof nodes[Symbol.iterator] === "function" ? nodes : [];
+}
+
+// The root graph of the workflow the node belongs to (a subgraph knows its root graph; the root graph is its own).
+function rootGraphOf(node) {
+  const graph = node?.graph;
+  return graph?.rootGraph ?? graph ?? null;
+}
+
+// Every id ComfyUI executes `node` as (what the prompt's keys, the server's messages and the control route use): its
+// own id on the root graph; inside a subgraph, "<subgraph node id>:...:<id>" for each instance of that subgraph.
+function executionIds(node) {
+  const own = String(node?.id);
+  const graph = node?.graph;
+  const root = rootGraphOf(node);
+  if (!graph || root === graph) return [own];
+  const ids = [];
+  const visit = (current, path, depth) => {
+    if (depth > MAX_SUBGRAPH_DEPTH) return;
+    for (const child of graphNodes(current)) {
+      if (!child?.subgraph || (typeof child.isSubgraphNode === "function" && !child.isSubgraphNode())) continue;
+      const here = [...path, String(child.id)];
+      if (child.subgraph === graph) ids.push([...here, own].join(":"));
+      else visit(child.subgraph, here, depth + 1);
+    }
+  };
+  visit(root, [], 0);
+  return ids;
+}
+
 // --- which runs a node's panel may show: those of prompts its own workflow queued ---------------------------------
 function boundPrompts(node) {
   const prompts = node?.properties?.[PROMPTS_PROPERTY];
@@ -83,21 +123,22 @@ function bindPrompt(node, promptId) {
     .slice(-MAX_BOUND_PROMPTS);
 }
 
-// The run this node shows: of its node id, started by the newest prompt its workflow queued; null if none.
+// The run this node shows: of its execution ids, started by the newest prompt its workflow queued; null if none.
 function runOfNode(node) {
   const prompts = boundPrompts(node);
   if (!prompts.length) return null;
-  const id = String(node.id);
+  const ids = new Set(executionIds(node));
   let best = null, bestRank = -1;
   for (const model of runs.values()) {   // oldest first: a later run of the same prompt wins the tie
-    if (model.node !== id || model.prompt == null) continue;
+    if (!ids.has(model.node) || model.prompt == null) continue;
     const rank = prompts.lastIndexOf(model.prompt);
     if (rank >= 0 && rank >= bestRank) { best = model; bestRank = rank; }
   }
   return best;
 }
 
-// After POST /prompt answered: the Train nodes of the queued workflow (the active graph) now belong to that prompt.
+// After POST /prompt answered: the Train nodes of the queued workflow (the active graph, its subgraphs included) now
+// belong to that prompt. The prompt's keys are execution ids ("12:5" for node 5 inside the subgraph of node 12).
 function bindQueuedPrompt(data, result) {
   const promptId = result?.prompt_id;
   const output = data?.output;
@@ -106,9 +147,9 @@ function bindQueuedPrompt(data, result) {
   let bound = false;
   for (const panel of panels) {
     const node = panel.node;
-    if (graph && node.graph !== graph) continue;   // a node of another workflow tab (or inside a subgraph)
-    const entry = output[String(node.id)];
-    if (!entry || !TRAIN_NODE_TYPES.has(entry.class_type)) continue;
+    if (graph && rootGraphOf(node) !== graph) continue;   // a node of another workflow tab
+    const queued = executionIds(node).some((id) => TRAIN_NODE_TYPES.has(output[id]?.class_type));
+    if (!queued) continue;
     bindPrompt(node, String(promptId));
     panel.notice = null;
     panel.scheduleRender();
@@ -493,6 +534,11 @@ class Panel {
     return String(this.node.id);
   }
 
+  // the ids ComfyUI runs this panel's node as ("5", or "12:5" inside a subgraph)
+  get executionIds() {
+    return executionIds(this.node);
+  }
+
   get model() {
     return runOfNode(this.node);
   }
@@ -563,8 +609,10 @@ class Panel {
   }
 
   async sendControl(action) {
-    const node = this.nodeId;
-    const run = this.model?.run ?? null;   // the run this panel shows: never act on another one
+    const model = this.model;
+    // the run this panel shows, by the execution id the server knows it under: never act on another one
+    const node = model?.node ?? this.executionIds[0] ?? this.nodeId;
+    const run = model?.run ?? null;
     const label = action.replaceAll("_", " ");
     this.pending.add(action);
     this.render();
@@ -577,8 +625,8 @@ class Panel {
       let body = {};
       try { body = await response.json(); } catch { /* empty or non-JSON body */ }
       if (response.ok) {
-        const model = run != null ? runs.get(String(run)) : null;
-        if (model && body.control) model.control = body.control;
+        const shown = run != null ? runs.get(String(run)) : null;
+        if (shown && body.control) shown.control = body.control;
         this.notice = body.message ?? null;
       } else if (response.status === 409) {
         // this tab missed the start of a newer run on the node: show that one, and let the user decide again
@@ -624,9 +672,10 @@ function attachPanel(node) {
   return panel;
 }
 
+// A message about execution id `nodeId` ("5", "12:5"): redraw the panels of the node(s) ComfyUI runs under it.
 function renderNode(nodeId, { clearNotice = false, run = null } = {}) {
   for (const panel of panels) {
-    if (panel.nodeId !== String(nodeId)) continue;
+    if (!panel.executionIds.includes(String(nodeId))) continue;
     // the backend's newer word on this panel's own run replaces the button's notice
     if (clearNotice && (run == null || panel.model?.run === run)) panel.notice = null;
     panel.scheduleRender();
@@ -675,5 +724,5 @@ app.registerExtension({
 });
 
 // for the test harness and for other extensions; ComfyUI ignores module exports
-export { applyProgress, applyPreview, applyState, applyStatus, formatDuration, formatLoss, panels, runOfNode, runs,
-  smoothed };
+export { applyProgress, applyPreview, applyState, applyStatus, executionIds, formatDuration, formatLoss, panels,
+  runOfNode, runs, smoothed };

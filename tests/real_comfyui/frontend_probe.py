@@ -24,7 +24,7 @@ PACK = "comfyui_dreambooth"
 WAIT_FOR_APP = ("new Promise(r => { const t = setInterval(() => { if (window.app && window.app.graph && "
                 "window.app.canvas) { clearInterval(t); r(true); } }, 200); })")
 LOAD = """(async () => {
-  const wf = await (await fetch('/api/workflow_templates/%s/%s.json')).json();
+  const wf = await (await fetch('/api/workflow_templates/%s/' + encodeURIComponent(%s) + '.json')).json();
   await window.app.loadGraphData(wf);
   await new Promise(r => setTimeout(r, 500));
   const serialized = window.app.graph.serialize();
@@ -79,7 +79,7 @@ async def probe(url: str, names: list[str], out_path: str, port: int) -> None:
             await evaluate(WAIT_FOR_APP)
             await asyncio.sleep(2)
             for name in names:
-                results[name] = json.loads(await evaluate(LOAD % (PACK, name)))
+                results[name] = json.loads(await evaluate(LOAD % (PACK, json.dumps(name))))
                 shot = await call("Page.captureScreenshot", format="png")
                 with open(os.path.join(os.path.dirname(out_path), name + ".png"), "wb") as f:
                     f.write(base64.b64decode(shot["data"]))

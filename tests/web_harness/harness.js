@@ -16,6 +16,10 @@
 //   ?scenario=workflows  the same node id 5 in three workflows: the one that queued the restored run shows it, a new
 //                      workflow and one bound to an unknown prompt show nothing; queueing the new workflow binds its
 //                      panel to its own run, which the first panel never shows
+//   ?scenario=subgraph  issue 23: Train node 5 on the root graph, node 5 inside the subgraph that nodes 12 and 13
+//                      instantiate, and node 5 of a subgraph nested in it (node 7): the prompt's keys and the server's
+//                      messages name them "5", "12:5" / "13:5", "12:7:5" / "13:7:5"; each panel binds, shows and
+//                      controls the runs of its own execution ids
 // The Train node is loaded with the prompt ids its workflow queued (node property dreambooth_prompts), as a workflow
 // saved after a queue carries them.
 import { app } from "../scripts/app.js";
@@ -96,7 +100,7 @@ function describe(node) {
 async function main() {
   const [messages, state] = await Promise.all([fetchJson("messages.json"), fetchJson("state.json")]);
   if (scenario !== "replay") api.stateBody = state;
-  await import("../extensions/comfyui-dreambooth/dreambooth.js");
+  const extension = await import("../extensions/comfyui-dreambooth/dreambooth.js");
   report.extensions = app.extensions.map((e) => e.name);
   await app.runSetup();
   const restored = state.nodes["5"];
@@ -215,6 +219,58 @@ async function main() {
     api.stateBody = withRun(state, { ...restored, ...runB, step: 2, total: 10 });
     newTab.frame.querySelector('button[data-action="save_now"]').click();
     await settle();
+  }
+  if (scenario === "subgraph") {
+    const root = { name: "workflow with subgraphs", nodes: [] };
+    const inner = { name: "subgraph A", rootGraph: root, nodes: [] };
+    const nested = { name: "subgraph B", rootGraph: root, nodes: [] };
+    const instance = (id, subgraph) => ({ id, subgraph, isSubgraphNode: () => true });
+    const onRoot = app.loadNode("TrainDreamBooth", 5, { graph: root });
+    const inSubgraph = app.loadNode("TrainDreamBooth", 5, { graph: inner });
+    const inNested = app.loadNode("TrainDreamBooth", 5, { graph: nested });
+    root.nodes.push(onRoot, instance(12, inner), instance(13, inner));
+    inner.nodes.push(inSubgraph, instance(7, nested));
+    nested.nodes.push(inNested);
+    const nodes = { onRoot, inSubgraph, inNested };
+    const describeAll = () => Object.fromEntries(Object.entries(nodes).map(([k, n]) => [k, describe(n)]));
+    report.executionIds = Object.fromEntries(Object.entries(nodes).map(([k, n]) => [k, extension.executionIds?.(n) ?? null]));
+    await settle();
+    report.beforeQueue = describeAll();
+    // the frontend flattens the subgraphs into the prompt under execution ids
+    app.graph = root;
+    api.nextPromptId = "prompt-s";
+    const output = Object.fromEntries(["5", "12:5", "13:5", "12:7:5", "13:7:5", "12"].map(
+      (id) => [id, { class_type: id === "12" ? "KSampler" : "TrainDreamBooth", inputs: {} }]));
+    await api.queuePrompt(2, { output, workflow: {} });
+    report.boundPrompts = Object.fromEntries(Object.entries(nodes).map(
+      ([k, n]) => [k, n.properties.dreambooth_prompts ?? null]));
+    const progress = (node, run, step) => {
+      api.dispatchEvent(new CustomEvent("dreambooth.status", { detail: {
+        node, run, prompt: "prompt-s", state: "starting", message: "" } }));
+      api.dispatchEvent(new CustomEvent("dreambooth.progress", { detail: {
+        node, run, prompt: "prompt-s", state: "running", step, total: 10, epoch: 1, loss: 0.3, lr: 1e-4,
+        it_per_s: 2, eta_s: 4, points: [[step, 0.3]] } }));
+    };
+    progress("5", "run-root", 4);
+    progress("12:5", "run-sub", 6);
+    progress("12:7:5", "run-nested", 8);
+    await settle();
+    report.running = describeAll();
+    // the nested run is stopped: only its panel says so
+    api.dispatchEvent(new CustomEvent("dreambooth.status", { detail: {
+      node: "12:7:5", run: "run-nested", prompt: "prompt-s", state: "stopped",
+      message: "stopped at step 8 (checkpoint saved)", control: null } }));
+    await settle();
+    report.nestedStopped = describeAll();
+    // the subgraph's other instance (node 13) starts its run: the subgraph's panel shows the newer run
+    progress("13:5", "run-sub-13", 2);
+    await settle();
+    report.secondInstance = describeAll();
+    // its buttons act on the run it shows, named by the execution id the server knows
+    api.stateBody = withRun(state, { ...restored, node: "13:5", run: "run-sub-13", prompt: "prompt-s" });
+    inSubgraph.frame.querySelector('button[data-action="save_now"]').click();
+    await settle();
+    report.afterSubgraphClick = describeAll();
   }
   report.calls = api.calls;
 }

@@ -7,12 +7,24 @@
 //   panel      the LoRA example is queued: the panel shows its run, Save now is confirmed, Stop after epoch ends
 //              the run as stopped (no ETA); a second workflow's Train node with the same id shows nothing; the
 //              first workflow loaded again (as a tab switch does) shows its own run
+//   subgraph   the LoRA example with its Train node turned into a subgraph (as the canvas's "Convert to Subgraph"
+//              does): the prompt names it "<subgraph node>:<node>", its panel binds to the queued prompt, shows the
+//              run and stops it from its button
+//   templates  the Templates browser: each of the pack's templates shows its title, and the pack's name
 //   shots      for tests/frontend_shots.py: the panel mid-run and stopped, then every example, each followed by
 //              POST /api/harness/shot {name} (answered once the screenshot is taken)
+// Page parameters: pack (the pack's folder name under custom_nodes, the key of GET /workflow_templates; the stand-in
+// serves it as comfyui-dreambooth), overrides (JSON list of "Node title.widget=value" set on the LoRA example before
+// it is queued: a real ComfyUI trains it, so tests/test_real_comfyui_browser.py makes it a tiny run), wait (the
+// longest wait for a run's step, in seconds: a real run prepares its data first).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const PACK = "comfyui-dreambooth";
+const PARAMS = new URLSearchParams(location.search);
+const PACK = PARAMS.get("pack") ?? "comfyui-dreambooth";
+const OVERRIDES = JSON.parse(PARAMS.get("overrides") ?? "[]");
+const RUN_WAIT_MS = Number(PARAMS.get("wait") ?? 60) * 1000;
+const LORA = "LoRA of a person with prior preservation";   // tests/make_example_workflows.py
 const report = { errors: [] };
 window.addEventListener("error", (event) => report.errors.push(String(event.message)));
 window.addEventListener("unhandledrejection", (event) => report.errors.push(String(event.reason)));
@@ -44,7 +56,22 @@ async function redraw() {
 }
 
 async function template(name) {
-  return (await fetch(`/api/workflow_templates/${PACK}/${name}.json`)).json();
+  return (await fetch(`/api/workflow_templates/${encodeURIComponent(PACK)}/${encodeURIComponent(name)}.json`)).json();
+}
+
+// "Node title.widget=value" (the runner's --set) on the loaded graph; a number or boolean widget gets its type
+function applyOverrides(graph = app.graph) {
+  for (const override of OVERRIDES) {
+    const [target, ...rest] = override.split("=");
+    const dot = target.lastIndexOf(".");
+    const title = target.slice(0, dot), name = target.slice(dot + 1), raw = rest.join("=");
+    const node = graph.nodes.find((n) => n.title === title || n.type === title);
+    const widget = node?.widgets?.find((w) => w.name === name);
+    if (!widget) throw new Error(`override ${override}: no such node/widget`);
+    widget.value = typeof widget.value === "number" ? Number(raw)
+      : typeof widget.value === "boolean" ? raw.toLowerCase() === "true" : raw;
+    widget.callback?.(widget.value);
+  }
 }
 
 function overlaps() {
@@ -101,25 +128,27 @@ function describePanel(node) {
 const trainNode = () => app.graph.nodes.find((n) => n.type === "TrainDreamBooth");
 
 async function panel() {
-  const workflow = await template("lora_person_prior_preservation");
+  const workflow = await template(LORA);
   await app.loadGraphData(workflow, true, true, "first.json");
+  applyOverrides();
   await redraw();
   const train = trainNode();
   report.beforeQueue = describePanel(train);
   await app.queuePrompt(0, 1);
   report.prompts = train.properties?.dreambooth_prompts ?? null;
-  await until(() => Number(describePanel(trainNode())?.fields.step.split(" / ")[0]) >= 3, "the run's third step");
+  await until(() => Number(describePanel(trainNode())?.fields.step.split(" / ")[0]) >= 3, "the run's third step",
+              RUN_WAIT_MS);
   report.midRun = describePanel(trainNode());
   trainNode().__dreamboothPanel.root.querySelector('button[data-action="save_now"]').click();
   report.saved = await until(() => {
     const shown = describePanel(trainNode());
     return shown.message.startsWith("saved step ") ? shown : null;
-  }, "the save to be confirmed");
+  }, "the save to be confirmed", RUN_WAIT_MS);
   trainNode().__dreamboothPanel.root.querySelector('button[data-action="stop_after_epoch"]').click();
   report.stopped = await until(() => {
     const shown = describePanel(trainNode());
     return shown.state === "stopped" ? shown : null;
-  }, "the run to stop");
+  }, "the run to stop", RUN_WAIT_MS);
   const first = app.graph.serialize();
   // another workflow (a new tab) whose Train node has the same id
   const other = structuredClone(workflow);
@@ -132,6 +161,64 @@ async function panel() {
   await app.loadGraphData(first, true, true, "first-again.json");
   await redraw();
   report.firstAgain = describePanel(trainNode());
+}
+
+async function subgraph() {
+  await app.loadGraphData(await template(LORA), true, true, "subgraph.json");
+  applyOverrides();
+  await redraw();
+  app.graph.convertToSubgraph(new Set([trainNode()]));
+  await redraw();
+  const instance = app.graph.nodes.find((n) => n.isSubgraphNode?.());
+  const inner = instance?.subgraph?.nodes.find((n) => n.type === "TrainDreamBooth");
+  if (!inner) throw new Error("the Train node did not land in a subgraph");
+  const { output } = await app.graphToPrompt();
+  report.subgraph = {
+    instance: String(instance.id), inner: String(inner.id), onRoot: !!trainNode(),
+    trainIds: Object.keys(output).filter((id) => output[id].class_type === "TrainDreamBooth"),
+    beforeQueue: describePanel(inner),
+  };
+  await app.queuePrompt(0, 1);
+  report.subgraph.prompts = inner.properties?.dreambooth_prompts ?? null;
+  report.subgraph.running = await until(() => {
+    const shown = describePanel(inner);
+    return Number(shown?.fields.step.split(" / ")[0]) >= 3 ? shown : null;
+  }, "the subgraph's run", RUN_WAIT_MS);
+  inner.__dreamboothPanel.root.querySelector('button[data-action="stop_after_epoch"]').click();
+  report.subgraph.stopped = await until(() => {
+    const shown = describePanel(inner);
+    return shown.state === "stopped" ? shown : null;
+  }, "the subgraph's run to stop", RUN_WAIT_MS);
+}
+
+// the Templates browser as a user opens it (menu: Workflow > Browse Templates)
+async function templates() {
+  await app.extensionManager.command.execute("Comfy.BrowseTemplates");
+  const cards = () => [...document.querySelectorAll('[data-testid^="template-workflow-"]')];
+  const names = (await (await fetch("/api/workflow_templates")).json())[PACK];
+  // the pack's entry in the dialog's list of template sources, then its cards
+  const dialog = await until(() => document.querySelector(".p-dialog"), "the templates dialog");
+  const source = await until(() => [...dialog.querySelectorAll("li, [role='option'], button, a, span, div")]
+    .find((e) => e.children.length === 0 && e.textContent.trim() === report.packLabel), "the pack in the list");
+  report.templateSource = source.parentElement?.outerHTML?.slice(0, 600) ?? null;
+  (source.closest("li, [role='option'], button, a") ?? source).click();
+  await until(() => cards().some((c) => names.includes(c.dataset.testid.slice("template-workflow-".length))),
+              "the pack's template cards", 60000).catch((error) => {
+    report.templateCardsSeen = cards().map((c) => c.dataset.testid).slice(0, 10);
+    throw error;
+  });
+  const nameOf = (card) => card.dataset.testid.slice("template-workflow-".length);
+  report.templateCards = Object.fromEntries(cards().map((card) => [nameOf(card),
+    card.innerText.split("\n").map((l) => l.trim()).filter(Boolean)]));
+  // thumbnails load lazily (the src is set once the card is in view): bring each card into view and wait for it
+  report.templateThumbnails = {};
+  for (const card of cards()) {
+    card.scrollIntoView();
+    const loaded = () => [...card.querySelectorAll("img")].map((img) => img.src && img.complete && img.naturalWidth > 0);
+    await until(() => loaded().length && loaded().every(Boolean), "a thumbnail", 10000).catch(() => null);
+    report.templateThumbnails[nameOf(card)] = loaded();
+  }
+  document.querySelectorAll(".p-dialog-mask").forEach((mask) => mask.remove());
 }
 
 // a screenshot of the canvas area (not the menus around it)
@@ -158,8 +245,8 @@ function frame(nodes = app.graph.nodes, margin = 40, maxScale = 1.2) {
 
 async function shots() {
   document.querySelectorAll(".p-dialog-mask").forEach((mask) => mask.remove());
-  const workflow = await template("lora_person_prior_preservation");
-  await app.loadGraphData(workflow, true, false, "lora_person_prior_preservation.json");
+  const workflow = await template(LORA);
+  await app.loadGraphData(workflow, true, false, `${LORA}.json`);
   await app.queuePrompt(0, 1);
   await until(() => Number(describePanel(trainNode())?.fields.step.split(" / ")[0]) >= 150, "step 150", 60000);
   const nearby = [trainNode()];
@@ -189,6 +276,11 @@ app.registerExtension({
         report.socket = { url: api.socket?.url ?? null, state: api.socket?.readyState ?? null };
         if (scenario === "examples") await examples();
         if (scenario === "panel") await panel();
+        if (scenario === "subgraph") await subgraph();
+        if (scenario === "templates") {
+          report.packLabel = PARAMS.get("label") ?? PACK;
+          await templates();
+        }
         if (scenario === "shots") await shots();
       } catch (error) {
         report.errors.push(`harness: ${error?.stack ?? error}`);
