@@ -103,6 +103,8 @@ def test_keep_best_rule():
     best, why = choose_best(records, ceiling=0.01)               # none under 0.004: the lowest drift
     assert best["checkpoint"] == "c10" and "lowest prior drift" in why
     assert choose_best([base], 0.25)[0] is None
+    best, why = choose_best(records, ceiling=0)                  # the default: no ceiling, the lowest loss
+    assert best["checkpoint"] == "c30" and "no drift ceiling" in why
     losses = [{"loss": v} for v in (0.5, 0.4, 0.45, 0.41, 0.39, 0.4, 0.42)]
     assert stale_validations(losses) == 2 and stale_validations(losses[:4]) == 2 and stale_validations([]) == 0
 

@@ -2,9 +2,12 @@
 
 keep_best's rule (documented in the keep_best tooltip and the README):
   1. the candidates are the saved checkpoints (and the final state) that have a validation record;
-  2. a candidate qualifies when its prior drift is at most `best_drift_ceiling` x the base model's own subject loss
-     (the validation at step 0, before any training): the class prompt's prediction may move by that fraction of
-     the noise-prediction error the base makes on the subject;
+  2. with `best_drift_ceiling` > 0, a candidate qualifies when its prior drift is at most that x the base model's
+     own subject loss (the validation at step 0, before any training): the class prompt's prediction may move by
+     that fraction of the noise-prediction error the base makes on the subject. The default, 0, sets no ceiling:
+     in the toy world (README "Toy world", bench/keep_best.py) prior drift did not track the class's drift as the
+     evaluator sees it within a run, and a ceiling of 0.25 chose an almost untrained checkpoint (step 51 of 400)
+     for a full fine-tune without prior preservation;
   3. the qualifying candidate with the lowest subject loss wins, ties to the earlier step; when none qualifies,
      the candidate with the lowest prior drift wins (and the log says so).
 The best checkpoint is kept beside keep_last_checkpoints' (never pruned while it is the best), named in
@@ -27,7 +30,9 @@ def choose_best(records: list[dict], ceiling: float) -> tuple[dict | None, str]:
     candidates = [r for r in records if r.get("checkpoint")]
     if not candidates:
         return None, "no checkpoint has been validated yet"
-    if base is None:
+    if not ceiling or ceiling <= 0:
+        limit, what = float("inf"), "no drift ceiling (best_drift_ceiling 0)"
+    elif base is None:
         limit, what = float("inf"), "no baseline (step 0) validation: no drift ceiling"
     else:
         limit = ceiling * base["loss"]
