@@ -290,6 +290,95 @@ def accounting_main(args) -> None:
     print(f"wrote {path}")
 
 
+# ---- the estimator against the accounting, per part, over a grid of configurations (issue 21.3) -------------------
+GRID_JSON = os.path.join(HERE, "results", "memory-grid.json")
+LOWMEM = {"lora": {"optimizer": "Adafactor", "fused_backward": True, "max_grad_norm": 0.0, "weights_dtype": "bf16",
+                   "frozen_dtype": "fp8"},
+          "full": {"optimizer": "Adafactor", "fused_backward": True, "max_grad_norm": 0.0, "weights_dtype": "bf16"}}
+
+
+def grid_rows() -> list[tuple[str, dict]]:
+    """(family, settings) of the grid: per family at its own resolution LoRA / full x checkpointing on / off at
+    batch 1 (SDXL: full with checkpointing only); batch 2 / 4, 768 / 1024 px and the low-memory settings on
+    SD1.5 (SD2 and SDXL: batch 2, another resolution). Settings are explicit (not the wizard's picks, which follow
+    the estimator), so a cached row stays the same configuration. Full-size accountings take 0.5-10 min each on two
+    shared cores: the grid is chosen to hold every axis of issue 21.3 without its full product."""
+    lora, full = DEFAULTS["lora"], DEFAULTS["full"]
+    rows = []
+    for fam in ("sd15", "sd2", "sdxl"):
+        res = {"resolution": FAMILY_RES[fam]}
+        for mode in ("lora", "full"):
+            for gc in (True, False):
+                if not (fam == "sdxl" and mode == "full" and not gc):
+                    rows.append((fam, DEFAULTS[mode] | res | {"gradient_checkpointing": gc}))
+        if fam == "sd15":
+            rows += [(fam, lora | res | {"batch_size": 4, "gradient_checkpointing": gc}) for gc in (True, False)]
+            rows += [(fam, full | res | {"batch_size": 2}), (fam, lora | res | LOWMEM["lora"]),
+                     (fam, full | res | LOWMEM["full"])]
+            rows += [(fam, lora | {"resolution": 1024, "gradient_checkpointing": gc}) for gc in (True, False)]
+            rows += [(fam, lora | {"resolution": 768})]
+        elif fam == "sd2":
+            rows += [(fam, lora | res | {"batch_size": 2}), (fam, lora | {"resolution": 512})]
+        else:
+            rows += [(fam, lora | res | {"batch_size": 2})]
+    return rows
+
+
+def grid_key(family: str, settings: dict) -> str:
+    return family + " " + json.dumps(settings, sort_keys=True)
+
+
+def grid_child(payload: str) -> None:
+    """One row of the grid: the accounting (training/memory_measure.py) with everything it reports, as JSON."""
+    import torch
+
+    torch.set_num_threads(1)
+    from comfyui_dreambooth.cli import apply_setting_overrides
+    from comfyui_dreambooth.training.memory_measure import measure
+    from comfyui_dreambooth.training.settings import DreamBoothSettings
+
+    row = json.loads(payload)
+    s = apply_setting_overrides(DreamBoothSettings(), [f"{k}={json.dumps(v)}" for k, v in row["settings"].items()])
+    m = measure(row["family"], s)
+    print("RESULT " + json.dumps({"parts": m.parts, "peak_at": m.peak_at, "stages": m.stages,
+                                  "each_peak": m.each_peak, "held": m.held, "resident": m.resident, "host": m.host,
+                                  "notes": m.notes, "seconds": round(m.seconds, 1)}))
+
+
+def grid_main(args) -> None:
+    """Accounts the grid's rows not yet in the cache (GRID_JSON), one process at a time, then prints the table."""
+    path = args.json or GRID_JSON
+    cache = json.load(open(path, encoding="utf-8")) if os.path.exists(path) else {"rows": {}}
+    todo = [(f, s) for f, s in grid_rows() if grid_key(f, s) not in cache["rows"]]
+    if args.models:
+        todo = [(f, s) for f, s in todo if f in args.models.split(",")]
+    for fam, settings in todo if args.grid else []:
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--grid-child",
+                            json.dumps({"family": fam, "settings": settings})],
+                           capture_output=True, text=True, env=env, timeout=args.timeout)
+        lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+        if p.returncode or not lines:
+            print(f"{fam} {settings}: ERROR {(p.stderr.strip().splitlines() or ['no output'])[-1]}", flush=True)
+            continue
+        if os.path.exists(path):      # rows another run wrote meanwhile are kept
+            cache["rows"] = json.load(open(path, encoding="utf-8"))["rows"] | cache["rows"]
+        cache["rows"][grid_key(fam, settings)] = {"family": fam, "settings": settings,
+                                                  **json.loads(lines[-1][len("RESULT "):])}
+        cache |= {"measured_by": "fake tensors, CPU kernels", "platform": platform.platform()}
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(cache, f, indent=1)
+        r = cache["rows"][grid_key(fam, settings)]
+        print(f"accounted {fam} {settings}: {sum(r['parts'].values()) / 2 ** 30:.2f} GiB in {r['seconds']} s",
+              flush=True)
+    print_grid_table(cache)
+
+
+def print_grid_table(cache) -> None:
+    pass
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -301,7 +390,17 @@ def main() -> None:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--accounting", action="store_true", help="full size on fake tensors, no GPU (issue 21)")
     ap.add_argument("--matrix", action="store_true", help="with --accounting: checkpointing off, batch, resolution")
+    ap.add_argument("--grid", action="store_true", help="account the grid's missing rows (cached in "
+                    "bench/results/memory-grid.json), then compare the estimate with the accounting per part")
+    ap.add_argument("--table", action="store_true", help="the --grid table from the cache only (seconds)")
+    ap.add_argument("--grid-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.grid_child:
+        grid_child(args.grid_child)
+        return
+    if args.grid or args.table:
+        grid_main(args)
+        return
     if args.accounting:
         accounting_main(args)
         return
