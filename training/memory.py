@@ -354,7 +354,11 @@ def _unet_units(unet, side: int) -> tuple[list[dict], int]:
 def _layer_bytes(u: dict, mode: str, s, ctx_dim: int) -> int:
     """What one BasicTransformerBlock keeps per sample (bytes at 2 per element; see the table above)."""
     c, t = u["c"], u["T"]
-    b = 42 * c * t + 4 * CONTEXT_TOKENS * c + 8 * u["heads"] * t + 12 * t
+    b = 42 * c * t + 4 * CONTEXT_TOKENS * c + 12 * t
+    if s.attention == "sliced":     # each slice's attention probabilities (bf16) are kept for its backward: the
+        b += 2 * u["heads"] * t * (t + CONTEXT_TOKENS)      # whole matrices of both attentions, slice by slice
+    else:                           # sdpa / xformers: the two logsumexps (fp32), never the matrices
+        b += 8 * u["heads"] * t
     if mode == "full":
         b += 14 * c * t
     elif mode == "lora":
@@ -418,22 +422,23 @@ def step_peak(model, settings, resolution: int, batch: int, trained_bytes: int, 
     c0 = int(unet.config.block_out_channels[0])
     gc = bool(s.gradient_checkpointing)
     scale = batch * (2 if s.mixed_precision == "no" else 1)
-    factor = _SLICED_FACTOR if s.attention == "sliced" else 1.0
     stem = (6 * c0 + 8) * top * scale
     kept = [_unit_bytes(u, mode, s, ctx_dim, gc) * scale for u in units]
     transient = FORWARD_TRANSIENT * c0 * top * scale
     n_unit = sum(u["params"] for u in units) or 1
     full_grads = mode == "full" and not s.fused_backward
     per_param = grad_bytes / n_unit if full_grads else 0.0
+    precision = 2 if s.mixed_precision == "no" else 1
+    last = [u for u in units if u["kind"] == "attention"] or units[-1:]
+    slices = _slice_working(last[-1], s) * precision      # the last attention's backward, one slice at a time
     moments = []
     if not gc:         # the forward's end: everything kept, no gradient yet, the casts of trained fp32 weights
-        moments.append(dict(activations=sum(kept) + stem + transient, weight_casts=casts, temporaries=0,
+        moments.append(dict(activations=sum(kept) + stem + transient, weight_casts=casts, temporaries=slices,
                             gradients=0, optimizer_temp=0))
     else:              # the first recomputation: every checkpoint input + the last transformer block again
-        last = [u for u in units if u["kind"] == "attention"] or units[-1:]
         again = _layer_bytes(last[-1], mode, s, ctx_dim) if last[-1]["kind"] == "attention" else 0
         moments.append(dict(activations=sum(kept) + stem + (again + FORWARD_TRANSIENT * c0 * top) * scale,
-                            weight_casts=0, temporaries=RECOMPUTE_GRAD * c0 * top * scale, gradients=0,
+                            weight_casts=0, temporaries=RECOMPUTE_GRAD * c0 * top * scale + slices, gradients=0,
                             optimizer_temp=0))
     if full_grads:     # the backward, unit by unit from the last: gradients grow, activations shrink
         done = 0
@@ -443,7 +448,8 @@ def step_peak(model, settings, resolution: int, batch: int, trained_bytes: int, 
             again = (_unit_bytes(u, mode, s, ctx_dim, False) - kept[k] / scale) * scale if gc else 0
             moments.append(dict(activations=sum(kept[:k + 1]) + (2 * c0 + 8) * top * scale + max(again, 0),
                                 weight_casts=0 if gc else int(casts * (1 - done / n_unit)),
-                                temporaries=_working_bytes(u) * scale, gradients=int(per_param * done),
+                                temporaries=_working_bytes(u) * scale + _slice_working(u, s) * precision,
+                                gradients=int(per_param * done),
                                 optimizer_temp=0))
         moments.append(dict(activations=0, weight_casts=0, temporaries=0, gradients=grad_bytes,
                             optimizer_temp=optimizer_temp))
@@ -452,12 +458,20 @@ def step_peak(model, settings, resolution: int, batch: int, trained_bytes: int, 
             m["optimizer_temp"] = optimizer_temp
     peak = max(moments, key=lambda m: m["activations"] + m["weight_casts"] + m["temporaries"] + m["gradients"]
                + m["optimizer_temp"])
-    peak["activations"] = int(peak["activations"] * factor)
+    peak["activations"] = int(peak["activations"])
     return peak
 
 
-_SLICED_FACTOR = 0.85       # sliced attention: the old calibrated guess, NOT checked (the accounting finds it holds
-#                            more than sdpa: its attention matrices are not in this model; issue 21.3 left open)
+def _slice_working(u: dict, s) -> int:
+    """Sliced attention's backward scratch, once per slice (batch-independent: set_attention_slice("auto") takes
+    half the heads at a time): the gradients of one slice's self-attention matrix and of its scores, ~4 bytes per
+    element at 2 bytes per element (issue 21.3: the SDXL LoRA wizard row's temporaries, 0.33 GiB)."""
+    if s.attention != "sliced" or u.get("kind") != "attention":
+        return 0
+    return SLICE_WORKING * max(1, u["heads"] // 2) * u["T"] * u["T"]
+
+
+SLICE_WORKING = 4
 
 
 def optimizer_step_temp(trained: list, settings) -> int:
@@ -520,8 +534,12 @@ def estimate(model, settings, resolution: int | None = None, batch: int | None =
     # the peak moment (issue 21.3): which gradients, activations, casts and temporaries exist at once
     peak = step_peak(model, s, resolution, batch, sum(_numel(t) for t in plan.trained_unet) * wbytes,
                      gradients, optimizer_step_temp(trained, s), casts)
-    # gradients and optimizer stay what is held at the optimizer step (exact); the step's scratch (the optimizer's
-    # temporaries when its step is the peak) is counted with the temporaries
+    # the parts are those of the peak moment: the gradients that exist then (all of them when the optimizer step is
+    # the peak; few or none early in the backward; with fused_backward the two at once); what the optimizer step
+    # holds is details["gradients_held"] (exact). The step's scratch is counted with the temporaries
+    gradients_held = gradients
+    if not s.fused_backward:
+        gradients = peak["gradients"]
     casts = peak["weight_casts"]
     if s.frozen_dtype == "fp8":     # fp8 layers are cast to the compute dtype, and the casts that backward needs are
         # kept: every layer's without checkpointing, the layers outside the checkpointed blocks' with it
@@ -542,7 +560,8 @@ def estimate(model, settings, resolution: int | None = None, batch: int | None =
     details = {"trained_params": n_trained, "trained_tensors": len(trained),
                "frozen_unet_params": sum(n for n, _ in plan.frozen_unet),
                "frozen_text_encoder_params": sum(plan.frozen_te), "vae_params": plan.vae,
-               "resolution": resolution, "batch": batch, "approximate": plan.approximate}
+               "gradients_held": gradients_held, "resolution": resolution, "batch": batch,
+               "approximate": plan.approximate}
     return Estimate(parts, details)
 
 
