@@ -34,6 +34,13 @@ training step at full size on fake tensors) per family (sd15 @ 512, sd2 @ 768, s
 the wizard picks for the issue's targets (SD1.5 LoRA 3 GiB / full 5 GiB, SDXL LoRA 5 / full 8; SD2 as SD1.5)
 and for the defaults (LoRA / full, AdamW, bf16, gradient checkpointing), each in its own process, and prints the
 accounted peak per part beside the estimator's parts.
+
+    python bench/memory.py --grid                        # the estimator against the accounting, per part (21.3)
+    python bench/memory.py --table                       # the same table from the cache only (seconds)
+
+--grid accounts the rows of grid_rows() not yet in bench/results/memory-grid.json (SD1.5 / SD2 / SDXL, LoRA / full,
+checkpointing on / off, batch 1 / 2 / 4, 512 / 768 / 1024 px, the low-memory settings; each in its own process),
+then prints per row the accounted and estimated totals and the ratio estimate / accounting per part (markdown).
 """
 from __future__ import annotations
 
@@ -320,7 +327,7 @@ def grid_rows() -> list[tuple[str, dict]]:
         elif fam == "sd2":
             rows += [(fam, lora | res | {"batch_size": 2}), (fam, lora | {"resolution": 512})]
         else:
-            rows += [(fam, lora | res | {"batch_size": 2})]
+            rows += [(fam, lora | res | {"batch_size": 2}), (fam, lora | res | LOWMEM["lora"] | {"lora_rank": 4})]
     return rows
 
 
@@ -375,8 +382,54 @@ def grid_main(args) -> None:
     print_grid_table(cache)
 
 
+GRID_PARTS = ("weights", "gradients", "optimizer", "activations", "temporaries")
+SMALL_BYTES = 32 * 2 ** 20     # a part below this on both sides is compared in MB, not as a ratio
+
+
+def grid_estimate(family: str, settings: dict) -> dict:
+    """The estimator's parts for a grid row, on the accounting's kinds (bytes): autocast's and fp8's weight casts
+    are activations there; text encoders, VAE (cached: 0) and the overhead (CUDA context) are left out."""
+    from comfyui_dreambooth.cli import apply_setting_overrides
+    from comfyui_dreambooth.training.memory import estimate
+    from comfyui_dreambooth.training.settings import DreamBoothSettings
+
+    s = apply_setting_overrides(DreamBoothSettings(), [f"{k}={json.dumps(v)}" for k, v in settings.items()])
+    p = estimate(family, s).parts
+    out = {k: p[k] for k in ("weights", "gradients", "optimizer", "temporaries")}
+    out["activations"] = p["activations"] + p["weight_casts"]
+    out["total"] = sum(out.values())
+    return out
+
+
+def grid_ratio(est: int, acc: int) -> str:
+    if max(est, acc) < SMALL_BYTES or not acc:
+        return f"{est / 2 ** 20:.0f}/{acc / 2 ** 20:.0f}M"
+    return f"{est / acc:.2f}"
+
+
+def grid_label(family: str, settings: dict) -> str:
+    s = settings
+    bits = [family, "lora" if s.get("use_lora") else "full", f"{s.get('resolution')}px", f"b{s.get('batch_size', 1)}",
+            "ckpt" if s.get("gradient_checkpointing") else "no-ckpt"]
+    if s.get("fused_backward"):
+        bits.append("lowmem")
+    bits += [f"{k}={v}" for k, v in s.items() if k in ("lora_rank", "attention")]
+    return " ".join(bits)
+
+
 def print_grid_table(cache) -> None:
-    pass
+    """Per row of the cache: the accounted total (GiB) and the estimate / accounting ratio per part (a part below
+    SMALL_BYTES on both sides as estimate/accounting MB); markdown."""
+    head = ["row", "accounted GiB", "estimate GiB", *GRID_PARTS, "total"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for row in cache["rows"].values():
+        acc = dict(row["parts"])
+        acc["total"] = sum(acc[k] for k in GRID_PARTS) + acc.get("ema", 0)
+        est = grid_estimate(row["family"], row["settings"])
+        cells = [grid_label(row["family"], row["settings"]), f"{acc['total'] / 2 ** 30:.2f}",
+                 f"{est['total'] / 2 ** 30:.2f}", *(grid_ratio(est[k], acc[k]) for k in (*GRID_PARTS, "total"))]
+        print("| " + " | ".join(cells) + " |", flush=True)
 
 
 def main() -> None:
