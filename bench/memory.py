@@ -34,6 +34,13 @@ training step at full size on fake tensors) per family (sd15 @ 512, sd2 @ 768, s
 the wizard picks for the issue's targets (SD1.5 LoRA 3 GiB / full 5 GiB, SDXL LoRA 5 / full 8; SD2 as SD1.5)
 and for the defaults (LoRA / full, AdamW, bf16, gradient checkpointing), each in its own process, and prints the
 accounted peak per part beside the estimator's parts.
+
+    python bench/memory.py --grid                        # the estimator against the accounting, per part (21.3)
+    python bench/memory.py --table                       # the same table from the cache only (seconds)
+
+--grid accounts the rows of grid_rows() not yet in bench/results/memory-grid.json (SD1.5 / SD2 / SDXL, LoRA / full,
+checkpointing on / off, batch 1 / 2 / 4, 512 / 768 / 1024 px, the low-memory settings; each in its own process),
+then prints per row the accounted and estimated totals and the ratio estimate / accounting per part (markdown).
 """
 from __future__ import annotations
 
@@ -290,6 +297,141 @@ def accounting_main(args) -> None:
     print(f"wrote {path}")
 
 
+# ---- the estimator against the accounting, per part, over a grid of configurations (issue 21.3) -------------------
+GRID_JSON = os.path.join(HERE, "results", "memory-grid.json")
+LOWMEM = {"lora": {"optimizer": "Adafactor", "fused_backward": True, "max_grad_norm": 0.0, "weights_dtype": "bf16",
+                   "frozen_dtype": "fp8"},
+          "full": {"optimizer": "Adafactor", "fused_backward": True, "max_grad_norm": 0.0, "weights_dtype": "bf16"}}
+
+
+def grid_rows() -> list[tuple[str, dict]]:
+    """(family, settings) of the grid: per family at its own resolution LoRA / full x checkpointing on / off at
+    batch 1 (SDXL: full with checkpointing only); batch 2 / 4, 768 / 1024 px and the low-memory settings on
+    SD1.5 (SD2 and SDXL: batch 2, another resolution). Settings are explicit (not the wizard's picks, which follow
+    the estimator), so a cached row stays the same configuration. Full-size accountings take 0.5-10 min each on two
+    shared cores: the grid is chosen to hold every axis of issue 21.3 without its full product."""
+    lora, full = DEFAULTS["lora"], DEFAULTS["full"]
+    rows = []
+    for fam in ("sd15", "sd2", "sdxl"):
+        res = {"resolution": FAMILY_RES[fam]}
+        for mode in ("lora", "full"):
+            for gc in (True, False):
+                if not (fam == "sdxl" and mode == "full" and not gc):
+                    rows.append((fam, DEFAULTS[mode] | res | {"gradient_checkpointing": gc}))
+        if fam == "sd15":
+            rows += [(fam, lora | res | {"batch_size": 4, "gradient_checkpointing": gc}) for gc in (True, False)]
+            rows += [(fam, full | res | {"batch_size": 2}), (fam, lora | res | LOWMEM["lora"]),
+                     (fam, full | res | LOWMEM["full"])]
+            rows += [(fam, lora | {"resolution": 1024, "gradient_checkpointing": gc}) for gc in (True, False)]
+            rows += [(fam, lora | {"resolution": 768})]
+        elif fam == "sd2":
+            rows += [(fam, lora | res | {"batch_size": 2}), (fam, lora | {"resolution": 512})]
+        else:
+            rows += [(fam, lora | res | {"batch_size": 2}), (fam, lora | res | LOWMEM["lora"] | {"lora_rank": 4})]
+    return rows
+
+
+def grid_key(family: str, settings: dict) -> str:
+    return family + " " + json.dumps(settings, sort_keys=True)
+
+
+def grid_child(payload: str) -> None:
+    """One row of the grid: the accounting (training/memory_measure.py) with everything it reports, as JSON."""
+    import torch
+
+    torch.set_num_threads(1)
+    from comfyui_dreambooth.cli import apply_setting_overrides
+    from comfyui_dreambooth.training.memory_measure import measure
+    from comfyui_dreambooth.training.settings import DreamBoothSettings
+
+    row = json.loads(payload)
+    s = apply_setting_overrides(DreamBoothSettings(), [f"{k}={json.dumps(v)}" for k, v in row["settings"].items()])
+    m = measure(row["family"], s)
+    print("RESULT " + json.dumps({"parts": m.parts, "peak_at": m.peak_at, "stages": m.stages,
+                                  "each_peak": m.each_peak, "held": m.held, "resident": m.resident, "host": m.host,
+                                  "notes": m.notes, "seconds": round(m.seconds, 1)}))
+
+
+def grid_main(args) -> None:
+    """Accounts the grid's rows not yet in the cache (GRID_JSON), one process at a time, then prints the table."""
+    path = args.json or GRID_JSON
+    cache = json.load(open(path, encoding="utf-8")) if os.path.exists(path) else {"rows": {}}
+    todo = [(f, s) for f, s in grid_rows() if grid_key(f, s) not in cache["rows"]]
+    if args.models:
+        todo = [(f, s) for f, s in todo if f in args.models.split(",")]
+    for fam, settings in todo if args.grid else []:
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--grid-child",
+                            json.dumps({"family": fam, "settings": settings})],
+                           capture_output=True, text=True, env=env, timeout=args.timeout)
+        lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+        if p.returncode or not lines:
+            print(f"{fam} {settings}: ERROR {(p.stderr.strip().splitlines() or ['no output'])[-1]}", flush=True)
+            continue
+        if os.path.exists(path):      # rows another run wrote meanwhile are kept
+            cache["rows"] = json.load(open(path, encoding="utf-8"))["rows"] | cache["rows"]
+        cache["rows"][grid_key(fam, settings)] = {"family": fam, "settings": settings,
+                                                  **json.loads(lines[-1][len("RESULT "):])}
+        cache |= {"measured_by": "fake tensors, CPU kernels", "platform": platform.platform()}
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(cache, f, indent=1)
+        r = cache["rows"][grid_key(fam, settings)]
+        print(f"accounted {fam} {settings}: {sum(r['parts'].values()) / 2 ** 30:.2f} GiB in {r['seconds']} s",
+              flush=True)
+    print_grid_table(cache)
+
+
+GRID_PARTS = ("weights", "gradients", "optimizer", "activations", "temporaries")
+SMALL_BYTES = 32 * 2 ** 20     # a part below this on both sides is compared in MB, not as a ratio
+
+
+def grid_estimate(family: str, settings: dict) -> dict:
+    """The estimator's parts for a grid row, on the accounting's kinds (bytes): autocast's and fp8's weight casts
+    are activations there; text encoders, VAE (cached: 0) and the overhead (CUDA context) are left out."""
+    from comfyui_dreambooth.cli import apply_setting_overrides
+    from comfyui_dreambooth.training.memory import estimate
+    from comfyui_dreambooth.training.settings import DreamBoothSettings
+
+    s = apply_setting_overrides(DreamBoothSettings(), [f"{k}={json.dumps(v)}" for k, v in settings.items()])
+    p = estimate(family, s).parts
+    out = {k: p[k] for k in ("weights", "gradients", "optimizer", "temporaries")}
+    out["activations"] = p["activations"] + p["weight_casts"]
+    out["total"] = sum(out.values())
+    return out
+
+
+def grid_ratio(est: int, acc: int) -> str:
+    if max(est, acc) < SMALL_BYTES or not acc:
+        return f"{est / 2 ** 20:.0f}/{acc / 2 ** 20:.0f}M"
+    return f"{est / acc:.2f}"
+
+
+def grid_label(family: str, settings: dict) -> str:
+    s = settings
+    bits = [family, "lora" if s.get("use_lora") else "full", f"{s.get('resolution')}px", f"b{s.get('batch_size', 1)}",
+            "ckpt" if s.get("gradient_checkpointing") else "no-ckpt"]
+    if s.get("fused_backward"):
+        bits.append("lowmem")
+    bits += [f"{k}={v}" for k, v in s.items() if k in ("lora_rank", "attention")]
+    return " ".join(bits)
+
+
+def print_grid_table(cache) -> None:
+    """Per row of the cache: the accounted total (GiB) and the estimate / accounting ratio per part (a part below
+    SMALL_BYTES on both sides as estimate/accounting MB); markdown."""
+    head = ["row", "accounted GiB", "estimate GiB", *GRID_PARTS, "total"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for row in cache["rows"].values():
+        acc = dict(row["parts"])
+        acc["total"] = sum(acc[k] for k in GRID_PARTS) + acc.get("ema", 0)
+        est = grid_estimate(row["family"], row["settings"])
+        cells = [grid_label(row["family"], row["settings"]), f"{acc['total'] / 2 ** 30:.2f}",
+                 f"{est['total'] / 2 ** 30:.2f}", *(grid_ratio(est[k], acc[k]) for k in (*GRID_PARTS, "total"))]
+        print("| " + " | ".join(cells) + " |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -301,7 +443,17 @@ def main() -> None:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--accounting", action="store_true", help="full size on fake tensors, no GPU (issue 21)")
     ap.add_argument("--matrix", action="store_true", help="with --accounting: checkpointing off, batch, resolution")
+    ap.add_argument("--grid", action="store_true", help="account the grid's missing rows (cached in "
+                    "bench/results/memory-grid.json), then compare the estimate with the accounting per part")
+    ap.add_argument("--table", action="store_true", help="the --grid table from the cache only (seconds)")
+    ap.add_argument("--grid-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.grid_child:
+        grid_child(args.grid_child)
+        return
+    if args.grid or args.table:
+        grid_main(args)
+        return
     if args.accounting:
         accounting_main(args)
         return

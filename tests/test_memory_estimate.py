@@ -66,7 +66,10 @@ def test_exact_parts_match_real_tensors(sd1, case):
     assert est.details["trained_tensors"] == len(params)
     assert est.parts["optimizer"] == state
     largest = max(p.numel() * p.element_size() for p in params)
-    assert est.parts["gradients"] == (2 * largest if settings.fused_backward else trained_bytes)   # two at once: issue 21
+    # the gradients the optimizer step holds (exact; two at once with fused_backward: issue 21); parts["gradients"]
+    # is what exists at the peak moment, at most that
+    assert est.details["gradients_held"] == (2 * largest if settings.fused_backward else trained_bytes)
+    assert est.parts["gradients"] <= est.details["gradients_held"]
     # weights: trained in their dtype + every frozen UNet / trained-encoder parameter at the frozen dtype
     fb = 4 if settings.mixed_precision == "no" else 2
     trained_ids = {id(p) for p in params}
@@ -132,6 +135,10 @@ def _base(**changes):
 
 
 RAISING = {      # name: (lower-memory settings, higher-memory settings)
+    # sliced attention keeps every slice's attention matrix for the backward, which sdpa's kernels never build
+    # (the accounting: SD2 LoRA at 768 px 3.32 GiB sliced vs 2.26 sdpa; SDXL LoRA low-memory at 1024: activations +
+    # temporaries 1.19 GiB sliced vs 0.74 sdpa); it saves memory only against plain attention, not in training
+    "sliced attention (vs sdpa)": (dict(), dict(attention="sliced")),
     "batch 1 -> 2": (dict(batch_size=1), dict(batch_size=2)),
     "no gradient checkpointing": (dict(), dict(gradient_checkpointing=False)),
     "full fine-tune vs LoRA": (dict(use_lora=True), dict(use_lora=False)),
@@ -151,7 +158,6 @@ LOWERING = {     # name: (settings, the same with the saving)
     "frozen_dtype fp8": (dict(), dict(frozen_dtype="fp8")),
     "Adafactor vs AdamW": (dict(use_lora=False), dict(use_lora=False, optimizer="Adafactor")),
     "ema_on_cpu": (dict(use_lora=False, use_ema=True), dict(use_lora=False, use_ema=True, ema_on_cpu=True)),
-    "sliced attention": (dict(), dict(attention="sliced")),
     "SGD without momentum": (dict(use_lora=False, optimizer="SGD"),
                              dict(use_lora=False, optimizer="SGD", sgd_momentum=0.0)),
 }

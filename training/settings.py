@@ -184,7 +184,8 @@ class DreamBoothSettings:
     vae_dtype: str = _setting("fp32", "VAE precision. fp32 is safe; fp16 VAEs can produce NaN / black images.",
                               choices=VAE_DTYPES)
     attention: str = _setting("sdpa", "Attention kernel: sdpa (PyTorch, default), xformers (if installed), "
-                              "sliced (lowest memory, slowest).", choices=ATTENTIONS)
+                              "sliced (slowest; for GPUs without sdpa: in training it keeps each slice's attention matrix "
+                              "for the backward, more memory than sdpa).", choices=ATTENTIONS)
     # --- memory engine (training/setup/fused.py, training/setup/precision.py) --------------------------------------
     fused_backward: bool = _setting(False, "Step each weight inside the backward pass and free its gradient at "
                                     "once: no full set of gradients is ever held (saves one copy of the trained "
