@@ -27,28 +27,12 @@ CHECKPOINT_EVERY_STEPS = 50
 
 
 def spearman(xs: list[float], ys: list[float]) -> float | None:
-    """Spearman's rho (average ranks for ties); None when either side is constant or too short."""
-    def ranks(values):
-        order = sorted(range(len(values)), key=lambda i: values[i])
-        out = [0.0] * len(values)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                out[order[k]] = (i + j) / 2
-            i = j + 1
-        return out
+    """Spearman's rho (scipy; average ranks for ties); None when either side is constant or shorter than 3."""
+    from scipy.stats import spearmanr
 
-    if len(xs) < 3:
+    if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
         return None
-    rx, ry = ranks(xs), ranks(ys)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    sx = math.sqrt(sum((a - mx) ** 2 for a in rx))
-    sy = math.sqrt(sum((b - my) ** 2 for b in ry))
-    return round(sxy / (sx * sy), 3) if sx and sy else None
+    return round(float(spearmanr(xs, ys).statistic), 3)
 
 
 def evaluator_best(points: list[dict]) -> dict:
