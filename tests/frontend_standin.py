@@ -16,14 +16,18 @@ page and POSTs its report to /harness/report. Stdlib only; used by tests/test_we
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import math
 import mimetypes
 import os
 import random
+import shutil
 import socket
 import struct
+import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -35,6 +39,29 @@ REPO = Path(__file__).resolve().parents[1]
 PACK = "comfyui-dreambooth"
 HARNESS = REPO / "tests" / "web_harness" / "real_frontend_harness.js"
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+CHROMIUM = next((path for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+                 if (path := shutil.which(name))), None)
+
+
+@contextlib.contextmanager
+def headless_browser(url: str):
+    """Headless Chromium on `url` with a throw-away profile; stopped (terminate, then kill) when the block ends."""
+    with tempfile.TemporaryDirectory(prefix="chromium-profile-", ignore_cleanup_errors=True) as profile:
+        browser = subprocess.Popen(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
+             "--disable-background-networking", "--disable-component-update", f"--user-data-dir={profile}",
+             "--window-size=1600,1000", "--remote-debugging-port=0", url],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            yield browser
+        finally:
+            browser.terminate()
+            try:
+                browser.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                browser.kill()
 
 
 def free_port() -> int:

@@ -19,8 +19,6 @@ About 3 minutes on 2 CPU cores. Skipped in CI (no ComfyUI there); README "Browse
 import json
 import os
 import shutil
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlencode
@@ -28,10 +26,10 @@ from urllib.parse import urlencode
 import pytest
 
 import comfyui_env
+import frontend_standin
 import make_example_workflows as make
 
-CHROMIUM = next((path for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-                 if (path := shutil.which(name))), None)
+CHROMIUM = frontend_standin.CHROMIUM
 pytestmark = [
     pytest.mark.skipif(not comfyui_env.comfyui_dir(), reason=comfyui_env.skip_reason()),
     pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install -y chromium)"),
@@ -101,29 +99,17 @@ def play(comfy, scenario: str, timeout: float = 300.0, **params: str) -> dict:
     """Open the real frontend with ?scenario=...; return the harness's report (POSTed to the harness pack)."""
     query = urlencode({"scenario": scenario, "pack": comfyui_env.PACK_NAME, **params})
     before = set(comfy.reports.glob("*.json")) if comfy.reports.is_dir() else set()
-    with tempfile.TemporaryDirectory(prefix="chromium-profile-", ignore_cleanup_errors=True) as profile:
-        browser = subprocess.Popen(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
-             "--disable-background-networking", "--disable-component-update", f"--user-data-dir={profile}",
-             "--window-size=1600,1000", "--remote-debugging-port=0", f"{comfy.url}/?{query}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                new = sorted(set(comfy.reports.glob("*.json")) - before) if comfy.reports.is_dir() else []
-                if new:
-                    report = json.loads(new[0].read_text())
-                    break
-                assert comfy.process.poll() is None, comfy.log_tail()
-                time.sleep(0.5)
-            else:
-                pytest.fail(f"no report from the {scenario} scenario in {timeout:.0f} s\n{comfy.log_tail(3000)}")
-        finally:
-            browser.terminate()
-            try:
-                browser.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                browser.kill()
+    with frontend_standin.headless_browser(f"{comfy.url}/?{query}"):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            new = sorted(set(comfy.reports.glob("*.json")) - before) if comfy.reports.is_dir() else []
+            if new:
+                report = json.loads(new[0].read_text())
+                break
+            assert comfy.process.poll() is None, comfy.log_tail()
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"no report from the {scenario} scenario in {timeout:.0f} s\n{comfy.log_tail(3000)}")
     assert report["done"] and report["errors"] == [], (report["errors"], report.get("templateSource"),
                                                          report.get("templateCardsSeen"))
     assert report["train"] and report["socket"]["state"] == 1

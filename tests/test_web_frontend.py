@@ -13,9 +13,6 @@ the pack's own node classes and nodes/live.py (issue 23's browser checks). What 
 Skipped without chromium or without the frontend package (pip install comfyui-frontend-package==1.27.10; the
 [test] extra has it). The same checks against a real ComfyUI: tests/test_real_comfyui_browser.py (opt-in).
 """
-import shutil
-import subprocess
-import tempfile
 from urllib.parse import urlencode
 
 import pytest
@@ -23,8 +20,7 @@ import pytest
 import frontend_standin
 from comfyui_dreambooth.nodes import live
 
-CHROMIUM = next((path for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-                 if (path := shutil.which(name))), None)
+CHROMIUM = frontend_standin.CHROMIUM
 pytestmark = [
     pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install -y chromium)"),
     pytest.mark.skipif(frontend_standin.frontend_root() is None,
@@ -38,21 +34,8 @@ def play(scenario: str, timeout: float = 150.0, **params: str) -> dict:
     live.clear_states()
     server = frontend_standin.serve()
     try:
-        with tempfile.TemporaryDirectory(prefix="chromium-profile-", ignore_cleanup_errors=True) as profile:
-            browser = subprocess.Popen(
-                [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
-                 "--disable-background-networking", "--disable-component-update", f"--user-data-dir={profile}",
-                 "--window-size=1600,1000", "--remote-debugging-port=0",
-                 f"{server.url}/?{urlencode({'scenario': scenario, **params})}"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                assert server.report_ready.wait(timeout), f"no report from the {scenario} scenario in {timeout} s"
-            finally:
-                browser.terminate()
-                try:
-                    browser.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    browser.kill()
+        with frontend_standin.headless_browser(f"{server.url}/?{urlencode({'scenario': scenario, **params})}"):
+            assert server.report_ready.wait(timeout), f"no report from the {scenario} scenario in {timeout} s"
         report = server.reports[0]
     finally:
         server.shutdown()
