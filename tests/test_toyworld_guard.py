@@ -1,11 +1,12 @@
 """The toy world's guard (issue 19 point 5): training must teach the shipped toy base a subject, and prior
-preservation must keep the class. One real run of training/toyworld/guard.py (full fine-tune, full fine-tune with
-prior preservation; about a minute and a half on 2 cores), shared by the tests below.
+preservation must keep the class. One real run of training/toyworld/guard.py (LoRA, full fine-tune, full fine-tune
+with prior preservation; about two minutes on 2 cores), shared by the tests below.
 
 It fails when training learns nothing: `python bench/toyworld_guard.py --sabotage lr0` (every learning rate 1e-10)
-and `--sabotage no_prior_loss` (class images in the batches, their loss weight 0) miss these goals (README "Toy
-world" gives the numbers). The LoRA row (`--rows lora`) is not held here yet: over two seeds it gives 0.54-0.67,
-under the 0.7 goal.
+and `--sabotage no_te_lora` (the text encoder's LoRA trained but not applied) each miss one of these goals; `--sabotage
+no_prior_loss` (class images in the batches, their loss weight 0) is caught only on some seeds (README "Toy world"
+gives the numbers). The LoRA row's fidelity goal (0.7) is not met reliably yet: 0.54-0.75 over seeds and settings
+(xfail below).
 """
 import pytest
 
@@ -14,7 +15,7 @@ from comfyui_dreambooth.training.toyworld import guard
 
 @pytest.fixture(scope="module")
 def result():
-    return guard.run(samples=12, rows=("full", "full_prior"))
+    return guard.run(samples=12, rows=("lora", "full", "full_prior"))
 
 
 @pytest.mark.slow
@@ -32,6 +33,18 @@ def test_prior_preservation_keeps_the_class(result):
     assert result["full_prior_pres"] <= 0.2, result
 
 
+@pytest.mark.slow
+def test_the_lora_text_encoder_training_reaches_sampling(result):
+    assert result["lora_te_shift"] >= guard.TE_SHIFT_GOAL, result
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="issue 19: the LoRA row gives 0.54-0.75 over seeds and settings, the goal is 0.7",
+                   strict=False)
+def test_a_lora_learns_the_subject(result):
+    assert result["lora_fidelity"] >= 0.7 and result["lora_fidelity"] >= result["base_fidelity"] + 0.6, result
+
+
 def test_the_guard_names_what_it_misses():
     """`missed` is what bench/toyworld_guard.py exits 1 on: each goal, with the number that missed it."""
     ok = {"base_fidelity": 0.0, "full_fidelity": 0.9, "full_prior_fidelity": 0.3, "full_prior_pres": 0.1}
@@ -41,6 +54,33 @@ def test_the_guard_names_what_it_misses():
     assert any(p.startswith("full: subject fidelity 0.5") for p in problems)
     assert any(p.startswith("full_prior: PRES 0.6") for p in problems)
     assert guard.missed(dict(ok, base_fidelity=0.4, full_fidelity=0.9)) != []      # not 0.6 above the base
+
+
+def test_a_text_encoder_that_never_reaches_sampling_is_missed():
+    """The no_te_lora defect leaves fidelity intact (the UNet's adapter learns alone), so the guard checks the text
+    encoder's effect on the instance prompt's encoding itself."""
+    ok = {"base_fidelity": 0.0, "lora_fidelity": 0.8, "lora_te_shift": 0.01}
+    assert guard.missed(ok) == []
+    problems = guard.missed(dict(ok, lora_te_shift=0.0))
+    assert len(problems) == 1 and problems[0].startswith("lora: the text encoder's training moved"), problems
+
+
+def test_text_encoder_shift_is_zero_for_an_unapplied_adapter_and_not_for_an_applied_one():
+    import torch
+
+    from comfyui_dreambooth.training.models import build_tiny_model
+    from comfyui_dreambooth.training.setup import adapters
+
+    base = build_tiny_model("sd1", seed=0)
+    with guard.text_encoder_lora_not_applied():
+        broken = adapters.add_adapters(base, rank=2, on_text_encoder=True)
+    working = adapters.add_adapters(base, rank=2, on_text_encoder=True)
+    for model in (broken, working):
+        with torch.no_grad():
+            for p in adapters.adapter_parameters(model, unet=False, text_encoders=True):
+                p.add_(0.5)
+    assert guard.text_encoder_shift(base, broken, "a sks toy") == 0.0
+    assert guard.text_encoder_shift(base, working, "a sks toy") > guard.TE_SHIFT_GOAL
 
 
 def test_sabotages_break_what_they_say():

@@ -3,7 +3,10 @@ keep the class? One subject (the red/blue split circle, which "a {colour} {shape
 the pack's own trainer at dreambench's GUARD_* settings, sampled with its own sampler, read by the evaluator.
 
 Goals (`missed` lists the ones a result misses): subject fidelity >= 0.7 and >= the untrained base's + 0.6 after
-LoRA and after a full fine-tune; PRES <= 0.2 with prior preservation. tests/test_toyworld_guard.py and
+LoRA and after a full fine-tune; PRES <= 0.2 with prior preservation; and where the text encoder trains, its
+encoding of the instance prompt, as the sampler computes it, moved at least TE_SHIFT_GOAL from the base's (the
+UNet's adapter learns the subject from the base's encoding alone, so fidelity cannot show a text encoder whose
+training never reaches sampling). tests/test_toyworld_guard.py and
 bench/toyworld_guard.py run it.
 
 `sabotage` breaks training the way real bugs did or could, to show the guard catches it:
@@ -22,6 +25,7 @@ import time
 
 SABOTAGES = ("lr0", "no_te_lora", "no_prior_loss")
 ROWS = ("lora", "full", "full_prior")
+TE_SHIFT_GOAL = 0.002        # a fifth of a healthy run's (GUARD_LORA: 0.0104); the no_te_lora defect gives 0.0
 
 
 @contextlib.contextmanager
@@ -54,6 +58,19 @@ def sabotaged(variant, sabotage: str | None):
     return variant
 
 
+def text_encoder_shift(base, model, prompt: str) -> float:
+    """Relative L2 change of `prompt`'s encoding (the sampler's own encode_prompts) from the base to `model`: 0 when
+    the text encoder's training does not reach sampling."""
+    import torch
+
+    from ..models.text import encode_prompts
+
+    with torch.no_grad():
+        before = encode_prompts(base, [prompt]).embeds
+        after = encode_prompts(model, [prompt]).embeds
+    return float((after - before).norm() / before.norm())
+
+
 def run(samples: int = 12, base_file: str | None = None, sabotage: str | None = None,
         rows: tuple = ROWS) -> dict:
     import torch
@@ -81,6 +98,8 @@ def run(samples: int = 12, base_file: str | None = None, sabotage: str | None = 
             t0 = time.time()
             model = db.train_variant(base, variant, inst, os.path.join(root, key), count=5).model
             out[f"{key}_fidelity"] = db.subject_fidelity(model, subject, judge, samples)
+            if variant.text_encoder:
+                out[f"{key}_te_shift"] = round(text_encoder_shift(base, model, db.instance_prompt(db.TOKEN)), 5)
             if variant.prior != "none":
                 out[f"{key}_pres"] = db.pres(model, judge, samples)
             out[f"{key}_seconds"] = round(time.time() - t0, 1)
@@ -95,10 +114,15 @@ def missed(r: dict) -> list[str]:
         f = r[f"{key}_fidelity"]
         if not (f >= 0.7 and f >= r["base_fidelity"] + 0.6):
             goals.append(f"{key}: subject fidelity {f} (goal >= 0.7 and >= base {r['base_fidelity']} + 0.6)")
+    for key in ROWS + ("lora_prior",):
+        if f"{key}_te_shift" in r and r[f"{key}_te_shift"] < TE_SHIFT_GOAL:
+            goals.append(f"{key}: the text encoder's training moved the instance prompt's encoding by "
+                         f"{r[f'{key}_te_shift']} (goal >= {TE_SHIFT_GOAL}): it does not reach sampling")
     for key in ("lora_prior", "full_prior"):
         if f"{key}_pres" in r and r[f"{key}_pres"] > 0.2:
             goals.append(f"{key}: PRES {r[f'{key}_pres']} (goal <= 0.2)")
     return goals
 
 
-__all__ = ["SABOTAGES", "ROWS", "run", "missed", "sabotaged", "text_encoder_lora_not_applied"]
+__all__ = ["SABOTAGES", "ROWS", "TE_SHIFT_GOAL", "run", "missed", "sabotaged", "text_encoder_lora_not_applied",
+           "text_encoder_shift"]
