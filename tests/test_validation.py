@@ -96,9 +96,11 @@ def test_keep_best_rule():
                {"step": 20, "loss": 0.20, "prior_drift": 0.08, "checkpoint": "c20"},
                {"step": 25, "loss": 0.10, "prior_drift": 0.01},                 # no checkpoint: not a candidate
                {"step": 30, "loss": 0.15, "prior_drift": 0.30, "checkpoint": "c30"},   # lowest loss, drifted
-               {"step": 40, "loss": 0.20, "prior_drift": 0.05, "checkpoint": "c40"}]   # ties step 20: later
+               {"step": 40, "loss": 0.201, "prior_drift": 0.05, "checkpoint": "c40"}]  # within 1 % of step 20
     best, why = choose_best(records, ceiling=0.25)              # ceiling 0.25 x 0.4 = 0.1
-    assert best["checkpoint"] == "c20" and "lowest subject loss" in why
+    assert best["checkpoint"] == "c40" and "lowest subject loss" in why and "the latest of 2" in why
+    no_tie = [dict(r, loss=0.203) if r.get("checkpoint") == "c40" else r for r in records]     # 1.5 % above
+    assert choose_best(no_tie, ceiling=0.25)[0]["checkpoint"] == "c20"
     assert choose_best(records, ceiling=10)[0]["checkpoint"] == "c30"
     best, why = choose_best(records, ceiling=0.01)               # none under 0.004: the lowest drift
     assert best["checkpoint"] == "c10" and "lowest prior drift" in why

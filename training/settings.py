@@ -267,8 +267,8 @@ class DreamBoothSettings:
     validation_samples: int = _setting(1, "Seeds per prompt in the validation grid (0 = no grid).", range=(0, 16),
                                        affects_result=False)
     keep_best: bool = _setting(False, "Keep the best checkpoint beside keep_last_checkpoints' ones and name it in "
-                               "the summary. Rule: among the saved checkpoints the lowest subject loss wins (ties: the earlier "
-                               "step); with best_drift_ceiling > 0 only those whose prior drift is at most that x "
+                               "the summary. Rule: among the saved checkpoints the lowest subject loss wins (losses within 1 % "
+                               "of it are a tie: the latest of them wins); with best_drift_ceiling > 0 only those whose prior drift is at most that x "
                                "the base model's own subject loss (validated at step 0) qualify, and when none "
                                "does, the lowest drift wins. Needs validate_every_steps.", affects_result=False)
     best_drift_ceiling: float = _setting(0.0, "keep_best's ceiling on prior drift, as a fraction of the base "
