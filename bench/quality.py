@@ -7,9 +7,10 @@
 
 Rows: the untrained base, then each dreambench.VARIANTS entry (LoRA, LoRA + prior preservation, full fine-tune,
 full + prior preservation, base_model prior, text encoder frozen), then the instance images themselves (the upper
-bound) and after the base's VAE round trip (the codec's bound: what a perfectly trained UNet could show). `--masked` adds a pair of rows (issue 20 point 3): the full fine-tune on instance images that all show one
-background, without and with masked loss (masks from the toy world's renderer, OneTrainer's `-masklabel.png`
-layout); their prompt fidelity is measured on the *other* backgrounds only. Columns: subject fidelity and similarity (the DINO / CLIP-I analogue), prompt fidelity (CLIP-T analogue),
+bound) and after the base's VAE round trip (the codec's bound: what a perfectly trained UNet could show). `--masked` adds a pair of rows (issue 20 point 3): the full fine-tune with the text encoder trained, on
+instance images that all show one background, without and with masked loss (masks from the toy world's renderer,
+OneTrainer's `-masklabel.png` layout), each the mean of three seeds; their prompt fidelity is measured on the
+*other* backgrounds only. With `--rows` and no names, only that pair runs and the files are masked.*. Columns: subject fidelity and similarity (the DINO / CLIP-I analogue), prompt fidelity (CLIP-T analogue),
 recontextualised subject share, PRES (lower is better) and DIV (with its ratio to the base's), averaged over the
 subjects. Everything runs on the CPU with the pack's own trainer (training.trainer.train) and sampler
 (training.sampling.generate); the evaluator (training/toyworld/evaluate.py) is an analysis calibrated on renders
@@ -75,13 +76,18 @@ def run(subjects: list[str], rows: list[str] | None, per_prompt: int, instances:
     return results
 
 
-MASKED_ROWS = ("full, one background", "full, one background + masked loss")
+MASKED_ROWS = ("full + text encoder, one background", "full + text encoder, one background + masked loss")
+MASKED_SEEDS = (0, 1, 2)
 
 
-def masked_rows(base, subject, judge, work: str, per_prompt: int, instances: int, steps: int | None) -> dict:
+def masked_rows(base, subject, judge, work: str, per_prompt: int, instances: int, steps: int | None,
+                seeds=MASKED_SEEDS) -> dict:
     """The masked-loss pair: every instance image on the subject's first allowed background, trained without and
-    with masked loss (the mask file is there for both; only the setting differs); recontextualised prompts ask for
-    the other backgrounds."""
+    with masked loss (the mask file is there for both; only the setting differs), each over `seeds` (the numbers
+    are their means; `per_seed` keeps each seed's prompt fidelity); recontextualised prompts ask for the other
+    backgrounds. The text encoder trains (dreambench.FULL_TE): with it frozen the background words keep their
+    meaning and the background follows the prompt with or without masks (prompt fidelity 1.0 both), so nothing
+    could leak for masks to stop."""
     from comfyui_dreambooth.training.toyworld import dreambench as db
     from comfyui_dreambooth.training.toyworld.masked import write_masked_subject
 
@@ -91,17 +97,24 @@ def masked_rows(base, subject, judge, work: str, per_prompt: int, instances: int
     write_masked_subject(folder, subject, instances, backgrounds=[one])
     out = {}
     for label, on in zip(MASKED_ROWS, (False, True)):
-        variant = dataclasses.replace(db.FULL, name=label, extra=dict(db.FULL.extra, masked_loss=on),
+        variant = dataclasses.replace(db.FULL_TE, name=label, extra=dict(db.FULL_TE.extra, masked_loss=on),
                                       **({"steps": steps} if steps else {}))
         t0 = time.time()
-        result = db.train_variant(base, variant, folder, os.path.join(work, "masked" if on else "unmasked"),
-                                  count=instances)
-        out[label] = db.measure(result.model, subject, judge, per_prompt=per_prompt, backgrounds=others,
-                                keep_images=True)
-        out[label]["train_s"] = round(time.time() - t0, 1)
-        out[label]["instance_background"] = one
-        print(f"[quality] {subject.name} / {label}: " + ", ".join(f"{k} {out[label][k]}" for k in COLUMNS),
-              flush=True)
+        runs = []
+        for seed in seeds:
+            result = db.train_variant(base, variant, folder, os.path.join(work, f"masked{int(on)}-{seed}"),
+                                      count=instances, seed=seed)
+            runs.append(db.measure(result.model, subject, judge, per_prompt=per_prompt, backgrounds=others,
+                                   keep_images=seed == seeds[0]))
+        row = {c: round(sum(r[c] for r in runs) / len(runs), 4) for c in COLUMNS}
+        row["images"] = runs[0].get("images")
+        row["per_seed"] = {c: [r[c] for r in runs] for c in ("subject_fidelity", "prompt_fidelity")}
+        row["seeds"] = list(seeds)
+        row["train_s"] = round(time.time() - t0, 1)
+        row["instance_background"] = one
+        out[label] = row
+        print(f"[quality] {subject.name} / {label}: " + ", ".join(f"{k} {row[k]}" for k in COLUMNS)
+              + f"; per seed {row['per_seed']}", flush=True)
     return out
 
 
@@ -168,12 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     table = summarise(results)
     os.makedirs(a.out_dir, exist_ok=True)
     grid = results.pop("grid")
-    with open(os.path.join(a.out_dir, "quality.json"), "w", encoding="utf-8") as f:
+    stem = "masked" if a.masked and rows == [] else "quality"          # the masked pair alone: its own files
+    with open(os.path.join(a.out_dir, f"{stem}.json"), "w", encoding="utf-8") as f:
         json.dump({"table": table, **results, "subjects": subjects, "per_prompt": per_prompt}, f, indent=1)
     text = markdown(table, results, subjects, per_prompt)
-    with open(os.path.join(a.out_dir, "quality.md"), "w", encoding="utf-8") as f:
+    with open(os.path.join(a.out_dir, f"{stem}.md"), "w", encoding="utf-8") as f:
         f.write(text)
-    save_grid(grid, os.path.join(a.out_dir, "quality-grid.png"))
+    save_grid(grid, os.path.join(a.out_dir, f"{stem}-grid.png"))
     print(text)
     return 0
 

@@ -54,6 +54,10 @@ LORA_PRIOR = Variant("LoRA + prior preservation", use_lora=True, prior="class_im
 FULL = Variant("full fine-tune", use_lora=False, text_encoder=False, learning_rate=2e-4, steps=400)
 FULL_PRIOR = Variant("full + prior preservation", use_lora=False, text_encoder=False, prior="class_images",
                      learning_rate=2e-4, steps=400)
+# the text encoder trained at the UNet's rate: the background words move with the token, so a background shared by
+# every instance image can leak into prompts that ask for another (bench/quality.py's masked-loss rows)
+FULL_TE = Variant("full fine-tune, text encoder trained", use_lora=False, text_encoder=True, learning_rate=2e-4,
+                  steps=400)
 BASE_PRIOR = Variant("LoRA + base_model prior", use_lora=True, prior="base_model", learning_rate=1e-3)
 FROZEN_TE = Variant("LoRA, text encoder frozen", use_lora=True, text_encoder=False, learning_rate=1e-3)
 VARIANTS = [LORA, LORA_PRIOR, FULL, FULL_PRIOR, BASE_PRIOR, FROZEN_TE]
@@ -200,7 +204,7 @@ def variant_dict(v: Variant) -> dict:
     return asdict(v)
 
 
-__all__ = ["Variant", "VARIANTS", "GUARD_LORA", "GUARD_FULL", "GUARD_LORA_PRIOR", "GUARD_FULL_PRIOR", "subject_fidelity", "pres", "LORA", "LORA_PRIOR", "FULL", "FULL_PRIOR", "BASE_PRIOR", "FROZEN_TE", "TOKEN",
+__all__ = ["Variant", "VARIANTS", "GUARD_LORA", "GUARD_FULL", "GUARD_LORA_PRIOR", "GUARD_FULL_PRIOR", "subject_fidelity", "pres", "LORA", "LORA_PRIOR", "FULL", "FULL_PRIOR", "FULL_TE", "BASE_PRIOR", "FROZEN_TE", "TOKEN",
            "CLASS_PROMPT", "write_instance_images", "vae_round_trip", "settings_for", "concept_for", "train_variant", "sample",
            "measure", "measure_instances", "judge_for", "variant_dict"]
 
