@@ -60,8 +60,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))   # the folder holdin
 sys.path.insert(0, HERE)
 from bench_train_step import bitsandbytes_works  # noqa: E402  (one 8-bit probe for both benchmarks)
 
-RESOLUTION = {"tiny": 64, "mid": 64, "sd15": 512, "sdxl": 1024}
-STEPS = {"tiny": (2, 6), "mid": (1, 3), "sd15": (3, 10), "sdxl": (3, 8)}        # (warm-up, measured)
+RESOLUTION = {"tiny": 64, "mid": 64, "mid316": 64, "sd15": 512, "sdxl": 1024}
+STEPS = {"tiny": (2, 6), "mid": (1, 3), "mid316": (1, 3), "sd15": (3, 10), "sdxl": (3, 8)}        # (warm-up, measured)
 
 
 # ---- models -----------------------------------------------------------------------------------------------------
@@ -73,6 +73,8 @@ def build_model(name: str):
         return build_tiny_model("sd1")
     if name == "mid":
         return build_random_sd15(unet="reduced")
+    if name == "mid316":          # --models mid316: a ~316M UNet (three levels), the issue 21.4 proxy
+        return build_random_sd15(unet="three_levels")
     if name == "sd15":
         return build_random_sd15(unet="full")
     if name == "sdxl":

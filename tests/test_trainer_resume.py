@@ -186,23 +186,22 @@ def test_huge_learning_rate_diverges_cleanly(sd1, tmp_path):
 
 
 def test_failed_save_keeps_the_previous_checkpoint(sd1, tmp_path, monkeypatch):
-    import safetensors.torch
-
+    from comfyui_dreambooth.training import checkpoints
     from comfyui_dreambooth.training.trainer import TrainingSaveError
 
-    real_save = safetensors.torch.save_file
+    real_save = checkpoints.save_fp32_safetensors       # writes trainable.safetensors a tensor at a time
     saves = {"n": 0}
 
-    def save_file(tensors, filename, metadata=None):
+    def save_file(tensors, filename):
         if os.path.basename(filename) == "trainable.safetensors":
             saves["n"] += 1
             if saves["n"] == 2:                 # disk full half-way through the second checkpoint
                 with open(filename, "wb") as f:
                     f.write(b"\0" * 100)
                 raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(tensors, filename, metadata=metadata)
+        return real_save(tensors, filename)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    monkeypatch.setattr(checkpoints, "save_fp32_safetensors", save_file)
     concept = make_concept(tmp_path, n=1)
     settings = tiny_settings(steps_per_image=4, save_every_epochs=1)
     with pytest.raises(TrainingSaveError, match="step-0000001") as e:
@@ -214,7 +213,7 @@ def test_failed_save_keeps_the_previous_checkpoint(sd1, tmp_path, monkeypatch):
     first = load_tensors(str(run_dir / "checkpoints" / "step-0000001" / "trainable.safetensors"))
     assert first and all(torch.isfinite(t).all() for t in first.values())
     # the run resumes from the intact checkpoint once the disk has room again
-    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    monkeypatch.setattr(checkpoints, "save_fp32_safetensors", real_save)
     resumed = _train(sd1, tmp_path / "out", settings, concept)
     assert resumed.run_dir == str(run_dir) and [r["step"] for r in read_losses(resumed.run_dir)] == [1, 2, 3, 4]
 

@@ -97,7 +97,8 @@ def build_random_sd15(seed: int = 0, unet: str = "full", prediction_type: str = 
 
     unet="full": SD1.5's own UNet (860M; ~1.07B parameters in all). unet="reduced": two levels at 320/640 channels
     (~100M) that keep what loaders detect as SD1.5 (320 model channels, 768 context, conv projections), with the
-    real VAE and CLIP-L: for checks where the UNet's size only costs time.
+    real VAE and CLIP-L: for checks where the UNet's size only costs time. unet="three_levels": the same with a
+    third level at 1280 channels (~316M; issue 21.4's CPU proxy).
     """
     import torch
     from diffusers import UNet2DConditionModel
@@ -110,8 +111,13 @@ def build_random_sd15(seed: int = 0, unet: str = "full", prediction_type: str = 
                                    block_out_channels=(320, 640), cross_attention_dim=768, attention_head_dim=8,
                                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    elif unet == "three_levels":      # ~316M: the reduced UNet with SD1.5's third level (1280, no attention)
+        net = UNet2DConditionModel(sample_size=64, in_channels=4, out_channels=4, layers_per_block=1,
+                                   block_out_channels=(320, 640, 1280), cross_attention_dim=768, attention_head_dim=8,
+                                   down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
     else:
-        raise ValueError(f"unet={unet!r}: choose 'full' or 'reduced'")
+        raise ValueError(f"unet={unet!r}: choose 'full', 'reduced' or 'three_levels'")
     model = SDModel(family="sd1", prediction_type=prediction_type, unet=net, vae=sd15_vae(),
                     text_encoders=[sd15_text_encoder()], tokenizers=tokenizers_for_family("sd1"),
                     source_hash=f"random-sd15-{unet}-{seed}")

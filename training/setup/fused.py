@@ -32,13 +32,18 @@ from .optimizers import build_optimizer, normalise_groups
 BF16_MASK = -65536          # 0xFFFF0000 as int32: the bits a bf16 keeps of an fp32
 
 
-def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator | None = None, *,
+                             out: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 `x` -> bf16, rounding up or down at random with the probability of the distance: add 16 uniform
-    random bits below bf16's mantissa to the fp32 bit pattern, then truncate. E[result] = x."""
+    random bits below bf16's mantissa to the fp32 bit pattern, then truncate. E[result] = x. With `out` (a bf16
+    tensor of x's shape) the result is written there; the bits are summed and truncated in the noise's own tensor,
+    so one int32 temporary is all this makes (the truncated fp32 converts to bf16 exactly)."""
     x = x.detach().to(torch.float32).contiguous()
-    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
-    bits = (x.view(torch.int32) + noise) & BF16_MASK
-    return bits.view(torch.float32).to(torch.bfloat16)
+    bits = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    bits.add_(x.view(torch.int32)).bitwise_and_(BF16_MASK)
+    if out is None:
+        return bits.view(torch.float32).to(torch.bfloat16)
+    return out.copy_(bits.view(torch.float32))
 
 
 def _seed(seed: int, step: int, index: int) -> int:
@@ -101,17 +106,24 @@ class PerParameterOptimizer(torch.optim.Optimizer):
         if p.dtype != torch.bfloat16:
             opt.step()
             return
-        # bf16 storage: the update in fp32, written back with stochastic rounding
+        # bf16 storage: the update in fp32, written back with stochastic rounding into the weight's own bf16
+        # storage: the weights stay where they are, and only this step's temporaries come and go (a new bf16
+        # tensor per weight per step, made between the backward's temporaries, fragmented a CPU run's heap:
+        # hundreds of MB of resident memory above the tensors, issue 21.4)
+        stored = p.data
         grad = p.grad.float()
         p.grad = None
-        p.data = p.data.float()
+        p.data = stored.float()
         p.grad = grad
+        del grad                   # the optimizer's: freed when it is done with it
         try:
             opt.step()
         finally:
             gen = torch.Generator(device=p.device).manual_seed(_seed(self.seed, self.steps_done, index))
             p.grad = None
-            p.data = stochastic_round_to_bf16(p.data, gen)
+            updated, p.data = p.data, stored
+            stochastic_round_to_bf16(updated, gen, out=stored)
+            del updated
 
     def step(self, closure=None):
         loss = closure() if closure is not None else None
