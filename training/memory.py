@@ -13,7 +13,8 @@ optimizer states on the CPU):
   compute precision's half type, fp8 = 1 byte for frozen Linear / Conv2d weights of the UNet),
 - gradients: one per trained tensor in its dtype; with `fused_backward` twice the largest single tensor's (each
   gradient is freed as soon as its weight is stepped, but autograd makes the next one while the largest is being
-  stepped: memory_measure.py's accounting sees two at once),
+  stepped) as `details["gradients_held"]`; `parts["gradients"]` are those of the peak moment (for a fused full
+  fine-tune the peak is the largest tensor's step, whose bf16 gradient is by then the step's fp32 copy: 0),
 - optimizer: AdamW 2 x fp32 moments + a 4-byte step tensor per tensor; AdamW8bit / Lion8bit (bitsandbytes) 1 byte
   per moment + one fp32 absmax per block of `BNB_BLOCK` elements for tensors of >= 4096 elements (smaller ones
   keep fp32 moments, as bitsandbytes does); Lion 1 x fp32; Adafactor (transformers, beta1 None) a row and a
@@ -317,10 +318,11 @@ def estimate(model, settings, resolution: int | None = None, batch: int | None =
     peak = step_peak(model_shape(model), s, resolution, batch, sum(numel(t) for t in plan.trained_unet) * wbytes,
                      gradients, optimizer_step_temp(trained, s), casts)
     # the parts are those of the peak moment: the gradients that exist then (all of them when the optimizer step is
-    # the peak; few or none early in the backward; with fused_backward the two at once); what the optimizer step
+    # the peak; few or none early in the backward; a full fine-tune's fused_backward: the stepped tensor's, none
+    # in bf16, whose gradient becomes the step's fp32 copy; LoRA's: the two at once); what the optimizer step
     # holds is details["gradients_held"] (exact). The step's scratch is counted with the temporaries
     gradients_held = gradients
-    if not s.fused_backward:
+    if not s.fused_backward or (s.train_unet and not s.use_lora):
         gradients = peak["gradients"]
     casts = peak["weight_casts"]
     if s.frozen_dtype == "fp8":     # fp8 layers are cast to the compute dtype, and the casts that backward needs are

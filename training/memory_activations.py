@@ -37,7 +37,8 @@ def base_layer(module):
 # With gradient checkpointing (each ResnetBlock2D and BasicTransformerBlock, non-reentrant) a checkpointed unit
 # keeps only its input; the peak is the backward's first recomputation (the last transformer block: all that it
 # keeps again) or, for a full fine-tune, the end of the backward (every gradient made, the first blocks'
-# activations and their backward's working set; norm_out / conv_out's inputs are freed by then).
+# activations and their backward's working set; norm_out / conv_out's inputs are freed by then; a transformer
+# block at a time is recomputed) or, with fused_backward, the step of the largest tensor inside the backward.
 # Fitted on the SD1.5 rows of the accounting (bench/memory.py --grid) and checked on the others:
 FORWARD_TRANSIENT = 15      # bytes per C0 x token alive at the forward's end / a recomputation's end (GEGLU)
 RECOMPUTE_GRAD = 6          # bytes per C0 x token: the output gradient while the first block is recomputed
@@ -59,16 +60,19 @@ def _unet_units(unet, side: int) -> tuple[list[dict], int]:
     def n(m):
         return sum(p.numel() for p in m.parameters())
 
+    def largest(m):
+        return max((p.numel() for p in m.parameters()), default=0)
+
     def resnet(r, t):
         return dict(kind="resnet", T=t, cin=base_layer(r.conv1).in_channels, cout=base_layer(r.conv2).out_channels,
-                    params=n(r))
+                    params=n(r), largest=largest(r))
 
     def attention(a, t):
         blocks = a.transformer_blocks
         proj = base_layer(a.proj_in)
         c = proj.in_channels if isinstance(proj, nn.Conv2d) else proj.in_features
         return dict(kind="attention", T=t, c=c, layers=len(blocks), heads=blocks[0].attn1.heads,
-                    conv=isinstance(proj, nn.Conv2d), params=n(a),
+                    conv=isinstance(proj, nn.Conv2d), params=n(a), largest=largest(a),
                     unckpt=base_layer(a.proj_in).weight.numel() + base_layer(a.proj_out).weight.numel())
 
     def block(b, t):
@@ -79,7 +83,8 @@ def _unet_units(unet, side: int) -> tuple[list[dict], int]:
                 out.append(attention(atts[k], t))
         for sampler, kind in ((getattr(b, "downsamplers", None), "down"), (getattr(b, "upsamplers", None), "up")):
             for d in sampler or []:
-                out.append(dict(kind=kind, T=t, c=base_layer(d.conv).in_channels, params=n(d), unckpt=n(d)))
+                out.append(dict(kind=kind, T=t, c=base_layer(d.conv).in_channels, params=n(d), unckpt=n(d),
+                                largest=largest(d)))
         return out
 
     units, levels = [], len(unet.down_blocks)
@@ -135,6 +140,15 @@ def _unit_bytes(u: dict, mode: str, s, ctx_dim: int, checkpointed: bool) -> int:
     return _wrapper_bytes(u, mode, s) + u["layers"] * per_layer
 
 
+def _recomputed(u: dict, mode: str, s, ctx_dim: int, kept: float) -> float:
+    """What a checkpointed unit holds again, beyond its kept input, while its backward recomputes it: a
+    Transformer2DModel one BasicTransformerBlock at a time (each is its own checkpoint: SDXL's ten layers are
+    never recomputed at once), a ResnetBlock2D all of it."""
+    if u["kind"] == "attention":
+        return max(_layer_bytes(u, mode, s, ctx_dim) - 2 * u["c"] * u["T"], 0)
+    return max(_unit_bytes(u, mode, s, ctx_dim, False) - kept, 0)
+
+
 def _working_bytes(u: dict) -> int:
     """The backward's working set of a unit per sample (activation gradients)."""
     if u["kind"] == "attention":
@@ -183,20 +197,28 @@ def step_peak(shape, settings, resolution: int, batch: int, trained_bytes: int, 
         moments.append(dict(activations=sum(kept) + stem + (again + FORWARD_TRANSIENT * c0 * top) * scale,
                             weight_casts=0, temporaries=RECOMPUTE_GRAD * c0 * top * scale + slices, gradients=0,
                             optimizer_temp=0))
-    if full_grads:     # the backward, unit by unit from the last: gradients grow, activations shrink
+    fused_full = mode == "full" and s.fused_backward
+    wbytes = 2 if s.weights_dtype == "bf16" else 4
+    if full_grads or fused_full:    # the backward, unit by unit from the last: activations shrink, and either the
+        # gradients grow, or (fused_backward) each tensor is stepped as its gradient is made: then the moment is
+        # the step of the unit's largest tensor (its fp32 copy, its gradient in fp32 and the optimizer's scratch:
+        # FUSED_STEP_BYTES per element; a bf16 gradient is freed once copied, an fp32 one is the step's own)
         done = 0
         for k in range(len(units) - 1, -1, -1):
             u = units[k]
             done += u["params"]
-            again = (_unit_bytes(u, mode, s, ctx_dim, False) - kept[k] / scale) * scale if gc else 0
-            moments.append(dict(activations=sum(kept[:k + 1]) + (2 * c0 + 8) * top * scale + max(again, 0),
-                                weight_casts=0 if gc else int(casts * (1 - done / n_unit)),
-                                temporaries=_working_bytes(u) * scale + _slice_working(u, s) * precision,
-                                gradients=int(per_param * done),
-                                optimizer_temp=0))
-        moments.append(dict(activations=0, weight_casts=0, temporaries=0, gradients=grad_bytes,
+            moments.append(dict(
+                activations=sum(kept[:k + 1]) + (2 * c0 + 8) * top * scale
+                + (_recomputed(u, mode, s, ctx_dim, kept[k] / scale) * scale if gc else 0),
+                weight_casts=0 if gc or fused_full else int(casts * (1 - done / n_unit)),
+                temporaries=_working_bytes(u) * scale + _slice_working(u, s) * precision,
+                gradients=(u["largest"] * wbytes if wbytes == 4 else 0) if fused_full else int(per_param * done),
+                optimizer_temp=FUSED_STEP_BYTES * u["largest"] if fused_full else 0))
+        # the optimizer step with every gradient; fused: the tensors outside the units (stem, head, a trained text
+        # encoder), stepped last, the largest of all among them
+        moments.append(dict(activations=0, weight_casts=0, temporaries=0, gradients=0 if fused_full else grad_bytes,
                             optimizer_temp=optimizer_temp))
-    elif s.fused_backward:      # the step runs inside the backward: its scratch comes on top of the peak
+    elif s.fused_backward:      # LoRA (small tensors) or a frozen UNet: the step's scratch on top of the peak
         for m in moments:
             m["optimizer_temp"] = optimizer_temp
     peak = max(moments, key=lambda m: m["activations"] + m["weight_casts"] + m["temporaries"] + m["gradients"]
@@ -215,15 +237,16 @@ def _slice_working(u: dict, s) -> int:
 
 
 SLICE_WORKING = 4
+FUSED_STEP_BYTES = 20       # bytes per element of the tensor fused_backward steps (fp32 copies and scratch)
 
 
 def optimizer_step_temp(trained: list, settings) -> int:
     """The optimizer step's scratch on the largest tensor (single-tensor AdamW: two fp32 temporaries)."""
     largest = max((numel(t) for t in trained), default=0)
     if settings.fused_backward:     # each tensor's fp32 update inside the backward (and its stochastic rounding):
-        return 20 * largest         # ~5 fp32 copies of the largest (README's accounted wizard rows: 0.4-0.71 GiB)
+        return FUSED_STEP_BYTES * largest   # ~5 fp32 copies of the largest (the accounting: 19 for SD1.5's full)
     return {"AdamW": 8, "Prodigy": 8, "Lion": 4, "SGD": 0}.get(settings.optimizer, 4) * largest
 
 
 __all__ = ["numel", "base_layer", "units_cached", "step_peak", "optimizer_step_temp", "FORWARD_TRANSIENT",
-           "RECOMPUTE_GRAD", "BACKWARD_WORKING", "CONTEXT_TOKENS", "SLICE_WORKING"]
+           "RECOMPUTE_GRAD", "BACKWARD_WORKING", "CONTEXT_TOKENS", "SLICE_WORKING", "FUSED_STEP_BYTES"]
