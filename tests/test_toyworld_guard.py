@@ -66,7 +66,9 @@ def test_a_text_encoder_that_never_reaches_sampling_is_missed():
     assert len(problems) == 1 and problems[0].startswith("lora: the text encoder's training moved"), problems
 
 
-def test_text_encoder_shift_is_zero_for_an_unapplied_adapter_and_not_for_an_applied_one():
+def base_broken_and_working():
+    """A tiny base, and two copies with a text-encoder adapter whose weights moved: one under the no_te_lora
+    sabotage (adapter not applied), one working."""
     import torch
 
     from comfyui_dreambooth.training.models import build_tiny_model
@@ -80,6 +82,11 @@ def test_text_encoder_shift_is_zero_for_an_unapplied_adapter_and_not_for_an_appl
         with torch.no_grad():
             for p in adapters.adapter_parameters(model, unet=False, text_encoders=True):
                 p.add_(0.5)
+    return base, broken, working
+
+
+def test_text_encoder_shift_is_zero_for_an_unapplied_adapter_and_not_for_an_applied_one():
+    base, broken, working = base_broken_and_working()
     assert guard.text_encoder_shift(base, broken, "a sks toy") == 0.0
     assert guard.text_encoder_shift(base, working, "a sks toy") > guard.TE_SHIFT_GOAL
 
@@ -97,23 +104,15 @@ def test_no_te_lora_sabotage_leaves_the_text_encoder_unadapted():
     is the base encoder's."""
     import torch
 
-    from comfyui_dreambooth.training.models import build_tiny_model
     from comfyui_dreambooth.training.setup import adapters
 
-    base = build_tiny_model("sd1", seed=0)
+    base, broken, working = base_broken_and_working()
     ids = torch.randint(0, 1000, (1, 8))
 
     def te_out(model):
         with torch.no_grad():
             return model.text_encoders[0](ids)[0]
 
-    with guard.text_encoder_lora_not_applied():
-        broken = adapters.add_adapters(base, rank=2, on_text_encoder=True)
-    working = adapters.add_adapters(base, rank=2, on_text_encoder=True)
-    for model in (broken, working):
-        with torch.no_grad():
-            for p in adapters.adapter_parameters(model, unet=False, text_encoders=True):
-                p.add_(0.5)
     assert adapters.adapter_parameters(broken, unet=False, text_encoders=True)
     assert torch.allclose(te_out(broken), te_out(base))
     assert not torch.allclose(te_out(working), te_out(base))
