@@ -424,27 +424,26 @@ def _(tmp, sd1):
 @case("disk-full", "the disk fills up while a checkpoint is written",
       "clear error: the previous checkpoint is intact and named; the run resumes from it once there is room")
 def _(tmp, sd1):
-    import safetensors.torch
-
+    from comfyui_dreambooth.training import checkpoints
     from comfyui_dreambooth.training.trainer import TrainingSaveError
 
-    real = safetensors.torch.save_file
+    real = checkpoints.save_fp32_safetensors        # writes a checkpoint's trainable.safetensors
     calls = {"n": 0}
 
-    def full(tensors, filename, metadata=None):
+    def full(tensors, filename):
         if os.path.basename(filename) == "trainable.safetensors":
             calls["n"] += 1
             if calls["n"] == 2:
                 raise OSError(errno.ENOSPC, "No space left on device")
-        return real(tensors, filename, metadata=metadata)
+        return real(tensors, filename)
 
     concept = make_concept(tmp, n=2)
-    safetensors.torch.save_file = full
+    checkpoints.save_fp32_safetensors = full
     try:
         with pytest.raises(TrainingSaveError, match="step-0000001"):
             _train(sd1, tmp / "out", tiny_settings(**RUN_SETTINGS), concept, callbacks=_every_step_saved())
     finally:
-        safetensors.torch.save_file = real
+        checkpoints.save_fp32_safetensors = real
     resumed = _train(sd1, tmp / "out", tiny_settings(**RUN_SETTINGS), concept)
     assert [r["step"] for r in read_losses(resumed.run_dir)] == list(range(1, 7))
 
