@@ -70,8 +70,12 @@ GUARD_LORA = Variant("guard LoRA", use_lora=True, learning_rate=1e-3, text_encod
 GUARD_FULL = Variant("guard full", use_lora=False, text_encoder=False, learning_rate=2e-4, steps=400)
 GUARD_LORA_PRIOR = Variant("guard LoRA + prior", use_lora=True, prior="class_images", learning_rate=1e-3,
                            text_encoder_lr=1e-4, steps=300, class_images_per_image=4)
+# 600 steps: with class images in the batch a step holds half as many instance examples, and at 400 the run learnt
+# the subject so little (fidelity 0.08-0.33) that with its prior loss dropped the class had nothing to drift to
+# (PRES 0.08, the sabotage not caught); at 600 (24 samples, seeds 0 / 1): fidelity 0.83 / 0.63, PRES 0.13 / 0.0, and
+# with the prior loss dropped PRES 0.88 / 0.96
 GUARD_FULL_PRIOR = Variant("guard full + prior", use_lora=False, text_encoder=False, prior="class_images",
-                           learning_rate=2e-4, steps=400, class_images_per_image=4)
+                           learning_rate=2e-4, steps=600, class_images_per_image=4)
 
 
 def write_instance_images(subject: Subject, folder: str, count: int = 5, seed: int = 0) -> list:

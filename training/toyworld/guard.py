@@ -3,7 +3,8 @@ keep the class? One subject (the red/blue split circle, which "a {colour} {shape
 the pack's own trainer at dreambench's GUARD_* settings, sampled with its own sampler, read by the evaluator.
 
 Goals (`missed` lists the ones a result misses): subject fidelity >= 0.7 and >= the untrained base's + 0.6 after
-LoRA and after a full fine-tune; PRES <= 0.2 with prior preservation; and where the text encoder trains, its
+LoRA and after a full fine-tune; PRES <= 0.2 with prior preservation, whose run must learn the subject too (fidelity
+>= PRIOR_FIDELITY_GOAL); and where the text encoder trains, its
 encoding of the instance prompt, as the sampler computes it, moved at least TE_SHIFT_GOAL from the base's (the
 UNet's adapter learns the subject from the base's encoding alone, so fidelity cannot show a text encoder whose
 training never reaches sampling). tests/test_toyworld_guard.py and
@@ -25,6 +26,9 @@ import time
 
 SABOTAGES = ("lr0", "no_te_lora", "no_prior_loss")
 ROWS = ("lora", "full", "full_prior")
+# with prior preservation the subject must still be learnt, else a low PRES says nothing (at 400 steps the prior run
+# learnt it in 0.08-0.33 of samples, and with its prior loss dropped PRES stayed at 0.08: the sabotage went uncaught)
+PRIOR_FIDELITY_GOAL = 0.5
 TE_SHIFT_GOAL = 0.002        # a fifth of a healthy run's (GUARD_LORA: 0.0104); the no_te_lora defect gives 0.0
 
 
@@ -121,8 +125,11 @@ def missed(r: dict) -> list[str]:
     for key in ("lora_prior", "full_prior"):
         if f"{key}_pres" in r and r[f"{key}_pres"] > 0.2:
             goals.append(f"{key}: PRES {r[f'{key}_pres']} (goal <= 0.2)")
+        if f"{key}_pres" in r and r[f"{key}_fidelity"] < PRIOR_FIDELITY_GOAL:
+            goals.append(f"{key}: subject fidelity {r[f'{key}_fidelity']} (goal >= {PRIOR_FIDELITY_GOAL}): a run that "
+                         "did not learn the subject keeps the class trivially, so its PRES proves nothing")
     return goals
 
 
-__all__ = ["SABOTAGES", "ROWS", "TE_SHIFT_GOAL", "run", "missed", "sabotaged", "text_encoder_lora_not_applied",
+__all__ = ["SABOTAGES", "ROWS", "TE_SHIFT_GOAL", "PRIOR_FIDELITY_GOAL", "run", "missed", "sabotaged", "text_encoder_lora_not_applied",
            "text_encoder_shift"]
