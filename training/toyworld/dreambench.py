@@ -56,8 +56,9 @@ LORA_PRIOR = Variant("LoRA + prior preservation", use_lora=True, prior="class_im
 # toy base that drew the subject in 0.96-1.0 of the samples over two seeds (at CFG 7.5), with the text encoder
 # trained at the same rate 0.25-0.67 (the token's neighbours move too, and with them the colours it asks for)
 FULL = Variant("full fine-tune", use_lora=False, text_encoder=False, learning_rate=2e-4, steps=400)
+# 600 steps: half of each batch is class images (the guard's prior row, GUARD_FULL_PRIOR, says what 400 missed)
 FULL_PRIOR = Variant("full + prior preservation", use_lora=False, text_encoder=False, prior="class_images",
-                     learning_rate=2e-4, steps=400)
+                     learning_rate=2e-4, steps=600)
 # the text encoder trained at the UNet's rate: the background words move with the token, so a background shared by
 # every instance image can leak into prompts that ask for another (bench/quality.py's masked-loss rows)
 FULL_TE = Variant("full fine-tune, text encoder trained", use_lora=False, text_encoder=True, learning_rate=2e-4,
