@@ -39,10 +39,12 @@ def base_layer(module):
 # inputs of the units before it: SDXL's top-level ResnetBlock2Ds come after it and are through their backward by
 # then), or one of those later ResnetBlock2Ds' backward, or, for a full fine-tune, the end of the backward (every
 # gradient made, the first blocks' activations and their backward's working set; norm_out / conv_out's inputs are
-# freed by then; a transformer block at a time is recomputed) or, with fused_backward, the step of the largest tensor inside the backward.
+# freed by then; a transformer block at a time is recomputed, its backward's peak in the feed-forward's, after
+# ff.net.2's input is freed) or, with fused_backward, the step of the largest tensor inside the backward.
 # Fitted on the SD1.5 rows of the accounting (bench/memory.py --grid) and checked on the others:
 FORWARD_TRANSIENT = 15      # bytes per C x token alive at the forward's end / a recomputation's end (GEGLU)
 RECOMPUTE_GRAD = 6          # bytes per C x token: the output gradient while the last block is recomputed
+FF_OUT_INPUT = 8            # bytes per C x token: ff.net.2's input (4 x C, bf16), freed early in a block's backward
 HEAD_GRAD = 4               # bytes per C0 x token: what the head (norm_out, in fp32 under autocast) hands the
 #                             UNet's last unit as its output gradient, held while that unit is recomputed
 BACKWARD_WORKING = 52       # bytes per C x token: a transformer block's backward (activation gradients)
@@ -238,9 +240,14 @@ def step_peak(shape, settings, resolution: int, batch: int, trained_bytes: int, 
         for k in range(len(units) - 1, -1, -1):
             u = units[k]
             done += u["params"]
+            # a recomputed transformer block's backward peaks in its feed-forward's, once ff.net.2's backward has
+            # freed that layer's input (the GEGLU product, 4 x C per token) and made its gradient (the working
+            # set), not at the recomputation's end: the block's saved tensors less that input (the weight
+            # gradients the block makes are counted as made: they are few beside the activations)
+            held = (_recomputed(u, mode, s, ctx_dim, kept[k] / scale)
+                    - (FF_OUT_INPUT * u["c"] * u["T"] if u["kind"] == "attention" and full_grads else 0))
             moments.append(dict(
-                activations=sum(kept[:k + 1]) + (2 * c0 + 8) * top * scale
-                + (_recomputed(u, mode, s, ctx_dim, kept[k] / scale) * scale if gc else 0),
+                activations=sum(kept[:k + 1]) + (2 * c0 + 8) * top * scale + (held * scale if gc else 0),
                 weight_casts=0 if gc or fused_full else int(casts * (1 - done / n_unit)),
                 temporaries=_working_bytes(u) * scale + _slice_working(u, s) * precision,
                 gradients=(u["largest"] * wbytes if wbytes == 4 else 0) if fused_full else int(per_param * done),
