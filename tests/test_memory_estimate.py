@@ -199,10 +199,9 @@ def test_wizard_picks_fit(family, vram):
     from comfyui_dreambooth.training.wizard import choose_settings
 
     r = choose_settings(family, vram, images=10, concept_type="person")
-    if family == "sdxl" and vram == 4:          # SDXL at 1024 px: no combination fits 4 GB; said so
-        assert not r.fits and "DOES NOT FIT" in r.explanation
-        return
     assert r.fits, r.explanation
+    if family == "sdxl" and vram == 4:          # SDXL LoRA at 1024 px on 4 GB: fits with 0.05 GB to spare (the step
+        assert "tight:" in r.explanation        # accounted at 3.16 GiB + the 0.8 GB overhead guess): said so
     assert r.estimate.total <= vram * GB
     assert estimate(family, r.settings).total == r.estimate.total
     assert 10 % r.settings.batch_size == 0
@@ -257,7 +256,7 @@ def test_cli_wizard_json_shape(capsys):
     assert set(data) == {"settings", "estimate_gb", "explanation"}
     assert {"weights", "gradients", "optimizer", "activations", "total"} <= set(data["estimate_gb"])
     assert data["estimate_gb"]["total"] <= 8 and 12 % data["settings"]["batch_size"] == 0
-    code, out, err = _cli(capsys, "wizard", "sdxl", "--vram", "4")
+    code, out, err = _cli(capsys, "wizard", "sdxl", "--vram", "3")     # frozen weights alone + overhead: > 3 GB
     assert code == 1 and "DOES NOT FIT" in out
 
 

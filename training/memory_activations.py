@@ -35,13 +35,18 @@ def base_layer(module):
 #   Downsample2D: its input (1 x C); Upsample2D: the upsampled tensor (4 x C per input token),
 #   the stem and head (conv_in, norm_out, conv_out, the batch and loss): 3 x C0 + 4 per top-level token.
 # With gradient checkpointing (each ResnetBlock2D and BasicTransformerBlock, non-reentrant) a checkpointed unit
-# keeps only its input; the peak is the backward's first recomputation (the last transformer block: all that it
-# keeps again) or, for a full fine-tune, the end of the backward (every gradient made, the first blocks'
-# activations and their backward's working set; norm_out / conv_out's inputs are freed by then; a transformer
-# block at a time is recomputed) or, with fused_backward, the step of the largest tensor inside the backward.
+# keeps only its input; the peak is the last transformer block's recomputation (all that it keeps again, with the
+# inputs of the units before it: SDXL's top-level ResnetBlock2Ds come after it and are through their backward by
+# then), or one of those later ResnetBlock2Ds' backward, or, for a full fine-tune, the end of the backward (every
+# gradient made, the first blocks' activations and their backward's working set; norm_out / conv_out's inputs are
+# freed by then; a transformer block at a time is recomputed, its backward's peak in the feed-forward's, after
+# ff.net.2's input is freed) or, with fused_backward, the step of the largest tensor inside the backward.
 # Fitted on the SD1.5 rows of the accounting (bench/memory.py --grid) and checked on the others:
-FORWARD_TRANSIENT = 15      # bytes per C0 x token alive at the forward's end / a recomputation's end (GEGLU)
-RECOMPUTE_GRAD = 6          # bytes per C0 x token: the output gradient while the first block is recomputed
+FORWARD_TRANSIENT = 15      # bytes per C x token alive at the forward's end / a recomputation's end (GEGLU)
+RECOMPUTE_GRAD = 6          # bytes per C x token: the output gradient while the last block is recomputed
+FF_OUT_INPUT = 8            # bytes per C x token: ff.net.2's input (4 x C, bf16), freed early in a block's backward
+HEAD_GRAD = 4               # bytes per C0 x token: what the head (norm_out, in fp32 under autocast) hands the
+#                             UNet's last unit as its output gradient, held while that unit is recomputed
 BACKWARD_WORKING = 52       # bytes per C x token: a transformer block's backward (activation gradients)
 CONTEXT_TOKENS = 77
 
@@ -149,12 +154,25 @@ def _recomputed(u: dict, mode: str, s, ctx_dim: int, kept: float) -> float:
     return max(_unit_bytes(u, mode, s, ctx_dim, False) - kept, 0)
 
 
+def _level(u: dict) -> int:
+    """Channels x tokens per sample at a unit's output (its level of the UNet)."""
+    return (u["cout"] if u["kind"] == "resnet" else u["c"]) * u["T"]
+
+
+def _head_grad(k: int, units: list) -> int:
+    """HEAD_GRAD for the UNet's last unit (the head follows it: SD1.5 / SD2's last transformer block), else 0: an
+    earlier unit gets its output gradient from the next unit in the compute dtype, which RECOMPUTE_GRAD counts."""
+    return HEAD_GRAD if k == len(units) - 1 else 0
+
+
 def _working_bytes(u: dict) -> int:
     """The backward's working set of a unit per sample (activation gradients)."""
     if u["kind"] == "attention":
         return BACKWARD_WORKING * u["c"] * u["T"]
-    if u["kind"] == "resnet":
-        return 4 * (u["cin"] + u["cout"]) * u["T"]
+    if u["kind"] == "resnet":   # at its peak (conv2's backward, the accounting's SDXL top-level moment): the output
+        # gradient, its copy through the residual's scale and conv2's input gradient in bf16 + norm2's in fp32,
+        # all of the output's size: ~8 bytes per output channel x token (the input's size comes later, freed)
+        return 8 * u["cout"] * u["T"]
     return 4 * u["c"] * u["T"]
 
 
@@ -192,11 +210,26 @@ def step_peak(shape, settings, resolution: int, batch: int, trained_bytes: int, 
     if not gc:         # the forward's end: everything kept, no gradient yet, the casts of trained fp32 weights
         moments.append(dict(activations=sum(kept) + stem + transient, weight_casts=casts, temporaries=slices,
                             gradients=0, optimizer_temp=0))
-    else:              # the first recomputation: every checkpoint input + the last transformer block again
-        again = _layer_bytes(last[-1], mode, s, ctx_dim) if last[-1]["kind"] == "attention" else 0
-        moments.append(dict(activations=sum(kept) + stem + (again + FORWARD_TRANSIENT * c0 * top) * scale,
-                            weight_casts=0, temporaries=RECOMPUTE_GRAD * c0 * top * scale + slices, gradients=0,
+    else:              # the last transformer block's recomputation: the checkpoint inputs up to it + that block again
+        # + its GEGLU transient and output gradient. Units after it (SDXL's top level has no attention: an
+        # upsampler and three ResnetBlock2Ds) and the head (norm_out, conv_out) are through their backward by then:
+        # their inputs are freed; the transient and the gradient are the block's own size (its channels x tokens,
+        # a level down in SDXL), not the top level's. Each of those later units is a moment of its own (below).
+        k_last = max(k for k, u in enumerate(units) if u is last[-1])     # (equal dicts: by identity)
+        u = last[-1]
+        again = _layer_bytes(u, mode, s, ctx_dim) if u["kind"] == "attention" else 0
+        level = _level(u)
+        moments.append(dict(activations=sum(kept[:k_last + 1]) + (2 * c0 + 8) * top * scale
+                            + (again + (_head_grad(k_last, units) + FORWARD_TRANSIENT) * level) * scale,
+                            weight_casts=0, temporaries=RECOMPUTE_GRAD * level * scale + slices, gradients=0,
                             optimizer_temp=0))
+        for k in range(k_last + 1, len(units)) if not full_grads else ():
+            u = units[k]     # recomputed (a ResnetBlock2D) or not (an upsampler) in its backward; its output
+            # gradient is in its working set
+            moments.append(dict(
+                activations=sum(kept[:k + 1]) + (2 * c0 + 8) * top * scale
+                + _recomputed(u, mode, s, ctx_dim, kept[k] / scale) * scale,
+                weight_casts=0, temporaries=_working_bytes(u) * scale, gradients=0, optimizer_temp=0))
     fused_full = mode == "full" and s.fused_backward
     wbytes = 2 if s.weights_dtype == "bf16" else 4
     if full_grads or fused_full:    # the backward, unit by unit from the last: activations shrink, and either the
@@ -207,9 +240,14 @@ def step_peak(shape, settings, resolution: int, batch: int, trained_bytes: int, 
         for k in range(len(units) - 1, -1, -1):
             u = units[k]
             done += u["params"]
+            # a recomputed transformer block's backward peaks in its feed-forward's, once ff.net.2's backward has
+            # freed that layer's input (the GEGLU product, 4 x C per token) and made its gradient (the working
+            # set), not at the recomputation's end: the block's saved tensors less that input (the weight
+            # gradients the block makes are counted as made: they are few beside the activations)
+            held = (_recomputed(u, mode, s, ctx_dim, kept[k] / scale)
+                    - (FF_OUT_INPUT * u["c"] * u["T"] if u["kind"] == "attention" and full_grads else 0))
             moments.append(dict(
-                activations=sum(kept[:k + 1]) + (2 * c0 + 8) * top * scale
-                + (_recomputed(u, mode, s, ctx_dim, kept[k] / scale) * scale if gc else 0),
+                activations=sum(kept[:k + 1]) + (2 * c0 + 8) * top * scale + (held * scale if gc else 0),
                 weight_casts=0 if gc or fused_full else int(casts * (1 - done / n_unit)),
                 temporaries=_working_bytes(u) * scale + _slice_working(u, s) * precision,
                 gradients=(u["largest"] * wbytes if wbytes == 4 else 0) if fused_full else int(per_param * done),

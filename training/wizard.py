@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 
 from .compat import missing_optimizer_package
-from .memory import FAMILY_NAMES, GB, Estimate, estimate, model_shape
+from .memory import FAMILY_NAMES, GB, TIGHT_FRACTION, Estimate, estimate, model_shape
 
 
 MAX_WIZARD_BATCH = 4        # the wizard's largest batch (A1111's wizard likewise starts small)
@@ -176,6 +176,10 @@ def choose_settings(model, vram_gb: float, *, images: int = 10, resolution: int 
              f"batch {s.batch_size}, on {vram_gb:g} GB: "
              f"estimated {est.total / GB:.2f} GB" + ("" if fits else " - DOES NOT FIT even with every saving; use "
                                                      "a smaller resolution or a larger card")]
+    if fits and est.total > TIGHT_FRACTION * vram:
+        lines.append(f"tight: {(vram - est.total) / GB:.2f} GB to spare, within {100 - int(TIGHT_FRACTION * 100)}% "
+                     f"of the card's memory, and the overhead in the estimate is a guess (not yet measured on a GPU): "
+                     f"a lower resolution leaves more room.")
     if kept_lora:
         lines.append("LoRA because the connected settings have use_lora on (kept in mode auto; mode full "
                      "fine-tunes the whole model instead).")
