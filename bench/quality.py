@@ -6,7 +6,9 @@
     python bench/quality.py --subjects split_circle --rows --masked   # only the masked-loss pair of rows
 
 Rows: the untrained base, then each dreambench.VARIANTS entry (LoRA, LoRA + prior preservation, full fine-tune,
-full + prior preservation, base_model prior, text encoder frozen), then the instance images themselves (the upper
+full + prior preservation, base_model prior, text encoder frozen, and the full fine-tune trained 800 steps and
+measured on the checkpoint keep_best chooses: `--rows "full fine-tune" "full fine-tune, keep_best of 800 steps"
+--stem keep_best_quality` writes that comparison to its own files), then the instance images themselves (the upper
 bound) and after the base's VAE round trip (the codec's bound: what a perfectly trained UNet could show).
 `--masked` adds a pair of rows (issue 20 point 3): the full fine-tune (text encoder frozen; `--masked-train-te`:
 trained too), on instance images that all show one background, without and with masked loss (masks from the toy
@@ -61,7 +63,10 @@ def run(subjects: list[str], rows: list[str] | None, per_prompt: int, instances:
             for v in variants:
                 t0 = time.time()
                 result = db.train_variant(base, v, inst_dir, os.path.join(work, name), count=instances)
-                per[v.name] = db.measure(result.model, subject, judge, per_prompt=per_prompt, keep_images=True)
+                per[v.name] = db.measure(db.trained_model(base, v, result), subject, judge, per_prompt=per_prompt,
+                                         keep_images=True)
+                if v.extra.get("keep_best"):
+                    per[v.name]["best_step"] = (result.info.get("best") or {}).get("step")
                 per[v.name]["train_s"] = round(time.time() - t0, 1)
                 print(f"[quality] {name} / {v.name}: " + ", ".join(f"{k} {per[v.name][k]}" for k in COLUMNS),
                       flush=True)
@@ -177,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--masked", action="store_true", help="add the masked-loss pair of rows (one background)")
     p.add_argument("--masked-train-te", action="store_true", help="the masked pair with the text encoder trained")
     p.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    p.add_argument("--stem", default=None, help="output file names (default: quality, or masked for the masked "
+                   "pair alone)")
     a = p.parse_args(argv)
     from comfyui_dreambooth.training.toyworld.world import SUBJECTS
 
@@ -188,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     table = summarise(results)
     os.makedirs(a.out_dir, exist_ok=True)
     grid = results.pop("grid")
-    stem = "masked" if a.masked and rows == [] else "quality"          # the masked pair alone: its own files
+    stem = a.stem or ("masked" if a.masked and rows == [] else "quality")     # the masked pair alone: its own files
     with open(os.path.join(a.out_dir, f"{stem}.json"), "w", encoding="utf-8") as f:
         json.dump({"table": table, **results, "subjects": subjects, "per_prompt": per_prompt}, f, indent=1)
     text = markdown(table, results, subjects, per_prompt)
