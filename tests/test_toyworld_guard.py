@@ -1,12 +1,13 @@
 """The toy world's guard (issue 19 point 5): training must teach the shipped toy base a subject, and prior
 preservation must keep the class. One real run of training/toyworld/guard.py (LoRA, full fine-tune, full fine-tune
-with prior preservation; 136 s on a quiet 2-core machine since the prior
-row trains 600 steps, over the issue's 2 minutes by the price of catching a dropped prior loss), shared by the tests below.
+with prior preservation; 136 s on a quiet 2-core machine since the prior row trains 600 steps: over the issue's 2
+minutes by the price of catching a dropped prior loss), shared by the tests below.
 
 It fails when training learns nothing: `python bench/toyworld_guard.py --sabotage lr0` (every learning rate 1e-10),
 `--sabotage no_te_lora` (the text encoder's LoRA trained but not applied) and `--sabotage no_prior_loss` (class images
-in the batches, their loss weight 0: PRES 0.92) each miss one of these goals (README "Toy world" gives the numbers). The LoRA row's fidelity goal (0.7) is met at the guard's seed (0.83) but not over seeds (0.46 /
-0.08 / 0.46 at seeds 1-3): a non-strict xfail below.
+in the batches, their loss weight 0: PRES 0.92) each miss one of these goals (README "Toy world" gives the
+numbers). The LoRA row's fidelity goal (0.7) is met at the guard's seed (0.83) but not over seeds (0.46 / 0.08 /
+0.46 at seeds 1-3): a non-strict xfail below.
 """
 import pytest
 
