@@ -91,7 +91,8 @@ def run(subjects: list[str], rows: list[str] | None, samples: int, instances: in
             for plain in variants:
                 variant = with_validation(plain, steps_per_epoch(plain, instances))
                 t0 = time.time()
-                result = db.train_variant(base, variant, inst_dir, os.path.join(work, name), count=instances)
+                result = db.train_variant(base, variant, inst_dir, os.path.join(work, name), count=instances,
+                                          subject=subject)
                 records = read_jsonl(os.path.join(result.run_dir, "validation.jsonl"))
                 with open(os.path.join(result.run_dir, "config.json"), encoding="utf-8") as f:
                     chosen = (json.load(f).get("best") or {}).get("checkpoint")

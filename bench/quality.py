@@ -62,7 +62,8 @@ def run(subjects: list[str], rows: list[str] | None, per_prompt: int, instances:
             per = {"base (untrained)": db.measure(base, subject, judge, per_prompt=per_prompt, keep_images=True)}
             for v in variants:
                 t0 = time.time()
-                result = db.train_variant(base, v, inst_dir, os.path.join(work, name), count=instances)
+                result = db.train_variant(base, v, inst_dir, os.path.join(work, name), count=instances,
+                                          subject=subject)
                 per[v.name] = db.measure(db.trained_model(base, v, result), subject, judge, per_prompt=per_prompt,
                                          keep_images=True)
                 if v.extra.get("keep_best"):

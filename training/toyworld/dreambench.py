@@ -12,6 +12,7 @@ Used by bench/quality.py (the table), the guard tests and the demo.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -42,6 +43,7 @@ class Variant:
     class_images_per_image: int = 10
     prior_loss_weight: float = 1.0
     batch_size: int = 2
+    held_out: int = 0                # fresh renders of the subject drawn as the validation_images folder
     extra: dict = field(default_factory=dict)    # any other DreamBoothSettings fields
 
 
@@ -70,9 +72,13 @@ FULL_BEST = Variant("full fine-tune, keep_best of 800 steps", use_lora=False, te
                     learning_rate=2e-4, steps=800,
                     extra=dict(validate_every_steps=51, keep_best=True, save_every_epochs=17,
                                keep_last_checkpoints=1))
+# the same, keep_best choosing by the loss on 5 other renders of the subject (validation_images, a folder) instead
+# of on the training images
+FULL_BEST_HELD_OUT = dataclasses.replace(FULL_BEST, name="full fine-tune, keep_best of 800 steps, 5 held-out images",
+                                         held_out=5)
 BASE_PRIOR = Variant("LoRA + base_model prior", use_lora=True, prior="base_model", learning_rate=1e-3)
 FROZEN_TE = Variant("LoRA, text encoder frozen", use_lora=True, text_encoder=False, learning_rate=1e-3)
-VARIANTS = [LORA, LORA_PRIOR, FULL, FULL_PRIOR, BASE_PRIOR, FROZEN_TE, FULL_BEST]
+VARIANTS = [LORA, LORA_PRIOR, FULL, FULL_PRIOR, BASE_PRIOR, FROZEN_TE, FULL_BEST, FULL_BEST_HELD_OUT]
 # the guard tests' runs (tests/test_toyworld_guard.py): the same settings, fewer steps
 GUARD_LORA = Variant("guard LoRA", use_lora=True, learning_rate=1e-3, text_encoder_lr=1e-4, steps=300)
 GUARD_FULL = Variant("guard full", use_lora=False, text_encoder=False, learning_rate=2e-4, steps=400)
@@ -126,12 +132,20 @@ def concept_for(variant: Variant, instance_dir: str, class_dir: str, count: int)
 
 
 def train_variant(base, variant: Variant, instance_dir: str, work_dir: str, *, count: int, seed: int = 0,
-                  callbacks=None):
+                  callbacks=None, subject: Subject | None = None):
     """Train `variant` with the pack's trainer; returns its TrainResult. Class images (when asked) are generated
-    by the base model itself into work_dir/class_images (shared by the variants that use them)."""
+    by the base model itself into work_dir/class_images (shared by the variants that use them); a variant's
+    `held_out` renders of `subject` (another seed than the instance images') into work_dir/held_out, its
+    validation_images folder."""
     from ..trainer import train
 
     settings = settings_for(variant, seed=seed)
+    if variant.held_out:
+        if subject is None:
+            raise ValueError(f"{variant.name}: held_out renders need the subject (train_variant(..., subject=...))")
+        folder = os.path.join(work_dir, "held_out")
+        write_instance_images(subject, folder, variant.held_out, seed=seed + 7919)    # not the instance renders
+        settings = settings.replace(validation_images=folder)
     problems = settings.validate()
     if problems:
         raise ValueError("; ".join(problems))
@@ -229,7 +243,7 @@ def variant_dict(v: Variant) -> dict:
     return asdict(v)
 
 
-__all__ = ["Variant", "VARIANTS", "GUARD_LORA", "GUARD_FULL", "GUARD_LORA_PRIOR", "GUARD_FULL_PRIOR", "subject_fidelity", "pres", "LORA", "LORA_PRIOR", "FULL", "FULL_PRIOR", "FULL_TE", "FULL_BEST", "BASE_PRIOR", "FROZEN_TE", "TOKEN",
+__all__ = ["Variant", "VARIANTS", "GUARD_LORA", "GUARD_FULL", "GUARD_LORA_PRIOR", "GUARD_FULL_PRIOR", "subject_fidelity", "pres", "LORA", "LORA_PRIOR", "FULL", "FULL_PRIOR", "FULL_TE", "FULL_BEST", "FULL_BEST_HELD_OUT", "BASE_PRIOR", "FROZEN_TE", "TOKEN",
            "CLASS_PROMPT", "write_instance_images", "vae_round_trip", "settings_for", "concept_for", "train_variant", "trained_model", "sample",
            "measure", "measure_instances", "judge_for", "variant_dict"]
 
