@@ -2,7 +2,7 @@
 and what each sabotage breaks):
 
     python bench/toyworld_guard.py [--samples 12] [--base FILE] [--rows lora full full_prior]
-                                   [--sabotage lr0|no_te_lora|no_prior_loss]
+                                   [--sabotage lr0|no_te_lora|no_prior_loss] [--workers N]
 
 Prints the result as JSON and exits 1 when a goal is missed.
 """
@@ -20,9 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=12)
     p.add_argument("--base", default=None, help="a toy base file (default: the shipped one)")
     p.add_argument("--sabotage", default=None, choices=SABOTAGES, help="break training on purpose")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes sharing the rows (default: one per CPU core); the result does not depend on it")
     p.add_argument("--rows", nargs="*", default=list(ROWS), choices=sorted({*ROWS, "lora_prior"}))
     a = p.parse_args(argv)
-    result = run(a.samples, a.base, a.sabotage, tuple(a.rows))
+    result = run(a.samples, a.base, a.sabotage, tuple(a.rows), a.workers)
     print(json.dumps(result, indent=1))
     problems = missed(result)
     for line in problems:

@@ -30,6 +30,18 @@ def test_captions_leave_parts_out_so_each_can_be_asked_alone():
         assert text in seen, text
 
 
+def test_class_only_captions_raise_the_bare_class_prompts_share():
+    """Left to chance "a toy" is 0.9 x 0.25^3 = 1.4 % of captions; class_only adds its own share on top."""
+    toy = world.Toy("star", "red")
+
+    def share(**kw):
+        rng = random.Random(1)
+        return sum(world.pretraining_caption(toy, "blue", rng, **kw) == "a toy" for _ in range(4000)) / 4000
+
+    assert 0.005 < share() < 0.03
+    assert 0.10 < share(class_only=0.12) < 0.14
+
+
 def test_subjects_cannot_be_named_by_the_vocabulary():
     for s in world.SUBJECTS.values():
         assert not s.toy.nameable

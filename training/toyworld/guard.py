@@ -29,6 +29,9 @@ ROWS = ("lora", "full", "full_prior")
 # with prior preservation the subject must still be learnt, else a low PRES says nothing (at 400 steps the prior run
 # learnt it in 0.08-0.33 of samples, and with its prior loss dropped PRES stayed at 0.08: the sabotage went uncaught)
 PRIOR_FIDELITY_GOAL = 0.5
+GUARD_SUBJECT = "split_circle"
+# a job's rough share of the guard's time (steps, and class images to generate), to start the longest first
+_COST = {"full_prior": 3, "lora_prior": 2, "full": 1.2, "lora": 1}
 TE_SHIFT_GOAL = 0.002        # a fifth of a healthy run's (GUARD_LORA: 0.0104); the no_te_lora defect gives 0.0
 
 
@@ -76,37 +79,69 @@ def text_encoder_shift(base, model, prompt: str) -> float:
 
 
 def run(samples: int = 12, base_file: str | None = None, sabotage: str | None = None,
-        rows: tuple = ROWS) -> dict:
-    import torch
-
-    from ..models import load_model
-    from . import dreambench as db
+        rows: tuple = ROWS, workers: int | None = None) -> dict:
+    """Train and measure each row; `workers` processes (default: one per CPU core, at most one per job) share the
+    jobs, each on one thread, so the result is the same however many there are (a row's run is seeded; nothing
+    passes between rows). The jobs are the untrained base's fidelity and one per row, longest first."""
+    if sabotage not in (None, *SABOTAGES):
+        raise ValueError(f"--sabotage {sabotage!r}: choose one of {', '.join(SABOTAGES)}")
     from .commands import base_path
     from .world import SUBJECTS
 
-    if sabotage not in (None, *SABOTAGES):
-        raise ValueError(f"--sabotage {sabotage!r}: choose one of {', '.join(SABOTAGES)}")
+    base_file = base_file or base_path()
+    jobs = sorted(rows, key=lambda k: -_COST[k]) + ["base"]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    out = {"sabotage": sabotage}
+    with tempfile.TemporaryDirectory(prefix="toyworld-guard-") as root:
+        from . import dreambench as db
+
+        db.write_instance_images(SUBJECTS[GUARD_SUBJECT], os.path.join(root, "instance"), 5)
+        args = [(key, samples, base_file, sabotage, root) for key in jobs]
+        if workers == 1:
+            parts = [_job(*a) for a in args]
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # spawn: a fresh interpreter per worker (fork would copy a parent's threads and torch state)
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                parts = list(pool.map(_job, *zip(*args)))
+    for part in parts:
+        out.update(part)
+    return {k: out[k] for k in ["sabotage", "base_fidelity"] + [k for k in out if k not in ("sabotage", "base_fidelity")]}
+
+
+def _job(key: str, samples: int, base_file: str, sabotage: str | None, root: str) -> dict:
+    """One row (or "base": the untrained base's fidelity), in this process on one thread."""
+    import torch
+    from PIL import Image
+
+    from ..models import load_model
+    from . import dreambench as db
+    from .world import SUBJECTS
+
     torch.set_num_threads(1)
-    subject = SUBJECTS["split_circle"]
-    base = load_model(base_file or base_path(), dtype="fp32")
+    subject = SUBJECTS[GUARD_SUBJECT]
+    inst = os.path.join(root, "instance")
+    images = [Image.open(os.path.join(inst, name)).convert("RGB") for name in sorted(os.listdir(inst))]
+    judge = db.judge_for(subject, images, count=100)
+    base = load_model(base_file, dtype="fp32")
+    if key == "base":
+        return {"base_fidelity": db.subject_fidelity(base, subject, judge, samples)}
     variants = {"lora": db.GUARD_LORA, "full": db.GUARD_FULL, "lora_prior": db.GUARD_LORA_PRIOR,
                 "full_prior": db.GUARD_FULL_PRIOR}
-    out = {"sabotage": sabotage}
+    variant = sabotaged(variants[key], sabotage)
     patch = text_encoder_lora_not_applied() if sabotage == "no_te_lora" else contextlib.nullcontext()
-    with tempfile.TemporaryDirectory(prefix="toyworld-guard-") as root, patch:
-        inst = os.path.join(root, "instance")
-        judge = db.judge_for(subject, db.write_instance_images(subject, inst, 5), count=100)
-        out["base_fidelity"] = db.subject_fidelity(base, subject, judge, samples)
-        for key in rows:
-            variant = sabotaged(variants[key], sabotage)
-            t0 = time.time()
-            model = db.train_variant(base, variant, inst, os.path.join(root, key), count=5).model
-            out[f"{key}_fidelity"] = db.subject_fidelity(model, subject, judge, samples)
-            if variant.text_encoder:
-                out[f"{key}_te_shift"] = round(text_encoder_shift(base, model, db.instance_prompt(db.TOKEN)), 5)
-            if variant.prior != "none":
-                out[f"{key}_pres"] = db.pres(model, judge, samples)
-            out[f"{key}_seconds"] = round(time.time() - t0, 1)
+    out = {}
+    t0 = time.time()
+    with patch:
+        model = db.train_variant(base, variant, inst, os.path.join(root, key), count=5).model
+    out[f"{key}_fidelity"] = db.subject_fidelity(model, subject, judge, samples)
+    if variant.text_encoder:
+        out[f"{key}_te_shift"] = round(text_encoder_shift(base, model, db.instance_prompt(db.TOKEN)), 5)
+    if variant.prior != "none":
+        out[f"{key}_pres"] = db.pres(model, judge, samples)
+    out[f"{key}_seconds"] = round(time.time() - t0, 1)
     return out
 
 

@@ -234,7 +234,7 @@ def encode_latents(vae, images, batch: int = 256):
 
 def train_denoiser(model, means, stds, toys, steps: int, batch: int, lr: float, log, *, seed: int = 0,
                    save_every: int = 0, save=None, ema_decay: float = 0.999, min_snr_gamma: float = 5.0,
-                   offset_noise: float = 0.0, stage: str = "unet"):
+                   offset_noise: float = 0.0, stage: str = "unet", class_only: float = 0.0):
     """UNet + text encoder on the SD noise schedule, min-SNR weighting, EMA of both. The model's prediction type
     and zero-terminal-SNR flag choose the target (epsilon, or v on the rescaled schedule).
 
@@ -287,7 +287,7 @@ def train_denoiser(model, means, stds, toys, steps: int, batch: int, lr: float, 
             g["lr"] = _lr_at(step, steps, lr, 200)
         idx = torch.randint(0, len(means), (batch,), generator=gen)
         latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scale
-        caps = [pretraining_caption(toys[i][0], toys[i][1], rng) for i in idx.tolist()]
+        caps = [pretraining_caption(toys[i][0], toys[i][1], rng, class_only=class_only) for i in idx.tolist()]
         noise = torch.randn(latents.shape, generator=gen)
         if offset_noise:
             noise = noise + offset_noise * torch.randn((batch, latents.shape[1], 1, 1), generator=gen)
@@ -321,7 +321,7 @@ def pretrain(out: str, *, images: int = 30000, vae_steps: int = 300, decoder_ste
              unet_steps: int = 2500, offset_steps: int = 0, batch: int = 64, seed: int = 0, lr: float = 4e-4,
              start_from: str | None = None, centre: bool = True, offset_noise: float = 0.05,
              v_prediction: bool = False, log_path: str | None = None, save_every: int = 500,
-             threads: int | None = None):
+             threads: int | None = None, class_only: float = 0.0):
     """v_prediction: train v on the zero-terminal-SNR schedule (offset noise off: it has no purpose there).
     start_from: a toy base made earlier; its VAE is kept (stage 1 skipped) and its UNet and text encoder go on
     learning in stage 2 (e.g. with another prediction type)."""
@@ -333,7 +333,8 @@ def pretrain(out: str, *, images: int = 30000, vae_steps: int = 300, decoder_ste
         torch.set_num_threads(threads)
     log = _Log(log_path)
     log(stage="start", images=images, vae_steps=vae_steps, decoder_steps=decoder_steps, unet_steps=unet_steps,
-        batch=batch, seed=seed, lr=lr, v_prediction=v_prediction, start_from=start_from, torch=torch.__version__,
+        batch=batch, seed=seed, lr=lr, v_prediction=v_prediction, start_from=start_from, class_only=class_only,
+        torch=torch.__version__,
         threads=torch.get_num_threads())
     model = load_model(start_from, dtype="fp32") if start_from else build_toy_model(seed)
     model = model.replace(prediction_type="v_prediction" if v_prediction else "epsilon",
@@ -355,7 +356,7 @@ def pretrain(out: str, *, images: int = 30000, vae_steps: int = 300, decoder_ste
         log(stage="saved", step=step, path=out)
 
     ema, ema_te = train_denoiser(model, means, stds, toys, unet_steps, batch, lr, log, seed=seed,
-                                 save_every=save_every, save=save, offset_noise=offset_noise)
+                                 save_every=save_every, save=save, offset_noise=offset_noise, class_only=class_only)
     model.unet.load_state_dict(ema.state_dict())     # stage 3 goes on from the EMA weights (as saved)
     model.text_encoders[0].load_state_dict(ema_te.state_dict())
     save(ema, ema_te, unet_steps)
@@ -413,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--class-only", type=float, default=0.0,
+                   help='share of captions that are the bare class prompt "a toy" (besides those with every part '
+                        'left out)')
     p.add_argument("--codec-steps", type=int, default=0,
                    help="stage 1c only, on --start-from: its decoder on world + two-colour objects (see above)")
     a = p.parse_args(argv)
@@ -426,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     pretrain(a.out, images=a.images, vae_steps=a.vae_steps, decoder_steps=a.decoder_steps, unet_steps=a.unet_steps,
              offset_steps=a.offset_steps, start_from=a.start_from, centre=a.centre, offset_noise=a.offset_noise,
              v_prediction=a.v_prediction, lr=a.lr, batch=a.batch, seed=a.seed, log_path=a.log,
-             save_every=a.save_every, threads=a.threads)
+             save_every=a.save_every, threads=a.threads, class_only=a.class_only)
     return 0
 
 

@@ -192,11 +192,16 @@ def instance_prompt(token: str, background: str | None = None) -> str:
     return caption(token, None, background)
 
 
-def pretraining_caption(toy: Toy, background: str, rng: random.Random, drop: float = 0.1) -> str:
+def pretraining_caption(toy: Toy, background: str, rng: random.Random, drop: float = 0.1,
+                        class_only: float = 0.0) -> str:
     """A caption with parts left out at random, so each part can be asked for alone; '' (for guidance) with
-    probability `drop`."""
+    probability `drop`; the bare class caption "a toy" with probability `class_only` besides the ~1.4 % it gets
+    when all three parts happen to be left out (a class prompt seen that rarely is learnt as a few favourite toys,
+    not as the spread of the world)."""
     if rng.random() < drop:
         return ""
+    if class_only and rng.random() < class_only:
+        return caption()
     return caption(toy.colour if rng.random() < 0.75 else None,
                    toy.shape if rng.random() < 0.75 else None,
                    background if rng.random() < 0.75 else None)
