@@ -21,8 +21,9 @@ TIMESTEPS = (50, 150, 250, 350, 450, 500, 550, 650, 750, 850, 950)
 BANDS = (150, 500, 850)          # validation.TIMESTEP_BANDS
 
 
-def losses(model, latents, prompt: str, noise, scheduler):
-    """(timesteps, noises) mean subject loss of `model` on `latents`."""
+def losses(model, latents, prompt: str, noise, scheduler, guidance: float | None = None):
+    """(timesteps, noises) mean subject loss of `model` on `latents`; with `guidance`, of the prediction the sampler
+    steps by at that classifier-free guidance (the empty prompt's prediction pushed towards `prompt`'s)."""
     import torch
 
     from comfyui_dreambooth.training.models.text import encode_prompts
@@ -31,11 +32,16 @@ def losses(model, latents, prompt: str, noise, scheduler):
     out = torch.zeros(noise.shape[:2], dtype=torch.float64)
     with torch.no_grad():
         embeds = encode_prompts(model, [prompt] * len(latents)).embeds
+        empty = encode_prompts(model, [""] * len(latents)).embeds if guidance is not None else None
         for i, t in enumerate(TIMESTEPS):
             ts = torch.full((len(latents),), t, dtype=torch.long)
             for k in range(noise.shape[1]):
                 n = noise[i, k]
-                pred = model.unet(scheduler.add_noise(latents, n, ts), ts, embeds).sample
+                noisy = scheduler.add_noise(latents, n, ts)
+                pred = model.unet(noisy, ts, embeds).sample
+                if empty is not None:
+                    unconditional = model.unet(noisy, ts, empty).sample
+                    pred = unconditional + guidance * (pred - unconditional)
                 out[i, k] = per_sample_mse(pred, training_target(scheduler, latents, n, ts, model.prediction_type)
                                            ).mean()
     return out
@@ -46,14 +52,17 @@ def scorings(points: list[dict]) -> dict:
 
     at = {t: i for i, t in enumerate(TIMESTEPS)}
 
-    def mean_of(ts, draws=None):
-        return [float(np.asarray(p["loss"])[[at[t] for t in ts], :draws].mean()) for p in points]
+    def mean_of(ts, draws=None, key="loss"):
+        return [float(np.asarray(p[key])[[at[t] for t in ts], :draws].mean()) for p in points]
 
     return {"the run's record (3 bands x 1 draw)": [p["record_loss"] for p in points],
             "3 bands x all draws": mean_of(BANDS),
             "all 11 timesteps": mean_of(TIMESTEPS),
             "low and middle bands (150, 500)": mean_of(BANDS[:2]),
-            "high noise (850, 950)": mean_of((850, 950))}
+            "high noise (850, 950)": mean_of((850, 950)),
+            **({} if "guided_loss" not in points[0] else {
+                "guided (CFG as sampled), 3 bands x all draws": mean_of(BANDS, key="guided_loss"),
+                "guided (CFG as sampled), all 11 timesteps": mean_of(TIMESTEPS, key="guided_loss")})}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--subject", default="split_circle")
     p.add_argument("--noises", type=int, default=16)
     p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--guided", action="store_true",
+                   help="also score by the loss of the guided prediction (at the sampler's CFG, dreambench.SAMPLE_CFG)")
     a = p.parse_args(argv)
     torch.set_num_threads(2)
     subject = SUBJECTS[a.subject]
@@ -101,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             points.append({"checkpoint": os.path.basename(ck), "step": step,
                            "record_loss": records.get(step, {}).get("loss"),
                            "loss": losses(model, latents, db.instance_prompt(db.TOKEN), noise, scheduler).tolist(),
+                           **({"guided_loss": losses(model, latents, db.instance_prompt(db.TOKEN), noise, scheduler,
+                                                     db.SAMPLE_CFG).tolist()} if a.guided else {}),
                            "subject_fidelity": db.subject_fidelity(model, subject, judge, a.samples),
                            "pres": db.pres(model, judge, a.samples)})
             print(points[-1]["checkpoint"], "fidelity", points[-1]["subject_fidelity"], "PRES", points[-1]["pres"],
