@@ -1,7 +1,7 @@
 """Is keep_best's miss with prior preservation a matter of too few noise draws? (issue 20 point 2)
 
     python bench/keep_best.py --rows "full + prior preservation" --steps 400 --samples 24 --work-dir W
-    python bench/keep_best_noise.py W [--noises 16] [--samples 64]
+    python bench/keep_best_noise.py W [--noises 16] [--samples 64] [--subject NAME] [--guided]
 
 For every checkpoint of the runs that bench/keep_best.py kept in W: the subject loss on the instance images (as
 validation.measure computes it: the latent mean, the instance prompt, the training target) at 11 timesteps with
