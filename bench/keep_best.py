@@ -7,7 +7,8 @@ about every 50 steps (all kept) and keep_best; then read every checkpoint back (
 measure it with the toy world's evaluator: subject fidelity ("a sks toy") and PRES ("a toy", lower is better).
 Reported per run: the checkpoint keep_best chose, the one the evaluator ranks first (highest fidelity, then lowest
 PRES, then earliest), their fidelity gap (goal: <= 0.05) and PRES (goal: chosen no worse); and over all checkpoints
-Spearman's rank correlation of held-out (subject) loss with fidelity (should be negative) and of prior drift with
+Spearman's rank correlation of keep_best's score (the subject loss at the low and middle bands, best.score) with
+fidelity (should be negative) and of prior drift with
 PRES (should be positive). Out: bench/results/keep_best.json and keep_best.md.
 """
 from __future__ import annotations
@@ -70,6 +71,7 @@ def run(subjects: list[str], rows: list[str] | None, samples: int, instances: in
         work_dir: str | None = None) -> dict:
     import torch
 
+    from comfyui_dreambooth.training.best import score
     from comfyui_dreambooth.training.fsutil import read_jsonl
     from comfyui_dreambooth.training.models import load_model
     from comfyui_dreambooth.training.reload import load_trained
@@ -100,7 +102,7 @@ def run(subjects: list[str], rows: list[str] | None, samples: int, instances: in
                 for r in checkpoint_records(result.run_dir, records):
                     model = load_trained(base, r["checkpoint"])
                     points.append({"step": r["step"], "checkpoint": os.path.basename(r["checkpoint"]),
-                                   "loss": r["loss"], "prior_drift": r["prior_drift"],
+                                   "loss": score(r), "loss_all_bands": r["loss"], "prior_drift": r["prior_drift"],
                                    "subject_fidelity": db.subject_fidelity(model, subject, judge, samples),
                                    "pres": db.pres(model, judge, samples)})
                 pick = next((p for p in points if chosen and p["checkpoint"] == os.path.basename(chosen)), None)
@@ -139,7 +141,7 @@ def markdown(results: dict) -> str:
                      f"| {t.get('step')}: {t.get('subject_fidelity')}, {t.get('pres')} | {r.get('fidelity_gap')} | "
                      f"{r.get('pres_worse_by')} | {r['rho_loss_fidelity']} | {r['rho_drift_pres']} |")
     p = results["pooled"]
-    lines += ["", f"pooled over {p['checkpoints']} checkpoints: rho(held-out loss, subject fidelity) "
+    lines += ["", f"pooled over {p['checkpoints']} checkpoints: rho(keep_best score, subject fidelity) "
               f"{p['rho_loss_fidelity']}, rho(prior drift, PRES) {p['rho_drift_pres']}"]
     return "\n".join(lines) + "\n"
 

@@ -111,6 +111,22 @@ def test_keep_best_rule():
     assert stale_validations(losses) == 2 and stale_validations(losses[:4]) == 2 and stale_validations([]) == 0
 
 
+def test_keep_best_scores_by_the_low_and_middle_bands():
+    """The high band's larger errors would rule a mean of all three (README "Toy world": they do not follow what the
+    model draws); a record from an older run without band losses scores by its mean."""
+    from comfyui_dreambooth.training.best import choose_best, score, stale_validations
+
+    def rec(step, low, mid, high):
+        return {"step": step, "loss": (low + mid + high) / 3, "loss_low": low, "loss_mid": mid, "loss_high": high,
+                "prior_drift": 0.0, "checkpoint": f"c{step}"}
+
+    records = [rec(350, 0.10, 0.14, 0.18), rec(400, 0.08, 0.12, 0.30)]     # mean of three: 0.14 vs 0.1667
+    best, why = choose_best(records, ceiling=0)
+    assert best["step"] == 400 and "low and middle bands (0.1)" in why
+    assert score({"loss": 0.3}) == 0.3
+    assert stale_validations([rec(1, 0.2, 0.2, 0.1), rec(2, 0.1, 0.1, 0.9)]) == 0     # step 2 improved
+
+
 @pytest.mark.slow
 def test_keep_best_keeps_the_best_beside_keep_last(sd1, tmp_path, monkeypatch):
     """The validation numbers are scripted (the rule is tested above): the best checkpoint survives

@@ -269,8 +269,9 @@ class DreamBoothSettings:
     validation_samples: int = _setting(1, "Seeds per prompt in the validation grid (0 = no grid).", range=(0, 16),
                                        affects_result=False)
     keep_best: bool = _setting(False, "Keep the best checkpoint beside keep_last_checkpoints' ones and name it in "
-                               "the summary. Rule: among the saved checkpoints the lowest subject loss wins (losses within 1 % "
-                               "of it are a tie: the latest of them wins); with best_drift_ceiling > 0 only those whose prior drift is at most that x "
+                               "the summary. Rule: among the saved checkpoints the lowest subject loss at the low and middle "
+                               "timestep bands wins (the high band's larger errors do not follow what the model draws; "
+                               "losses within 1 % of it are a tie: the latest of them wins); with best_drift_ceiling > 0 only those whose prior drift is at most that x "
                                "the base model's own subject loss (validated at step 0) qualify, and when none "
                                "does, the lowest drift wins. Needs validate_every_steps.", affects_result=False)
     best_drift_ceiling: float = _setting(0.0, "keep_best's ceiling on prior drift, as a fraction of the base "
@@ -278,7 +279,8 @@ class DreamBoothSettings:
                                          "forgetting the class). Off by default: in the toy world a ceiling of "
                                          "0.25 chose nearly untrained checkpoints (README: Toy world).",
                                          range=(0.0, 100.0), affects_result=False)
-    early_stop: int = _setting(0, "Stop the run when the subject loss has not improved for N validations in a row "
+    early_stop: int = _setting(0, "Stop the run when the subject loss (low and middle bands, as keep_best) has "
+                               "not improved for N validations in a row "
                                "(0 = off); the log says why it stopped. Meaningful with held-out "
                                "validation_images. Needs validate_every_steps.", range=(0, 100000),
                                affects_result=False)
