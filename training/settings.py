@@ -262,7 +262,7 @@ class DreamBoothSettings:
                                       "a number N = hold the last N instance images (by file name) of each concept "
                                       "out of training; or a folder of other photos of the subject. With "
                                       "keep_best, a held-out loss can be lowest before the subject is learnt well "
-                                      "(in the toy world it chose steps 102-255 of 800): check the validation grid.",
+                                      "(in the toy world it chose steps 51-204 of 800): check the validation grid.",
                                       affects_result=False)
     validation_prompt: str = _setting("", "Recontextualised prompt of the validation grid (empty = the instance "
                                       "prompt + ', on the beach').", affects_result=False)
