@@ -1,8 +1,8 @@
 """The toy world's guard (issue 19 point 5): training must teach the shipped toy base a subject, and prior
 preservation must keep the class. One real run of training/toyworld/guard.py (LoRA, full fine-tune, full fine-tune
 with prior preservation), shared by the tests below. Its rows run in parallel processes, one per core, each on one
-thread (the same numbers as one after another): 136 s one after another on a quiet 2-core machine, since the prior
-row trains 600 steps; in parallel the prior row alone sets the time (README "Toy world" gives the last CI's).
+thread (the same numbers as one after another): 82 s on a quiet 2-core machine, against 136 s one after another
+(the prior row trains 600 steps and alone sets the parallel time).
 
 It fails when training learns nothing: `python bench/toyworld_guard.py --sabotage lr0` (every learning rate 1e-10),
 `--sabotage no_te_lora` (the text encoder's LoRA trained but not applied) and `--sabotage no_prior_loss` (class images
