@@ -12,7 +12,8 @@ keep_best's rule (documented in the keep_best tooltip and the README):
      (SCORE_BANDS: t = 150 and 500; the high band, t = 850, is left out); candidates within LOSS_TIE (1 %) of that
      score are a tie, which goes to the latest of them (the one trained longest on the subject: in the toy world a
      LoRA run's steps 255 and 300 scored 0.1495 / 0.1497 over all three bands, and step 300 drew the subject in
-     0.75 of samples against 0.33); when none qualifies, the candidate with the lowest prior drift wins (and the log says so).
+     0.75 of samples against 0.33); when none qualifies, the candidate with the lowest prior drift wins (and the
+     log says so).
 The best checkpoint is kept beside keep_last_checkpoints' (never pruned while it is the best), named in
 config.json ("best") and in the run's summary.
 
@@ -77,8 +78,8 @@ def stale_validations(records: list[dict]) -> int:
     """How many validations in a row (the latest ones) have not improved on the lowest score before them."""
     best, since = float("inf"), 0
     for r in records:
-        if score(r) < best:
-            best, since = score(r), 0
+        if (value := score(r)) < best:
+            best, since = value, 0
         else:
             since += 1
     return since

@@ -91,7 +91,7 @@ def run(samples: int = 12, base_file: str | None = None, sabotage: str | None = 
     base_file = base_file or base_path()
     jobs = sorted(rows, key=lambda k: -_COST[k]) + ["base"]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-    out = {"sabotage": sabotage}
+    out = {"sabotage": sabotage, "base_fidelity": None}      # filled by the "base" job; the keys' order kept
     with tempfile.TemporaryDirectory(prefix="toyworld-guard-") as root:
         from . import dreambench as db
 
@@ -108,7 +108,7 @@ def run(samples: int = 12, base_file: str | None = None, sabotage: str | None = 
                 parts = list(pool.map(_job, *zip(*args)))
     for part in parts:
         out.update(part)
-    return {k: out[k] for k in ["sabotage", "base_fidelity"] + [k for k in out if k not in ("sabotage", "base_fidelity")]}
+    return out
 
 
 def _job(key: str, samples: int, base_file: str, sabotage: str | None, root: str) -> dict:
