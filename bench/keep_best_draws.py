@@ -3,32 +3,40 @@
     python bench/keep_best_draws.py W/keep_best_noise.json [...]
 
 keep_best_noise.py measured every checkpoint's subject loss at 16 fixed noise draws per timestep. Here each draw
-(and each group of 2, 4, 8 and 16 draws, averaged) is scored alone, as a run's own validation would score it, with
-keep_best's tie rule (best.LOSS_TIE: within 1 % of the lowest, the latest wins), once over the three bands
+(and each group of 2, 4, 8 and 16 draws, averaged) is scored alone, as a run's own validation would score it, by
+keep_best's own rule (best.choose_best: within 1 % of the lowest, the latest wins), once over the three bands
 (validation.TIMESTEP_BANDS) and once over the low and middle bands only (best.SCORE_BANDS). Printed per run and
 scoring: the fidelity each group's choice has, and in how many groups it is within 0.05 of the evaluator's best.
 """
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 SCORINGS = {"three bands": (150, 500, 850), "low and middle bands": (150, 500)}
 
 
-def choice(points: list[dict], timesteps: tuple, at: dict, draws: slice, tie: float) -> dict:
+def choice(points: list[dict], timesteps: tuple, at: dict, draws: slice) -> dict:
+    """The point keep_best's own rule (best.choose_best, no drift ceiling) picks when the run's records held these
+    draws: records with the low and middle bands score by them (the rule today); records with a plain mean over
+    `timesteps` only score by that mean (the rule before 2026-12-07)."""
     import numpy as np
 
-    scores = [float(np.asarray(p["loss"])[[at[t] for t in timesteps], draws].mean()) for p in points]
-    lowest = min(scores)
-    return max((p for p, s in zip(points, scores) if s <= lowest * (1 + tie)), key=lambda p: p["step"])
+    from comfyui_dreambooth.training.best import choose_best
+
+    records = []
+    for p in points:
+        losses = np.asarray(p["loss"])[:, draws].mean(axis=1)
+        record = {"step": p["step"], "checkpoint": p["checkpoint"], "prior_drift": 0.0,
+                  "loss": float(losses[[at[t] for t in timesteps]].mean())}
+        if timesteps == SCORINGS["low and middle bands"]:
+            record.update(loss_low=float(losses[at[150]]), loss_mid=float(losses[at[500]]))
+        records.append(record)
+    best, _ = choose_best(records, 0)
+    return next(p for p in points if p["checkpoint"] == best["checkpoint"])
 
 
 def main(argv: list[str] | None = None) -> int:
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from comfyui_dreambooth.training.best import LOSS_TIE
-
     paths = (argv if argv is not None else sys.argv[1:])
     if not paths:
         print(__doc__)
@@ -47,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                 for size in (1, 2, 4, 8, 16):
                     if size > noises:
                         continue
-                    picks = [choice(points, timesteps, at, slice(g * size, (g + 1) * size), LOSS_TIE)
+                    picks = [choice(points, timesteps, at, slice(g * size, (g + 1) * size))
                              for g in range(noises // size)]
                     ok = sum(best - p["subject_fidelity"] <= 0.05 for p in picks)
                     tally = totals.setdefault((name, size), [0, 0])
