@@ -121,6 +121,25 @@ def test_family_keywords_count_the_real_architectures():
     assert est.parts["optimizer"] > 8 * 2.5e9      # AdamW: two fp32 moments of 2.5B+ parameters
 
 
+def test_step_scratch_is_booked_where_the_accounting_books_it():
+    """AdamW's scratch inside optimizer.step() (a full fine-tune's peak) is optimizer memory, as torch's MemTracker
+    tags it (the accounting of SD1.5's full fine-tune: optimizer 6.62 GiB = states + 8 bytes x the largest tensor,
+    temporaries 0); fused_backward's, made in the backward, is a temporary."""
+    from comfyui_dreambooth.training.memory import estimate
+    from comfyui_dreambooth.training.settings import DreamBoothSettings
+
+    full = estimate("sd15", DreamBoothSettings(use_lora=False, gradient_checkpointing=True, text_encoder_ratio=0.0),
+                    512, 1)
+    largest = 1280 * 2560 * 3 * 3      # SD1.5's largest UNet tensor: an up block's first 3x3 conv (2560 in)
+    assert full.parts["optimizer"] == full.details["optimizer_held"] + 8 * largest
+    assert full.parts["temporaries"] == 0
+    fused = estimate("sd15", DreamBoothSettings(use_lora=False, gradient_checkpointing=True, text_encoder_ratio=0.0,
+                                                mixed_precision="bf16", weights_dtype="bf16", optimizer="Adafactor",
+                                                fused_backward=True, max_grad_norm=0.0), 512, 1)
+    assert fused.parts["optimizer"] == fused.details["optimizer_held"]
+    assert fused.parts["temporaries"] >= 20 * largest
+
+
 # ---- monotonicity: the A1111 guide's "raise VRAM" / "lower VRAM" settings -------------------------------------
 def _total(settings, model="sd15", **kw):
     from comfyui_dreambooth.training.memory import estimate

@@ -42,7 +42,7 @@ def test_accounting_reproduces_the_exact_parts(sd1, case):
         assert 0 < m.each_peak["grad"] <= est.details["gradients_held"]
     else:
         assert m.each_peak["grad"] == est.details["gradients_held"]
-    assert m.held["optimizer"] == e["optimizer"]
+    assert m.held["optimizer"] == est.details["optimizer_held"]
     assert m.held["ema"] == e["ema"]
     assert m.peak_at and m.total == max(m.stages.values())
 

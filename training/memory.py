@@ -337,14 +337,19 @@ def estimate(model, settings, resolution: int | None = None, batch: int | None =
     text_encoders = sum(plan.frozen_te) * fb if te_resident else 0
     vae_bytes = {"fp32": 4, "fp16": 2, "bf16": 2}[s.vae_dtype]
     vae = 0 if s.data.cache_latents else plan.vae * vae_bytes
-    parts = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "ema": ema, "weight_casts": casts,
+    # the step's scratch: inside optimizer.step() (the peak moment of a full fine-tune without fused_backward) it
+    # is the optimizer's, as torch's MemTracker tags it; fused_backward's is made in the backward: a temporary
+    step_scratch = peak["optimizer_temp"]
+    parts = {"weights": weights, "gradients": gradients,
+             "optimizer": optimizer + (0 if s.fused_backward else step_scratch), "ema": ema, "weight_casts": casts,
              "activations": peak["activations"],
-             "temporaries": peak["temporaries"] + peak["optimizer_temp"], "text_encoders": text_encoders,
+             "temporaries": peak["temporaries"] + (step_scratch if s.fused_backward else 0),
+             "text_encoders": text_encoders,
              "vae": vae, "overhead": OVERHEAD_BYTES}
     details = {"trained_params": n_trained, "trained_tensors": len(trained),
                "frozen_unet_params": sum(n for n, _ in plan.frozen_unet),
                "frozen_text_encoder_params": sum(plan.frozen_te), "vae_params": plan.vae,
-               "gradients_held": gradients_held, "resolution": resolution, "batch": batch,
+               "gradients_held": gradients_held, "optimizer_held": optimizer, "resolution": resolution, "batch": batch,
                "approximate": plan.approximate}
     return Estimate(parts, details)
 
