@@ -10,7 +10,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("folder", ["comfyui-dreambooth", "ComfyUI-DreamBooth", "comfyui_dreambooth",
+# each case runs pytest in a fresh process (about 4 s): the README run keeps the folder named like the package and
+# the custom_nodes layout; the other spellings run with the slow tests (in CI too)
+@pytest.mark.parametrize("folder", [pytest.param("comfyui-dreambooth", marks=pytest.mark.slow),
+                                    pytest.param("ComfyUI-DreamBooth", marks=pytest.mark.slow), "comfyui_dreambooth",
                                     os.path.join("ComfyUI", "custom_nodes", "comfyui-dreambooth")])
 def test_test_command_passes_under_folder_name(tmp_path, folder):
     clone = tmp_path / folder
