@@ -133,7 +133,7 @@ def run(subjects: list[str], rows: list[str] | None, samples: int, instances: in
 def markdown(results: dict) -> str:
     lines = [f"{results['samples']} samples per figure; {results['seconds']} s", "",
              "| subject / row | chosen step: fidelity, PRES | evaluator's best step: fidelity, PRES | fidelity gap "
-             "(<= 0.05) | PRES worse by (<= 0) | rho(loss, fidelity) | rho(drift, PRES) |",
+             "(<= 0.05) | PRES worse by (<= 0) | rho(score, fidelity) | rho(drift, PRES) |",
              "|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
         c, t = r["chosen"] or {}, r["evaluator_best"] or {}

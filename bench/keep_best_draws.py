@@ -4,7 +4,7 @@
 
 keep_best_noise.py measured every checkpoint's subject loss at 16 fixed noise draws per timestep. Here each draw
 (and each group of 2, 4, 8 and 16 draws, averaged) is scored alone, as a run's own validation would score it, by
-keep_best's own rule (best.choose_best: within 1 % of the lowest, the latest wins), once over the three bands
+keep_best's own rule (best.choose_best: within its tie, best.tie, of the lowest, the latest wins), once over the three bands
 (validation.TIMESTEP_BANDS) and once over the low and middle bands only (best.SCORE_BANDS). Printed per run and
 scoring: the fidelity each group's choice has, and in how many groups it is within 0.05 of the evaluator's best.
 """

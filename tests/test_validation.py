@@ -70,6 +70,7 @@ def test_held_out_images_leave_the_training_data(sd1, tmp_path):
     assert "held out from training: img_3.png" in result.report
     records = _records(result.run_dir)
     assert records and all(r["held_out"] for r in records) and not any(r.get("grid") for r in records)
+    assert all(r["images"] == 1 for r in records)               # the number best.tie scales with
     assert any("1 held-out images" in line for line in logs)
 
 
@@ -96,10 +97,10 @@ def test_keep_best_rule():
                {"step": 20, "loss": 0.20, "prior_drift": 0.08, "checkpoint": "c20"},
                {"step": 25, "loss": 0.10, "prior_drift": 0.01},                 # no checkpoint: not a candidate
                {"step": 30, "loss": 0.15, "prior_drift": 0.30, "checkpoint": "c30"},   # lowest loss, drifted
-               {"step": 40, "loss": 0.201, "prior_drift": 0.05, "checkpoint": "c40"}]  # within 1 % of step 20
+               {"step": 40, "loss": 0.209, "prior_drift": 0.05, "checkpoint": "c40"}]  # within 5 % of step 20
     best, why = choose_best(records, ceiling=0.25)              # ceiling 0.25 x 0.4 = 0.1
-    assert best["checkpoint"] == "c40" and "lowest subject loss" in why and "the latest of 2" in why
-    no_tie = [dict(r, loss=0.203) if r.get("checkpoint") == "c40" else r for r in records]     # 1.5 % above
+    assert best["checkpoint"] == "c40" and "lowest subject loss" in why and "the latest of 2 within 5.0%" in why
+    no_tie = [dict(r, loss=0.211) if r.get("checkpoint") == "c40" else r for r in records]     # 5.5 % above
     assert choose_best(no_tie, ceiling=0.25)[0]["checkpoint"] == "c20"
     assert choose_best(records, ceiling=10)[0]["checkpoint"] == "c30"
     best, why = choose_best(records, ceiling=0.01)               # none under 0.004: the lowest drift
@@ -125,6 +126,20 @@ def test_keep_best_scores_by_the_low_and_middle_bands():
     assert best["step"] == 400 and "low and middle bands (0.1)" in why
     assert score({"loss": 0.3}) == 0.3
     assert stale_validations([rec(1, 0.2, 0.2, 0.1), rec(2, 0.1, 0.1, 0.9)]) == 0     # step 2 improved
+
+
+def test_keep_best_tie_is_the_measured_spread_scaled_by_the_images():
+    """Two validations closer than one draw-to-draw spread of a score difference (5 % at 5 validation images,
+    measured: best.py) are a tie, won by the later one; with 20 images the mean varies half as much (2.5 %)."""
+    from comfyui_dreambooth.training.best import choose_best, tie
+
+    def rec(step, loss, images):
+        return {"step": step, "loss": loss, "prior_drift": 0.0, "checkpoint": f"c{step}", "images": images}
+
+    assert tie({"loss": 1.0}) == 0.05 and tie(rec(1, 1.0, 5)) == 0.05 and abs(tie(rec(1, 1.0, 20)) - 0.025) < 1e-12
+    assert choose_best([rec(550, 0.0632, 5), rec(600, 0.0660, 5)], 0)[0]["step"] == 600     # 4.4 % above
+    assert choose_best([rec(550, 0.0632, 5), rec(600, 0.0752, 5)], 0)[0]["step"] == 550     # 19 % above
+    assert choose_best([rec(550, 0.0632, 20), rec(600, 0.0660, 20)], 0)[0]["step"] == 550   # 4.4 % > 2.5 %
 
 
 @pytest.mark.slow
@@ -194,6 +209,7 @@ def test_tensorboard_events_read_back(sd1, tmp_path):
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(
         [r["loss"] for r in read_losses(result.run_dir)])
     assert [e.step for e in events.Scalars("validation/loss")] == [0, 4, 8]
+    assert [r["images"] for r in _records(result.run_dir)] == [4, 4, 4]     # the training images (best.tie)
     assert "validation/grid" in tags["images"] and len(events.Images("validation/grid")) == 2
 
 

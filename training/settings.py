@@ -271,7 +271,7 @@ class DreamBoothSettings:
     keep_best: bool = _setting(False, "Keep the best checkpoint beside keep_last_checkpoints' ones and name it in "
                                "the summary. Rule: among the saved checkpoints the lowest subject loss at the low and middle "
                                "timestep bands wins (the high band's larger errors do not follow what the model draws; "
-                               "losses within 1 % of it are a tie: the latest of them wins); with best_drift_ceiling > 0 only those whose prior drift is at most that x "
+                               "losses within 5 % of it at 5 validation images, 5 % x sqrt(5 / n) at n, are a tie: the latest of them wins); with best_drift_ceiling > 0 only those whose prior drift is at most that x "
                                "the base model's own subject loss (validated at step 0) qualify, and when none "
                                "does, the lowest drift wins. Needs validate_every_steps.", affects_result=False)
     best_drift_ceiling: float = _setting(0.0, "keep_best's ceiling on prior drift, as a fraction of the base "

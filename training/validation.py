@@ -318,7 +318,7 @@ def measure(job) -> dict:
         drift = (_drift_predictions(job, tm, tm.unet).float().cpu() - val.base_drift).pow(2)
     per_band /= max(1, len(val.examples))
     drift_per_prompt = drift.flatten(2).mean(dim=2).mean(dim=0)          # (P,)
-    record = {"loss": float(per_band.mean())}
+    record = {"loss": float(per_band.mean()), "images": len(val.examples)}     # (best.tie scales with images)
     record.update({f"loss_{name}": float(v) for (name, _), v in zip(TIMESTEP_BANDS, per_band)})
     record["prior_drift"] = float(drift_per_prompt.mean())
     for kind in ("class", "neutral"):
