@@ -132,6 +132,27 @@ def test_pretrain_script_makes_a_checkpoint_the_pack_loads(tmp_path):
     assert not same(again.vae.decoder, codec.vae.decoder)
 
 
+@pytest.mark.slow
+def test_pretrain_a_new_unet_layout_on_the_shipped_codec(tmp_path):
+    """--unet-layout sd15 --start-from the shipped base: a fresh UNet that attends at the finest level (SD1.5's
+    placement) on the base's own VAE and text encoder; the default layout is the shipped base's."""
+    from comfyui_dreambooth.training.models import load_model
+    from comfyui_dreambooth.training.toyworld.commands import base_path
+    from comfyui_dreambooth.training.toyworld.pretrain import UNET_LAYOUTS, main
+
+    shipped = load_model(base_path(), dtype="fp32")
+    assert tuple(shipped.unet.config.down_block_types) == UNET_LAYOUTS["coarse"][0]
+    out = tmp_path / "sd15_layout.safetensors"
+    assert main(["--out", str(out), "--start-from", base_path(), "--unet-layout", "sd15", "--v-prediction",
+                 "--images", "8", "--unet-steps", "2", "--batch", "2", "--threads", "1", "--device", "cpu"]) == 0
+    fresh = load_model(str(out), dtype="fp32")
+    assert tuple(fresh.unet.config.down_block_types) == UNET_LAYOUTS["sd15"][0]
+    assert tuple(fresh.unet.config.up_block_types) == UNET_LAYOUTS["sd15"][1]
+    assert fresh.prediction_type == "v_prediction" and fresh.zero_terminal_snr
+    assert all(torch.equal(a, b) for a, b in zip(shipped.vae.state_dict().values(), fresh.vae.state_dict().values()))
+    assert any(n.startswith("down_blocks.0.attentions.") for n, _ in fresh.unet.named_parameters())
+
+
 def test_codec_objects_have_two_colours_and_are_never_a_subject():
     from comfyui_dreambooth.training.toyworld.evaluate import analyse
     from comfyui_dreambooth.training.toyworld.pretrain import codec_objects, codec_toys

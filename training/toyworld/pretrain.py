@@ -17,6 +17,7 @@ Log lines (JSON) go to --log; a checkpoint is written every --save-every steps, 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -28,12 +29,32 @@ from .world import SIZE, draw_world, pretraining_caption
 
 LATENT_SIZE = 16
 TEXT_WIDTH = 64
+# Where the UNet attends: "coarse" (the shipped base: the 8x8 and 4x4 levels, SDXL-like, none at the finest) or
+# "sd15" (SD1.5's placement: every level but the coarsest, so the 16x16 level has cross-attention). On the coarse
+# layout an outline or a pattern finer than 8x8 lives in convolutions that the default LoRA targets never touch
+# (README "Toy world": LoRA learns none of the four subjects the vocabulary cannot outline)
+UNET_LAYOUTS = {
+    "coarse": (("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+               ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+    "sd15": (("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+             ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+}
 
 
-def build_toy_model(seed: int = 0):
+def toy_unet(layout: str = "coarse"):
+    """The toy base's UNet, random init, with attention where `layout` (UNET_LAYOUTS) puts it."""
+    from diffusers import UNet2DConditionModel
+
+    down, up = UNET_LAYOUTS[layout]
+    return UNet2DConditionModel(sample_size=LATENT_SIZE, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64, 128), cross_attention_dim=TEXT_WIDTH,
+                                attention_head_dim=8, norm_num_groups=32, down_block_types=down, up_block_types=up)
+
+
+def build_toy_model(seed: int = 0, layout: str = "coarse"):
     """The toy base's architecture, random init (sizes: see the README's toy-world section)."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from ..models.components import SDModel
@@ -43,11 +64,7 @@ def build_toy_model(seed: int = 0):
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 64),
                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                         layers_per_block=1, norm_num_groups=16, sample_size=SIZE, scaling_factor=1.0)
-    unet = UNet2DConditionModel(sample_size=LATENT_SIZE, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(32, 64, 128), cross_attention_dim=TEXT_WIDTH,
-                                attention_head_dim=8, norm_num_groups=32,
-                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+    unet = toy_unet(layout)
     te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=TEXT_WIDTH, intermediate_size=TEXT_WIDTH * 4,
                                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
                                       hidden_act="quick_gelu", projection_dim=TEXT_WIDTH, bos_token_id=49406,
@@ -234,7 +251,7 @@ def encode_latents(vae, images, batch: int = 256):
 
 def train_denoiser(model, means, stds, toys, steps: int, batch: int, lr: float, log, *, seed: int = 0,
                    save_every: int = 0, save=None, ema_decay: float = 0.999, min_snr_gamma: float = 5.0,
-                   offset_noise: float = 0.0, stage: str = "unet", class_only: float = 0.0):
+                   offset_noise: float = 0.0, stage: str = "unet", class_only: float = 0.0, device: str = "cpu"):
     """UNet + text encoder on the SD noise schedule, min-SNR weighting, EMA of both. The model's prediction type
     and zero-terminal-SNR flag choose the target (epsilon, or v on the rescaled schedule).
 
@@ -244,8 +261,10 @@ def train_denoiser(model, means, stds, toys, steps: int, batch: int, lr: float, 
 
     offset_noise: a per-image, per-channel constant added to the noise. The SD schedule never reaches pure noise;
     on a 16×16 latent the mean of the noisiest input still tells the image's average colour, so a model trained
-    without it copies the colour of its starting noise and ignores the prompt's background (stage 3)."""
-    import copy
+    without it copies the colour of its starting noise and ignores the prompt's background (stage 3).
+
+    device: where the UNet, the text encoder and their EMA train ("cuda" on a GPU); every random draw is made on
+    the CPU generator first, so a run's data, noise and timesteps are the same on any device."""
 
     import torch
     from diffusers import DDPMScheduler
@@ -262,7 +281,8 @@ def train_denoiser(model, means, stds, toys, steps: int, batch: int, lr: float, 
     # (the +1 keeps the pure-noise step, snr 0, in the loss: it is where the background is decided)
     weights = (torch.clamp(snr + 1, max=min_snr_gamma) / (snr + 1) if v_pred
                else torch.clamp(snr, max=min_snr_gamma) / snr)
-    unet, te = model.unet, model.text_encoders[0]
+    weights = weights.to(device)
+    unet, te = model.unet.to(device), model.text_encoders[0].to(device)
     unet.train().requires_grad_(True)
     te.train().requires_grad_(True)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
@@ -280,7 +300,7 @@ def train_denoiser(model, means, stds, toys, steps: int, batch: int, lr: float, 
         if missing:
             for c, ids in zip(missing, tokenize(model, missing)[0]):
                 token_cache[c] = ids
-        return [torch.stack([token_cache[c] for c in caps])]
+        return [torch.stack([token_cache[c] for c in caps]).to(device)]
 
     for step in range(steps):
         for g in opt.param_groups:
@@ -292,6 +312,7 @@ def train_denoiser(model, means, stds, toys, steps: int, batch: int, lr: float, 
         if offset_noise:
             noise = noise + offset_noise * torch.randn((batch, latents.shape[1], 1, 1), generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
+        latents, noise, t = latents.to(device), noise.to(device), t.to(device)
         noisy = sched.add_noise(latents, noise, t)
         embeds = encode_tokens(model, tokens(caps)).embeds
         pred = unet(noisy, t, embeds).sample
@@ -312,19 +333,23 @@ def train_denoiser(model, means, stds, toys, steps: int, batch: int, lr: float, 
             running, count = 0.0, 0
         if save is not None and save_every and (step + 1) % save_every == 0 and step + 1 < steps:
             save(ema, ema_te, step + 1)
-    unet.eval().requires_grad_(False)
-    te.eval().requires_grad_(False)
-    return ema, ema_te
+    unet.eval().requires_grad_(False).cpu()
+    te.eval().requires_grad_(False).cpu()
+    return ema.cpu(), ema_te.cpu()
 
 
 def pretrain(out: str, *, images: int = 30000, vae_steps: int = 300, decoder_steps: int = 1200,
              unet_steps: int = 2500, offset_steps: int = 0, batch: int = 64, seed: int = 0, lr: float = 4e-4,
              start_from: str | None = None, centre: bool = True, offset_noise: float = 0.05,
              v_prediction: bool = False, log_path: str | None = None, save_every: int = 500,
-             threads: int | None = None, class_only: float = 0.0):
+             threads: int | None = None, class_only: float = 0.0, layout: str | None = None,
+             device: str = "cpu"):
     """v_prediction: train v on the zero-terminal-SNR schedule (offset noise off: it has no purpose there).
     start_from: a toy base made earlier; its VAE is kept (stage 1 skipped) and its UNet and text encoder go on
-    learning in stage 2 (e.g. with another prediction type)."""
+    learning in stage 2 (e.g. with another prediction type).
+    layout: the UNet's attention placement (UNET_LAYOUTS; default "coarse"); with start_from, a fresh UNet of that
+    layout replaces the file's (its VAE and text encoder are kept), so a new layout needs no new codec.
+    device: where stage 2 trains ("cuda" on a GPU; stage 1, the VAE, stays on the CPU)."""
     import torch
 
     from ..models import load_model, save_single_file
@@ -334,9 +359,15 @@ def pretrain(out: str, *, images: int = 30000, vae_steps: int = 300, decoder_ste
     log = _Log(log_path)
     log(stage="start", images=images, vae_steps=vae_steps, decoder_steps=decoder_steps, unet_steps=unet_steps,
         batch=batch, seed=seed, lr=lr, v_prediction=v_prediction, start_from=start_from, class_only=class_only,
-        torch=torch.__version__,
+        layout=layout or "coarse", device=device, torch=torch.__version__,
         threads=torch.get_num_threads())
-    model = load_model(start_from, dtype="fp32") if start_from else build_toy_model(seed)
+    if start_from:
+        model = load_model(start_from, dtype="fp32")
+        if layout:
+            torch.manual_seed(seed)
+            model = model.replace(unet=toy_unet(layout))
+    else:
+        model = build_toy_model(seed, layout or "coarse")
     model = model.replace(prediction_type="v_prediction" if v_prediction else "epsilon",
                           zero_terminal_snr=v_prediction)
     offset_noise = 0.0 if v_prediction else offset_noise
@@ -350,19 +381,21 @@ def pretrain(out: str, *, images: int = 30000, vae_steps: int = 300, decoder_ste
         means, stds = _stage1(model, world, out, images, vae_steps, decoder_steps, seed, centre, log)
     del world
 
-    def save(unet, te, step):
-        snapshot = model.replace(unet=unet, text_encoders=[te])
+    def save(unet, te, step):     # (copies on the CPU: during stage 2 the EMA may live on the accelerator)
+        snapshot = model.replace(unet=copy.deepcopy(unet).cpu(), text_encoders=[copy.deepcopy(te).cpu()])
         save_single_file(snapshot, out, dtype="fp16", metadata={"toyworld.steps": str(step)})
         log(stage="saved", step=step, path=out)
 
     ema, ema_te = train_denoiser(model, means, stds, toys, unet_steps, batch, lr, log, seed=seed,
-                                 save_every=save_every, save=save, offset_noise=offset_noise, class_only=class_only)
+                                 save_every=save_every, save=save, offset_noise=offset_noise, class_only=class_only,
+                                 device=device)
     model.unet.load_state_dict(ema.state_dict())     # stage 3 goes on from the EMA weights (as saved)
     model.text_encoders[0].load_state_dict(ema_te.state_dict())
     save(ema, ema_te, unet_steps)
     if offset_steps:
         ema, ema_te = train_denoiser(model, means, stds, toys, offset_steps, batch, lr / 4, log, seed=seed + 2,
-                                     save=None, offset_noise=0.0 if v_prediction else 0.1, stage="offset")
+                                     save=None, offset_noise=0.0 if v_prediction else 0.1, stage="offset",
+                                     device=device)
         save(ema, ema_te, unet_steps + offset_steps)
     log(stage="done")
     return out
@@ -417,6 +450,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--class-only", type=float, default=0.0,
                    help='share of captions that are the bare class prompt "a toy" (besides those with every part '
                         'left out)')
+    p.add_argument("--unet-layout", choices=tuple(UNET_LAYOUTS), default=None,
+                   help="where the UNet attends (default coarse, the shipped base); with --start-from a fresh UNet "
+                        "of this layout replaces the file's, its VAE and text encoder kept")
+    p.add_argument("--device", default="cpu", help='where the UNet and text encoder train ("cuda" on a GPU)')
     p.add_argument("--codec-steps", type=int, default=0,
                    help="stage 1c only, on --start-from: its decoder on world + two-colour objects (see above)")
     a = p.parse_args(argv)
@@ -430,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     pretrain(a.out, images=a.images, vae_steps=a.vae_steps, decoder_steps=a.decoder_steps, unet_steps=a.unet_steps,
              offset_steps=a.offset_steps, start_from=a.start_from, centre=a.centre, offset_noise=a.offset_noise,
              v_prediction=a.v_prediction, lr=a.lr, batch=a.batch, seed=a.seed, log_path=a.log,
-             save_every=a.save_every, threads=a.threads, class_only=a.class_only)
+             save_every=a.save_every, threads=a.threads, class_only=a.class_only, layout=a.unet_layout,
+             device=a.device)
     return 0
 
 
