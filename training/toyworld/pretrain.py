@@ -359,7 +359,7 @@ def pretrain(out: str, *, images: int = 30000, vae_steps: int = 300, decoder_ste
     log = _Log(log_path)
     log(stage="start", images=images, vae_steps=vae_steps, decoder_steps=decoder_steps, unet_steps=unet_steps,
         batch=batch, seed=seed, lr=lr, v_prediction=v_prediction, start_from=start_from, class_only=class_only,
-        layout=layout or "coarse", device=device, torch=torch.__version__,
+        layout=layout or ("start_from's" if start_from else "coarse"), device=device, torch=torch.__version__,
         threads=torch.get_num_threads())
     if start_from:
         model = load_model(start_from, dtype="fp32")
